@@ -1,0 +1,64 @@
+"""The ``mtl`` command: ``mtl train``, ``mtl weights import|list``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning experiments from YAML configs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a config (or resume a run)",
+                           description="Train from a YAML config; key=value arguments override config keys.")
+    train.add_argument("config", nargs="?", help="a config file, e.g. configs/quickstart.yaml or runs/x/<time>/config.yaml")
+    train.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+    weights = sub.add_parser("weights", help="manage torchvision weight files for offline use")
+    wsub = weights.add_subparsers(dest="action", required=True)
+    imp = wsub.add_parser("import", help="put a torchvision weights file into torchvision's cache (hash checked)")
+    imp.add_argument("file")
+    wsub.add_parser("list", help="list the weight files in torchvision's cache")
+    return parser
+
+
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; bad input prints one line and returns exit code 2."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .experiment import resume_run, train_from_file
+
+            if args.resume:
+                if args.config or args.overrides:
+                    raise UserError("--resume takes only a run directory; the run's own config.yaml is used")
+                resume_run(args.resume)
+            elif not args.config:
+                raise UserError("mtl train needs a config file, e.g. mtl train configs/quickstart.yaml")
+            else:
+                train_from_file(args.config, args.overrides)
+        elif args.command == "weights":
+            from .weights import format_cached_table, import_weights, list_cached
+
+            if args.action == "import":
+                print(f"imported to {import_weights(args.file)}")
+            else:
+                print(format_cached_table(list_cached()))
+    except UserError as e:
+        print(f"mtl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Load, merge, override, validate and dump experiment configs.
+
+A config is a YAML file (read with ``yaml.safe_load``) that may inherit from others through
+``_base_: path`` or ``_base_: [paths]`` (relative to the file), deep-merged in order with the file's
+own keys last. ``key.sub=value`` overrides from the command line are parsed as YAML values. The
+result is validated against the dataclasses in :mod:`mtl.schema`: unknown keys, wrong types and
+missing values are :class:`UserError` naming the key, the file that set it and the closest known keys.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import yaml
+
+from .errors import UserError
+from .schema import Config
+
+Sources = Dict[Tuple[str, ...], str]  # key path -> the file (or "command line") that set it
+
+_MISSING = dataclasses.MISSING
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[str, Any], Sources]:
+    """Read a config file with its bases and overrides applied; returns the raw dict and key sources."""
+    raw, sources = _load_file(Path(path), chain=())
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_path(raw, keys, value)
+        record_sources(sources, keys, value, "the command line")
+    return raw, sources
+
+
+def parse_override(item: str) -> Tuple[List[str], Any]:
+    """``optim.lr=0.01`` -> (["optim", "lr"], 0.01); values are YAML (numbers, bools, lists, null)."""
+    key, sep, text = item.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise UserError(f"bad override {item!r}: write key.sub=value, e.g. optim.lr=0.01 or model.freeze=all")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"bad override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
+    return [k.strip() for k in keys], value
+
+
+def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sources]:
+    path = path.expanduser()
+    if not path.is_file():
+        where = f" (a _base_ of {chain[-1]})" if chain else ""
+        raise UserError(f"config file not found: {path}{where}")
+    if path.resolve() in chain:
+        raise UserError(f"config {path} inherits from itself through _base_")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse config {path}: {_first_line(e)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values, not a {type(data).__name__}")
+    bases = data.pop("_base_", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"_base_ in {path} must be a path or a list of paths")
+    merged: Dict[str, Any] = {}
+    sources: Sources = {}
+    for base in bases:
+        base_raw, base_sources = _load_file(path.parent / base, chain + (path.resolve(),))
+        merged = deep_merge(merged, base_raw)
+        sources.update(base_sources)
+    merged = deep_merge(merged, data)
+    record_sources(sources, [], data, str(path))
+    return merged, sources
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``; mappings merge, everything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def record_sources(sources: Sources, prefix: List[str], value: Any, source: str) -> None:
+    sources[tuple(prefix)] = source
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            record_sources(sources, prefix + [str(k)], v, source)
+
+
+def _set_path(raw: Dict[str, Any], keys: List[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def build_config(raw: Mapping[str, Any], sources: Sources | None = None) -> Config:
+    """Validate a raw dict against :class:`mtl.schema.Config` and return the typed config."""
+    return _convert(Config, raw, (), sources or {})
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """The fully resolved config as plain data, ready for ``yaml.safe_dump``."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config so that ``mtl train <path>`` reproduces the run."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _where(path: Tuple[str, ...], sources: Sources) -> str:
+    for i in range(len(path), -1, -1):
+        if path[:i] in sources:
+            return f" (set in {sources[path[:i]]})"
+    return ""
+
+
+def _name(path: Tuple[str, ...]) -> str:
+    return ".".join(path) or "<top level>"
+
+
+def _convert(tp: Any, value: Any, path: Tuple[str, ...], sources: Sources) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, path, sources)
+            except UserError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _type_error(path, value, " or ".join(_type_name(a) for a in args), sources)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"name": value}  # shorthand: ``head: mlp`` means ``head: {name: mlp}``
+        if not isinstance(value, Mapping):
+            raise _type_error(path, value, "a mapping", sources)
+        return _convert_dataclass(tp, value, path, sources)
+    if origin in (list, List):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise _type_error(path, value, "a list", sources)
+        return [_convert(args[0] if args else Any, v, path + (str(i),), sources) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise _type_error(path, value, "a mapping", sources)
+        vt = args[1] if args else Any
+        return {str(k): _convert(vt, v, path + (str(k),), sources) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(path, value, "true or false", sources)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(path, value, "an integer", sources)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(path, value, "a number", sources)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(path, value, "a string", sources)
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {_name(path)}")
+
+
+def _convert_dataclass(cls: Any, value: Mapping[str, Any], path: Tuple[str, ...], sources: Sources) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"unknown config key {_name(path + (str(key),))!r}{_where(path + (str(key),), sources)}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], path + (name,), sources)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise UserError(f"missing required config value {_name(path + (name,))!r}{_where(path, sources)}")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        problem = check()
+        if problem:
+            raise UserError(f"bad config value in {_name(path) if path else 'config'}{_where(path, sources)}: {problem}")
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_error(path: Tuple[str, ...], value: Any, expected: str, sources: Sources) -> UserError:
+    return UserError(
+        f"config key {_name(path)!r}{_where(path, sources)} must be {expected}, got {value!r} ({type(value).__name__})"
+    )

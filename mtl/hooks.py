@@ -1,0 +1,153 @@
+"""Trainer hooks: unfreezing, checkpoints, metrics.jsonl, console lines, TensorBoard."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .freezing import set_trainable
+from .optim import add_param_group, param_groups
+from .schema import OptimCfg, UnfreezeCfg
+from .trainer import Hook, Trainer
+
+
+class UnfreezeHook(Hook):
+    """At the start of each configured epoch, unfreeze modules and add them to the optimizer."""
+
+    def __init__(self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder") -> None:
+        self.encoder, self.events, self.optim_cfg, self.prefix = encoder, list(events), optim_cfg, prefix
+
+    def _apply(self, trainer: Trainer, event: UnfreezeCfg) -> None:
+        newly = {id(p) for p in set_trainable(self.encoder, event.modules)}
+        named = [(f"{self.prefix}.{n}", p) for n, p in self.encoder.named_parameters() if id(p) in newly]
+        add_param_group(trainer.optimizer, trainer.scheduler, param_groups(named, self.optim_cfg, event.lr_mult))
+        trainer.model.train(trainer.model.training)  # re-derive which norm layers stay frozen
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        for event in self.events:
+            if event.epoch == trainer.epoch:
+                self._apply(trainer, event)
+                tqdm.write(f"epoch {trainer.epoch + 1}: unfroze {', '.join(event.modules)} (lr x{event.lr_mult:g})")
+
+    def on_resume(self, trainer: Trainer) -> None:
+        for event in self.events:
+            if event.epoch < trainer.epoch:
+                self._apply(trainer, event)
+
+
+class CheckpointHook(Hook):
+    """``checkpoints/last.pt`` (full state) every epoch, ``best.pt`` (model) on a new best; best restored at the end."""
+
+    def __init__(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.meta = dict(meta)
+
+    def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
+        if metrics["is_best"]:
+            save_checkpoint({"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
+                            self.dir / "best.pt")
+        save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt")
+
+    def after_train(self, trainer: Trainer) -> None:
+        best = self.dir / "best.pt"
+        if best.exists():
+            trainer.model.load_state_dict(load_checkpoint(best)["model"])
+
+
+class MetricsFileHook(Hook):
+    """One JSON line per epoch in ``metrics.jsonl``; on resume, later lines are dropped first."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def on_resume(self, trainer: Trainer) -> None:
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()[: trainer.epoch]
+            self.path.write_text("".join(line + "\n" for line in lines))
+
+    def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+class ConsoleHook(Hook):
+    """A one-line summary per epoch."""
+
+    def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
+        line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}"
+        if "val" in m:
+            line += f"  |  val loss {m['val']['loss']:.4f} acc {m['val']['acc']:.4f}"
+        line += f"  |  {m['time_s']:.1f}s  lr {m['lr'][0]:.2e}" + ("  *best*" if m["is_best"] else "")
+        tqdm.write(line)
+
+
+class TensorBoardHook(Hook):
+    """Loss/accuracy per phase, lr per group, a grid of validation predictions, hparams at the end."""
+
+    def __init__(self, run_dir: Path, *, hparams: Mapping[str, Any], classes: Mapping[str, List[str]],
+                 mean: Sequence[float], std: Sequence[float], n_images: int = 16) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.hparams, self.classes = dict(hparams), dict(classes)
+        self.mean, self.std, self.n_images = torch.tensor(mean), torch.tensor(std), n_images
+        self._images: Optional[torch.Tensor] = None
+
+    def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
+        step = m["epoch"]
+        for phase in ("train", "val"):
+            if phase not in m:
+                continue
+            self.writer.add_scalar(f"loss/{phase}", m[phase]["loss"], step)
+            self.writer.add_scalar(f"acc/{phase}", m[phase]["acc"], step)
+            if len(m[phase]["tasks"]) > 1:
+                for task, tm in m[phase]["tasks"].items():
+                    self.writer.add_scalar(f"loss_{task}/{phase}", tm["loss"], step)
+                    self.writer.add_scalar(f"acc_{task}/{phase}", tm["acc"], step)
+        for i, group in enumerate(trainer.optimizer.param_groups):
+            self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
+        self.writer.add_scalar("time/epoch_s", m["time_s"], step)
+        if self.n_images and "val" in trainer.loaders:
+            self.writer.add_image("val/predictions", self._prediction_grid(trainer), step)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def _prediction_grid(self, trainer: Trainer) -> torch.Tensor:
+        from .visualize import prediction_grid
+
+        if self._images is None:
+            batch = next(iter(trainer.loaders["val"]))
+            self._images = batch["image"][: self.n_images]
+            self._targets = {t: y[: self.n_images] for t, y in batch["targets"].items()}
+        was_training = trainer.model.training
+        trainer.model.eval()
+        with trainer.autocast():
+            outputs = trainer.model(self._images.to(trainer.device))
+        trainer.model.train(was_training)
+        task = next(iter(trainer.tasks.values()))
+        preds = task.predict(outputs[task.name].float()).cpu()
+        images = self._images.float() * self.std[:, None, None] + self.mean[:, None, None]
+        return prediction_grid(images.clamp(0, 1), preds, self._targets[task.name], self.classes.get(task.name, []))
+
+    def after_train(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        final = trainer.history[-1] if trainer.history else {}
+        phase = "val" if "val" in final else "train"
+        metrics = {"hparam/best_acc": trainer.best["acc"], "hparam/final_acc": final.get(phase, {}).get("acc", 0.0),
+                   "hparam/final_loss": final.get(phase, {}).get("loss", 0.0)}
+        # Written into this run's own directory (SummaryWriter.add_hparams would open a sub-run).
+        for summary in hparams(_scalar_hparams(self.hparams), metrics):
+            self.writer.file_writer.add_summary(summary)
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, trainer.epoch)
+        self.writer.close()
+
+
+def _scalar_hparams(hp: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hp.items()}

@@ -1,0 +1,47 @@
+"""Shared fixtures: small image folders the tests draw themselves."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def make_folder(root: Path, per_class=(16, 8), size=32, seed=0, classes=COLORS) -> Path:
+    """``root/{train,val}/<class>/*.png``: noisy images whose mean colour gives the class."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for name, rgb in classes.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.normal(0, 40, (size, size, 3))
+                img = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def color_folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "colors")
+
+
+def tiny_config(root: Path, out: Path, **overrides) -> dict:
+    """A raw config that trains small_cnn on a colour folder in a second or two."""
+    cfg = {
+        "name": "tiny",
+        "out_dir": str(out),
+        "data": {"name": "folder", "root": str(root), "image_size": 32, "resize_size": 32, "batch_size": 8,
+                 "num_workers": 0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 16, 16, 32]}},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 3, "progress": False, "log_images": 4},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg

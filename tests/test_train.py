@@ -1,0 +1,151 @@
+"""End to end: a short run writes every artifact, learns, resumes exactly, and the CLI fails cleanly."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from mtl.checkpoint import load_checkpoint
+from mtl.cli import main
+from mtl.config import build_config
+from mtl.experiment import resume_run, run
+
+
+def test_short_run_writes_artifacts_and_learns(color_folder, tmp_path):
+    cfg = build_config(tiny_config(color_folder, tmp_path / "runs"))
+    summary = run(cfg, quiet=True)
+    run_dir = tmp_path / "runs" / "tiny"
+    (d,) = list(run_dir.iterdir())
+    assert summary["run_dir"] == str(d)
+    for name in ["config.yaml", "metrics.jsonl", "summary.json", "checkpoints/best.pt", "checkpoints/last.pt"]:
+        assert (d / name).is_file(), name
+    assert list(d.glob("events.out.tfevents.*")), "no TensorBoard events"
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    saved = json.loads((d / "summary.json").read_text())
+    assert saved["best"]["val"]["acc"] > 0.6  # 3 classes: chance is 1/3
+    assert saved["train_size"] == 48 and saved["val_size"] == 24 and saved["classes"] == ["blue", "green", "red"]
+    assert saved["time"]["mean_epoch_s"] > 0 and len(saved["time"]["epoch_s"]) == 3
+    best = load_checkpoint(d / "checkpoints" / "best.pt")
+    assert best["epoch"] == saved["best"]["epoch"] and best["classes"] == {"label": ["blue", "green", "red"]}
+
+
+def test_tensorboard_has_scalars_lr_images_and_hparams_in_run_dir(color_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = run(build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})), quiet=True)
+    acc = EventAccumulator(summary["run_dir"], size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ["loss/train", "loss/val", "acc/train", "acc/val", "lr/group0", "hparam/best_acc"]:
+        assert tag in tags["scalars"], tag
+    assert len(acc.Scalars("loss/val")) == 2
+    assert "val/predictions" in tags["images"]
+    assert "_hparams_/session_start_info" in acc.summary_metadata or any("hparams" in t for t in tags["tensors"])
+    import os
+    assert [p for p in os.listdir(summary["run_dir"]) if os.path.isdir(os.path.join(summary["run_dir"], p))] == ["checkpoints"]
+
+
+def test_best_checkpoint_is_restored_at_the_end(color_folder, tmp_path):
+    from mtl.experiment import build_experiment
+
+    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 3}))
+    summary = run(cfg, quiet=True)
+    best = load_checkpoint(f"{summary['run_dir']}/checkpoints/best.pt")["model"]
+    last = load_checkpoint(f"{summary['run_dir']}/checkpoints/last.pt")["model"]
+    assert best.keys() == last.keys()
+    # the saved config reproduces: training again from run_dir/config.yaml gives the same numbers
+    raw = yaml.safe_load(open(f"{summary['run_dir']}/config.yaml"))
+    again = run(build_config(raw), quiet=True)
+    assert again["best"]["val"]["acc"] == summary["best"]["val"]["acc"]
+    assert again["final"]["train"]["loss"] == pytest.approx(summary["final"]["train"]["loss"], rel=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(color_folder, tmp_path):
+    raw = tiny_config(color_folder, tmp_path / "full", **{"train.epochs": 3, "train.deterministic": True})
+    raw["tasks"] = {"label": {"head": {"name": "mlp", "hidden": 16, "dropout": 0.3}}}  # dropout uses the RNG
+    raw["train"]["unfreeze"] = [{"epoch": 1, "modules": ["stages.3"], "lr_mult": 0.5}]
+    raw["model"]["freeze"] = "all"
+    full = run(build_config(raw), quiet=True)
+
+    raw["out_dir"] = str(tmp_path / "part")
+    raw["train"]["epochs"] = 3
+    part_cfg = build_config(raw)
+    # stop after one epoch, then resume from the run directory
+    import mtl.trainer as trainer_mod
+    orig_fit = trainer_mod.Trainer.fit
+
+    def fit_one_epoch(self):
+        self.epochs_target, self.epochs = self.epochs, 1
+        try:
+            return orig_fit(self)
+        finally:
+            self.epochs = self.epochs_target
+
+    trainer_mod.Trainer.fit = fit_one_epoch
+    try:
+        first = run(part_cfg, quiet=True)
+    finally:
+        trainer_mod.Trainer.fit = orig_fit
+    assert first["epochs"] == 1
+    resumed = resume_run(first["run_dir"])
+    assert resumed["epochs"] == 3
+    a = load_checkpoint(f"{full['run_dir']}/checkpoints/last.pt")
+    b = load_checkpoint(f"{resumed['run_dir']}/checkpoints/last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"][-1]["train"]["loss"] == b["history"][-1]["train"]["loss"]
+    lines = (tmp_path / "part").rglob("metrics.jsonl")
+    assert [json.loads(x)["epoch"] for x in next(lines).read_text().splitlines()] == [1, 2, 3]
+
+
+def test_class_count_mismatch_is_clear(color_folder, tmp_path):
+    from mtl.errors import UserError
+
+    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"tasks": {"label": {"num_classes": 5}}}))
+    with pytest.raises(UserError, match="num_classes is 5 but the data has 3 classes"):
+        run(cfg, quiet=True)
+    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"tasks": {"label": {"type": "binary"}}}))
+    with pytest.raises(UserError, match="binary"):
+        run(cfg, quiet=True)
+
+
+def test_binary_head_trains(tmp_path):
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "two", classes={"cat": (200, 50, 50), "dog": (50, 50, 200)})
+    cfg = build_config(tiny_config(root, tmp_path / "runs", **{"tasks": {"label": {"type": "binary"}}}))
+    summary = run(cfg, quiet=True)
+    assert summary["best"]["val"]["acc"] > 0.7
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "missing.yaml"], "not found"),
+    (["train", "{cfg}", "optim.lrr=1"], "optim.lrr"),
+    (["train", "{cfg}", "optim.lr"], "bad override"),
+    (["train", "{cfg}", "data.root=/no/such/dir"], "/no/such/dir"),
+    (["train", "--resume", "{tmp}"], "cannot resume"),
+    (["train", "{cfg}", "model.encoder=resnet1"], "resnet18"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, words, color_folder, tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
+    args = [a.format(cfg=cfg_path, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtl: error:") and words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_console_script_runs_and_overrides(color_folder, tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
+    proc = subprocess.run([sys.executable, "-m", "mtl", "train", str(cfg_path), "train.epochs=1", "optim.lr=0.02"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   1/1" in proc.stdout
+    (d,) = list((tmp_path / "runs" / "tiny").iterdir())
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["optim"]["lr"] == 0.02
