@@ -64,7 +64,7 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
         if key not in known:
             raise UserError(f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}")
     transform = build_transforms(train=train, image_size=cfg.image_size, resize_size=cfg.resize_size,
-                                 mean=cfg.mean, std=cfg.std, augment=cfg.augment)
+                                 mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
     return builder(split=split, root=cfg.root, transform=transform, **cfg.options)
 
 

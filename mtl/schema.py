@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
 FreezeSpec = Union[str, List[str], Dict[str, Any]]
 
 
@@ -21,7 +22,8 @@ class DataCfg:
     val_split: str = "val"
     image_size: int = 224
     resize_size: int = 256
-    augment: bool = True
+    augment: str = "random_resized_crop"  # random_resized_crop (+flip) | random_crop (+flip) | none
+    crop_padding: int = 0  # random_crop: pixels of padding before the crop (the "pad-crop" augmentation)
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     labels_per_class: Optional[int] = None  # few-label training: a class-balanced subset of the train split
@@ -34,6 +36,8 @@ class DataCfg:
             return f"data.batch_size must be >= 1, got {self.batch_size}"
         if self.labels_per_class is not None and self.labels_per_class < 1:
             return f"data.labels_per_class must be >= 1 or null, got {self.labels_per_class}"
+        if self.augment not in AUGMENTATIONS:
+            return f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"
         if len(self.mean) != 3 or len(self.std) != 3:
             return "data.mean and data.std need 3 values (R, G, B)"
         return ""

@@ -1,0 +1,51 @@
+"""Class-balanced, seeded subsets of labelled data sets (few-shot / low-data experiments)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from ..errors import UserError
+
+
+class LabelledSubset(Subset):
+    """A ``Subset`` that keeps the parent's ``classes`` and the ``labels`` of its own items."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], labels: Tensor, classes: list[str]) -> None:
+        super().__init__(dataset, list(indices))
+        self.labels = labels
+        self.classes = classes
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """All labels of a data set as a 1-D LongTensor, read from ``.labels``/``.targets`` when it has them."""
+    for name in ("labels", "targets"):
+        labels = getattr(dataset, name, None)
+        if labels is not None:
+            return torch.as_tensor(labels, dtype=torch.long).flatten()
+    return torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def subset_per_class(dataset: Dataset, labels_per_class: int, seed: int) -> LabelledSubset:
+    """``labels_per_class`` samples of every class, drawn with ``seed`` (same seed -> same indices)."""
+    if labels_per_class < 1:
+        raise UserError(f"labels_per_class must be at least 1, got {labels_per_class}")
+    labels = dataset_labels(dataset)
+    classes = list(getattr(dataset, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)])
+    generator = torch.Generator().manual_seed(seed)
+    picked, short = [], []
+    for label, name in enumerate(classes):
+        members = (labels == label).nonzero().flatten()
+        if len(members) < labels_per_class:
+            short.append(f"{name!r} has {len(members)}")
+            continue
+        picked.append(members[torch.randperm(len(members), generator=generator)[:labels_per_class]])
+    if short:
+        raise UserError(
+            f"labels_per_class={labels_per_class} but {len(short)} class(es) have fewer samples "
+            f"({'; '.join(short[:5])}{'; ...' if len(short) > 5 else ''}); lower labels_per_class"
+        )
+    indices = torch.cat(picked).sort().values
+    return LabelledSubset(dataset, indices.tolist(), labels[indices], classes)

@@ -1,0 +1,61 @@
+"""Image transforms: the ImageNet-style train/eval pipelines of the PyTorch transfer-learning tutorial."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from ..errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
+
+
+def build_transforms(
+    *,
+    train: bool,
+    image_size: int = 224,
+    resize_size: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool | str = True,
+    crop_padding: int = 0,
+) -> v2.Compose:
+    """PIL image or uint8 tensor (1 or 3 channels) -> normalised float tensor (3, image_size, image_size).
+
+    Train-time ``augment``: ``random_resized_crop`` (or True) = RandomResizedCrop + flip; ``random_crop`` =
+    Resize(resize_size) + RandomCrop(image_size, padding=crop_padding) + flip; ``none`` (or False) and eval =
+    Resize(resize_size) + CenterCrop(image_size).
+    """
+    mode = _augmentation(augment) if train else "none"
+    if mode == "random_resized_crop":
+        geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    elif mode == "random_crop":
+        geometry = [
+            v2.Resize(resize_size, antialias=True),
+            v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *geometry, *_to_float_rgb(), v2.Normalize(mean=list(mean), std=list(std))])
+
+
+def default_transform() -> v2.Compose:
+    """The transform of a data set given none: a 3-channel float tensor in [0, 1], size unchanged."""
+    return v2.Compose([v2.ToImage(), *_to_float_rgb()])
+
+
+def _augmentation(augment: bool | str) -> str:
+    if isinstance(augment, bool):
+        return AUGMENTATIONS[0] if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation {augment!r}; use one of: {', '.join(AUGMENTATIONS)}")
+    return augment
+
+
+def _to_float_rgb() -> list[v2.Transform]:
+    # After the geometry: replicating a grey channel is cheaper on the cropped image.
+    return [v2.RGB(), v2.ToDtype(torch.float32, scale=True)]
