@@ -120,8 +120,10 @@ class TensorBoardHook(Hook):
     def _prediction_grid(self, trainer: Trainer) -> torch.Tensor:
         from .visualize import prediction_grid
 
-        if self._images is None:
-            batch = next(iter(trainer.loaders["val"]))
+        if self._images is None:  # straight from the data set: a loader iterator would consume the global RNG
+            loader = trainer.loaders["val"]
+            n = min(self.n_images, len(loader.dataset))
+            batch = loader.collate_fn([loader.dataset[i] for i in range(n)])
             self._images = batch["image"][: self.n_images]
             self._targets = {t: y[: self.n_images] for t, y in batch["targets"].items()}
         was_training = trainer.model.training

@@ -102,7 +102,7 @@ class Trainer:
         meter = _Meter(self.tasks, self.device)
         loader = self.loaders[phase]
         bar = tqdm(loader, desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=None if self.progress else True, dynamic_ncols=True)  # None: only on a terminal
         with torch.set_grad_enabled(train):
             for i, batch in enumerate(bar):
                 losses = self.step(batch, meter, train)

@@ -67,7 +67,7 @@ def test_best_checkpoint_is_restored_at_the_end(color_folder, tmp_path):
 def test_resume_equals_uninterrupted_run(color_folder, tmp_path):
     raw = tiny_config(color_folder, tmp_path / "full", **{"train.epochs": 3, "train.deterministic": True})
     raw["tasks"] = {"label": {"head": {"name": "mlp", "hidden": 16, "dropout": 0.3}}}  # dropout uses the RNG
-    raw["train"]["unfreeze"] = [{"epoch": 1, "modules": ["stages.3"], "lr_mult": 0.5}]
+    raw["train"]["unfreeze"] = [{"epoch": 1, "modules": ["stage4"], "lr_mult": 0.5}]
     raw["model"]["freeze"] = "all"
     full = run(build_config(raw), quiet=True)
 

@@ -1,0 +1,244 @@
+"""Loading encoder weights: torchvision weights (cached or downloaded), weight files, and earlier mtl runs."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum
+
+from .errors import UserError
+
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+_HASH_PART = re.compile(r"-([0-9a-f]{6,64})\.[^.]+$")  # torchvision files: <name>-<sha256 prefix>.pth
+# Old torchvision densenet files spell "denselayer1.norm1.weight" as "denselayer1.norm.1.weight".
+_LEGACY_DENSENET_KEY = re.compile(r"(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.\w+)$")
+
+
+def load_weights(encoder: nn.Module, model_name: str, spec: str) -> None:
+    """Load ``spec`` into ``encoder``: a torchvision weights name, a file path, or ``run:<dir>``."""
+    if spec.startswith("run:"):
+        path = run_checkpoint(spec[len("run:"):])
+        state = read_state_dict(path)
+    elif Path(spec).expanduser().exists() or _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        state = read_state_dict(path)
+    else:
+        state, path = torchvision_state_dict(model_name, spec)
+    fit_state_dict(encoder, state, source=str(path), model_name=model_name)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or spec.endswith(_FILE_SUFFIXES)
+
+
+def cache_dir() -> Path:
+    """Torchvision's weights cache: ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def torchvision_weights(model_name: str, name: str) -> WeightsEnum:
+    """The torchvision weights enum member ``name`` (e.g. "DEFAULT", "IMAGENET1K_V1") of ``model_name``."""
+    try:
+        enum = torchvision.models.get_model_weights(model_name)
+    except (ValueError, KeyError):
+        raise UserError(f"weights {name!r}: no such file, and {model_name} has no torchvision weights; "
+                        "use a file path or run:<dir>") from None
+    key = name.removeprefix(f"{enum.__name__}.")
+    if key not in enum.__members__:
+        raise UserError(f"unknown weights {name!r} for {model_name} (and no such file); torchvision has: "
+                        f"{', '.join(enum.__members__)}; or give a file path or run:<dir>")
+    return enum.__members__[key]
+
+
+def _url_file_name(url: str) -> str:
+    return os.path.basename(urlparse(url).path)
+
+
+def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor], Path]:
+    """The state dict of torchvision weights ``name`` from the cache, else downloaded into it; and its path."""
+    weights = torchvision_weights(model_name, name)
+    path = cache_dir() / _url_file_name(weights.url)
+    if path.is_file():
+        return read_state_dict(path), path
+    try:
+        state = torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True,
+                                                   map_location="cpu", weights_only=True)
+    except Exception as e:  # offline, proxy, HTTP error, bad hash: all end the same way for the user
+        cached = [w.name for w in type(weights) if (cache_dir() / _url_file_name(w.url)).is_file()]
+        also = f" (cached for {model_name}: {', '.join(cached)})" if cached else ""
+        raise UserError(
+            f"could not download {weights} for {model_name} from {weights.url} ({_one_line(e)}), and the file was "
+            f"not found at {path}. Alternatives: obtain the file some other way and run `mtl weights import FILE`; "
+            f"or set `weights: path/to/file.pth`, `weights: run:runs/...`, or `weights: null`{also}") from None
+    return _state_dict_from(state, path), path
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/best.pt``, or that of the newest (by name) timestamped subdirectory having one."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"run:{run_dir}: no such run directory")
+    if (root / "checkpoints").is_dir():
+        best = root / "checkpoints" / "best.pt"
+        if not best.is_file():
+            raise UserError(f"run:{run_dir}: {best} does not exist")
+        return best
+    found = sorted(root.glob("*/checkpoints/best.pt"))
+    if not found:
+        raise UserError(f"run:{run_dir}: neither {root / 'checkpoints' / 'best.pt'} nor any "
+                        f"{root / '*' / 'checkpoints' / 'best.pt'} exists")
+    return found[-1]
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict or an mtl checkpoint's ``"model"`` state dict from ``path`` (weights_only)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"weights {path} is a directory, not a file (for an earlier mtl run use run:{path})")
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"could not read weights file {path} as a PyTorch checkpoint: {_one_line(e)}") from None
+    return _state_dict_from(obj, path)
+
+
+def _state_dict_from(obj: Any, path: str | Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):  # mtl checkpoints use "model"
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"{path} is not a state dict nor an mtl checkpoint (a dict with a 'model' state dict)")
+    return dict(obj)
+
+
+def fit_state_dict(encoder: nn.Module, state: Mapping[str, Tensor], *, source: str, model_name: str) -> None:
+    """Check ``state`` against ``encoder`` (missing, unexpected, mismatched keys) and load it."""
+    own = encoder.state_dict()
+    state = _as_encoder_keys(state, own)
+    removed = tuple(getattr(encoder, "removed_modules", ()))
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{m}." for m in removed))}
+    for key in own:  # files saved before BatchNorm counted batches lack these
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = own[key]
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [_some(keys, singular, plural) for keys, singular, plural in (
+        (missing, "missing key", "missing keys"), (unexpected, "unexpected key", "unexpected keys"),
+        (mismatched, "shape mismatch", "shape mismatches")) if keys]
+    if problems:
+        raise UserError(f"weights {source} do not fit encoder {model_name}: {'; '.join(problems)}")
+    encoder.load_state_dict(state)
+
+
+def _as_encoder_keys(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The reading of ``state``'s keys that fits ``own`` best: as they are, or "encoder."-prefixed ones stripped."""
+    state = {_LEGACY_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    stripped = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    # A ViT's own keys start with "encoder." too, so count rather than guess from the prefix.
+    return max((state, stripped), key=lambda s: len(own.keys() & s.keys()))
+
+
+def _some(keys: list[str], singular: str, plural: str, shown: int = 3) -> str:
+    more = ", ..." if len(keys) > shown else ""
+    return f"{len(keys)} {singular if len(keys) == 1 else plural} ({', '.join(keys[:shown])}{more})"
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def _all_weight_files() -> dict[str, list[tuple[str, str]]]:
+    files: dict[str, list[tuple[str, str]]] = {}
+    for model in torchvision.models.list_models():
+        try:
+            enum = torchvision.models.get_model_weights(model)
+        except (ValueError, KeyError):
+            continue
+        for weights in enum:
+            files.setdefault(_url_file_name(weights.url), []).append((model, str(weights)))
+    return files
+
+
+def known_weight_files() -> dict[str, list[tuple[str, str]]]:
+    """Torchvision weight file names -> [(model name, "Enum.MEMBER"), ...], over all torchvision models."""
+    return _all_weight_files()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_weights(path: str | Path) -> Path:
+    """Copy a torchvision weights file (recognised by its SHA-256, whatever its name) into the cache."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    digest = _sha256(path)
+    for file_name in known_weight_files():
+        match = _HASH_PART.search(file_name)
+        if match and digest.startswith(match.group(1)):
+            break
+    else:
+        raise UserError(f"{path} (sha256 {digest[:12]}...) matches no torchvision weights file; "
+                        f"use it directly with `weights: {path}`")
+    dest = cache_dir() / file_name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{file_name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def list_cached() -> list[dict[str, Any]]:
+    """The files in torchvision's weights cache: file, path, size, and the models/weights they are for."""
+    directory = cache_dir()
+    if not directory.is_dir():
+        return []
+    known = known_weight_files()
+    rows = []
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        entries = known.get(path.name, [])
+        rows.append({"file": path.name, "path": str(path), "size": path.stat().st_size,
+                     "models": sorted({model for model, _ in entries}),
+                     "weights": sorted({weights for _, weights in entries})})
+    return rows
+
+
+def format_cached_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of list_cached() rows."""
+    if not rows:
+        return f"no weights cached in {cache_dir()}"
+    table = [("FILE", "SIZE", "WEIGHTS", "MODELS")]
+    table += [(r["file"], f"{r['size'] / 2**20:.1f} MB", ", ".join(r["weights"]) or "(not recognised)",
+               ", ".join(r["models"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3]).rstrip()
+                     for row in table)

@@ -1,0 +1,154 @@
+"""Encoder contract: stage maps + pooled "out", honest attributes, torchvision parameter names."""
+import copy
+from typing import Iterator
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mtl.encoders import ENCODERS, build_encoder, stage_nodes, tokens_to_map
+from mtl.errors import UserError
+
+# (model, a torchvision parameter name the encoder keeps, one it must drop)
+TORCHVISION = [
+    ("resnet18", "layer4.0.conv1.weight", "fc.weight"),
+    ("resnet34", "layer4.2.conv2.weight", "fc.weight"),
+    ("resnet50", "layer4.2.conv3.weight", "fc.weight"),
+    ("alexnet", "classifier.4.weight", "classifier.6.weight"),
+    ("vgg16", "classifier.3.weight", "classifier.6.weight"),
+    ("squeezenet1_0", "features.12.expand3x3.weight", "classifier.1.weight"),
+    ("densenet161", "features.denseblock4.denselayer24.conv2.weight", "classifier.weight"),
+    ("inception_v3", "Mixed_7c.branch_pool.conv.weight", "AuxLogits.fc.weight"),
+    ("googlenet", "inception5b.branch4.1.conv.weight", "aux1.fc1.weight"),
+    ("shufflenet_v2_x1_0", "conv5.0.weight", "fc.weight"),
+    ("mobilenet_v2", "features.18.1.weight", "classifier.1.weight"),
+    ("resnext50_32x4d", "layer3.5.conv2.weight", "fc.weight"),
+    ("wide_resnet50_2", "layer1.0.downsample.0.weight", "fc.weight"),
+    ("mnasnet1_0", "layers.14.weight", "classifier.1.weight"),
+    ("mobilenet_v3_small", "classifier.0.weight", "classifier.3.weight"),
+    ("mobilenet_v3_large", "features.16.0.weight", "classifier.3.weight"),
+    ("efficientnet_b0", "features.8.0.weight", "classifier.1.weight"),
+    ("convnext_tiny", "features.7.2.layer_scale", "classifier.2.weight"),
+    ("vit_b_16", "encoder.layers.encoder_layer_11.mlp.0.weight", "heads.head.weight"),
+    ("regnet_y_400mf", "trunk_output.block4.block4-0.proj.0.weight", "fc.weight"),  # stages found by shape
+]
+INPUT_SIZE = {"inception_v3": 299, "vit_b_16": 224}  # inception pads little, so its maps are far from H/r when small
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """These inputs are tiny; and two OpenMP threads on a busy 2-core machine can run 50x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torchvision_keys(name: str, removed: tuple[str, ...]) -> set[str]:
+    aux = {"aux_logits": True, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    with torch.device("cpu" if name.startswith("regnet") else "meta"):  # regnet's builder computes with tensors
+        model = torchvision.models.get_model(name, weights=None, **aux)
+    return {k for k in model.state_dict() if not k.startswith(tuple(f"{m}." for m in removed))}
+
+
+def _check_contract(encoder: nn.Module, size: int) -> None:
+    assert isinstance(encoder.out_dim, int) and isinstance(encoder.min_input_size, int) and encoder.name
+    assert size >= encoder.min_input_size
+    info = encoder.feature_info
+    assert info and all(set(f) == {"name", "channels", "reduction"} for f in info)
+    reductions = [f["reduction"] for f in info]
+    assert reductions == sorted(reductions)
+
+    features = encoder(torch.randn(2, 3, size, size))
+    assert list(features) == [f["name"] for f in info] + ["out"]
+    assert features["out"].shape == (2, encoder.out_dim)
+    for f in info:
+        fmap = features[f["name"]]
+        assert fmap.dim() == 4 and fmap.shape[:2] == (2, f["channels"]), f["name"]
+        expected = size / f["reduction"]
+        for side in fmap.shape[2:]:
+            assert abs(side - expected) <= max(1.0, 0.25 * expected), (f["name"], tuple(fmap.shape), f["reduction"])
+    assert nn.Linear(encoder.out_dim, 5)(features["out"]).shape == (2, 5)
+
+    encoder.eval()  # min_input_size must be honest: it runs and every map is at least 1x1
+    with torch.no_grad():
+        smallest = encoder(torch.randn(1, 3, encoder.min_input_size, encoder.min_input_size))
+    assert all(v.shape[-1] >= 1 and v.shape[-2] >= 1 for k, v in smallest.items() if k != "out")
+
+
+@pytest.mark.parametrize("name,kept,dropped", TORCHVISION, ids=[t[0] for t in TORCHVISION])
+def test_torchvision_encoder_contract(name: str, kept: str, dropped: str) -> None:
+    encoder = build_encoder(name)
+    assert encoder.name == name
+    _check_contract(encoder, INPUT_SIZE.get(name, max(64, encoder.min_input_size)))
+    keys = set(encoder.state_dict())
+    assert kept in keys and dropped not in keys
+    assert keys == _torchvision_keys(name, encoder.removed_modules)  # exactly torchvision's names, minus the head
+
+
+def test_small_cnn_contract() -> None:
+    encoder = build_encoder("small_cnn")
+    assert "small_cnn" in ENCODERS.names()
+    _check_contract(encoder, 32)
+    assert [f["reduction"] for f in encoder.feature_info] == [2, 4, 8, 16]
+    assert "stage4.0.0.weight" in dict(encoder.named_parameters())
+
+
+def test_small_cnn_options_and_backward() -> None:
+    encoder = build_encoder("small_cnn", widths=(8, 16), blocks=1)
+    assert encoder.out_dim == 16 and encoder.min_input_size == 4 and len(encoder.feature_info) == 2
+    _check_contract(encoder, 48)
+    encoder.train()
+    encoder(torch.randn(4, 3, 32, 32))["out"].sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    with pytest.raises(UserError, match="widths"):
+        build_encoder("small_cnn", widths=())
+    with pytest.raises(UserError, match="small_cnn"):
+        build_encoder("small_cnn", width=(8, 16))
+
+
+def test_stage_nodes_table_and_fallback() -> None:
+    assert stage_nodes("resnet101") == ("layer1", "layer2", "layer3", "layer4")
+    assert stage_nodes("vit_l_32") == ("conv_proj", "encoder")
+    assert stage_nodes("regnet_y_400mf") is None  # found by shape instead
+
+
+def test_train_eval_and_deepcopy_keep_state() -> None:
+    encoder = build_encoder("mobilenet_v3_small")
+    x = torch.randn(2, 3, 64, 64)
+    encoder.train()
+    assert not torch.equal(encoder(x)["out"], encoder(x)["out"])  # dropout in the kept classifier part
+    encoder.eval()
+    reference = encoder(x)["out"]
+    assert torch.equal(reference, encoder(x)["out"])
+
+    encoder.get_submodule("features.0.1").train()  # mixed modes, as freezing might leave them
+    info = encoder.feature_info  # dry run must not disturb the modes
+    assert not encoder.training and encoder.get_submodule("features.0.1").training
+    assert not encoder.get_submodule("features.1").training
+
+    copied = copy.deepcopy(encoder)
+    assert (copied.name, copied.out_dim, copied.min_input_size, copied.feature_info) == (
+        encoder.name, encoder.out_dim, encoder.min_input_size, info)
+    assert not copied.training and copied.get_submodule("features.0.1").training
+    assert not copied.get_submodule("features.1").training
+    encoder.get_submodule("features.0.1").eval()
+    copied.get_submodule("features.0.1").eval()
+    assert torch.equal(copied(x)["out"], reference)
+    copied.train()
+    assert copied.get_submodule("features.1").training
+
+
+def test_tokens_to_map() -> None:
+    tokens = torch.arange(2 * 7 * 3).reshape(2, 7, 3)  # class token + a 2x3 grid of 3 channels
+    fmap = tokens_to_map(tokens, torch.empty(2, 5, 2, 3))
+    assert fmap.shape == (2, 3, 2, 3)
+    assert torch.equal(fmap[1, :, 1, 2], tokens[1, 1 + 1 * 3 + 2])
+
+
+def test_unknown_encoder_and_bad_kwargs() -> None:
+    with pytest.raises(UserError, match="resnet18"):
+        build_encoder("resnet81")
+    with pytest.raises(UserError, match="resnet18"):
+        build_encoder("resnet18", no_such_option=1)
