@@ -126,7 +126,7 @@ def test_unfreeze_adds_groups_that_follow_the_schedule():
     assert not any(p.requires_grad for p in model.encoder.layer3.parameters())
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.1 * 0.25)
     model.train()
-    assert model.encoder.layer4[0].bn1.training and not model.encoder.layer3[0].bn1.training
+    assert model.encoder.get_submodule("layer4.0.bn1").training and not model.encoder.get_submodule("layer3.0.bn1").training
     for _ in range(2):  # one more epoch: both groups halve
         opt.step()
         sched.step()
