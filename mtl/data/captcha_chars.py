@@ -5,8 +5,6 @@ import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-import captcha
-import captcha.image
 import PIL
 import torch
 from PIL import Image
@@ -50,7 +48,7 @@ def captcha_chars(
         "size": size,
         "seed": seed,
         "split": split,
-        "captcha": captcha.__version__,
+        "captcha": _captcha().__version__,
         "pillow": PIL.__version__,
         "format": _FORMAT,
     }
@@ -63,7 +61,7 @@ def render_chars(charset: str, per_class: int, size: int, seed: str) -> dict[str
     """Render ``per_class`` images of each character: uint8 images (N,3,size,size), labels (N,) cycling the charset."""
     render_size = max(_RENDER_SIZE, size)
     font_sizes = tuple(round(s * render_size / _RENDER_SIZE) for s in (42, 50, 56))
-    generator = captcha.image.ImageCaptcha(width=render_size, height=render_size, font_sizes=font_sizes)
+    generator = _captcha().image.ImageCaptcha(width=render_size, height=render_size, font_sizes=font_sizes)
     n = per_class * len(charset)
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = torch.arange(n) % len(charset)
@@ -95,9 +93,19 @@ class SeededSecrets:
 @contextmanager
 def seeded_captcha(rng: random.Random) -> Iterator[None]:
     """Make ``captcha.image`` draw its randomness from ``rng`` (it uses ``secrets``, which cannot be seeded)."""
+    captcha = _captcha()
     original = captcha.image.secrets
     captcha.image.secrets = SeededSecrets(rng)
     try:
         yield
     finally:
         captcha.image.secrets = original
+
+
+def _captcha() -> Any:
+    """The ``captcha`` package, imported on first use so that other data sets work without it."""
+    try:
+        import captcha.image
+    except ImportError:
+        raise UserError("the captcha_chars data set needs the captcha package: pip install captcha") from None
+    return captcha
