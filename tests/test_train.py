@@ -149,3 +149,67 @@ def test_console_script_runs_and_overrides(color_folder, tmp_path):
     (d,) = list((tmp_path / "runs" / "tiny").iterdir())
     saved = yaml.safe_load((d / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 1 and saved["optim"]["lr"] == 0.02
+
+
+def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, tmp_path, capsys):
+    from mtl.config import load_config
+    from mtl.experiment import train_from_file
+
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
+    raw["stages"] = [{"name": "source"},
+                     {"name": "fixed", "model": {"weights": "stage:source", "freeze": "all"}},
+                     {"name": "scratch", "model": {"weights": None}}]
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    summaries = train_from_file(str(path), [])
+    assert [s["name"] for s in summaries] == ["source", "fixed", "scratch"]
+    (root,) = list((tmp_path / "runs" / "tiny").iterdir())
+    assert (root / "results.md").is_file() and (root / "summary.json").is_file()
+    fixed_cfg = yaml.safe_load((root / "fixed" / "config.yaml").read_text())
+    assert fixed_cfg["model"]["weights"] == f"run:{root / 'source'}"
+    source = load_checkpoint(root / "source" / "checkpoints" / "best.pt")["model"]
+    fixed = load_checkpoint(root / "fixed" / "checkpoints" / "last.pt")["model"]
+    enc = [k for k in source if k.startswith("encoder.")]
+    assert enc and all(torch.equal(source[k], fixed[k]) for k in enc)  # frozen: still the source encoder
+    assert summaries[1]["params"]["trainable"] < summaries[2]["params"]["trainable"]
+    out = capsys.readouterr().out
+    assert "| fixed |" in out and "| scratch |" in out
+
+
+def test_stage_reference_to_a_later_stage_is_an_error(color_folder, tmp_path):
+    from mtl.config import load_config
+    from mtl.errors import UserError
+    from mtl.experiment import stage_configs
+
+    raw = tiny_config(color_folder, tmp_path / "runs")
+    raw["stages"] = [{"name": "a", "model": {"weights": "stage:b"}}, {"name": "b"}]
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="names no earlier stage"):
+        stage_configs(*load_config(path))
+    raw["stages"] = [{"name": "a", "optim": {"lrr": 1}}]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"optim\.lrr.*stage 'a'"):
+        stage_configs(*load_config(path))
+
+
+def test_corrupt_images_are_skipped_and_counted(color_folder, tmp_path):
+    (color_folder / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (color_folder / "val" / "blue" / "empty.png").write_bytes(b"")
+    with pytest.warns(UserWarning):
+        summary = run(build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 1})), quiet=True)
+    assert summary["skipped_images"] == 2 and summary["train_size"] == 48
+
+
+def test_l2sp_and_lr_mult_run(color_folder, tmp_path):
+    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{
+        "train.epochs": 1, "optim.l2sp": 0.01, "optim.lr_mult": {"encoder": 0.1}, "optim.weight_decay": 1e-4}))
+    summary = run(cfg, quiet=True)
+    assert summary["final"]["train"]["loss"] > 0
+
+
+def test_weights_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert main(["weights", "list"]) == 0
+    assert main(["weights", "import", str(tmp_path / "missing.pth")]) == 2
+    assert "mtl: error:" in capsys.readouterr().err
