@@ -31,7 +31,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[s
     for item in overrides:
         keys, value = parse_override(item)
         _set_path(raw, keys, value)
-        record_sources(sources, keys, value, "the command line")
+        record_sources(sources, keys, value, "command-line overrides")
     return raw, sources
 
 

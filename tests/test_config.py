@@ -57,7 +57,7 @@ def test_unknown_key_from_base_names_the_base_file(tmp_path):
 
 def test_unknown_override_key_says_command_line(tmp_path):
     path = write(tmp_path / "c.yaml", "{}\n")
-    with pytest.raises(UserError, match="command line"):
+    with pytest.raises(UserError, match="command-line overrides"):
         build_config(*load_config(path, ["data.batchsize=3"]))
 
 
