@@ -1,0 +1,72 @@
+"""The weighting contract: how per-task losses (loss level) or per-task gradients (gradient level) become one update."""
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+WEIGHTINGS = Registry("weighting")
+
+
+class Weighting(nn.Module):
+    """Base of every method; an ``nn.Module`` so that learnable weights and running state are checkpointed.
+
+    ``tasks`` are the task names in a fixed order; per-task tensors below are ``(T,)`` in that order.
+    ``task_weights`` are the config's static ``tasks.<t>.weight`` values (methods may ignore them).
+    ``last_weights`` (buffer, ``(T,)``) holds the weights of the latest step, for logging.
+    """
+
+    gradient_level: bool = False
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.register_buffer("task_weights", torch.tensor(list(task_weights or [1.0] * len(self.tasks)), dtype=torch.float32))
+        self.register_buffer("last_weights", torch.ones(len(self.tasks)))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def end_epoch(self, mean_losses: Tensor) -> None:
+        """Called after each training epoch with the epoch's mean loss per task (DWA uses it)."""
+
+
+class LossWeighting(Weighting):
+    """Combines the task losses into the scalar that is backpropagated."""
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:  # pragma: no cover - abstract
+        """``losses``: (T,) float32 with grad. ``shared``: the trainable shared parameters, in module order
+        (GradNorm takes the last weight matrix). Returns the total loss; sets ``last_weights``."""
+        raise NotImplementedError
+
+
+class GradientWeighting(Weighting):
+    """Combines per-task gradients of the shared part into one gradient."""
+
+    gradient_level = True
+
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``grads``: (T, D) float32, row t = gradient of task t's loss w.r.t. the shared parameters (or the
+        shared representation), flattened. ``losses``: (T,) detached. Returns ``(d, w)``: the combined
+        gradient (D,) used for the shared part, and (T,) weights for the task-specific parts (heads), which
+        are trained with ``sum(w * losses)``. Sets ``last_weights``. Must not sync with the host."""
+        raise NotImplementedError
+
+
+def build_weighting(name: str, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                    **options: Any) -> Weighting:
+    """A registered method; unknown options are a UserError naming the known ones."""
+    import inspect
+
+    from ..errors import UserError
+
+    cls = WEIGHTINGS.get(name)
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks", "task_weights")]
+    for key in options:
+        if key not in known:
+            raise UserError(f"unknown option weighting.options.{key} for weighting {name!r}; known: {', '.join(known) or 'none'}")
+    return cls(tasks, task_weights, **options)

@@ -1,0 +1,298 @@
+"""Gradient-level weighting methods: each turns the (T, D) task gradients into one shared update ``d``.
+
+Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
+the task losses for the task-specific parts (heads). Methods that combine gradients linearly
+(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad)
+return ones, as in their papers' multitask code. The T x T subproblems are solved in float64 on the
+gradients' device with fixed work and no host syncs (see solvers.py). ``task_weights`` are used as
+preference weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from . import solvers
+from .base import WEIGHTINGS, GradientWeighting
+
+EPS = 1e-12
+
+
+def _combine(grads: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(G^T alpha, alpha)`` in float32."""
+    alpha = alpha.float()
+    return alpha @ grads, alpha
+
+
+def _check_iters(iters: int, method: str) -> int:
+    if int(iters) != iters or iters < 1:
+        raise UserError(f"weighting.options.iters must be a positive integer for {method}, got {iters!r}")
+    return int(iters)
+
+
+def _other_tasks_in_random_order(t: int, device: torch.device) -> Tensor:
+    """(T, T-1) long: row i lists the tasks j != i in an independent random order (global torch RNG)."""
+    keys = torch.rand(t, t, device=device) + 2.0 * torch.eye(t, device=device)  # self sorts last
+    return keys.argsort(dim=1)[:, : t - 1]
+
+
+def _pick(order_col: Tensor, values: Tensor, t: int) -> Tensor:
+    """(T, T) matrix with ``values[i]`` at column ``order_col[i]`` of row i, zeros elsewhere."""
+    out = torch.zeros(t, t, dtype=values.dtype, device=values.device)
+    return out.scatter(1, order_col.unsqueeze(1), values.unsqueeze(1))
+
+
+@WEIGHTINGS.register("mgda")
+class MGDA(GradientWeighting):
+    """MGDA (Sener & Koltun, NeurIPS 2018): ``alpha`` = min-norm point of the convex hull of the gradients.
+
+    ``normalization`` rescales each gradient before the min-norm problem: ``none``, ``l2`` (by its norm),
+    ``loss`` (by the task loss) or ``loss+`` (loss times norm). As in the authors' code, ``alpha`` is then
+    applied to the unnormalised gradients/losses: ``d = G^T alpha``, ``w = alpha``.
+    """
+
+    NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 normalization: str = "none", iters: int = 100) -> None:
+        super().__init__(tasks, task_weights)
+        if normalization not in self.NORMALIZATIONS:
+            raise UserError(f"weighting.options.normalization for mgda must be one of "
+                            f"{', '.join(self.NORMALIZATIONS)}, got {normalization!r}")
+        self.normalization = normalization
+        self.iters = _check_iters(iters, "mgda")
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        m = solvers.gram(grads)
+        norms = m.diagonal().clamp_min(0.0).sqrt()
+        loss = losses.detach().double()
+        scale = {"none": torch.ones_like(norms), "l2": norms, "loss": loss, "loss+": loss * norms}[self.normalization]
+        inv = 1.0 / scale.clamp_min(EPS)
+        alpha = solvers.min_norm_simplex(m * inv.unsqueeze(0) * inv.unsqueeze(1), self.iters)
+        d, w = _combine(grads, alpha)
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("pcgrad")
+class PCGrad(GradientWeighting):
+    """PCGrad (Yu et al., NeurIPS 2020): "gradient surgery".
+
+    For each task i and the other tasks j in random order: if ``g_i' . g_j < 0``, remove from the running
+    ``g_i'`` its component along the original ``g_j``. ``d = sum_i g_i'``, ``w = 1``. All tasks i are
+    processed together (step k handles the k-th partner of every i), branch-free.
+    """
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        g = grads.float()
+        t = g.shape[0]
+        sq = (g * g).sum(1)
+        order = _other_tasks_in_random_order(t, g.device)
+        p = g.clone()
+        for k in range(t - 1):
+            j = order[:, k]
+            dot = (p @ g.T).gather(1, j.unsqueeze(1)).squeeze(1)
+            coef = dot.clamp(max=0.0) / sq[j].clamp_min(EPS)
+            p.addmm_(_pick(j, coef, t), g, alpha=-1.0)
+        w = torch.ones(t, device=g.device)
+        self.last_weights.copy_(w)
+        return p.sum(0), w
+
+
+@WEIGHTINGS.register("gradvac")
+class GradVac(GradientWeighting):
+    """Gradient Vaccine (Wang et al., ICLR 2021), on the whole flattened gradient.
+
+    Targets ``phi_hat[i, j]`` (buffer, init 0) track the cosine similarity of task pairs by an EMA with
+    rate ``beta``. For each i and the other tasks j in random order, with ``phi = cos(g_i', g_j)``: if
+    ``phi < phi_hat``, ``g_i' += g_j * |g_i'| (phi_hat sqrt(1-phi^2) - phi sqrt(1-phi_hat^2)) /
+    (|g_j| sqrt(1-phi_hat^2))`` which sets the cosine to exactly ``phi_hat``; then
+    ``phi_hat <- (1 - beta) phi_hat + beta phi``. ``d = sum_i g_i'``, ``w = 1``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 beta: float = 0.5) -> None:
+        super().__init__(tasks, task_weights)
+        if not 0.0 < beta <= 1.0:
+            raise UserError(f"weighting.options.beta must be in (0, 1] for gradvac, got {beta}")
+        self.beta = float(beta)
+        self.register_buffer("phi_hat", torch.zeros(self.num_tasks, self.num_tasks))
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        g = grads.float()
+        t = g.shape[0]
+        gnorm = g.norm(dim=1)
+        order = _other_tasks_in_random_order(t, g.device)
+        p = g.clone()
+        for k in range(t - 1):
+            j = order[:, k]
+            col = j.unsqueeze(1)
+            pnorm = p.norm(dim=1)
+            gj_norm = gnorm[j]
+            dot = (p @ g.T).gather(1, col).squeeze(1)
+            phi = (dot / (pnorm * gj_norm).clamp_min(EPS)).clamp(-1.0, 1.0)
+            target = self.phi_hat.gather(1, col).squeeze(1)
+            root_phi = (1.0 - phi * phi).clamp_min(0.0).sqrt()
+            root_target = (1.0 - target * target).clamp_min(0.0).sqrt()
+            coef = pnorm * (target * root_phi - phi * root_target) / (gj_norm * root_target).clamp_min(EPS)
+            coef = torch.where((phi < target) & (gj_norm > 0) & (pnorm > 0), coef, 0.0)
+            p.addmm_(_pick(j, coef, t), g)
+            self.phi_hat.scatter_(1, col, ((1.0 - self.beta) * target + self.beta * phi).unsqueeze(1))
+        w = torch.ones(t, device=g.device)
+        self.last_weights.copy_(w)
+        return p.sum(0), w
+
+
+@WEIGHTINGS.register("cagrad")
+class CAGrad(GradientWeighting):
+    """Conflict-Averse Gradient descent (Liu et al., NeurIPS 2021).
+
+    ``w* = argmin_{w in simplex} g_w . g0 + sqrt(phi) |g_w|`` with ``g0`` the mean gradient,
+    ``phi = c^2 |g0|^2`` and ``g_w = G^T w``; ``d = g0 + sqrt(phi) / |g_w| g_w``, divided by ``1 + c^2``
+    (``rescale=1``, the paper's), ``1 + c`` (``rescale=2``) or not at all (``rescale=0``). ``c = 0`` gives the
+    mean gradient. Heads get ``w = 1`` (each head's own gradient, as in the official code).
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 c: float = 0.4, rescale: int = 1, iters: int = 100) -> None:
+        super().__init__(tasks, task_weights)
+        if c < 0:
+            raise UserError(f"weighting.options.c must be >= 0 for cagrad, got {c}")
+        if rescale not in (0, 1, 2):
+            raise UserError(f"weighting.options.rescale must be 0, 1 or 2 for cagrad, got {rescale!r}")
+        self.c, self.rescale = float(c), int(rescale)
+        self.iters = _check_iters(iters, "cagrad")
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        g = grads.float()
+        t = g.shape[0]
+        m = solvers.gram(g)
+        ww = solvers.cagrad_weights(m, self.c, self.iters)
+        g0_norm = m.mean().clamp_min(0.0).sqrt()  # |mean gradient| = sqrt(1^T M 1) / T
+        gw_norm = (ww @ m @ ww).clamp_min(0.0).sqrt()
+        lam = (self.c * g0_norm / gw_norm.clamp_min(EPS)).float()
+        d = g.mean(0) + lam * (ww.float() @ g)
+        d = d / {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        w = torch.ones(t, device=g.device)
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("imtl_g")
+class IMTLG(GradientWeighting):
+    """IMTL-G (Liu et al., ICLR 2021): ``d = G^T alpha`` with equal projections ``d . u_i`` on every unit
+    gradient ``u_i`` and ``sum(alpha) = 1``.
+
+    Closed form: ``N M alpha = c 1`` with ``N = diag(1/|g_i|)`` gives ``alpha ∝ M^{-1} n`` (``n``: gradient
+    norms), equivalent to the paper's (T-1)-system. A tiny ridge keeps rank-deficient M finite.
+    """
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        t = grads.shape[0]
+        c, n, valid = solvers.correlation(solvers.gram(grads))
+        eye = torch.eye(t, dtype=c.dtype, device=c.device)
+        y, _ = torch.linalg.solve_ex(c + 1e-10 * eye, torch.ones_like(n).unsqueeze(-1), check_errors=False)
+        x = torch.where(valid, y.squeeze(-1) / torch.where(valid, n, 1.0), 0.0)  # = M^-1 n on valid tasks
+        total = x.sum()
+        ok = total.abs() > 0
+        alpha = torch.where(ok, x / torch.where(ok, total, 1.0), 1.0 / t)
+        d, w = _combine(grads, alpha)
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("nash_mtl")
+class NashMTL(GradientWeighting):
+    """Nash-MTL (Navon et al., ICML 2022): ``alpha > 0`` with ``alpha_i (G G^T alpha)_i = 1``.
+
+    Solved exactly (up to ``iters`` damped Newton steps) as the minimiser of
+    ``alpha^T M alpha / 2 - sum(log alpha)`` instead of the official sequential cvxpy program; then
+    ``|d| = sqrt(T)`` whatever the gradient scale. ``normalize_gram=True`` solves on ``M / |M|_F`` like the
+    official code (alpha and d then scale with ``|M|_F^{1/2}``).
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 iters: int = 20, normalize_gram: bool = False) -> None:
+        super().__init__(tasks, task_weights)
+        self.iters = _check_iters(iters, "nash_mtl")
+        self.normalize_gram = bool(normalize_gram)
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        m = solvers.gram(grads)
+        if self.normalize_gram:
+            m = m / torch.linalg.matrix_norm(m).clamp_min(solvers.TINY)
+        d, w = _combine(grads, solvers.nash_newton(m, self.iters))
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("aligned_mtl")
+class AlignedMTL(GradientWeighting):
+    """Aligned-MTL (Senushkin et al., CVPR 2023).
+
+    With ``M = G G^T = V diag(lambda) V^T``, the aligned gradients ``B G`` with ``B = sigma_min V
+    diag(lambda^{-1/2}) V^T`` are orthogonal with equal norms ``sigma_min`` (smallest non-zero singular
+    value of G). ``d = (B G)^T p = G^T alpha`` with ``alpha = B p`` and pre-weights ``p = task_weights / T``;
+    ``w = alpha``. Eigenvalues below ``lambda_max * T * eps_float32`` count as zero (rank-deficient G).
+    """
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        b = aligned_matrix(solvers.gram(grads))
+        alpha = b @ (self.task_weights.double() / self.num_tasks)
+        d, w = _combine(grads, alpha)
+        self.last_weights.copy_(w)
+        return d, w
+
+
+def aligned_matrix(m: Tensor) -> Tensor:
+    """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues)."""
+    t = m.shape[0]
+    m, _ = solvers.normalized(m)
+    lam, vec = solvers.sym_eig(m)
+    keep = lam > lam.amax().clamp_min(0.0) * t * torch.finfo(torch.float32).eps
+    lam_safe = torch.where(keep, lam, 1.0)
+    sigma_min = torch.where(keep, lam_safe, math.inf).amin().sqrt()
+    sigma_min = torch.where(keep.any(), sigma_min, 0.0)
+    inv_sqrt = torch.where(keep, lam_safe.rsqrt(), 0.0)
+    return sigma_min * (vec * inv_sqrt) @ vec.T
+
+
+@WEIGHTINGS.register("upgrad")
+class UPGrad(GradientWeighting):
+    """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", TorchJD).
+
+    Each ``g_i`` is projected onto the dual cone ``{x : G x >= 0}``; the projection is ``G^T v_i`` with
+    ``v_i = argmin_{v >= e_i} v^T M v``. ``alpha = sum_i p_i v_i`` with ``p = task_weights / T`` (the mean
+    of the projections by default); ``d = G^T alpha``, ``w = alpha``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 iters: int = 100) -> None:
+        super().__init__(tasks, task_weights)
+        self.iters = _check_iters(iters, "upgrad")
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        m = solvers.gram(grads)
+        eye = torch.eye(self.num_tasks, dtype=m.dtype, device=m.device)
+        v = solvers.box_qp(m, eye, self.iters)  # column i = v_i
+        alpha = v @ (self.task_weights.double() / self.num_tasks)
+        d, w = _combine(grads, alpha)
+        self.last_weights.copy_(w)
+        return d, w

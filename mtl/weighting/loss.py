@@ -1,0 +1,247 @@
+"""Loss-level weighting methods: each turns the (T,) task losses into the scalar that is backpropagated.
+
+Convention for every method here: ``last_weights[t]`` is the effective weight of task t's loss in the
+returned total, i.e. ``d total / d L_t`` at this step (detached). Methods only advance their running state
+(GradNorm, FAMO) on training steps, i.e. when grad is enabled and ``losses`` requires grad.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import WEIGHTINGS, LossWeighting
+
+
+def _is_train_step(losses: Tensor) -> bool:
+    return torch.is_grad_enabled() and losses.requires_grad
+
+
+@WEIGHTINGS.register("equal")
+class Equal(LossWeighting):
+    """``total = sum_t L_t``; weights are ones."""
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        self.last_weights.fill_(1.0)
+        return losses.sum()
+
+
+@WEIGHTINGS.register("static")
+class Static(LossWeighting):
+    """``total = sum_t w_t L_t`` with the config's fixed ``tasks.<t>.weight`` values."""
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        self.last_weights.copy_(self.task_weights)
+        return (self.task_weights * losses).sum()
+
+
+@WEIGHTINGS.register("uncertainty")
+class Uncertainty(LossWeighting):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    Learnable log-variances ``s_t = log sigma_t^2`` (init 0), trained by the main optimizer:
+    ``total = sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t`` (the paper's regression form, used for every task
+    type; its minimum over s_t is at ``exp(s_t) = L_t``). Weights are ``0.5 * exp(-s_t)``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
+        super().__init__(tasks, task_weights)
+        self.log_vars = nn.Parameter(torch.zeros(self.num_tasks))
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        weights = 0.5 * torch.exp(-self.log_vars)
+        self.last_weights.copy_(weights.detach())
+        return (weights * losses + 0.5 * self.log_vars).sum()
+
+
+@WEIGHTINGS.register("dwa")
+class DWA(LossWeighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).
+
+    ``w = T * softmax(r / temperature)`` with ``r_t = L_t(e-1) / L_t(e-2)`` from the epoch mean losses fed
+    to :meth:`end_epoch`; ones until two epochs have been seen.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 temperature: float = 2.0) -> None:
+        super().__init__(tasks, task_weights)
+        if temperature <= 0:
+            raise UserError(f"weighting.options.temperature must be > 0 for dwa, got {temperature}")
+        self.temperature = float(temperature)
+        self.register_buffer("loss_history", torch.ones(2, self.num_tasks))  # rows: epoch e-2, e-1
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+
+    def end_epoch(self, mean_losses: Tensor) -> None:
+        self.loss_history[0].copy_(self.loss_history[1])
+        self.loss_history[1].copy_(mean_losses.detach())
+        self.epochs_seen.add_(1)
+
+    def weights(self) -> Tensor:
+        ratio = self.loss_history[1] / self.loss_history[0].clamp_min(1e-12)
+        dynamic = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        return torch.where(self.epochs_seen >= 2, dynamic, torch.ones_like(dynamic))
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        weights = self.weights()
+        self.last_weights.copy_(weights)
+        return (weights * losses).sum()
+
+
+@WEIGHTINGS.register("gradnorm")
+class GradNorm(LossWeighting):
+    """GradNorm (Chen et al., ICML 2018).
+
+    Weights ``w`` (buffer, init ones) give ``total = sum_t w_t L_t``. Each training step, with
+    ``G_t = w_t * ||d L_t / d W||`` on the last shared weight tensor ``W`` (last of ``shared`` with
+    ndim >= 2), ``r_t = (L_t/L_t(0)) / mean(L/L(0))`` and the target ``mean(G) * r_t^alpha`` held constant,
+    ``w`` takes one plain gradient step of size ``lr`` on ``sum_t |G_t - target_t|`` (gradient
+    ``sign(G_t - target_t) * ||d L_t / d W||``, analytic, no double backward), is clamped positive and
+    renormalised to sum to T. The total uses the weights from before the update.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 alpha: float = 1.5, lr: float = 0.025) -> None:
+        super().__init__(tasks, task_weights)
+        self.alpha = float(alpha)
+        self.lr = float(lr)
+        self.register_buffer("loss_weights", torch.ones(self.num_tasks))
+        self.register_buffer("initial_losses", torch.ones(self.num_tasks))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @staticmethod
+    def _last_weight(shared: Sequence[Tensor]) -> Tensor:
+        params = list(shared)
+        if not params:
+            raise UserError("GradNorm needs trainable shared parameters (the encoder is frozen or empty); "
+                            "unfreeze part of the encoder or use another weighting")
+        matrices = [p for p in params if p.ndim >= 2]
+        return (matrices or params)[-1]
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        weight = self._last_weight(shared)
+        weights = self.loss_weights.clone()
+        self.last_weights.copy_(weights)
+        total = (weights * losses).sum()
+        if _is_train_step(losses):
+            self._update(losses, weight)
+        return total
+
+    def _update(self, losses: Tensor, weight: Tensor) -> None:
+        norms = []
+        for t in range(self.num_tasks):
+            (grad,) = torch.autograd.grad(losses[t], weight, retain_graph=True, allow_unused=True)
+            norms.append(grad.detach().float().norm() if grad is not None else weight.new_zeros((), dtype=torch.float32))
+        raw_norms = torch.stack(norms)  # ||d L_t / d W||
+        current = losses.detach()
+        self.initial_losses.copy_(torch.where(self.initialized, self.initial_losses, current))
+        self.initialized.fill_(True)
+        w = self.loss_weights
+        grad_norms = w * raw_norms
+        ratio = current / self.initial_losses.clamp_min(1e-12)
+        relative = ratio / ratio.mean().clamp_min(1e-12)
+        target = grad_norms.mean() * relative.pow(self.alpha)
+        new_w = (w - self.lr * torch.sign(grad_norms - target) * raw_norms).clamp_min(1e-6)
+        self.loss_weights.copy_(self.num_tasks * new_w / new_w.sum())
+
+
+@WEIGHTINGS.register("rlw")
+class RLW(LossWeighting):
+    """Random Loss Weighting (Lin et al., TMLR 2022).
+
+    Each step ``w = T * softmax(n)``, ``n ~ N(0, I)`` drawn from the global torch RNG on the losses'
+    device; ``total = sum_t w_t L_t``. Weights sum to T (the paper's sum to 1, times T so that the scale
+    matches ``equal``).
+    """
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        noise = torch.randn(self.num_tasks, device=losses.device, dtype=losses.dtype)
+        weights = self.num_tasks * torch.softmax(noise, dim=0)
+        self.last_weights.copy_(weights)
+        return (weights * losses).sum()
+
+
+@WEIGHTINGS.register("geometric_mean")
+class GeometricMean(LossWeighting):
+    """Geometric loss strategy (Chennupati et al., CVPR-W 2019): ``total = (prod_t L_t)^(1/T)``.
+
+    Computed as ``exp(mean(log(max(L, eps))))``. Its gradient weights are ``total / (T * L_t)``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 eps: float = 1e-8) -> None:
+        super().__init__(tasks, task_weights)
+        self.eps = float(eps)
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        clamped = losses.clamp_min(self.eps)
+        total = torch.exp(torch.log(clamped).mean())
+        self.last_weights.copy_((total / (self.num_tasks * clamped)).detach())
+        return total
+
+
+@WEIGHTINGS.register("famo")
+class FAMO(LossWeighting):
+    """Fast Adaptive Multitask Optimization (Liu et al., NeurIPS 2023).
+
+    With ``D_t = max(L_t - min_t, 0) + eps``, ``z = softmax(xi)`` and ``c = sum_t z_t / D_t`` (detached):
+    ``total = sum_t z_t * log(D_t) / c``, whose gradient weights ``(z_t / D_t) / c`` sum to 1 (the paper's
+    scale). The logits ``xi`` follow the paper: gradient ``J_softmax(xi)^T delta + gamma * xi`` with
+    ``delta_t = log D_t(before) - log D_t(after)``, stepped by Adam (lr ``lr``, betas 0.9/0.999, as in
+    the authors' code; ``gamma`` acts as L2 weight decay).
+
+    One-step-lag approximation: the paper measures the losses again on the same batch after the
+    optimizer step (an extra forward). Here ``delta`` uses this step's losses as the "after" of the
+    previous step (another batch), so ``xi`` is updated at the start of each forward from the previous
+    and current losses, and the first step makes no update.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
+                 gamma: float = 1e-3, lr: float = 0.025, min_losses: float | Sequence[float] = 0.0,
+                 eps: float = 1e-8) -> None:
+        super().__init__(tasks, task_weights)
+        self.gamma, self.lr, self.eps = float(gamma), float(lr), float(eps)
+        self.betas = (0.9, 0.999)
+        mins = torch.as_tensor(min_losses, dtype=torch.float32)
+        if mins.ndim > 1 or (mins.ndim == 1 and mins.numel() != self.num_tasks):
+            raise UserError(f"weighting.options.min_losses for famo must be a number or a list of {self.num_tasks} numbers")
+        self.register_buffer("min_losses", mins.expand(self.num_tasks).clone())
+        self.register_buffer("logits", torch.zeros(self.num_tasks))
+        self.register_buffer("prev_losses", torch.ones(self.num_tasks))
+        self.register_buffer("has_prev", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("exp_avg", torch.zeros(self.num_tasks))
+        self.register_buffer("exp_avg_sq", torch.zeros(self.num_tasks))
+        self.register_buffer("adam_step", torch.zeros(()))
+
+    def _shifted(self, losses: Tensor) -> Tensor:
+        return (losses - self.min_losses).clamp_min(0.0) + self.eps
+
+    def _update_logits(self, current: Tensor) -> None:
+        z = torch.softmax(self.logits, dim=0)
+        delta = torch.log(self._shifted(self.prev_losses)) - torch.log(self._shifted(current))
+        grad = z * (delta - (z * delta).sum()) + self.gamma * self.logits  # softmax Jacobian^T delta
+        beta1, beta2 = self.betas
+        step = self.adam_step + 1
+        exp_avg = beta1 * self.exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * self.exp_avg_sq + (1 - beta2) * grad * grad
+        denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + 1e-8
+        logits = self.logits - self.lr * (exp_avg / (1 - beta1 ** step)) / denom
+        keep = self.has_prev
+        self.logits.copy_(torch.where(keep, logits, self.logits))
+        self.exp_avg.copy_(torch.where(keep, exp_avg, self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, self.exp_avg_sq))
+        self.adam_step.copy_(torch.where(keep, step, self.adam_step))
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        train = _is_train_step(losses)
+        if train:
+            current = losses.detach()
+            self._update_logits(current)
+            self.prev_losses.copy_(current)
+            self.has_prev.fill_(True)
+        z = torch.softmax(self.logits, dim=0)
+        shifted = self._shifted(losses)
+        c = (z / shifted).sum().detach()
+        self.last_weights.copy_((z / shifted.detach()) / c)
+        return (z * torch.log(shifted)).sum() / c

@@ -1,0 +1,263 @@
+"""Gradient-level weightings: each method's defining property on hand-made gradients, plus the contract."""
+import pytest
+import torch
+
+from mtl.errors import UserError
+from mtl.weighting import WEIGHTINGS, build_weighting
+from mtl.weighting import gradient as gw
+from mtl.weighting import solvers
+
+torch.set_num_threads(1)
+
+GRADIENT_METHODS = [n for n in WEIGHTINGS.names() if getattr(WEIGHTINGS.get(n), "gradient_level", False)]
+TASKS2, TASKS3 = ["a", "b"], ["a", "b", "c"]
+
+
+def G(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def run(name, grads, losses=None, **options):
+    method = build_weighting(name, [f"t{i}" for i in range(grads.shape[0])], **options)
+    d, w = method(grads, torch.ones(grads.shape[0]) if losses is None else losses)
+    return d, w, method
+
+
+def test_all_methods_registered():
+    expected = {"mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad"}
+    assert expected <= set(GRADIENT_METHODS)
+
+
+def test_mgda_min_norm_point():
+    _, w, _ = run("mgda", G([1, 0], [0, 1]))
+    assert torch.allclose(w, torch.tensor([0.5, 0.5]), atol=1e-6)
+    d, w, _ = run("mgda", G([1, 0], [0, 2]))
+    assert torch.allclose(w, torch.tensor([0.8, 0.2]), atol=1e-6)
+    assert torch.allclose(d, torch.tensor([0.8, 0.4]), atol=1e-6)
+    _, w, _ = run("mgda", G([1, 0], [0, 2]), normalization="l2")  # unit gradients: equal weights
+    assert torch.allclose(w, torch.tensor([0.5, 0.5]), atol=1e-6)
+    # loss normalisation: (0, 2) / 2 = (0, 1) -> equal weights; (0, 2) / 0.5 = (0, 4) -> 16/17, 1/17
+    _, w, _ = run("mgda", G([1, 0], [0, 2]), losses=torch.tensor([1.0, 2.0]), normalization="loss")
+    assert torch.allclose(w, torch.tensor([0.5, 0.5]), atol=1e-6)
+    _, w, _ = run("mgda", G([1, 0], [0, 2]), losses=torch.tensor([1.0, 0.5]), normalization="loss")
+    assert torch.allclose(w, torch.tensor([16 / 17, 1 / 17]), atol=1e-6)
+
+
+def test_mgda_kkt_three_tasks():
+    torch.manual_seed(0)
+    grads = torch.randn(4, 16) + 0.5 * torch.randn(16)
+    _, w, _ = run("mgda", grads)
+    m = solvers.gram(grads)
+    a = w.double()
+    assert w.min() >= 0 and abs(float(w.sum()) - 1) < 1e-6
+    # min-norm optimality: (M a)_i >= a^T M a, with equality on the support
+    slack = m @ a - a @ m @ a
+    assert slack.min() > -1e-4 * float(m.diagonal().mean())
+    assert (slack[a > 1e-3].abs() < 1e-3 * float(m.diagonal().mean())).all()
+
+
+def test_mgda_bad_normalization():
+    with pytest.raises(UserError, match="normalization"):
+        build_weighting("mgda", TASKS2, normalization="l1")
+    with pytest.raises(UserError, match="unknown option"):
+        build_weighting("pcgrad", TASKS2, beta=0.1)
+
+
+def test_pcgrad_non_conflicting_unchanged():
+    grads = G([1, 2, 0], [2, 1, 1])
+    d, w, _ = run("pcgrad", grads)
+    assert torch.allclose(d, grads.sum(0)) and torch.equal(w, torch.ones(2))
+
+
+def test_pcgrad_conflicting_projection():
+    g1, g2 = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([-2.0, 0.5, 1.0])
+    d, _, _ = run("pcgrad", torch.stack([g1, g2]))
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    assert abs(float(p1 @ g2)) < 1e-6 and abs(float(p2 @ g1)) < 1e-6
+    assert torch.allclose(d, p1 + p2, atol=1e-6)
+
+
+def _surgery_reference(grads, order, adjust):
+    """The papers' sequential loop: for each i, the other tasks j in the given order."""
+    out = []
+    for i in range(grads.shape[0]):
+        p = grads[i].clone()
+        for j in order[i].tolist():
+            p = adjust(i, j, p, grads[j])
+        out.append(p)
+    return torch.stack(out)
+
+
+def test_pcgrad_three_tasks_matches_sequential_loop():
+    grads = G([1, 0, 0], [-1, 1, 0], [0, -1, 1]) + 0.1
+    torch.manual_seed(3)
+    order = gw._other_tasks_in_random_order(3, grads.device)
+    torch.manual_seed(3)
+    d, _, _ = run("pcgrad", grads)
+    proj = lambda i, j, p, gj: p - torch.clamp(p @ gj, max=0) / (gj @ gj) * gj  # noqa: E731
+    assert torch.allclose(d, _surgery_reference(grads, order, proj).sum(0), atol=1e-6)
+
+
+def test_gradvac_three_tasks_matches_sequential_loop():
+    torch.manual_seed(0)
+    grads, beta = torch.randn(3, 5), 0.3
+    phi_hat = torch.rand(3, 3) - 0.5
+    ref_hat = phi_hat.clone()
+
+    def vaccine(i, j, p, gj):
+        phi, tgt = float(p @ gj / (p.norm() * gj.norm())), float(ref_hat[i, j])
+        if phi < tgt:
+            root_phi, root_tgt = (1 - phi ** 2) ** 0.5, (1 - tgt ** 2) ** 0.5
+            p = p + gj * p.norm() * (tgt * root_phi - phi * root_tgt) / (gj.norm() * root_tgt)
+        ref_hat[i, j] = (1 - beta) * tgt + beta * phi
+        return p
+
+    method = build_weighting("gradvac", TASKS3, beta=beta)
+    method.phi_hat.copy_(phi_hat)
+    torch.manual_seed(5)
+    order = gw._other_tasks_in_random_order(3, grads.device)
+    torch.manual_seed(5)
+    d, _ = method(grads, torch.ones(3))
+    assert torch.allclose(d, _surgery_reference(grads, order, vaccine).sum(0), atol=1e-5)
+    assert torch.allclose(method.phi_hat, ref_hat, atol=1e-6)
+
+
+def test_gradvac_negative_cosine_to_target_zero():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    d, w, method = run("gradvac", torch.stack([g1, g2]), beta=0.5)
+    cos = float(g1 @ g2 / (g1.norm() * g2.norm()))
+    # with target 0 each adjusted gradient is orthogonal to the other's original gradient
+    p1 = d - (g2 - (g2 @ g1) / (g1 @ g1) * g1)
+    assert abs(float(p1 @ g2)) < 1e-6
+    assert torch.allclose(d, torch.tensor([0.5, 0.5]) + torch.tensor([0.0, 1.0]), atol=1e-6)
+    expected = torch.tensor([[0.0, 0.5 * cos], [0.5 * cos, 0.0]])
+    assert torch.allclose(method.phi_hat, expected, atol=1e-6) and torch.equal(w, torch.ones(2))
+
+
+def test_gradvac_above_target_untouched():
+    grads = G([1, 0], [1, 1])
+    d, _, method = run("gradvac", grads, beta=0.5)
+    assert torch.allclose(d, grads.sum(0))
+    cos = 2 ** -0.5
+    assert torch.allclose(method.phi_hat, torch.tensor([[0.0, 0.5 * cos], [0.5 * cos, 0.0]]), atol=1e-6)
+    # a positive target above the current cosine lifts each cosine exactly to the target
+    method.phi_hat.fill_(0.9)
+    method.phi_hat.fill_diagonal_(0.0)
+    d, _ = method(grads, torch.ones(2))
+    g1, g2 = grads
+    # d = p1 + p2 = (1 + c2) g1 + (1 + c1) g2 with p1 = g1 + c1 g2, p2 = g2 + c2 g1
+    k = torch.linalg.solve(grads.T, d)
+    p1, p2 = g1 + (k[1] - 1) * g2, g2 + (k[0] - 1) * g1
+    assert abs(float(p1 @ g2 / (p1.norm() * g2.norm())) - 0.9) < 1e-5
+    assert abs(float(p2 @ g1 / (p2.norm() * g1.norm())) - 0.9) < 1e-5
+    assert torch.allclose(method.phi_hat[0, 1], torch.tensor(0.5 * 0.9 + 0.5 * cos))
+
+
+def test_cagrad_zero_c_is_mean():
+    torch.manual_seed(0)
+    grads = torch.randn(3, 8)
+    d, w, _ = run("cagrad", grads, c=0.0)
+    assert torch.allclose(d, grads.mean(0), atol=1e-6) and torch.equal(w, torch.ones(3))
+
+
+def test_cagrad_improves_worst_task():
+    grads = G([1.0, 0.1], [-0.8, 0.3])
+    g0 = grads.mean(0)
+    d, _, _ = run("cagrad", grads, c=0.5, rescale=0)
+    assert float((grads @ d).min()) > float((grads @ g0).min()) + 1e-3
+    assert float((d - g0).norm()) <= 0.5 * float(g0.norm()) + 1e-5  # stays in the ball around g0
+
+
+def test_imtl_g_equal_projections():
+    torch.manual_seed(0)
+    grads = torch.randn(3, 10) * torch.tensor([[1.0], [5.0], [0.2]])
+    d, w, _ = run("imtl_g", grads)
+    proj = (grads / grads.norm(dim=1, keepdim=True)) @ d
+    assert torch.allclose(proj, proj.mean().expand(3), rtol=1e-4)
+    assert abs(float(w.sum()) - 1) < 1e-5 and float(proj.mean()) > 0
+
+
+def test_nash_mtl_bargaining_solution():
+    torch.manual_seed(0)
+    grads = torch.randn(3, 20) + torch.randn(20)
+    _, w, _ = run("nash_mtl", grads)
+    m = solvers.gram(grads)
+    a = w.double()
+    assert (a > 0).all()
+    assert torch.allclose(a * (m @ a), torch.ones(3, dtype=torch.float64), atol=1e-4)
+    _, w, _ = run("nash_mtl", G([3, 0, 0], [0, 0.5, 0], [0, 0, 2]))
+    assert torch.allclose(w, torch.tensor([1 / 3, 2.0, 0.5]), rtol=1e-5)
+
+
+def test_aligned_mtl_orthogonal_equal_norms():
+    torch.manual_seed(0)
+    grads = torch.randn(3, 12) + torch.randn(12)
+    b = gw.aligned_matrix(solvers.gram(grads)).float()
+    aligned = b @ grads
+    sigma_min = torch.linalg.svdvals(grads).min()
+    assert torch.allclose(aligned @ aligned.T, sigma_min ** 2 * torch.eye(3), atol=1e-4)
+    d, w, _ = run("aligned_mtl", grads)
+    assert torch.allclose(d, aligned.mean(0), atol=1e-5) and torch.allclose(w, b.mean(1), atol=1e-6)
+
+
+def test_aligned_mtl_rank_deficient():
+    g1, g2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    grads = torch.stack([g1, g2, g1 + g2])
+    b = gw.aligned_matrix(solvers.gram(grads)).float()
+    aligned = b @ grads
+    sigma_min = torch.linalg.svdvals(grads)[1]  # smallest non-zero singular value
+    gram = aligned @ aligned.T
+    assert torch.isfinite(b).all()
+    # on the rank-2 span the aligned gradients act like an orthogonal basis scaled by sigma_min
+    eigenvalues = torch.linalg.eigvalsh(gram.double()).float()
+    assert torch.allclose(eigenvalues, torch.tensor([0.0, 1.0, 1.0]) * sigma_min ** 2, atol=1e-4)
+    d, w, _ = run("aligned_mtl", torch.zeros(3, 5))
+    assert torch.equal(d, torch.zeros(5)) and torch.isfinite(w).all()
+
+
+def test_upgrad_non_conflicting_is_mean():
+    grads = G([1, 0.2, 0], [0.5, 1, 0.1], [0.2, 0.3, 1])
+    d, w, _ = run("upgrad", grads)
+    assert torch.allclose(d, grads.mean(0), atol=1e-6) and torch.allclose(w, torch.full((3,), 1 / 3))
+
+
+def test_upgrad_no_conflict_with_any_task():
+    torch.manual_seed(0)
+    for _ in range(5):
+        grads = torch.randn(4, 6)
+        d, _, _ = run("upgrad", grads)
+        assert float((grads @ d).min()) >= -1e-5
+
+
+def test_sym_eig_matches_eigh():
+    torch.manual_seed(0)
+    for t in (1, 2, 3, 6, 9):
+        a = torch.randn(t, max(t - 1, 1), dtype=torch.float64)
+        m = a @ a.T  # rank-deficient for t > 1
+        lam, vec = solvers.sym_eig(m)
+        assert torch.allclose(lam.sort().values, torch.linalg.eigvalsh(m), atol=1e-10)
+        assert torch.allclose(vec @ torch.diag(lam) @ vec.T, m, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_contract(name):
+    torch.manual_seed(0)
+    tasks = TASKS3
+    grads, losses = torch.randn(3, 64), torch.rand(3) + 0.1
+    method = build_weighting(name, tasks)
+    method(grads, losses)  # advance any running state
+    fresh = build_weighting(name, tasks)
+    fresh.load_state_dict(method.state_dict())
+    grads2 = torch.randn(3, 64)
+    torch.manual_seed(1)
+    d, w = method(grads2, losses)
+    torch.manual_seed(1)
+    d2, w2 = fresh(grads2, losses)
+    assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
+    assert torch.isfinite(d).all() and torch.isfinite(w).all()
+    assert torch.equal(method.last_weights, w)
+    assert torch.allclose(d, d2) and torch.allclose(w, w2)
+    for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
+        d, w = build_weighting(name, [f"t{i}" for i in range(g.shape[0])])(g, torch.ones(g.shape[0]))
+        assert torch.isfinite(d).all() and torch.isfinite(w).all() and d.shape == (64,)
