@@ -1,0 +1,194 @@
+"""Heads (pooled and dense) and MTAN attention: shapes, gradients, options."""
+import pytest
+import torch
+from torch import nn
+
+from mtl.encoders import build_encoder
+from mtl.errors import UserError
+from mtl.heads import HEADS
+from mtl.mtan import MTAN
+
+torch.set_num_threads(1)
+
+SMALL_OPTS = {"fpn": {"channels": 16}, "aspp": {"channels": 16, "rates": [1, 2, 3]}}
+
+
+def head(name, encoder, out_dim=5, **options):
+    return HEADS.get(name)(in_dim=encoder.out_dim, out_dim=out_dim, feature_info=encoder.feature_info,
+                           hidden=32, dropout=0.1, **options)
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    torch.manual_seed(0)
+    return build_encoder("small_cnn", widths=[8, 16, 32, 64])
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return build_encoder("resnet18")
+
+
+@pytest.fixture(scope="module")
+def dilated_resnet50():
+    torch.manual_seed(0)
+    return build_encoder("resnet50", replace_stride_with_dilation=[False, True, True])
+
+
+@pytest.mark.parametrize("name", ["fpn", "aspp"])
+@pytest.mark.parametrize("enc", ["small_cnn", "resnet18"])
+def test_dense_heads_shape_and_encoder_gradients(name, enc, request):
+    encoder = request.getfixturevalue(enc)
+    torch.manual_seed(0)
+    h = head(name, encoder, **SMALL_OPTS[name])
+    assert h.dense is True
+    encoder.zero_grad()
+    x = torch.randn(2, 3, 64, 64)
+    y = h(encoder(x), (64, 64))
+    assert y.shape == (2, 5, 64, 64)
+    y.square().mean().backward()
+    grads = [p.grad for p in encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is not None for p in h.parameters())
+
+
+def test_aspp_on_dilated_resnet50_odd_input(dilated_resnet50):
+    info = {i["name"]: i["reduction"] for i in dilated_resnet50.feature_info}
+    assert info == {"layer1": 4, "layer2": 8, "layer3": 8, "layer4": 8}
+    torch.manual_seed(0)
+    h = head("aspp", dilated_resnet50, out_dim=3, channels=32, rates=[12, 24, 36]).eval()
+    with torch.no_grad():
+        features = dilated_resnet50.eval()(torch.randn(1, 3, 65, 65))
+        assert features["layer4"].shape[-2:] == (9, 9)
+        assert h(features, (65, 65)).shape == (1, 3, 65, 65)
+        assert head("fpn", dilated_resnet50, channels=16).eval()(features, (65, 65)).shape == (1, 5, 65, 65)
+
+
+def test_dense_head_options(small_cnn):
+    fpn = head("fpn", small_cnn, stages=["stage3", "stage4"], norm="bn")
+    assert fpn.stage_names == ["stage3", "stage4"] and len(fpn.lateral) == 2
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fpn.modules())
+    assert all(isinstance(m, nn.GroupNorm) for m in head("fpn", small_cnn).modules() if "Norm" in type(m).__name__)
+    aspp = head("aspp", small_cnn, stage="stage3", rates=[1, 2])
+    assert aspp.stage_name == "stage3"
+    # defaults: 256 channels, rates 6/12/18 -> 1x1 + 3 atrous + pooling branches
+    default = head("aspp", small_cnn)
+    assert default.classifier.in_channels == 256 and len(default.decoder[0].convs) == 5
+    assert head("fpn", small_cnn).classifier.in_channels == 128
+
+
+def test_dense_heads_train_at_batch_size_one(small_cnn):
+    h = head("aspp", small_cnn, **SMALL_OPTS["aspp"]).train()
+    assert h(small_cnn(torch.randn(1, 3, 64, 64)), (64, 64)).shape == (1, 5, 64, 64)
+    # GroupNorm groups keep >= 4 channels, so a 1x1 deepest map (16x16 input) trains at batch size 1
+    with torch.no_grad():
+        features = small_cnn.eval()(torch.randn(1, 3, 16, 16))
+    small_cnn.train()
+    assert features["stage4"].shape[-2:] == (1, 1)
+    fpn = head("fpn", small_cnn, channels=16).train()
+    assert fpn(features, (16, 16)).shape == (1, 5, 16, 16)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("linear", {"channels": 3}, "no options"),
+    ("mlp", {"foo": 1}, "no options"),
+    ("fpn", {"chanels": 3}, "channels, norm, stages"),
+    ("aspp", {"rate": [1]}, "channels, norm, rates, stage"),
+    ("fpn", {"stages": ["nope"]}, "unknown stage"),
+    ("fpn", {"norm": "ln"}, "norm must be"),
+    ("aspp", {"rates": 3}, "rates must be"),
+    ("aspp", {"channels": 0}, "channels must be"),
+])
+def test_bad_head_options(small_cnn, name, options, match):
+    with pytest.raises(UserError, match=match):
+        head(name, small_cnn, **options)
+
+
+def test_dense_head_needs_feature_info():
+    with pytest.raises(UserError, match="feature_info"):
+        HEADS.get("fpn")(in_dim=8, out_dim=2, feature_info=None, hidden=0, dropout=0.0)
+
+
+def test_pooled_heads_unchanged():
+    lin = HEADS.get("linear")(in_dim=8, out_dim=3, feature_info=None, hidden=512, dropout=0.0)
+    assert lin.dense is False and list(lin.state_dict()) == ["0.weight", "0.bias"]
+    lin_drop = HEADS.get("linear")(in_dim=8, out_dim=3, dropout=0.2)
+    assert list(lin_drop.state_dict()) == ["1.weight", "1.bias"]
+    mlp = HEADS.get("mlp")(in_dim=8, out_dim=3, hidden=16)
+    assert mlp.dense is False and list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert isinstance(mlp, nn.Sequential) and mlp[2].p == 0.5
+    x = torch.randn(4, 8)
+    assert lin(x).shape == mlp(x).shape == (4, 3)
+    # a checkpoint of the plain nn.Sequential heads loads as before
+    lin.load_state_dict(nn.Sequential(nn.Linear(8, 3)).state_dict())
+
+
+def test_mtan_structure_and_masks(small_cnn):
+    torch.manual_seed(0)
+    mtan = MTAN(small_cnn.feature_info, ["a", "b"])
+    assert mtan.out_dim == 64 and mtan.feature_info == small_cnn.feature_info
+    features = small_cnn(torch.randn(2, 3, 64, 64))
+    out = mtan(features)
+    assert set(out) == {"a", "b"}
+    for task in out:
+        assert set(out[task]) == {"stage1", "stage2", "stage3", "stage4", "out"}
+        for name, v in features.items():
+            if name != "out":
+                assert out[task][name].shape == v.shape
+        assert out[task]["out"].shape == (2, 64)
+    assert not torch.allclose(out["a"]["stage4"], out["b"]["stage4"])
+    masks = mtan.masks(features)
+    for task in masks:
+        for name, m in masks[task].items():
+            assert m.shape == features[name].shape
+            assert bool(((m > 0) & (m < 1)).all())
+            assert torch.allclose(out[task][name], m * features[name])
+
+
+def test_mtan_stage_subset_passes_others_through(small_cnn):
+    mtan = MTAN(small_cnn.feature_info, ["a"], stages=["stage2", "stage3"])
+    assert mtan.out_dim == 32
+    features = small_cnn(torch.randn(2, 3, 64, 64))
+    out = mtan(features)["a"]
+    assert out["stage1"] is features["stage1"] and out["stage4"] is features["stage4"]
+    assert out["out"].shape == (2, 32)
+    with pytest.raises(UserError, match="stage names"):
+        MTAN(small_cnn.feature_info, ["a"], stages=["layer9"])
+
+
+def test_mtan_task_parameters_only_get_their_task_gradient(small_cnn):
+    torch.manual_seed(0)
+    mtan = MTAN(small_cnn.feature_info, ["a", "b"])
+    out = mtan(small_cnn(torch.randn(2, 3, 64, 64)))
+    a_params, b_params = list(mtan.task_parameters("a")), list(mtan.task_parameters("b"))
+    assert len(a_params) + len(b_params) == len(list(mtan.parameters()))
+    assert not {id(p) for p in a_params} & {id(p) for p in b_params}
+    out["a"]["out"].sum().backward()
+    assert all(p.grad is not None for p in a_params) and sum(p.grad.abs().sum() for p in a_params) > 0
+    assert all(p.grad is None for p in b_params)
+    with pytest.raises(UserError, match="no task"):
+        mtan.task_parameters("c")
+
+
+def test_mtan_with_heads_trains_a_step(small_cnn):
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", widths=[8, 16, 32, 64])
+    mtan = MTAN(encoder.feature_info, ["label", "seg"])
+    common = {"in_dim": mtan.out_dim, "feature_info": mtan.feature_info, "hidden": 0, "dropout": 0.0}
+    heads = nn.ModuleDict({"label": HEADS.get("linear")(out_dim=3, **common),
+                           "seg": HEADS.get("fpn")(out_dim=4, channels=16, **common)})
+    params = [*encoder.parameters(), *mtan.parameters(), *heads.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05)
+    x, label, seg = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0]), torch.randint(0, 4, (4, 64, 64))
+    losses = []
+    for _ in range(3):
+        per_task = mtan(encoder(x))
+        loss = (nn.functional.cross_entropy(heads["label"](per_task["label"]["out"]), label)
+                + nn.functional.cross_entropy(heads["seg"](per_task["seg"], (64, 64)), seg))
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
