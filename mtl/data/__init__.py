@@ -1,5 +1,5 @@
 """Data sets (items are dicts of tensors), their registry, transforms and class-balanced subsets."""
-from . import captcha_chars, cifar, folder, mnist, shapes  # noqa: F401  (importing registers the data sets)
+from . import captcha_chars, captcha_text, celeba, cifar, folder, mnist, multi_fashion, npy_dense, scenes, shapes  # noqa: F401,E501  (registers them)
 from .registry import DATASETS
 from .subset import subset_per_class
 from .transforms import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, build_transforms

@@ -1,0 +1,152 @@
+"""``multi_fashion``: Multi-Fashion (Lin et al. 2019, after Sener & Koltun's MultiMNIST), two Fashion-MNIST items
+overlaid in one 36x36 image, the ``left`` one shifted up-left and the ``right`` one down-right."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.datasets
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .cache import cache_path, load_or_build
+from .dense_transforms import normalize, random_shift
+from .mnist import DEFAULT_ROOT, FASHION_MNIST_ROOT, _find, read_idx
+from .registry import DATASETS, resolve_split
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+CANVAS = 36
+ITEM = 28
+MAX_SHIFT = 4  # each item sits 1..4 pixels from the centre, per axis: never both centred, left/right stay distinct
+DEFAULT_CACHE = "data/multi_fashion"
+_FORMAT = 1  # bump when the construction changes, to invalidate caches
+_PREFIX = {"train": "train", "test": "t10k"}
+_AUGMENT_SHIFT = 2  # pixels of random translation of the whole image when augmenting (no flips: left/right)
+
+
+class MultiFashionDataset(Dataset):
+    """Items ``{"image": (3,36,36) normalised, "left": class, "right": class}``."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        left: Tensor,
+        right: Tensor,
+        augment: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.images, self.left, self.right = images, left, right
+        self.classes = list(torchvision.datasets.FashionMNIST.classes)
+        target = {"type": "classification", "num_classes": len(self.classes), "classes": list(self.classes)}
+        self.targets = {"left": dict(target), "right": dict(target)}
+        self.augment = augment
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image = self.images[index].float().div(255).expand(3, -1, -1)
+        if self.augment:
+            image = random_shift(image, _AUGMENT_SHIFT)
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "left": self.left[index].clone(),
+            "right": self.right[index].clone(),
+        }
+
+
+@DATASETS.register("multi_fashion")
+def multi_fashion(
+    *,
+    split: str = "train",
+    root: str | None = None,
+    transform: Callable[[Any], Tensor] | None = None,
+    augment: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    train_size: int = 60000,
+    val_size: int = 10000,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> MultiFashionDataset:
+    """Pairs built from Fashion-MNIST IDX files in ``root`` (default: Debian's dataset-fashion-mnist, else ./data)
+    or ``root/FashionMNIST/raw``: item i of the source split on the left, a seeded random partner on the right.
+    train from the train files, val (= test) from t10k. Built tensors are cached in ``cache_dir``."""
+    split = resolve_split("multi_fashion", split, ("train", "val"), {"test": "val"})
+    if transform is not None:
+        raise UserError("data set 'multi_fashion' normalises and augments itself; pass augment/mean/std, not a transform")
+    count = train_size if split == "train" else val_size
+    if count < 1:
+        raise UserError(f"multi_fashion needs train_size and val_size >= 1, got {count}")
+    if root is None:
+        root = FASHION_MNIST_ROOT if os.path.isdir(FASHION_MNIST_ROOT) else DEFAULT_ROOT
+    paths = _source_files(Path(root).expanduser(), "train" if split == "train" else "test")
+    key = {
+        "count": count,
+        "seed": seed,
+        "split": split,
+        "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths],
+        "format": _FORMAT,
+    }
+    cache = cache_path(cache_dir or DEFAULT_CACHE, "multi_fashion", key)
+    rng_seed = [seed, 0 if split == "train" else 1]
+    tensors = load_or_build(cache, key, lambda: build_pairs(*_read(paths), count, np.random.default_rng(rng_seed)))
+    return MultiFashionDataset(tensors["images"], tensors["left"], tensors["right"], augment, mean, std)
+
+
+def build_pairs(images: Tensor, labels: Tensor, count: int, rng: np.random.Generator) -> dict[str, Tensor]:
+    """``count`` overlays (max of the two): uint8 images (N,1,36,36), source indices and labels of both items."""
+    n = len(images)
+    left = torch.arange(count) % n
+    right = torch.from_numpy(rng.integers(0, n, count))
+    centre = (CANVAS - ITEM) // 2
+    offsets = {
+        "left": centre - torch.from_numpy(rng.integers(1, MAX_SHIFT + 1, (count, 2))),
+        "right": centre + torch.from_numpy(rng.integers(1, MAX_SHIFT + 1, (count, 2))),
+    }
+    canvas = torch.zeros(count, CANVAS, CANVAS, dtype=torch.uint8)
+    for side, index in (("left", left), ("right", right)):
+        offset = offsets[side]
+        for oy in offset[:, 0].unique().tolist():
+            for ox in offset[:, 1].unique().tolist():
+                rows = ((offset[:, 0] == oy) & (offset[:, 1] == ox)).nonzero()[:, 0]
+                window = canvas[rows, oy : oy + ITEM, ox : ox + ITEM]
+                canvas[rows, oy : oy + ITEM, ox : ox + ITEM] = torch.maximum(window, images[index[rows]])
+    return {
+        "images": canvas[:, None],
+        "left": labels[left].long(),
+        "right": labels[right].long(),
+        "left_index": left,
+        "right_index": right,
+    }
+
+
+def _source_files(root: Path, split: str) -> list[Path]:
+    folders = [root, root / "FashionMNIST" / "raw"]
+    names = [f"{_PREFIX[split]}-images-idx3-ubyte", f"{_PREFIX[split]}-labels-idx1-ubyte"]
+    paths = [_find(folders, name) for name in names]
+    if None in paths:
+        raise UserError(
+            f"Fashion-MNIST files for multi_fashion not found: expected {names[0]}[.gz] and {names[1]}[.gz] in "
+            f"{folders[0]} or {folders[1]}; install them with `apt-get install dataset-fashion-mnist` (into "
+            f"{FASHION_MNIST_ROOT}) or set data.root to a folder holding them"
+        )
+    return paths  # type: ignore[return-value]
+
+
+def _read(paths: list[Path]) -> tuple[Tensor, Tensor]:
+    images, labels = (read_idx(p) for p in paths)
+    if images.dtype != torch.uint8 or images.shape[1:] != (ITEM, ITEM) or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(
+            f"{paths[0]} and {paths[1]} do not hold Fashion-MNIST data: images {tuple(images.shape)} {images.dtype}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    if len(labels) == 0 or not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+        raise UserError(f"{paths[1]} has no labels or labels outside 0..9")
+    return images, labels
