@@ -1,4 +1,4 @@
-"""The ``mtl`` command: ``mtl train``, ``mtl weights import|list``."""
+"""The ``mtl`` command: ``mtl train``, ``mtl compare``, ``mtl weights import|list``."""
 from __future__ import annotations
 
 import argparse
@@ -18,14 +18,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
+    compare = sub.add_parser("compare", help="a table of runs' metrics and their delta_m",
+                             description="One row per run (or per stage), one column per task metric; with "
+                                         "--baseline also delta_m %% against single-task results.")
+    compare.add_argument("runs", nargs="+", help="run directories, staged runs, or folders of runs")
+    compare.add_argument("--baseline", metavar="FILE", help="single-task results {task: {metric: value}} (YAML)")
+    compare.add_argument("--which", choices=("final", "best"), default="final", help="which epoch's metrics (default final)")
+    compare.add_argument("--metrics", metavar="M1,M2", help="only these metric names, comma-separated")
+    compare.add_argument("--write-baseline", metavar="FILE", help="write the runs' per-task metrics as a baseline file")
+
     weights = sub.add_parser("weights", help="manage torchvision weight files for offline use")
     wsub = weights.add_subparsers(dest="action", required=True)
     imp = wsub.add_parser("import", help="put a torchvision weights file into torchvision's cache (hash checked)")
     imp.add_argument("file")
     wsub.add_parser("list", help="list the weight files in torchvision's cache")
     return parser
-
-
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,6 +51,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise UserError("mtl train needs a config file, e.g. mtl train configs/quickstart.yaml")
             else:
                 train_from_file(args.config, args.overrides)
+        elif args.command == "compare":
+            from .compare import compare_table, write_baseline
+
+            if args.write_baseline:
+                write_baseline(args.runs, args.write_baseline, args.which)
+                print(f"wrote {args.write_baseline}")
+            else:
+                print(compare_table(args.runs, args.baseline, args.which, args.metrics.split(",") if args.metrics else None))
         elif args.command == "weights":
             from .weights import format_cached_table, import_weights, list_cached
 

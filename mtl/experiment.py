@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .checkpoint import load_checkpoint, save_json
+from .compare import delta_m, load_baseline
 from .config import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
 from .data import DATASETS, build_transforms, subset_per_class
 from .encoders import build_encoder
@@ -26,9 +27,10 @@ from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from .model import TransferModel
 from .optim import build_optimizer, build_scheduler
-from .schema import Config, DataCfg
+from .schema import Config, DataCfg, HeadCfg
 from .tasks import Task, build_task
-from .trainer import Trainer
+from .trainer import Trainer, default_monitor
+from .weighting import Weighting, build_weighting
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -57,12 +59,22 @@ def use_amp(mode: str, device: torch.device) -> bool:
 
 
 def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
-    """A registered data set with the config's transforms; unknown options are a clear error."""
+    """A registered data set with the config's transforms; unknown options are a clear error.
+
+    Builders with an ``augment`` parameter (multitask data sets with dense or position-dependent targets)
+    do their own joint augmentation and normalisation: they get ``augment``, ``mean`` and ``std`` instead of
+    a transform.
+    """
     builder = DATASETS.get(cfg.name)
-    known = [p for p in inspect.signature(builder).parameters if p not in ("split", "root", "transform")]
+    params = inspect.signature(builder).parameters
+    reserved = ("split", "root", "transform", "augment", "mean", "std")
+    known = [p for p in params if p not in reserved]
     for key in cfg.options:
         if key not in known:
             raise UserError(f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}")
+    if "augment" in params:
+        return builder(split=split, root=cfg.root, augment=train and cfg.augment != "none", mean=cfg.mean,
+                       std=cfg.std, **cfg.options)
     transform = build_transforms(train=train, image_size=cfg.image_size, resize_size=cfg.resize_size,
                                  mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
     return builder(split=split, root=cfg.root, transform=transform, **cfg.options)
@@ -86,6 +98,7 @@ class Experiment:
     loaders: Dict[str, DataLoader]
     device: torch.device
     generator: torch.Generator
+    weighting: Weighting
     l2sp: Optional[L2SP] = None
     info: Dict[str, Any] = field(default_factory=dict)
 
@@ -98,33 +111,22 @@ def build_experiment(cfg: Config) -> Experiment:
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = list(getattr(train_ds, "classes", []))
     skipped = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
+    tasks = build_tasks(cfg, train_ds, classes)
     if cfg.data.labels_per_class:
         train_ds = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
-
-    tasks: Dict[str, Task] = {}
-    for name, tc in cfg.tasks.items():
-        n = tc.num_classes if tc.num_classes is not None else len(classes)
-        if classes and tc.num_classes is not None and tc.num_classes != len(classes):
-            raise UserError(f"tasks.{name}.num_classes is {tc.num_classes} but the data has {len(classes)} classes "
-                            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); fix num_classes or remove it")
-        if tc.type == "binary" and n != 2:
-            raise UserError(f"tasks.{name} is binary but the data has {n} classes; use type: classification")
-        if n < 1:
-            raise UserError(f"tasks.{name}: cannot tell the number of classes; set tasks.{name}.num_classes")
-        tasks[name] = build_task(name, type=tc.type, target=tc.target, num_classes=n, weight=tc.weight,
-                                 classes=classes, label_smoothing=tc.label_smoothing)
 
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
-    heads = {}
-    for name, task in tasks.items():
-        head_cfg = cfg.tasks[name].head
-        heads[name] = HEADS.get(head_cfg.name)(in_dim=encoder.out_dim, out_dim=task.out_dim,
-                                               hidden=head_cfg.hidden, dropout=head_cfg.dropout)
-    model = TransferModel(encoder, heads).to(device)
+    model = build_model(cfg, encoder, tasks).to(device)
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
+    weighting = build_weighting(cfg.weighting.name, list(tasks), [t.weight for t in tasks.values()],
+                                **cfg.weighting.options).to(device)
+    frozen = not any(p.requires_grad for p in model.shared_parameters())
+    if weighting.gradient_level and frozen and not cfg.train.unfreeze:
+        raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
+                        f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)")
 
     generator = torch.Generator()
     common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
@@ -136,7 +138,118 @@ def build_experiment(cfg: Config) -> Experiment:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds),
             "params": {"total": n_params, "trainable": n_train, "frozen": n_params - n_train}}
-    return Experiment(cfg, model, tasks, {"train": train_ds, "val": val_ds}, loaders, device, generator, l2sp, info)
+    return Experiment(cfg, model, tasks, {"train": train_ds, "val": val_ds}, loaders, device, generator, weighting,
+                      l2sp, info)
+
+
+def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str, Task]:
+    """Tasks of the config, completed and checked against what the data set provides.
+
+    Multitask data sets describe their targets (``targets``: key -> type, class count, class names);
+    single-label data sets have one ``label`` target whose classes are ``classes``.
+    """
+    declared: Dict[str, Dict[str, Any]] = dict(getattr(train_ds, "targets", None) or {})
+    if not declared:
+        declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
+    if cfg.weighting.name == "equal" and any(tc.weight != 1 for tc in cfg.tasks.values()):
+        raise UserError("task weights are set but weighting.name is equal, which ignores them; "
+                        "use weighting.name=static to weight the task losses")
+    tasks: Dict[str, Task] = {}
+    for name, tc in cfg.tasks.items():
+        target = tc.target or (name if name in declared or len(declared) > 1 else "label")
+        if target not in declared:
+            raise UserError(f"tasks.{name}: the data set {cfg.data.name!r} has no target {target!r}; it provides "
+                            f"{', '.join(declared)}; set tasks.{name}.target to one of them")
+        info = declared[target]
+        type_ = tc.type or info.get("type", "classification")
+        n_data = info.get("num_classes", info.get("num_outputs"))
+        names = list(info.get("classes", []))
+        if tc.num_classes is not None and n_data and type_ != "binary" and tc.num_classes != n_data:
+            shown = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+            raise UserError(f"tasks.{name}.num_classes is {tc.num_classes} but the data has {n_data} classes{shown}; "
+                            f"fix num_classes or remove it")
+        n = tc.num_classes if tc.num_classes is not None else n_data
+        if type_ == "binary" and n is not None and n != 2:
+            raise UserError(f"tasks.{name} is binary but the data has {n} classes; use type: classification")
+        options = dict(tc.options)
+        if tc.loss is not None:
+            options["loss"] = tc.loss
+        if tc.label_smoothing:
+            options["label_smoothing"] = tc.label_smoothing
+        try:
+            task = build_task(name, type=type_, target=target, num_classes=n, weight=tc.weight, classes=names, **options)
+        except UserError as e:
+            raise UserError(f"tasks.{name}: {e}") from None
+        task.type_name = type_
+        if tc.metrics:
+            unknown = [m for m in tc.metrics if m not in task.metric_directions]
+            if unknown:
+                raise UserError(f"tasks.{name}.metrics: unknown {', '.join(unknown)}; a {type_} task reports "
+                                f"{', '.join(k for k in task.metric_directions if k != 'loss')}")
+            task.report = list(tc.metrics)
+        tasks[name] = task
+    return tasks
+
+
+def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> TransferModel:
+    """Heads on the shared encoder (through MTAN attention with ``model.arch: mtan``)."""
+    mtan = None
+    feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
+    if cfg.model.arch == "mtan":
+        from .mtan import MTAN
+
+        if not feature_info:
+            raise UserError(f"model.arch=mtan needs an encoder with stage features; {cfg.model.encoder} has none")
+        mtan = MTAN(feature_info, list(tasks))
+        in_dim = mtan.out_dim
+    elif cfg.model.arch != "hard":
+        raise UserError(f"model.arch must be hard or mtan, got {cfg.model.arch!r}")
+    heads = {}
+    for name, task in tasks.items():
+        head_cfg = cfg.tasks[name].head or HeadCfg(name="fpn" if task.dense else "linear")
+        try:
+            head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
+                                            hidden=head_cfg.hidden, dropout=head_cfg.dropout, **head_cfg.options)
+        except UserError as e:
+            raise UserError(f"tasks.{name}.head: {e}") from None
+        if getattr(head, "dense", False) != task.dense:
+            kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
+            raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
+                            f"not {head_cfg.name!r}")
+        heads[name] = head
+    return TransferModel(encoder, heads, mtan)
+
+
+def build_monitor(cfg: Config, tasks: Dict[str, Task]) -> Callable[[Dict[str, Any]], float]:
+    """The score (higher is better) that ``train.monitor`` names, as a function of a phase's metrics."""
+    name = cfg.train.monitor
+    directions = {t: task.metric_directions for t, task in tasks.items()}
+    if cfg.train.baseline is not None:
+        load_baseline(cfg.train.baseline, directions)  # fail before training, not at the first epoch's end
+    if name == "auto":
+        if all("acc" in d for d in directions.values()):
+            return default_monitor
+        name = "delta_m" if cfg.train.baseline else "loss"
+    if name == "loss":
+        return lambda m: -m["loss"]
+    if name == "delta_m":
+        if not cfg.train.baseline:
+            raise UserError("train.monitor=delta_m needs train.baseline, a file of single-task results {task: {metric: value}}")
+        return lambda m: m["delta_m"]
+    task, _, metric = name.partition(".")
+    if task not in tasks or metric not in directions[task]:
+        known = [f"{t}.{k}" for t, d in directions.items() for k in d]
+        raise UserError(f"train.monitor {name!r} is not a task metric; use auto, loss, delta_m or one of: {', '.join(known)}")
+    sign = 1.0 if directions[task][metric] else -1.0
+    return lambda m: sign * m["tasks"][task][metric]
+
+
+def _delta_m_fn(cfg: Config, tasks: Dict[str, Task]) -> Optional[Callable[[Dict[str, Any]], float]]:
+    if cfg.train.baseline is None:
+        return None
+    directions = {t: task.metric_directions for t, task in tasks.items()}
+    base = load_baseline(cfg.train.baseline, directions)
+    return lambda m: delta_m(m["tasks"], base, directions)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -157,6 +270,9 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     if not resume:
         dump_config(cfg, run_dir / "config.yaml")
     optimizer = build_optimizer(exp.model, cfg.optim)
+    if any(True for _ in exp.weighting.parameters()):  # learnable task weights (uncertainty): no decay, base lr
+        optimizer.add_param_group({"params": list(exp.weighting.parameters()), "lr": cfg.optim.lr,
+                                   "initial_lr": cfg.optim.lr, "weight_decay": 0.0, "lr_mult": 1.0, "name": "weighting"})
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder}
@@ -164,7 +280,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
         UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim),
         MetricsFileHook(run_dir),
         TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
-                        n_images=cfg.train.log_images),
+                        n_images=cfg.train.log_images, log_every=cfg.weighting.log_every),
         CheckpointHook(run_dir, meta),
     ]
     if not quiet:
@@ -172,13 +288,14 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     trainer = Trainer(exp.model, exp.tasks, exp.loaders, optimizer, scheduler, epochs=cfg.train.epochs,
                       device=exp.device, amp=use_amp(cfg.train.amp, exp.device), grad_clip=cfg.train.grad_clip,
                       l2sp=exp.l2sp, hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
-                      generator=exp.generator)
+                      generator=exp.generator, weighting=exp.weighting, grad_on=cfg.weighting.grad_on,
+                      monitor=build_monitor(cfg, exp.tasks), delta_m=_delta_m_fn(cfg, exp.tasks))
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet:
         p = exp.info["params"]
         print(f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
-              f"{exp.info['val_size']} val images, {len(exp.info['classes'])} classes  |  params {p['total']:,} "
+              f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
               f"({p['trainable']:,} trainable)  |  device {exp.device}"
               + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else ""))
     history = trainer.fit()
@@ -187,8 +304,15 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     return summary
 
 
+def _task_text(tasks: Mapping[str, Task]) -> str:
+    if len(tasks) == 1:
+        task = next(iter(tasks.values()))
+        return f"{len(task.classes)} classes" if task.classes else task.type_name
+    return f"{len(tasks)} tasks (" + ", ".join(f"{t}: {task.type_name}" for t, task in tasks.items()) + ")"
+
+
 def _hparams(cfg: Config) -> Dict[str, Any]:
-    return {"encoder": cfg.model.encoder, "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze),
+    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name, "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze),
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "schedule": cfg.sched.name,
             "batch_size": cfg.data.batch_size, "epochs": cfg.train.epochs, "data": cfg.data.name}
 
@@ -200,9 +324,13 @@ def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, hist
     return {
         "name": cfg.name,
         "run_dir": str(run_dir),
+        "weighting": cfg.weighting.name if len(exp.tasks) > 1 else "",
+        "tasks": {t: {"type": task.type_name, "primary": task.primary, "directions": dict(task.metric_directions)}
+                  for t, task in exp.tasks.items()},
         "epochs": trainer.epoch,
         "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train")},
         "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]} if history else None,
+        "steps_per_epoch": len(exp.loaders["train"]),
         "time": {"total_s": total_s, "epoch_s": epoch_s, "mean_epoch_s": sum(epoch_s) / max(len(epoch_s), 1),
                  "mean_train_epoch_s": sum(m["time_train_s"] for m in history) / max(len(history), 1)},
         **exp.info,

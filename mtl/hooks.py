@@ -79,24 +79,45 @@ class ConsoleHook(Hook):
     """A one-line summary per epoch."""
 
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
-        line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}"
+        line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train {_phase_text(m['train'])}"
         if "val" in m:
-            line += f"  |  val loss {m['val']['loss']:.4f} acc {m['val']['acc']:.4f}"
+            line += f"  |  val {_phase_text(m['val'])}"
         line += f"  |  {m['time_s']:.1f}s  lr {m['lr'][0]:.2e}" + ("  *best*" if m["is_best"] else "")
         tqdm.write(line)
+
+
+def _phase_text(r: Mapping[str, Any]) -> str:
+    """``loss 0.41 acc 0.87`` for classifiers; with several tasks each task's first metric too."""
+    text = f"loss {r['loss']:.4f}"
+    if "acc" in r:
+        text += f" acc {r['acc']:.4f}"
+    if len(r["tasks"]) > 1 or "acc" not in r:
+        for task, values in r["tasks"].items():
+            first = next((k for k in values if k != "loss"), None)
+            if first is not None:
+                text += f" {task}.{first} {values[first]:.4f}"
+    if "delta_m" in r:
+        text += f" Δm {r['delta_m']:+.2f}%"
+    return text
 
 
 class TensorBoardHook(Hook):
     """Loss/accuracy per phase, lr per group, a grid of validation predictions, hparams at the end."""
 
     def __init__(self, run_dir: Path, *, hparams: Mapping[str, Any], classes: Mapping[str, List[str]],
-                 mean: Sequence[float], std: Sequence[float], n_images: int = 16) -> None:
+                 mean: Sequence[float], std: Sequence[float], n_images: int = 16, log_every: int = 10) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir))
         self.hparams, self.classes = dict(hparams), dict(classes)
         self.mean, self.std, self.n_images = torch.tensor(mean), torch.tensor(std), n_images
+        self.log_every = log_every
         self._images: Optional[torch.Tensor] = None
+
+    def after_step(self, trainer: Trainer, losses: Dict[str, torch.Tensor]) -> None:
+        if len(trainer.tasks) > 1 and trainer.global_step % self.log_every == 0:
+            for task, w in zip(trainer.tasks, trainer.weighting.last_weights.tolist()):
+                self.writer.add_scalar(f"weight/{task}", w, trainer.global_step)
 
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
         step = m["epoch"]
@@ -104,17 +125,25 @@ class TensorBoardHook(Hook):
             if phase not in m:
                 continue
             self.writer.add_scalar(f"loss/{phase}", m[phase]["loss"], step)
-            self.writer.add_scalar(f"acc/{phase}", m[phase]["acc"], step)
-            if len(m[phase]["tasks"]) > 1:
-                for task, tm in m[phase]["tasks"].items():
-                    self.writer.add_scalar(f"loss_{task}/{phase}", tm["loss"], step)
-                    self.writer.add_scalar(f"acc_{task}/{phase}", tm["acc"], step)
+            if "acc" in m[phase]:
+                self.writer.add_scalar(f"acc/{phase}", m[phase]["acc"], step)
+            if "delta_m" in m[phase]:
+                self.writer.add_scalar(f"delta_m/{phase}", m[phase]["delta_m"], step)
+            if len(m[phase]["tasks"]) > 1 or "acc" not in m[phase]:
+                for task, values in m[phase]["tasks"].items():
+                    for metric, value in values.items():
+                        self.writer.add_scalar(f"{task}/{metric}/{phase}", value, step)
         for i, group in enumerate(trainer.optimizer.param_groups):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         self.writer.add_scalar("time/epoch_s", m["time_s"], step)
-        if self.n_images and "val" in trainer.loaders:
+        if self.n_images and "val" in trainer.loaders and self._grid_task(trainer) is not None:
             self.writer.add_image("val/predictions", self._prediction_grid(trainer), step)
         self.writer.flush()
+
+    @staticmethod
+    def _grid_task(trainer: Trainer) -> Optional[str]:
+        """The first image-level classification task (the grid labels images with its classes)."""
+        return next((t for t, task in trainer.tasks.items() if not task.dense and hasattr(task, "label_smoothing")), None)
 
     @torch.no_grad()
     def _prediction_grid(self, trainer: Trainer) -> torch.Tensor:
@@ -131,7 +160,7 @@ class TensorBoardHook(Hook):
         with trainer.autocast():
             outputs = trainer.model(self._images.to(trainer.device))
         trainer.model.train(was_training)
-        task = next(iter(trainer.tasks.values()))
+        task = trainer.tasks[self._grid_task(trainer)]
         preds = task.predict(outputs[task.name].float()).cpu()
         images = self._images.float() * self.std[:, None, None] + self.mean[:, None, None]
         return prediction_grid(images.clamp(0, 1), preds, self._targets[task.name], self.classes.get(task.name, []))
@@ -141,8 +170,11 @@ class TensorBoardHook(Hook):
 
         final = trainer.history[-1] if trainer.history else {}
         phase = "val" if "val" in final else "train"
-        metrics = {"hparam/best_acc": trainer.best["acc"], "hparam/final_acc": final.get(phase, {}).get("acc", 0.0),
-                   "hparam/final_loss": final.get(phase, {}).get("loss", 0.0)}
+        metrics = {"hparam/best_score": trainer.best["score"], "hparam/final_loss": final.get(phase, {}).get("loss", 0.0)}
+        if "acc" in final.get(phase, {}):
+            metrics["hparam/final_acc"] = final[phase]["acc"]
+        if "delta_m" in final.get(phase, {}):
+            metrics["hparam/final_delta_m"] = final[phase]["delta_m"]
         # Written into this run's own directory (SummaryWriter.add_hparams would open a sub-run).
         for summary in hparams(_scalar_hparams(self.hparams), metrics):
             self.writer.file_writer.add_summary(summary)

@@ -1,7 +1,8 @@
-"""The model every feature trains: an encoder feeding one head per task."""
+"""The model every feature trains: a shared encoder feeding one head per task."""
 from __future__ import annotations
 
-from typing import Dict
+from itertools import chain
+from typing import Dict, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -9,16 +10,45 @@ from .freezing import freeze_norm_stats
 
 
 class TransferModel(nn.Module):
-    """``forward(x) -> {task: output}``; frozen normalisation layers keep their statistics in train()."""
+    """``forward(x) -> {task: output}``: ``decode(encode(x))``.
 
-    def __init__(self, encoder: nn.Module, heads: Dict[str, nn.Module]) -> None:
+    Pooled heads see the encoder's pooled features (``"out"``), dense heads its stage maps and the input
+    size, heads with ``takes_features`` the stage maps. With ``mtan`` (task attention over the encoder's stages) each task sees its own attended features.
+    Frozen normalisation layers keep their statistics in ``train()``.
+    """
+
+    def __init__(self, encoder: nn.Module, heads: Dict[str, nn.Module], mtan: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
+        self.mtan = mtan
+
+    def encode(self, x: Tensor) -> Dict[str, Tensor]:
+        """The shared representation: stage maps and pooled ``"out"``."""
+        return self.encoder(x)
+
+    def decode(self, features: Dict[str, Tensor], size: Tuple[int, int]) -> Dict[str, Tensor]:
+        """Task outputs from the shared features; dense outputs at ``size``."""
+        per_task = self.mtan(features) if self.mtan is not None else None
+        outputs = {}
+        for task, head in self.heads.items():
+            f = per_task[task] if per_task is not None else features
+            if getattr(head, "dense", False):
+                outputs[task] = head(f, size)
+            else:
+                outputs[task] = head(f) if getattr(head, "takes_features", False) else head(f["out"])
+        return outputs
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        pooled = self.encoder(x)["out"]  # (B, D)
-        return {task: head(pooled) for task, head in self.heads.items()}
+        return self.decode(self.encode(x), tuple(x.shape[-2:]))
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task's loss depends on (the encoder's)."""
+        return self.encoder.parameters()
+
+    def task_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters owned by single tasks: heads and, with MTAN, the attention modules."""
+        return chain(self.heads.parameters(), self.mtan.parameters() if self.mtan is not None else ())
 
     def train(self, mode: bool = True) -> "TransferModel":
         super().train(mode)

@@ -47,21 +47,27 @@ class DataCfg:
 class HeadCfg:
     """The decoder that maps encoder features to one task's output."""
 
-    name: str = "linear"  # linear | mlp
+    name: str = "linear"  # pooled: linear | mlp; dense (input-resolution maps): fpn | aspp
     hidden: int = 512  # mlp only
     dropout: float = 0.0
+    options: Dict[str, Any] = field(default_factory=dict)  # head-specific, e.g. fpn {channels: 128}, aspp {rates: [6, 12, 18]}
 
 
 @dataclass
 class TaskCfg:
-    """One task: what it predicts, from which target key, with which head and loss weight."""
+    """One task: what it predicts, from which target key, with which head, loss and weight."""
 
-    type: str = "classification"  # classification (softmax + cross-entropy) | binary (one logit + BCE)
-    target: str = "label"  # key of the data set's items that holds this task's target
-    num_classes: Optional[int] = None  # inferred from the data; when set, it must match the data
-    head: HeadCfg = field(default_factory=HeadCfg)
-    weight: float = 1.0
+    # classification | binary | multilabel | regression | segmentation | depth | normals;
+    # null: the type the data set declares for the target (classification for single-label data sets)
+    type: Optional[str] = None
+    target: Optional[str] = None  # item key of the target; null: the task's name (``label`` for single-label data)
+    num_classes: Optional[int] = None  # classes (or regression outputs); inferred from the data, checked when set
+    head: Optional[HeadCfg] = None  # null: linear for image-level tasks, fpn for dense ones
+    weight: float = 1.0  # used by weighting static (and as pre-weights by methods that take them)
+    loss: Optional[str] = None  # task types with a choice of loss, e.g. regression mse | l1 | smooth_l1
+    metrics: Optional[List[str]] = None  # report only these metrics (all of the type's by default)
     label_smoothing: float = 0.0
+    options: Dict[str, Any] = field(default_factory=dict)  # type-specific, e.g. classification {topk: 5}
 
 
 @dataclass
@@ -70,6 +76,7 @@ class ModelCfg:
 
     encoder: str = "resnet18"  # any torchvision classification model, or small_cnn
     encoder_options: Dict[str, Any] = field(default_factory=dict)
+    arch: str = "hard"  # how tasks share the encoder: hard (one shared encoder) | mtan (task attention per stage)
     weights: Optional[str] = None  # null | DEFAULT | IMAGENET1K_V1 | path/to/file.pth | run:runs/<name>/<time>
     freeze: FreezeSpec = "none"  # none | all | {until: layer3} | {from: layer3} | {freeze: [...]} | {train: [...]}
 
@@ -105,6 +112,25 @@ class SchedCfg:
 
 
 @dataclass
+class WeightingCfg:
+    """How the task losses (or their gradients) are combined into one update."""
+
+    # loss level: equal | static | uncertainty | dwa | gradnorm | rlw | geometric_mean | famo
+    # gradient level: mgda | pcgrad | gradvac | cagrad | imtl_g | nash_mtl | aligned_mtl | upgrad
+    name: str = "equal"
+    options: Dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. cagrad {c: 0.4}
+    grad_on: str = "params"  # gradient methods: params (shared encoder weights) | representation (encoder output)
+    log_every: int = 10  # steps between task-weight points in TensorBoard
+
+    def check(self) -> str:
+        if self.grad_on not in ("params", "representation"):
+            return f"weighting.grad_on must be params or representation, got {self.grad_on!r}"
+        if self.log_every < 1:
+            return f"weighting.log_every must be >= 1, got {self.log_every}"
+        return ""
+
+
+@dataclass
 class UnfreezeCfg:
     """At the start of ``epoch`` (0-based), unfreeze encoder modules matching ``modules``."""
 
@@ -126,6 +152,10 @@ class TrainCfg:
     grad_clip: Optional[float] = None
     log_images: int = 16  # validation images in TensorBoard's prediction grid; 0 turns it off
     progress: bool = True
+    # the validation score that picks "best": auto (mean accuracy when every task has one, else delta_m with a
+    # baseline, else -loss) | loss | delta_m | <task>.<metric>, e.g. seg.miou or depth.abs_err
+    monitor: str = "auto"
+    baseline: Optional[str] = None  # single-task baseline file ({task: {metric: value}}) for delta_m, relative to cwd
 
     def check(self) -> str:
         if self.epochs < 1:
@@ -143,13 +173,18 @@ class Config:
     out_dir: str = "runs"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
-    tasks: Dict[str, TaskCfg] = field(default_factory=lambda: {"label": TaskCfg()})
+    # a task set to null is dropped, e.g. one task of an inherited config: `mtl train c.yaml tasks.depth=null`
+    tasks: Dict[str, Optional[TaskCfg]] = field(default_factory=lambda: {"label": TaskCfg()})
+    weighting: WeightingCfg = field(default_factory=WeightingCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     sched: SchedCfg = field(default_factory=SchedCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     stages: List[Dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.tasks = {name: task for name, task in self.tasks.items() if task is not None}
+
     def check(self) -> str:
         if not self.tasks:
-            return "tasks must name at least one task"
+            return "tasks must name at least one task (all are null)"
         return ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import rng_state, set_rng_state
 from .freezing import L2SP
+from .errors import UserError
 from .tasks import Task
+from .weighting.base import Weighting
 
 
 class Hook:
@@ -28,46 +30,67 @@ class Hook:
 
 
 class _Meter:
-    """Running sums per task on the device; one host sync per read."""
+    """Running sums per task on the device (loss, metric state); one host sync per read."""
 
     def __init__(self, tasks: Mapping[str, Task], device: torch.device) -> None:
-        self.sums = {t: torch.zeros(3, device=device, dtype=torch.float64) for t in tasks}  # loss*n, correct, n
+        self.tasks = tasks
+        self.loss = torch.zeros(len(tasks), device=device, dtype=torch.float64)
+        self.n = 0
+        self.states = {t: task.init_state(device) for t, task in tasks.items()}
 
-    def update(self, task: str, loss: Tensor, correct: Tensor, n: int) -> None:
-        self.sums[task] += torch.stack([loss.detach().double() * n, correct.double(), torch.tensor(n, device=loss.device, dtype=torch.float64)])
+    def update(self, losses: Tensor, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], n: int) -> None:
+        self.loss += losses.detach().double() * n
+        self.n += n
+        for t, task in self.tasks.items():
+            self.states[t] = task.update(self.states[t], outputs[t].detach(), targets[t])
 
-    def result(self, weights: Mapping[str, float]) -> Dict[str, Any]:
+    def mean_losses(self) -> Tensor:
+        return (self.loss / max(self.n, 1)).float()
+
+    def result(self) -> Dict[str, Any]:
+        """``loss`` (sum of static-weighted task losses), ``acc`` (mean, when every task has one), ``tasks``."""
+        losses = (self.loss / max(self.n, 1)).tolist()
         per = {}
-        for t, s in self.sums.items():
-            loss_sum, correct, n = s.tolist()
-            per[t] = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
-        return {
-            "loss": sum(weights[t] * m["loss"] for t, m in per.items()),
-            "acc": sum(m["acc"] for m in per.values()) / len(per),
-            "tasks": per,
-        }
+        for (t, task), loss in zip(self.tasks.items(), losses):
+            values = task.compute(self.states[t])
+            report = getattr(task, "report", None)
+            per[t] = {"loss": loss, **{k: v for k, v in values.items() if not report or k in report}}
+        out: Dict[str, Any] = {"loss": sum(self.tasks[t].weight * m["loss"] for t, m in per.items())}
+        if all("acc" in m for m in per.values()):
+            out["acc"] = sum(m["acc"] for m in per.values()) / len(per)
+        out["tasks"] = per
+        return out
 
 
 class Trainer:
     """Trains ``model`` on ``loaders["train"]``, validates on ``loaders["val"]`` each epoch.
 
-    Metrics per phase: ``loss`` (weighted sum over tasks), ``acc`` (mean over tasks) and per-task
-    values under ``tasks``. The epoch with the best validation accuracy is "best".
+    Metrics per phase: ``loss`` (static-weighted sum over tasks), ``acc`` (mean over tasks, when all have
+    one) and per-task values under ``tasks``. ``score`` (see ``monitor``; higher is better) picks "best".
+    The task losses are combined by ``weighting`` (loss level) or, for gradient-level methods, their
+    gradients w.r.t. the shared parameters (``grad_on="params"``) or the shared representation
+    (``grad_on="representation"``: per-task gradients through the heads only, one backward through the encoder).
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, Task], loaders: Mapping[str, DataLoader],
                  optimizer: torch.optim.Optimizer, scheduler: Any, *, epochs: int, device: torch.device,
                  amp: bool = False, grad_clip: Optional[float] = None, l2sp: Optional[L2SP] = None,
                  hooks: Sequence[Hook] = (), progress: bool = True, seed: int = 0,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, weighting: Optional[Weighting] = None,
+                 grad_on: str = "params", monitor: Optional[Callable[[Dict[str, Any]], float]] = None,
+                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None) -> None:
         self.model, self.tasks, self.loaders = model, dict(tasks), dict(loaders)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.epochs, self.device, self.amp = epochs, device, amp
         self.grad_clip, self.l2sp, self.hooks = grad_clip, l2sp, list(hooks)
         self.progress, self.seed, self.generator = progress, seed, generator
+        self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(device)
+        self.grad_on = grad_on
+        self.monitor = monitor or default_monitor
+        self.delta_m = delta_m  # phase metrics -> delta_m % against single-task baselines
         self.epoch = 0  # completed epochs
         self.global_step = 0
-        self.best: Dict[str, Any] = {"acc": -math.inf, "epoch": None}
+        self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
         self.history: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ loop
@@ -83,10 +106,12 @@ class Trainer:
                 metrics["val"] = self.run_phase("val")
             metrics["time_s"] = time.perf_counter() - start
             metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
-            score = metrics.get("val", metrics["train"])["acc"]
-            metrics["is_best"] = score > self.best["acc"]
+            if len(self.tasks) > 1:
+                metrics["weights"] = dict(zip(self.tasks, self.weighting.last_weights.tolist()))
+            metrics["score"] = self.monitor(metrics.get("val", metrics["train"]))
+            metrics["is_best"] = metrics["score"] > self.best["score"]
             if metrics["is_best"]:
-                self.best = {"acc": score, "epoch": self.epoch + 1}
+                self.best = {"score": metrics["score"], "epoch": self.epoch + 1}
             self.epoch += 1
             self.history.append(metrics)
             self._call("after_epoch", metrics)
@@ -109,40 +134,94 @@ class Trainer:
                 if train:
                     self._call("after_step", losses)
                 if self.progress and (i % 10 == 0 or i == len(loader) - 1):
-                    r = meter.result(self._weights())
-                    bar.set_postfix(loss=f"{r['loss']:.4f}", acc=f"{r['acc']:.3f}")
+                    bar.set_postfix(_postfix(meter.result()))
         bar.close()
-        return meter.result(self._weights())
+        if train:
+            self.weighting.end_epoch(meter.mean_losses())
+        result = meter.result()
+        if self.delta_m is not None:
+            result["delta_m"] = self.delta_m(result)
+        return result
 
     def step(self, batch: Mapping[str, Any], meter: _Meter, train: bool) -> Dict[str, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
         targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
+        representation = train and self.weighting.gradient_level and self.grad_on == "representation"
         with self.autocast():
-            outputs = self.model(x)
-        losses = {t: task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()}
+            if representation:
+                features = self.model.encode(x)
+                rep = {k: v.detach().requires_grad_() for k, v in features.items()}
+                outputs = self.model.decode(rep, tuple(x.shape[-2:]))
+            else:
+                outputs = self.model(x)
+        losses = torch.stack([task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()])
         if train:
-            total = sum(self.tasks[t].weight * loss for t, loss in losses.items())
-            if self.l2sp is not None:
-                total = total + self.l2sp.penalty()
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if not self.weighting.gradient_level:
+                total = self.weighting(losses, self._shared())
+                if self.l2sp is not None:
+                    total = total + self.l2sp.penalty()
+                total.backward()
+            elif representation:
+                self._representation_backward(losses, features, rep)
+            else:
+                self._parameter_backward(losses)
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             self.global_step += 1
-        for t, task in self.tasks.items():
-            meter.update(t, losses[t], task.correct(outputs[t].detach(), targets[t]), x.shape[0])
-        return losses
+        meter.update(losses, outputs, targets, x.shape[0])
+        return dict(zip(self.tasks, losses.detach()))
+
+    # ------------------------------------------------------------------ gradient-level weighting
+    def _shared(self) -> List[nn.Parameter]:
+        return [p for p in self.model.shared_parameters() if p.requires_grad]
+
+    def _task_backward(self, losses: Tensor, weights: Tensor) -> None:
+        """Heads (and other task-owned parameters) get the gradient of ``sum(w * losses)``."""
+        params = [p for p in self.model.task_parameters() if p.requires_grad]
+        if params:
+            torch.autograd.backward((weights.detach() * losses).sum(), inputs=params, retain_graph=True)
+
+    def _parameter_backward(self, losses: Tensor) -> None:
+        shared = self._shared()
+        if not shared:
+            raise UserError("gradient-level weighting needs trainable shared (encoder) parameters, but the encoder "
+                            "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder")
+        grads = _task_gradients(losses, shared)
+        d, w = self.weighting(grads, losses.detach())
+        self._task_backward(losses, w)
+        offset = 0
+        for p in shared:
+            n = p.numel()
+            p.grad = d[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        if self.l2sp is not None:
+            self.l2sp.penalty().backward()
+
+    def _representation_backward(self, losses: Tensor, features: Dict[str, Tensor], rep: Dict[str, Tensor]) -> None:
+        keys = [k for k, v in features.items() if v.requires_grad]
+        if not keys:
+            raise UserError("weighting.grad_on=representation needs a trainable encoder, but it is frozen; "
+                            "use a loss-level weighting or unfreeze the encoder")
+        grads = _task_gradients(losses, [rep[k] for k in keys])
+        d, w = self.weighting(grads, losses.detach())
+        self._task_backward(losses, w)
+        chunks, offset = [], 0
+        for k in keys:
+            n = rep[k].numel()
+            chunks.append(d[offset:offset + n].view_as(rep[k]).to(features[k].dtype))
+            offset += n
+        extra = self.l2sp.penalty() if self.l2sp is not None else None
+        torch.autograd.backward([features[k] for k in keys] + ([extra] if extra is not None else []),
+                                chunks + ([torch.ones_like(extra)] if extra is not None else []))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def _weights(self) -> Dict[str, float]:
-        return {t: task.weight for t, task in self.tasks.items()}
 
     def _call(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -154,6 +233,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "weighting": self.weighting.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best": self.best,
@@ -164,6 +244,8 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where ``state`` was saved (hooks re-apply e.g. unfreezing first)."""
         self.model.load_state_dict(state["model"])
+        if "weighting" in state:
+            self.weighting.load_state_dict(state["weighting"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = dict(state["best"]), list(state["history"])
         self._call("on_resume")
@@ -171,3 +253,33 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+
+
+def _task_gradients(losses: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """(T, D) float32: row t is the flattened gradient of ``losses[t]`` w.r.t. ``inputs`` (zeros where unused)."""
+    rows = []
+    for t in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).float()
+                               for g, x in zip(grads, inputs)]))
+    return torch.stack(rows)
+
+
+def _default_weighting(tasks: Mapping[str, Task]) -> Weighting:
+    from .weighting import build_weighting
+
+    return build_weighting("static", list(tasks), [t.weight for t in tasks.values()])
+
+
+def default_monitor(phase_metrics: Mapping[str, Any]) -> float:
+    """Mean accuracy when every task has one, else the negated loss."""
+    if "acc" in phase_metrics:
+        return phase_metrics["acc"]
+    return -phase_metrics["loss"]
+
+
+def _postfix(result: Mapping[str, Any]) -> Dict[str, str]:
+    out = {"loss": f"{result['loss']:.4f}"}
+    if "acc" in result:
+        out["acc"] = f"{result['acc']:.3f}"
+    return out

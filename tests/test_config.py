@@ -84,7 +84,10 @@ def test_head_shorthand_and_task_defaults(tmp_path):
     path = write(tmp_path / "c.yaml", "tasks: {label: {head: mlp, type: binary}}\n")
     cfg = build_config(*load_config(path))
     assert cfg.tasks["label"].head.name == "mlp" and cfg.tasks["label"].head.hidden == 512
-    assert cfg.tasks["label"].type == "binary" and cfg.tasks["label"].target == "label"
+    assert cfg.tasks["label"].type == "binary"
+    # target and head default to None here; the experiment infers them from the data set
+    assert cfg.tasks["label"].target is None
+    assert build_config(*load_config(write(tmp_path / "d.yaml", "tasks: {label: {}}\n"))).tasks["label"].head is None
 
 
 @pytest.mark.parametrize("item", ["optim.lr", "=3", "a..b=1", "x=[1,"])

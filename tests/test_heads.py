@@ -192,3 +192,27 @@ def test_mtan_with_heads_trains_a_step(small_cnn):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_grid_head_keeps_position():
+    """Two images with the same content in different columns pool to the same vector under global pooling,
+    but to different inputs of the grid head's linear layer."""
+    grid = HEADS.get("grid")(in_dim=4, out_dim=3, feature_info=[{"name": "s", "channels": 4, "reduction": 1}],
+                             bins=[1, 4])
+    assert grid.takes_features and not grid.dense
+    a, b = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+    a[..., :2], b[..., -2:] = 1.0, 1.0  # the same blob, left vs right
+    assert torch.equal(a.mean((2, 3)), b.mean((2, 3)))
+    assert not torch.allclose(grid({"s": a}), grid({"s": b}))
+    assert grid({"s": torch.randn(2, 4, 3, 13)}).shape == (2, 3)
+
+
+def test_grid_head_defaults_to_the_deepest_stage_and_checks_options(small_cnn):
+    encoder = small_cnn
+    grid = head("grid", encoder, bins=3)
+    assert grid.stage_name == encoder.feature_info[-1]["name"] and grid.pool.output_size == (3, 3)
+    assert head("grid", encoder, stage="stage2").stage_name == "stage2"
+    for bad, message in [({"bins": [1]}, "bins must be"), ({"bins": 0}, "positive integer"), ({"rows": 2}, "unknown option"),
+                         ({"stage": "stage9"}, "unknown stage")]:
+        with pytest.raises(UserError, match=message):
+            head("grid", encoder, **bad)

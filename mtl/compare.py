@@ -1,0 +1,138 @@
+"""Delta-m against single-task baselines, and the ``mtl compare`` table of runs.
+
+Delta-m (Maninis et al. 2019; the flat mean over metrics used by nash-mtl and LibMTL)::
+
+    delta_m = 100 / K * sum_k (-1)^{l_k} (M_k - B_k) / B_k
+
+over the K (task, metric) pairs of the baseline file, with M the run's value, B the baseline's and
+l_k = 1 when lower is better for metric k (errors, losses). Positive means better than the baselines.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .errors import UserError
+
+Metrics = Mapping[str, Mapping[str, float]]  # {task: {metric: value}}
+
+
+def delta_m(metrics: Metrics, baseline: Metrics, directions: Mapping[str, Mapping[str, bool]]) -> float:
+    """Mean relative improvement (in %) of ``metrics`` over ``baseline``; ``directions``: higher is better?"""
+    terms = []
+    for task, values in baseline.items():
+        for metric, base in values.items():
+            sign = 1.0 if directions[task][metric] else -1.0
+            terms.append(sign * (metrics[task][metric] - base) / base)
+    return 100.0 * sum(terms) / len(terms)
+
+
+def load_baseline(path: str | Path, directions: Mapping[str, Mapping[str, bool]] | None = None) -> Dict[str, Dict[str, float]]:
+    """A YAML/JSON file ``{task: {metric: value}}``, checked against the tasks' metrics when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"baseline file {path} does not exist; write one with `mtl compare RUN ... --write-baseline {path}`")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"baseline file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"baseline file {path} must map tasks to {{metric: value}}, e.g. `seg: {{miou: 0.52}}`")
+    out: Dict[str, Dict[str, float]] = {}
+    for task, values in data.items():
+        if not isinstance(values, dict) or not values:
+            raise UserError(f"baseline file {path}: {task} must map metrics to numbers, e.g. `{task}: {{acc: 0.9}}`")
+        for metric, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
+                raise UserError(f"baseline file {path}: {task}.{metric} must be a non-zero number, got {value!r}")
+            if directions is not None:
+                if task not in directions:
+                    raise UserError(f"baseline file {path} names task {task!r}, which the run lacks; tasks: {', '.join(directions)}")
+                if metric not in directions[task]:
+                    raise UserError(f"baseline file {path}: task {task} has no metric {metric!r}; "
+                                    f"known: {', '.join(directions[task])}")
+        out[str(task)] = {str(m): float(v) for m, v in values.items()}
+    return out
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def find_runs(paths: Sequence[str]) -> List[Tuple[str, Dict[str, Any]]]:
+    """``(label, summary)`` per run: a run directory, a staged run (one row per stage), or a folder of runs."""
+    rows: List[Tuple[str, Dict[str, Any]]] = []
+    for p in map(Path, paths):
+        summaries = [p / "summary.json"] if (p / "summary.json").is_file() else sorted(p.glob("*/summary.json"))
+        if not summaries:
+            raise UserError(f"{p} holds no run (no summary.json in it or its subfolders); is the run finished?")
+        for s in summaries:
+            try:
+                summary = json.loads(s.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"cannot read {s}: {e}") from None
+            label = str(s.parent)
+            if "stages" in summary:
+                rows += [(f"{label}/{st['name']}", st) for st in summary["stages"]]
+            else:
+                rows.append((label, summary))
+    return rows
+
+
+def run_metrics(summary: Mapping[str, Any], which: str = "final") -> Dict[str, Dict[str, float]]:
+    """Per-task validation metrics of a run's ``final`` or ``best`` epoch."""
+    phase = (summary.get(which) or {}).get("val") or {}
+    return {t: dict(m) for t, m in (phase.get("tasks") or {}).items()}
+
+
+def run_directions(summary: Mapping[str, Any]) -> Dict[str, Dict[str, bool]]:
+    return {t: dict(info.get("directions", {})) for t, info in (summary.get("tasks") or {}).items()}
+
+
+def compare_table(paths: Sequence[str], baseline: Optional[str] = None, which: str = "final",
+                  metrics: Optional[Sequence[str]] = None) -> str:
+    """A Markdown table: one row per run, one column per task metric, and delta_m with a baseline."""
+    rows = find_runs(paths)
+    columns: List[Tuple[str, str]] = []
+    for _, summary in rows:
+        for task, values in run_metrics(summary, which).items():
+            for metric in values:
+                if metric != "loss" and (not metrics or metric in metrics) and (task, metric) not in columns:
+                    columns.append((task, metric))
+    base = load_baseline(baseline) if baseline else None
+    header = ["run", "weighting"] + [f"{t}.{m}" for t, m in columns] + (["Δm %"] if base else [])
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for label, summary in rows:
+        values = run_metrics(summary, which)
+        cells = [label, str(summary.get("weighting", ""))]
+        cells += [f"{values[t][m]:.4f}" if m in values.get(t, {}) else "" for t, m in columns]
+        if base:
+            cells.append(_delta_cell(values, base, run_directions(summary)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _delta_cell(values: Metrics, base: Metrics, directions: Mapping[str, Mapping[str, bool]]) -> str:
+    if any(t not in values or any(m not in values[t] for m in ms) for t, ms in base.items()):
+        return "n/a"  # the run lacks some baseline task or metric (e.g. a single-task run)
+    return f"{delta_m(values, base, directions):+.2f}"
+
+
+def write_baseline(paths: Sequence[str], out: str | Path, which: str = "final") -> Dict[str, Dict[str, float]]:
+    """Merge the per-task metrics of (single-task) runs into a baseline file; a task in two runs is an error."""
+    baseline: Dict[str, Dict[str, float]] = {}
+    source: Dict[str, str] = {}
+    for label, summary in find_runs(paths):
+        for task, values in run_metrics(summary, which).items():
+            if task in baseline:
+                raise UserError(f"task {task!r} is in both {source[task]} and {label}; give one run per task")
+            # a zero baseline cannot be improved on relatively (e.g. no pixel within 11.25 degrees yet): left out
+            baseline[task] = {m: v for m, v in values.items() if m != "loss" and v != 0}
+            source[task] = label
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# single-task baselines for delta_m: {task: {metric: value}}\n"
+                   + yaml.safe_dump(baseline, sort_keys=False))
+    return baseline
