@@ -1,7 +1,7 @@
 """Class-balanced, seeded subsets of labelled data sets (few-shot / low-data experiments)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -49,3 +49,41 @@ def subset_per_class(dataset: Dataset, labels_per_class: int, seed: int) -> Labe
         )
     indices = torch.cat(picked).sort().values
     return LabelledSubset(dataset, indices.tolist(), labels[indices], classes)
+
+
+class ClassSubset(Dataset):
+    """The items of some classes only, relabelled ``0..n-1`` in the order given (e.g. Split Fashion-MNIST's
+    tasks). ``classes`` entries are class indices or names of the parent data set."""
+
+    def __init__(self, dataset: Dataset, classes: Sequence[Union[int, str]]) -> None:
+        if isinstance(getattr(dataset, "targets", None), dict):
+            raise UserError("data.classes picks classes of single-label data sets; this one has several targets")
+        names = list(getattr(dataset, "classes", None) or [])
+        labels = dataset_labels(dataset)
+        n = len(names) or int(labels.max()) + 1
+        chosen = []
+        for c in classes:
+            if isinstance(c, str):
+                if c not in names:
+                    raise UserError(f"data.classes: no class {c!r}; the data set has {', '.join(names[:20]) or 'no class names'}")
+                c = names.index(c)
+            if not 0 <= c < n:
+                raise UserError(f"data.classes: class index {c} is out of range; the data set has {n} classes (0..{n - 1})")
+            chosen.append(c)
+        if len(set(chosen)) != len(chosen) or not chosen:
+            raise UserError(f"data.classes must list distinct classes, got {list(classes)}")
+        mapping = torch.full((n,), -1, dtype=torch.long)
+        mapping[torch.tensor(chosen)] = torch.arange(len(chosen))
+        keep = mapping[labels] >= 0
+        self.dataset, self.indices = dataset, keep.nonzero().flatten().tolist()
+        self.labels = mapping[labels[keep]]
+        self.classes = [names[c] if names else str(c) for c in chosen]
+        self.skipped = getattr(dataset, "skipped", [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[self.indices[index]])
+        item["label"] = self.labels[index]
+        return item
