@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from .checkpoint import load_checkpoint, save_json
 from .compare import delta_m, load_baseline
 from .config import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
-from .data import DATASETS, build_transforms, subset_per_class
+from .data import DATASETS, ClassSubset, build_transforms, subset_per_class
 from .encoders import build_encoder
 from .errors import UserError
 from .freezing import L2SP, apply_freeze
@@ -73,11 +73,13 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
         if key not in known:
             raise UserError(f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}")
     if "augment" in params:
-        return builder(split=split, root=cfg.root, augment=train and cfg.augment != "none", mean=cfg.mean,
-                       std=cfg.std, **cfg.options)
-    transform = build_transforms(train=train, image_size=cfg.image_size, resize_size=cfg.resize_size,
-                                 mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
-    return builder(split=split, root=cfg.root, transform=transform, **cfg.options)
+        dataset = builder(split=split, root=cfg.root, augment=train and cfg.augment != "none", mean=cfg.mean,
+                          std=cfg.std, **cfg.options)
+    else:
+        transform = build_transforms(train=train, image_size=cfg.image_size, resize_size=cfg.resize_size,
+                                     mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
+        dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
+    return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
 
 
 def _collate(tasks: Dict[str, Task]):
@@ -103,10 +105,9 @@ class Experiment:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def build_experiment(cfg: Config) -> Experiment:
-    """Data sets, tasks (class counts checked against the data), model with weights and freezing, loaders."""
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = select_device(cfg.train.device)
+def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, DataLoader],
+                                                            torch.Generator, Dict[str, Any]]:
+    """Tasks (class counts checked against the data), data sets, loaders, the shuffling generator, data info."""
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = list(getattr(train_ds, "classes", []))
@@ -114,6 +115,21 @@ def build_experiment(cfg: Config) -> Experiment:
     tasks = build_tasks(cfg, train_ds, classes)
     if cfg.data.labels_per_class:
         train_ds = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
+    generator = torch.Generator()
+    common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
+    loaders = {
+        "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
+        "val": DataLoader(val_ds, batch_size=cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False, **common),
+    }
+    info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds)}
+    return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    """Data sets, tasks (class counts checked against the data), model with weights and freezing, loaders."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    device = select_device(cfg.train.device)
+    tasks, datasets, loaders, generator, info = build_data(cfg, device)
 
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
@@ -127,19 +143,14 @@ def build_experiment(cfg: Config) -> Experiment:
     if weighting.gradient_level and frozen and not cfg.train.unfreeze:
         raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
                         f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)")
+    info["params"] = parameter_counts(model)
+    return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info)
 
-    generator = torch.Generator()
-    common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
-    loaders = {
-        "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
-        "val": DataLoader(val_ds, batch_size=cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False, **common),
-    }
+
+def parameter_counts(model: nn.Module) -> Dict[str, int]:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds),
-            "params": {"total": n_params, "trainable": n_train, "frozen": n_params - n_train}}
-    return Experiment(cfg, model, tasks, {"train": train_ds, "val": val_ds}, loaders, device, generator, weighting,
-                      l2sp, info)
+    return {"total": n_params, "trainable": n_train, "frozen": n_params - n_train}
 
 
 def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str, Task]:
@@ -401,6 +412,12 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
 
     raw, sources = load_config(path, overrides)
     top = build_config(raw, sources)
+    if top.continual.methods:
+        if len(top.stages) < 2:
+            raise UserError("continual.methods needs a task sequence: two or more stages, one task each")
+        from .continual import run_continual
+
+        return [run_continual(top, stage_configs(raw, sources))]
     if top.stages:
         return run_stages(top, stage_configs(raw, sources))
     return [run(top)]

@@ -27,6 +27,7 @@ class DataCfg:
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     labels_per_class: Optional[int] = None  # few-label training: a class-balanced subset of the train split
+    classes: Optional[List[Union[int, str]]] = None  # only these classes (indices or names), relabelled 0..n-1
     batch_size: int = 32
     val_batch_size: Optional[int] = None
     num_workers: int = 2
@@ -165,6 +166,29 @@ class TrainCfg:
         return ""
 
 
+CONTINUAL_METHODS = ("progressive", "independent", "finetune", "head_only")
+
+
+@dataclass
+class ContinualCfg:
+    """Runs ``stages`` as a task sequence, one task per stage, with each method (a learner) in turn."""
+
+    # progressive (a new column per task, laterals from the frozen earlier ones) | independent (a fresh column per
+    # task, no laterals) | finetune (one encoder trained through the sequence, a head per task) | head_only (the
+    # encoder trained on the first task only, then frozen; a new head per task). Empty: stages run one by one.
+    methods: List[str] = field(default_factory=list)
+    alpha: float = 0.1  # initial value of the learned scale on each lateral connection
+    adapter_channels: Optional[int] = None  # 1x1 reduction width of the conv laterals; null: the new column's width
+
+    def check(self) -> str:
+        unknown = [m for m in self.methods if m not in CONTINUAL_METHODS]
+        if unknown:
+            return f"continual.methods: unknown {', '.join(unknown)}; choose from {', '.join(CONTINUAL_METHODS)}"
+        if len(set(self.methods)) != len(self.methods):
+            return "continual.methods lists a method twice"
+        return ""
+
+
 @dataclass
 class Config:
     """A whole experiment. ``stages`` (optional) runs several configs in sequence, each a patch of this one."""
@@ -180,6 +204,7 @@ class Config:
     sched: SchedCfg = field(default_factory=SchedCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     stages: List[Dict[str, Any]] = field(default_factory=list)
+    continual: ContinualCfg = field(default_factory=ContinualCfg)
 
     def __post_init__(self) -> None:
         self.tasks = {name: task for name, task in self.tasks.items() if task is not None}

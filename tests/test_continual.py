@@ -1,0 +1,163 @@
+"""Continual learning: metrics on hand-made accuracy matrices, class subsets, and the task-sequence runner
+on tiny rendered characters with every method."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mtl.cli import main
+from mtl.config import build_config, load_config
+from mtl.continual import continual_metrics, results_table
+from mtl.data import ClassSubset
+from mtl.data.tensor_dataset import TensorImageDataset
+from mtl.errors import UserError
+from mtl.experiment import stage_configs, train_from_file
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_metrics_from_a_hand_made_matrix():
+    R = [[0.9], [0.7, 0.8], [0.6, 0.7, 0.9]]
+    m = continual_metrics(R, single=[0.9, 0.5, 1.0])
+    assert m["acc"] == pytest.approx((0.6 + 0.7 + 0.9) / 3)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)
+    assert m["transfer"] == pytest.approx([0.0, 60.0, -10.0])
+    assert m["fwt"] == pytest.approx(25.0)
+    assert "fwt" not in continual_metrics(R)
+    table = results_table(["a", "b", "c"], {"x": {**m, "R": R, "params_per_task": [10, 2000, 3000]}}).splitlines()
+    assert table[0] == "| method | a acc | b acc | c acc | ACC | BWT | FWT % | params per task |"
+    assert table[2] == "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | +25.00 | 10 / 2,000 / 3,000 |"
+
+
+def tensor_dataset(labels, classes=("a", "b", "c", "d")):
+    images = torch.arange(len(labels), dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 2, 2).contiguous()
+    return TensorImageDataset(images, torch.tensor(labels), list(classes), transform=None)
+
+
+def test_class_subset_keeps_and_relabels_the_chosen_classes():
+    ds = tensor_dataset([0, 1, 2, 3, 2, 1, 3])
+    sub = ClassSubset(ds, ["d", 1])
+    assert sub.classes == ["d", "b"] and len(sub) == 4
+    assert [int(sub[i]["label"]) for i in range(4)] == [1, 0, 1, 0]  # items 1, 3, 5, 6 of the parent
+    assert sub.labels.tolist() == [1, 0, 1, 0]
+    assert torch.equal(sub[1]["image"], ds[3]["image"])
+    for bad, message in [(["z"], "no class 'z'"), ([4], "out of range"), ([1, 1], "distinct"), ([], "distinct")]:
+        with pytest.raises(UserError, match=message):
+            ClassSubset(ds, bad)
+
+
+def tiny(tmp_path, *overrides):
+    return [f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'chars'}",
+            "data.options={per_class: 6, val_per_class: 6, size: 16, seed: 0}", "data.image_size=16",
+            "data.resize_size=16", "data.batch_size=8", "model.encoder_options.widths=[8,8,16,16]",
+            "train.epochs=2", "train.progress=false", *overrides]
+
+
+def test_progressive_config_runs_every_method(tmp_path, capsys):
+    pytest.importorskip("captcha")
+    (summary,) = train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path))
+    names = ["letters_a_j", "letters_k_t", "digits"]
+    assert summary["tasks"] == names
+    methods = summary["methods"]
+    assert list(methods) == ["progressive", "independent", "finetune", "head_only"]
+    for m, r in methods.items():
+        assert [len(row) for row in r["R"]] == [1, 2, 3], m
+        assert all(0 <= a <= 1 for row in r["R"] for a in row)
+        assert r["acc"] == pytest.approx(sum(r["R"][-1]) / 3)
+    # progressive and independent columns never change once trained: no forgetting, exactly
+    assert methods["progressive"]["bwt"] == 0.0 and methods["independent"]["bwt"] == 0.0
+    assert methods["independent"]["fwt"] == 0.0 and methods["independent"]["transfer"] == [0.0, 0.0, 0.0]
+    # the first column sees no laterals: it is the independent column, same seed, same result
+    assert methods["progressive"]["R"][0][0] == methods["independent"]["R"][0][0]
+    p = methods["progressive"]["params_per_task"]
+    assert p[0] == methods["independent"]["params_per_task"][0] and p[1] > p[0] and p[2] > p[1]  # laterals grow
+    assert methods["head_only"]["params_per_task"][1] < p[0]  # a head only
+    root = Path(summary["run_dir"])
+    saved = json.loads((root / "summary.json").read_text())
+    assert saved["methods"]["progressive"]["R"] == methods["progressive"]["R"]
+    assert (root / "results.md").read_text().startswith("| method | letters_a_j acc")
+    for m in methods:
+        for name in names:
+            assert (root / m / name / "checkpoints" / "best.pt").is_file()
+    out = capsys.readouterr().out
+    assert "| progressive |" in out and "R for finetune" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ["R/progressive/letters_a_j", "average_acc/finetune", "continual/bwt/finetune", "continual/fwt/progressive"]:
+        assert tag in tags, tag
+    assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
+
+
+def test_split_fashion_mnist_config_makes_five_two_class_tasks(tmp_path):
+    raw, sources = load_config(CONFIGS / "progressive_split_fmnist.yaml")
+    configs = stage_configs(raw, sources)
+    assert [c.data.classes for c in configs] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert build_config(raw, sources).continual.methods == ["progressive", "independent", "finetune", "head_only"]
+
+
+def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
+    from test_data_multitask import write_idx
+
+    root, rng = tmp_path / "fm", np.random.default_rng(0)
+    root.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    (summary,) = train_from_file(str(CONFIGS / "progressive_split_fmnist.yaml"), [
+        f"out_dir={tmp_path / 'runs'}", f"data.root={root}", "train.epochs=1", "train.progress=false",
+        "continual.methods=[progressive,finetune]", "model.encoder_options.widths=[8,8,8]"])
+    assert len(summary["methods"]["progressive"]["R"]) == 5 and summary["methods"]["progressive"]["bwt"] == 0.0
+    assert "fwt" not in summary["methods"]["progressive"]  # no independent reference
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["continual.methods=[progressive, ewc]"], "unknown ewc"),
+    (["stages=[{name: a}]"], "two or more stages"),
+    (["stages=[{name: a}, {name: b, tasks: {label: {}, other: {}}}]"], "one task"),
+    (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
+    (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
+    (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
+])
+def test_bad_continual_configs(tmp_path, overrides, message):
+    pytest.importorskip("captcha")
+    with pytest.raises(UserError, match=message):
+        train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, *overrides))
+
+
+def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
+    code = main(["train", str(CONFIGS / "progressive.yaml"), *tiny(tmp_path, "continual.methods=[lwf]")])
+    assert code == 2
+    assert "unknown lwf" in capsys.readouterr().err
+
+
+def test_new_columns_start_from_pretrained_weights(tmp_path):
+    """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
+    pytest.importorskip("captcha")
+    from mtl.continual import ColumnLearner, prepare_sequence
+    from mtl.encoders import build_encoder
+
+    torch.manual_seed(5)
+    saved = build_encoder("small_cnn", widths=[8, 8, 16, 16]).state_dict()
+    torch.save(saved, tmp_path / "enc.pt")
+    raw, sources = load_config(CONFIGS / "progressive.yaml")
+    for override in tiny(tmp_path, f"model.weights={tmp_path / 'enc.pt'}"):
+        key, value = override.split("=", 1)
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    sequence = prepare_sequence(stage_configs(raw, sources)[:2], torch.device("cpu"))
+    learner = ColumnLearner(lateral=True, alpha=0.1, adapter_channels=None, device=torch.device("cpu"))
+    for k, st in enumerate(sequence):
+        learner.train_model(k, st)
+        column = learner.net.columns[k]
+        values = torch.cat([p.detach().flatten() for p in column.stages.parameters()]).sort().values
+        expected = torch.cat([v.flatten() for name, v in saved.items() if name.endswith(("weight", "bias"))])
+        assert torch.equal(values, expected.sort().values)  # the same numbers, whatever the module names
