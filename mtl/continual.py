@@ -236,6 +236,9 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     dump_config(top, root / "config.yaml")
     order = sorted(methods, key=lambda m: m != "independent")  # the FWT reference first
     results: Dict[str, Dict[str, Any]] = {}
+    if not quiet:
+        print(f"run {root}  |  continual: {', '.join(methods)} on {len(names)} tasks ({', '.join(names)})  |  "
+              f"{top.model.encoder}  |  device {device}")
     with SummaryWriter(str(root)) as tb:
         for method in order:
             results[method] = _run_method(method, top, sequence, device, root, tb, quiet)
@@ -254,6 +257,7 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     save_json(summary, root / "summary.json")
     if not quiet:
         print("\n" + table + "\n\n" + matrices)
+        print(f"\nwritten: {root / 'results.md'}, {root / 'summary.json'}; curves: tensorboard --logdir {root}")
     return summary
 
 
