@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +78,7 @@ class Trainer:
                  hooks: Sequence[Hook] = (), progress: bool = True, seed: int = 0,
                  generator: Optional[torch.Generator] = None, weighting: Optional[Weighting] = None,
                  grad_on: str = "params", monitor: Optional[Callable[[Dict[str, Any]], float]] = None,
-                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None) -> None:
+                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None, channels_last: bool = False) -> None:
         self.model, self.tasks, self.loaders = model, dict(tasks), dict(loaders)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.epochs, self.device, self.amp = epochs, device, amp
@@ -88,6 +88,7 @@ class Trainer:
         self.grad_on = grad_on
         self.monitor = monitor or default_monitor
         self.delta_m = delta_m  # phase metrics -> delta_m % against single-task baselines
+        self.channels_last = channels_last  # image batches go in NHWC, like the model's weights
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
@@ -145,6 +146,8 @@ class Trainer:
 
     def step(self, batch: Mapping[str, Any], meter: _Meter, train: bool) -> Dict[str, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
         representation = train and self.weighting.gradient_level and self.grad_on == "representation"
         with self.autocast():
@@ -154,7 +157,10 @@ class Trainer:
                 outputs = self.model.decode(rep, tuple(x.shape[-2:]))
             else:
                 outputs = self.model(x)
-        losses = torch.stack([task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()])
+        # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
+        # (zero) gradients through every other task's head as well
+        each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
+        losses = torch.stack(each)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
             if not self.weighting.gradient_level:
@@ -163,9 +169,9 @@ class Trainer:
                     total = total + self.l2sp.penalty()
                 total.backward()
             elif representation:
-                self._representation_backward(losses, features, rep)
+                self._representation_backward(each, features, rep)
             else:
-                self._parameter_backward(losses)
+                self._parameter_backward(each)
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
             self.optimizer.step()
@@ -179,20 +185,18 @@ class Trainer:
     def _shared(self) -> List[nn.Parameter]:
         return [p for p in self.model.shared_parameters() if p.requires_grad]
 
-    def _task_backward(self, losses: Tensor, weights: Tensor) -> None:
-        """Heads (and other task-owned parameters) get the gradient of ``sum(w * losses)``."""
-        params = [p for p in self.model.task_parameters() if p.requires_grad]
-        if params:
-            torch.autograd.backward((weights.detach() * losses).sum(), inputs=params, retain_graph=True)
+    def _owned(self) -> List[nn.Parameter]:
+        return [p for p in self.model.task_parameters() if p.requires_grad]
 
-    def _parameter_backward(self, losses: Tensor) -> None:
+    def _parameter_backward(self, losses: List[Tensor]) -> None:
         shared = self._shared()
         if not shared:
             raise UserError("gradient-level weighting needs trainable shared (encoder) parameters, but the encoder "
                             "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder")
-        grads = _task_gradients(losses, shared)
-        d, w = self.weighting(grads, losses.detach())
-        self._task_backward(losses, w)
+        owned = self._owned()
+        grads, owned_grads = _task_gradients(losses, shared, owned)
+        d, w = self.weighting(grads, torch.stack(losses).detach())
+        _set_owned_grads(owned, owned_grads, w)
         offset = 0
         for p in shared:
             n = p.numel()
@@ -201,14 +205,16 @@ class Trainer:
         if self.l2sp is not None:
             self.l2sp.penalty().backward()
 
-    def _representation_backward(self, losses: Tensor, features: Dict[str, Tensor], rep: Dict[str, Tensor]) -> None:
+    def _representation_backward(self, losses: List[Tensor], features: Dict[str, Tensor],
+                                 rep: Dict[str, Tensor]) -> None:
         keys = [k for k, v in features.items() if v.requires_grad]
         if not keys:
             raise UserError("weighting.grad_on=representation needs a trainable encoder, but it is frozen; "
                             "use a loss-level weighting or unfreeze the encoder")
-        grads = _task_gradients(losses, [rep[k] for k in keys])
-        d, w = self.weighting(grads, losses.detach())
-        self._task_backward(losses, w)
+        owned = self._owned()
+        grads, owned_grads = _task_gradients(losses, [rep[k] for k in keys], owned)
+        d, w = self.weighting(grads, torch.stack(losses).detach())
+        _set_owned_grads(owned, owned_grads, w)
         chunks, offset = [], 0
         for k in keys:
             n = rep[k].numel()
@@ -255,14 +261,31 @@ class Trainer:
         set_rng_state(state["rng"])
 
 
-def _task_gradients(losses: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """(T, D) float32: row t is the flattened gradient of ``losses[t]`` w.r.t. ``inputs`` (zeros where unused)."""
-    rows = []
-    for t in range(losses.shape[0]):
-        grads = torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True)
+def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
+                    owned: Sequence[Tensor] = ()) -> Tuple[Tensor, List[Tuple[Optional[Tensor], ...]]]:
+    """Row t of the (T, D) float32 matrix: the flattened gradient of ``losses[t]`` w.r.t. ``inputs`` (zeros where
+    unused); and each task's gradients w.r.t. ``owned`` (task-owned parameters, None where unused), from the same
+    backward pass, so that no head is differentiated twice."""
+    rows, owned_grads = [], []
+    last = len(losses) - 1
+    for t in range(last + 1):
+        grads = torch.autograd.grad(losses[t], [*inputs, *owned], retain_graph=t < last, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).float()
                                for g, x in zip(grads, inputs)]))
-    return torch.stack(rows)
+        owned_grads.append(grads[len(inputs):])
+    return torch.stack(rows), owned_grads
+
+
+def _set_owned_grads(owned: Sequence[nn.Parameter], per_task: List[Tuple[Optional[Tensor], ...]], w: Tensor) -> None:
+    """Task-owned parameters get the gradient of ``sum_t w_t * loss_t``."""
+    w = w.detach()
+    for i, p in enumerate(owned):
+        total = None
+        for t, grads in enumerate(per_task):
+            if grads[i] is not None:
+                g = w[t].to(grads[i].dtype) * grads[i]
+                total = g if total is None else total + g
+        p.grad = total
 
 
 def _default_weighting(tasks: Mapping[str, Task]) -> Weighting:

@@ -263,3 +263,28 @@ def test_nyuv2_config_builds_resnet50_aspp_on_npy_layout(tmp_path):
     batch = next(iter(exp.loaders["train"]))
     out = exp.model.eval()(batch["image"])
     assert out["seg"].shape == (2, 13, 32, 48) and out["depth"].shape == (2, 1, 32, 48) and out["normal"].shape == (2, 3, 32, 48)
+
+
+@pytest.mark.parametrize("grad_on", ["params", "representation"])
+def test_gradient_methods_give_heads_the_weighted_sum_gradient(tmp_path, grad_on):
+    """Heads get d(sum_t w_t loss_t)/d(head) from the per-task pass itself, with w the method's task weights."""
+    from mtl.trainer import _Meter
+
+    cfg = scenes_config(tmp_path, "weighting.name=mgda", f"weighting.grad_on={grad_on}", "tasks.normal=null", n=8, size=16)
+    exp = build_experiment(cfg)
+    batch = next(iter(exp.loaders["train"]))
+    model = exp.model
+    model.train()
+    trainer = Trainer(model, exp.tasks, {}, torch.optim.SGD(model.parameters(), lr=0.0), None, epochs=1,
+                      device=exp.device, progress=False, weighting=exp.weighting, grad_on=grad_on)
+    trainer.step(batch, _Meter(exp.tasks, exp.device), train=True)
+    got = {n: p.grad.clone() for n, p in model.heads.named_parameters()}
+    w = exp.weighting.last_weights.detach()
+    assert not torch.allclose(w, w.mean().expand_as(w))  # unequal weights, so the check below means something
+    for p in model.parameters():
+        p.grad = None
+    out = model(batch["image"])
+    total = sum(w[i] * task.loss(out[t], batch["targets"][t]) for i, (t, task) in enumerate(exp.tasks.items()))
+    total.backward()
+    for n, p in model.heads.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
