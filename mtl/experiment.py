@@ -20,11 +20,14 @@ from .checkpoint import load_checkpoint, save_json
 from .compare import delta_m, load_baseline
 from .config import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
 from .data import DATASETS, ClassSubset, build_transforms, subset_per_class
+from .data.batches import DeviceBatches, default_cache_dir, image_store
+from .data.device_augment import BatchAugment
 from .encoders import build_encoder
 from .errors import UserError
 from .freezing import L2SP, apply_freeze
 from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
+from .features import HeadsOnFeatures, cache_features, feature_cache_blocker
 from .model import TransferModel
 from .optim import build_optimizer, build_scheduler
 from .schema import Config, DataCfg, HeadCfg
@@ -116,13 +119,56 @@ def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict
     if cfg.data.labels_per_class:
         train_ds = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
     generator = torch.Generator()
-    common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
-    loaders = {
-        "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
-        "val": DataLoader(val_ds, batch_size=cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False, **common),
-    }
     info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds)}
+    loaders = _batched_loaders(cfg, tasks, train_ds, val_ds, device, generator, info)
+    if loaders is None:
+        common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
+        loaders = {
+            "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
+            "val": DataLoader(val_ds, batch_size=cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False,
+                              **common),
+        }
+        info["pipeline"] = "per item"
     return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
+
+
+def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
+                     generator: torch.Generator, info: Dict[str, Any]) -> Optional[Dict[str, DeviceBatches]]:
+    """Device-augmented batches from decoded image stores (``data.pipeline``), or None for the per-item path."""
+    d = cfg.data
+    if d.pipeline == "items":
+        return None
+    targets = {task.target for task in tasks.values()}
+    size = d.cache_size or round(d.resize_size * 4 / 3)
+    cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
+    stores = {}
+    if targets == {"label"}:
+        for split, ds in (("train", train_ds), ("val", val_ds)):
+            stores[split] = image_store(ds, cache_size=size, cache_dir=cache_dir,
+                                        budget_bytes=int(d.cache_budget_gb * 2**30), progress=cfg.train.progress)
+    if not stores or any(s is None for s in stores.values()):
+        if d.pipeline == "batched":
+            raise UserError(f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
+                            f"cifar10/100, captcha_chars, shapes); {d.name!r} with targets {', '.join(sorted(targets))} "
+                            f"has no image store; use data.pipeline=items or auto")
+        return None
+    kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
+    names = list(tasks)
+    loaders = {
+        "train": DeviceBatches(stores["train"], BatchAugment(train=True, augment=d.augment, **kw),
+                               batch_size=d.batch_size, shuffle=True, device=device, generator=generator,
+                               target_names=names, dataset=train_ds, collate_fn=_collate(tasks)),
+        "val": DeviceBatches(stores["val"], BatchAugment(train=False, augment="none", **kw),
+                             batch_size=d.val_batch_size or d.batch_size, shuffle=False, device=device,
+                             target_names=names, dataset=val_ds, collate_fn=_collate(tasks)),
+    }
+    nbytes = sum(s.nbytes for s in stores.values() if s.location == "memory")
+    where = sorted({s.location for s in stores.values() if s.location != "memory"})
+    info["pipeline"] = ("batched on " + device.type + f", uint8 images {nbytes / 2**20:,.0f} MiB in memory"
+                        + (f" + memory-mapped {', '.join(where)}" if where else ""))
+    for split, st in stores.items():
+        info[f"{split}_size"] = len(st)
+    return loaders
 
 
 def build_experiment(cfg: Config) -> Experiment:
@@ -280,6 +326,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         dump_config(cfg, run_dir / "config.yaml")
+    model, loaders = _speed_up(cfg, exp)
     optimizer = build_optimizer(exp.model, cfg.optim)
     if any(True for _ in exp.weighting.parameters()):  # learnable task weights (uncertainty): no decay, base lr
         optimizer.add_param_group({"params": list(exp.weighting.parameters()), "lr": cfg.optim.lr,
@@ -296,23 +343,61 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     ]
     if not quiet:
         hooks.append(ConsoleHook())
-    trainer = Trainer(exp.model, exp.tasks, exp.loaders, optimizer, scheduler, epochs=cfg.train.epochs,
+    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, epochs=cfg.train.epochs,
                       device=exp.device, amp=use_amp(cfg.train.amp, exp.device), grad_clip=cfg.train.grad_clip,
                       l2sp=exp.l2sp, hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
                       generator=exp.generator, weighting=exp.weighting, grad_on=cfg.weighting.grad_on,
-                      monitor=build_monitor(cfg, exp.tasks), delta_m=_delta_m_fn(cfg, exp.tasks))
+                      monitor=build_monitor(cfg, exp.tasks), delta_m=_delta_m_fn(cfg, exp.tasks),
+                      channels_last=exp.info["channels_last"])
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet:
         p = exp.info["params"]
         print(f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
               f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
-              f"({p['trainable']:,} trainable)  |  device {exp.device}"
+              f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
               + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else ""))
     history = trainer.fit()
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
     save_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model and loaders to train: cached encoder features, channels_last and torch.compile as configured."""
+    t = cfg.train
+    model: nn.Module = exp.model
+    loaders: Dict[str, Any] = exp.loaders
+    has_conv = any(isinstance(m, nn.Conv2d) for m in exp.model.modules())
+    exp.info["channels_last"] = has_conv and (t.channels_last == "on" or (t.channels_last == "auto" and exp.device.type == "cuda"))
+    if exp.info["channels_last"]:
+        exp.model.to(memory_format=torch.channels_last)
+    blocker = feature_cache_blocker(exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none",
+                                    mode=t.cache_features)
+    if blocker is None and exp.l2sp is not None:
+        blocker = "optim.l2sp needs the encoder's weights in the loss"
+    if blocker is None:
+        views = t.feature_views if cfg.data.augment != "none" else 1
+        amp = use_amp(t.amp, exp.device)
+        loaders, seconds = cache_features(exp.model, exp.loaders, {s: _in_order(l) for s, l in exp.loaders.items()},
+                                          views, exp.device, amp, exp.generator, t.seed)
+        model = HeadsOnFeatures(exp.model)
+        exp.info["pipeline"] += f"; encoder features cached once ({views} view{'s' if views > 1 else ''}, {seconds:.1f} s)"
+        exp.info["feature_cache_s"] = seconds
+    elif t.cache_features == "on":
+        raise UserError(f"train.cache_features is on, but the features cannot be cached: {blocker}")
+    if t.compile:
+        model.compile()
+    return model, loaders
+
+
+def _in_order(loader: Any) -> Any:
+    """The same data as ``loader`` in a fixed order (its augmentation, if any, kept)."""
+    if isinstance(loader, DeviceBatches):
+        return DeviceBatches(loader.store, loader.augment, batch_size=loader.batch_size, shuffle=False,
+                             device=loader.device, generator=torch.Generator(), target_names=loader.target_names)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
 
 
 def _task_text(tasks: Mapping[str, Task]) -> str:
@@ -343,6 +428,7 @@ def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, hist
         "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]} if history else None,
         "steps_per_epoch": len(exp.loaders["train"]),
         "time": {"total_s": total_s, "epoch_s": epoch_s, "mean_epoch_s": sum(epoch_s) / max(len(epoch_s), 1),
+                 "train_epoch_s": [m["time_train_s"] for m in history],
                  "mean_train_epoch_s": sum(m["time_train_s"] for m in history) / max(len(history), 1)},
         **exp.info,
     }

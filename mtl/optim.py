@@ -1,6 +1,7 @@
 """Optimizers, parameter groups and learning-rate schedules."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -17,17 +18,24 @@ SCHEDULES = Registry("schedule")
 
 @OPTIMIZERS.register("sgd")
 def _sgd(groups: List[Dict[str, Any]], cfg: OptimCfg) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **_fused(groups))
 
 
 @OPTIMIZERS.register("adam")
 def _adam(groups: List[Dict[str, Any]], cfg: OptimCfg) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_fused(groups))
 
 
 @OPTIMIZERS.register("adamw")
 def _adamw(groups: List[Dict[str, Any]], cfg: OptimCfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_fused(groups))
+
+
+def _fused(groups: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``fused=True`` (one kernel for all parameters) when every parameter is a float tensor on a GPU."""
+    params = [p for g in groups for p in g["params"]]
+    on_gpu = params and all(p.is_cuda and p.is_floating_point() for p in params)
+    return {"fused": True} if on_gpu and "fused" in inspect.signature(torch.optim.SGD).parameters else {}
 
 
 def lr_mult_of(name: str, lr_mult: Dict[str, float]) -> float:

@@ -30,9 +30,19 @@ class DataCfg:
     classes: Optional[List[Union[int, str]]] = None  # only these classes (indices or names), relabelled 0..n-1
     batch_size: int = 32
     val_batch_size: Optional[int] = None
-    num_workers: int = 2
+    num_workers: int = 2  # the per-item pipeline's loader processes
+    # auto: batched when the data set has an image store (folder, fashion_mnist, mnist, cifar, captcha_chars, shapes):
+    # images decoded once, whole batches cropped, flipped and normalised on the device | batched | items (per item)
+    pipeline: str = "auto"
+    cache_size: Optional[int] = None  # side of the square each decoded image is stored at; null: 4/3 * resize_size
+    cache_budget_gb: float = 8.0  # decoded images above this go to a memory-mapped file instead of memory
+    cache_dir: Optional[str] = None  # where that file goes; null: <data.root>/.mtl_cache
 
     def check(self) -> str:
+        if self.pipeline not in ("auto", "batched", "items"):
+            return f"data.pipeline must be auto, batched or items, got {self.pipeline!r}"
+        if self.cache_size is not None and self.cache_size < 1:
+            return f"data.cache_size must be >= 1 or null, got {self.cache_size}"
         if self.batch_size < 1:
             return f"data.batch_size must be >= 1, got {self.batch_size}"
         if self.labels_per_class is not None and self.labels_per_class < 1:
@@ -157,12 +167,24 @@ class TrainCfg:
     # baseline, else -loss) | loss | delta_m | <task>.<metric>, e.g. seg.miou or depth.abs_err
     monitor: str = "auto"
     baseline: Optional[str] = None  # single-task baseline file ({task: {metric: value}}) for delta_m, relative to cwd
+    channels_last: str = "auto"  # auto (on CUDA) | on | off: NHWC memory format for convolutional encoders
+    compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
+    # frozen encoder with pooled heads only: compute the encoder's features once and train the heads on them.
+    # auto: when data.augment is none | on (also with augmentation: feature_views fixed augmented views) | off
+    cache_features: str = "auto"
+    feature_views: int = 1  # cache_features on with augmentation: views per image, epoch e uses view e % views
 
     def check(self) -> str:
         if self.epochs < 1:
             return f"train.epochs must be >= 1, got {self.epochs}"
         if self.amp not in ("auto", "bf16", "off"):
             return f"train.amp must be auto, bf16 or off, got {self.amp!r}"
+        if self.channels_last not in ("auto", "on", "off"):
+            return f"train.channels_last must be auto, on or off, got {self.channels_last!r}"
+        if self.cache_features not in ("auto", "on", "off"):
+            return f"train.cache_features must be auto, on or off, got {self.cache_features!r}"
+        if self.feature_views < 1:
+            return f"train.feature_views must be >= 1, got {self.feature_views}"
         return ""
 
 

@@ -1,0 +1,164 @@
+"""Batched loading: whole batches gathered by index from a uint8 image store, augmented on the device.
+
+The per-item path (a ``DataLoader`` over ``dataset[i]`` with PIL/v2 transforms) decodes and transforms one
+image at a time on the CPU. Here every image is decoded once (``decoded.py``, or already in memory for the
+tensor data sets), a batch is one indexing of the store, and cropping, flipping and normalisation happen
+for the whole batch in one ``grid_sample`` on the training device (``device_augment.py``).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .decoded import decode_images
+from .device_augment import BatchAugment
+from .folder import ImageFolderDataset
+from .tensor_dataset import TensorImageDataset
+
+
+@dataclass
+class ImageStore:
+    """``images[indices[i]]`` is item i, with original size ``sizes[indices[i]]`` (None: the stored size)."""
+
+    images: Tensor  # uint8 (M, C, h, w)
+    sizes: Optional[Tensor]  # long (M, 2) or None
+    labels: Tensor  # long (N,)
+    indices: Tensor  # long (N,)
+    location: str = "memory"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size()
+
+
+def image_store(dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path], budget_bytes: int,
+                progress: bool = True) -> Optional[ImageStore]:
+    """The store behind a single-label data set (through subsets), or None when it has none (per-item path)."""
+    labels = getattr(dataset, "labels", None)
+    chain: List[List[int]] = []
+    base = dataset
+    while hasattr(base, "indices") and hasattr(base, "dataset"):
+        chain.append(list(base.indices))
+        base = base.dataset
+    if labels is None or isinstance(getattr(base, "targets", None), dict):
+        return None
+    if isinstance(base, TensorImageDataset):
+        images = base.images if base.images.ndim == 4 else base.images.unsqueeze(1)
+        sizes, location, n = None, "memory", len(images)
+    elif isinstance(base, ImageFolderDataset):
+        decoded = decode_images([p for p, _ in base.samples], cache_size, cache_dir=cache_dir,
+                                budget_bytes=budget_bytes, progress=progress)
+        images, sizes, location, n = decoded.images, decoded.sizes, decoded.location, len(decoded.images)
+        failed = set(decoded.failed)
+    else:
+        return None
+    indices = torch.arange(n)
+    for level in reversed(chain):  # innermost subset first
+        indices = indices[torch.as_tensor(level, dtype=torch.long)]
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if isinstance(base, ImageFolderDataset) and failed:
+        keep = torch.tensor([int(i) not in failed for i in indices])
+        indices, labels = indices[keep], labels[keep]
+    return ImageStore(images, sizes, labels, indices, location)
+
+
+class DeviceBatches:
+    """An iterable of ``{"image": float (B,3,S,S) on device, "targets": {task: labels}}`` batches.
+
+    ``generator`` drives the shuffle and the augmentation, so a seeded generator gives the same epoch on every
+    device. On CUDA the next batch is gathered and copied (pinned, non-blocking) by a thread while the
+    current one trains. ``dataset`` and ``collate_fn`` are kept for code that reads single items (image grids).
+    """
+
+    def __init__(self, store: ImageStore, augment: BatchAugment, *, batch_size: int, shuffle: bool,
+                 device: torch.device, generator: Optional[torch.Generator] = None,
+                 target_names: Optional[List[str]] = None, dataset: Optional[Dataset] = None,
+                 collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> None:
+        self.store, self.augment = store, augment
+        self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
+        self.generator = generator if generator is not None else torch.Generator()
+        self.target_names = target_names or ["label"]
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return (len(self.store) + self.batch_size - 1) // self.batch_size
+
+    def _order(self) -> Tensor:
+        n = len(self.store)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def _gather(self, positions: Tensor) -> Dict[str, Any]:
+        rows = self.store.indices[positions]
+        images = self.store.images[rows]
+        sizes = self.store.sizes[rows] if self.store.sizes is not None else None
+        labels = self.store.labels[positions]
+        theta = self.augment.theta(sizes if sizes is not None else _own_sizes(images), self.generator)
+        if self.device.type == "cuda":
+            images, labels, theta = images.pin_memory(), labels.pin_memory(), theta.pin_memory()
+        return {"images": images.to(self.device, non_blocking=True),
+                "labels": labels.to(self.device, non_blocking=True),
+                "theta": theta.to(self.device, non_blocking=True)}
+
+    def _batch(self, raw: Dict[str, Any]) -> Dict[str, Any]:
+        image = self.augment(raw["images"], theta=raw["theta"])
+        return {"image": image, "targets": {t: raw["labels"] for t in self.target_names}}
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        chunks = self._order().split(self.batch_size)
+        if self.device.type != "cuda":
+            for chunk in chunks:
+                yield self._batch(self._gather(chunk))
+            return
+        yield from self._prefetched(chunks)
+
+    def _prefetched(self, chunks: tuple) -> Iterator[Dict[str, Any]]:
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for chunk in chunks:
+                    if stop.is_set():
+                        return
+                    ready.put(self._gather(chunk))
+                ready.put(None)
+            except BaseException as err:  # re-raised in the consumer
+                ready.put(err)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._batch(item)
+        finally:
+            stop.set()
+            while worker.is_alive():  # let a blocked put finish
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.01)
+
+
+def _own_sizes(images: Tensor) -> Tensor:
+    return torch.tensor(images.shape[-2:], dtype=torch.long).expand(len(images), 2)
+
+
+def default_cache_dir(root: Optional[str]) -> Optional[Path]:
+    """``<data root>/.mtl_cache`` when the data root is a writable folder, else None."""
+    if root is None:
+        return None
+    path = Path(root).expanduser() / ".mtl_cache"
+    return path if os.access(path.parent, os.W_OK) else None

@@ -1,0 +1,141 @@
+"""The batched pipeline (decoded stores, device augmentation) and cached encoder features give the same
+results as the per-item path and the uncached path."""
+import pytest
+import torch
+
+from conftest import tiny_config
+from mtl.config import build_config
+from mtl.data.batches import DeviceBatches
+from mtl.errors import UserError
+from mtl.experiment import build_data, build_experiment, run
+from mtl.features import FeatureBatches, HeadsOnFeatures
+
+
+def cfg_of(folder, tmp_path, **overrides):
+    return build_config(tiny_config(folder, tmp_path / "runs", **overrides), {})
+
+
+def first_batches(cfg, split):
+    _, _, loaders, _, info = build_data(cfg, torch.device("cpu"))
+    return loaders[split], info
+
+
+@pytest.mark.parametrize("augment", ["none", "random_resized_crop"])
+def test_folder_uses_the_batched_pipeline_and_eval_matches_the_per_item_path(color_folder, tmp_path, augment):
+    # stored at the image size, the eval geometry is the identity: both paths must give the same tensors
+    batched, info = first_batches(cfg_of(color_folder, tmp_path, **{"data.cache_size": 32, "data.augment": augment}), "val")
+    items, _ = first_batches(cfg_of(color_folder, tmp_path, **{"data.pipeline": "items", "data.augment": augment}), "val")
+    assert isinstance(batched, DeviceBatches) and not isinstance(items, DeviceBatches)
+    assert info["pipeline"].startswith("batched on cpu")
+    assert len(batched) == len(items)
+    for a, b in zip(batched, items):
+        assert a["image"].shape == b["image"].shape == (8, 3, 32, 32)
+        assert torch.equal(a["targets"]["label"], b["targets"]["label"])
+        assert torch.allclose(a["image"], b["image"], atol=1e-5)
+
+
+def test_batched_train_batches_are_augmented_and_seeded(color_folder, tmp_path):
+    loader, info = first_batches(cfg_of(color_folder, tmp_path), "train")
+    assert info["train_size"] == 48 and len(loader) == 6
+    loader.generator.manual_seed(3)
+    one = [b["image"] for b in loader]
+    loader.generator.manual_seed(3)
+    two = [b["image"] for b in loader]
+    loader.generator.manual_seed(4)
+    three = [b["image"] for b in loader]
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+    assert not all(torch.equal(x, y) for x, y in zip(one, three))
+    labels = torch.cat([b["targets"]["label"] for b in loader])
+    assert sorted(labels.tolist()) == [0] * 16 + [1] * 16 + [2] * 16
+
+
+def test_batched_pipeline_follows_class_subsets_and_few_label_subsets(color_folder, tmp_path):
+    cfg = cfg_of(color_folder, tmp_path, **{"data.classes": ["red", "blue"], "data.labels_per_class": 5})
+    loader, info = first_batches(cfg, "train")
+    assert isinstance(loader, DeviceBatches) and info["train_size"] == 10
+    batches = list(loader)
+    images = torch.cat([b["image"] for b in batches])
+    labels = torch.cat([b["targets"]["label"] for b in batches])
+    assert sorted(labels.tolist()) == [0] * 5 + [1] * 5  # red -> 0, blue -> 1
+    # mean colour tells the class: red has a high red channel, blue a high blue one (normalised by 0.5/0.5)
+    red, blue = images[labels == 0].mean((0, 2, 3)), images[labels == 1].mean((0, 2, 3))
+    assert red[0] > red[2] and blue[2] > blue[0]
+
+
+def test_training_on_the_batched_pipeline_learns(color_folder, tmp_path):
+    summary = run(cfg_of(color_folder, tmp_path, **{"train.epochs": 4}), quiet=True)
+    assert summary["pipeline"].startswith("batched")
+    assert summary["best"]["val"]["acc"] > 0.9
+
+
+def test_pipeline_batched_on_a_multitask_data_set_is_a_clear_error(tmp_path):
+    raw = {"data": {"name": "scenes", "options": {"size": 32, "train_size": 4, "val_size": 2}, "pipeline": "batched"},
+           "model": {"encoder": "small_cnn"}, "tasks": {"seg": {}, "label": {}}, "out_dir": str(tmp_path)}
+    with pytest.raises(UserError, match="data.pipeline=items"):
+        build_data(build_config(raw, {}), torch.device("cpu"))
+
+
+def frozen(folder, tmp_path, **overrides):
+    return cfg_of(folder, tmp_path, **{"model.freeze": "all", "data.augment": "none", "train.epochs": 3,
+                                       "optim.lr": 0.05, **overrides})
+
+
+def test_cached_features_train_the_same_heads_as_the_uncached_run(color_folder, tmp_path):
+    # same shuffling generator, same features: the same heads, epoch after epoch
+    cached = run(frozen(color_folder, tmp_path / "a"), quiet=True)
+    plain = run(frozen(color_folder, tmp_path / "b", **{"train.cache_features": "off"}), quiet=True)
+    assert "features cached once" in cached["pipeline"] and "cached" not in plain["pipeline"]
+    for phase in ("train", "val"):
+        assert cached["final"][phase]["loss"] == pytest.approx(plain["final"][phase]["loss"], rel=1e-4, abs=1e-5)
+    a = torch.load(f"{cached['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]
+    b = torch.load(f"{plain['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and any(k.startswith("encoder.") for k in a)  # the checkpoint is the whole model
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_set_order(color_folder, tmp_path):
+    from mtl.experiment import _speed_up
+
+    cfg = frozen(color_folder, tmp_path, **{"data.pipeline": "items"})
+    exp = build_experiment(cfg)
+    model, loaders = _speed_up(cfg, exp)
+    assert isinstance(model, HeadsOnFeatures)
+    for split in ("train", "val"):
+        ds = exp.datasets[split]
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        exp.model.eval()
+        with torch.no_grad():
+            expected = exp.model.encode(images)["out"]
+        assert torch.allclose(loaders[split].views[0], expected, atol=1e-5)
+        assert loaders[split].targets["label"].tolist() == [int(ds[i]["label"]) for i in range(len(ds))]
+
+
+def test_feature_views_cache_several_augmented_views(color_folder, tmp_path):
+    cfg = frozen(color_folder, tmp_path, **{"data.augment": "random_resized_crop", "train.cache_features": "on",
+                                            "train.feature_views": 2})
+    from mtl.experiment import _speed_up
+
+    exp = build_experiment(cfg)
+    model, loaders = _speed_up(cfg, exp)
+    assert isinstance(model, HeadsOnFeatures) and isinstance(loaders["train"], FeatureBatches)
+    views = loaders["train"].views
+    assert views.shape == (2, 48, exp.model.encoder.out_dim) and loaders["val"].views.shape[0] == 1
+    assert not torch.allclose(views[0], views[1])  # two different random crops
+    first = torch.cat([b["image"] for b in loaders["train"]])
+    second = torch.cat([b["image"] for b in loaders["train"]])
+    assert first.shape == second.shape == (48, exp.model.encoder.out_dim)
+    assert not torch.equal(first.sort(0).values, second.sort(0).values)  # epoch 2 reads the other view
+
+
+def test_cache_features_on_with_a_training_encoder_is_a_clear_error(color_folder, tmp_path):
+    cfg = cfg_of(color_folder, tmp_path, **{"train.cache_features": "on"})
+    with pytest.raises(UserError, match="cannot be cached: the encoder trains"):
+        run(cfg, quiet=True)
+
+
+def test_channels_last_on_cpu_trains_the_same(color_folder, tmp_path):
+    a = run(cfg_of(color_folder, tmp_path / "a", **{"train.channels_last": "on", "train.epochs": 2}), quiet=True)
+    b = run(cfg_of(color_folder, tmp_path / "b", **{"train.channels_last": "off", "train.epochs": 2}), quiet=True)
+    assert a["channels_last"] and not b["channels_last"]
+    assert a["final"]["val"]["loss"] == pytest.approx(b["final"]["val"]["loss"], rel=1e-3)
