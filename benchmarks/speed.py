@@ -97,11 +97,12 @@ def tutorial_loop(root: Path, size: int, device: torch.device, epochs: int, work
     return float(np.mean(rates[1:] if len(rates) > 1 else rates))
 
 
-def mtl_run(root: Path, size: int, epochs: int, batch: int, out: Path, **model: Any) -> Tuple[float, float, Dict]:
+def mtl_run(root: Path, size: int, epochs: int, batch: int, out: Path, data: Dict[str, Any] | None = None,
+            **model: Any) -> Tuple[float, float, Dict]:
     """(images/s after the first epoch, images/s of the first, summary) of `mtl train` on the folder."""
     raw = {"name": "speed", "out_dir": str(out),
            "data": {"name": "folder", "root": str(root), "image_size": size, "resize_size": round(size * 256 / 224),
-                    "batch_size": batch, "augment": model.pop("augment", "random_resized_crop")},
+                    "batch_size": batch, "augment": model.pop("augment", "random_resized_crop"), **(data or {})},
            "model": {"encoder": "resnet18", **model},
            "train": {"epochs": epochs, "progress": False, "log_images": 0}}
     summary = run(build_config(raw, {}), quiet=True)
@@ -140,8 +141,13 @@ def compute_limit(size: int, batch: int, device: torch.device, steps: int, froze
 
 
 def weighting_steps(methods: List[str], size: int, steps: int, device: torch.device) -> List[Tuple[str, float, str]]:
-    """(method [grad_on], median seconds per training step, peak memory) on the scenes config, same batch."""
+    """(method [grad_on], median seconds per training step, peak memory) on the scenes config, same batch.
+
+    The methods take turns step by step (round robin), so drifts of the machine's speed hit all alike.
+    """
     from mtl.config import load_config
+    from mtl.optim import build_optimizer
+    from mtl.trainer import Trainer, _Meter
 
     raw, sources = load_config(Path(__file__).parents[1] / "configs" / "mtl_scenes.yaml")
     raw = copy.deepcopy(raw)
@@ -149,7 +155,7 @@ def weighting_steps(methods: List[str], size: int, steps: int, device: torch.dev
     raw["data"]["num_workers"] = 0
     raw.setdefault("train", {}).update(progress=False, log_images=0)
     raw.setdefault("tasks", {})["label"] = None  # 3 tasks: seg, depth, normal (as NYUv2)
-    rows = []
+    runs = []
     for method in methods:
         for grad_on in (("representation", "params") if method in GRADIENT_METHODS else (None,)):
             r = copy.deepcopy(raw)
@@ -157,30 +163,30 @@ def weighting_steps(methods: List[str], size: int, steps: int, device: torch.dev
             if grad_on:
                 r["weighting"]["grad_on"] = grad_on
             exp = build_experiment(build_config(r, sources))
-            from mtl.optim import build_optimizer
-            from mtl.trainer import Trainer
-
-            opt = build_optimizer(exp.model, exp.cfg.optim)
-            trainer = Trainer(exp.model, exp.tasks, exp.loaders, opt, None, epochs=1, device=exp.device,
-                              amp=use_amp("auto", exp.device), weighting=exp.weighting, grad_on=exp.cfg.weighting.grad_on,
-                              progress=False)
-            batch = next(iter(exp.loaders["train"]))
-            from mtl.trainer import _Meter
-
-            meter = _Meter(exp.tasks, exp.device)
+            trainer = Trainer(exp.model, exp.tasks, exp.loaders, build_optimizer(exp.model, exp.cfg.optim), None,
+                              epochs=1, device=exp.device, amp=use_amp("auto", exp.device), weighting=exp.weighting,
+                              grad_on=exp.cfg.weighting.grad_on, progress=False)
             exp.model.train()
-            for _ in range(2):
-                trainer.step(batch, meter, True)
-            _reset_peak(exp.device)
-            times = []
-            for _ in range(steps):
-                _sync(exp.device)
-                start = time.perf_counter()
-                trainer.step(batch, meter, True)
-                _sync(exp.device)
-                times.append(time.perf_counter() - start)
-            rows.append((method + (f" [{grad_on}]" if grad_on else ""), float(np.median(times)), _peak(exp.device)))
-    return rows
+            name = method + (f" [{grad_on}]" if grad_on else "")
+            runs.append((name, trainer, next(iter(exp.loaders["train"])), _Meter(exp.tasks, exp.device), exp.device))
+    times: Dict[str, List[float]] = {name: [] for name, *_ in runs}
+    peaks: Dict[str, str] = {}
+    for i in range(steps + 2):
+        for name, trainer, batch, meter, dev in runs:
+            if i == 2:
+                _reset_peak(dev)
+            _sync(dev)
+            start = time.perf_counter()
+            trainer.step(batch, meter, True)
+            _sync(dev)
+            if i >= 2:  # two warm-up steps
+                times[name].append(time.perf_counter() - start)
+    for name, trainer, batch, meter, dev in runs:  # peak memory one method at a time
+        _reset_peak(dev)
+        trainer.step(batch, meter, True)
+        _sync(dev)
+        peaks[name] = _peak(dev)
+    return [(name, float(np.median(times[name])), peaks[name]) for name, *_ in runs]
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -228,6 +234,11 @@ def throughput(root: Path, size: int, epochs: int, batch: int, device: torch.dev
     b, b1, _ = mtl_run(root, size, epochs, batch, args.out, weights=None)
     rows.append((f"(b) mtl train, full fine-tune (batch {batch})", b, f"first epoch {b1:,.0f}/s", _peak(device)))
     _reset_peak(device)
+    bi, bi1, _ = mtl_run(root, size, epochs, batch, args.out, data={"pipeline": "items", "num_workers": args.workers},
+                         weights=None)
+    rows.append((f"(b') the same with data.pipeline=items (per-item PIL transforms, {args.workers} workers)", bi,
+                 f"first epoch {bi1:,.0f}/s", _peak(device)))
+    _reset_peak(device)
     c, c1, summary = mtl_run(root, size, epochs, batch, args.out, weights=None, freeze="all", augment="none")
     how = "features cached" if "feature_cache_s" in summary else "features NOT cached"
     rows.append((f"(c) mtl train, frozen encoder, {how} (batch {batch})", c,
@@ -238,7 +249,7 @@ def throughput(root: Path, size: int, epochs: int, batch: int, device: torch.dev
     print("| run | images/s | note | peak GPU memory |\n|---|---:|---|---:|")
     for label, rate, note, peak in rows:
         print(f"| {label} | {rate:,.0f} | {note} | {peak} |")
-    print(f"\nb/a = {b / a:.2f}    b/d = {b / d:.2f}    c/d = {c / d:.2f}    c later epochs / c first epoch = {c / c1:.1f}")
+    print(f"\nb/a = {b / a:.2f}    b/b' = {b / bi:.2f}    b/d = {b / d:.2f}    c/d = {c / d:.2f}    c later epochs / c first epoch = {c / c1:.1f}")
 
 
 if __name__ == "__main__":
