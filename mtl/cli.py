@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from .errors import UserError
@@ -35,14 +39,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# File-system errors that come from the paths a user gave or the machine's state, not from a bug.
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as ``mtl: warning: ...`` in one line, without the source line Python prints under them."""
+    text = " ".join(str(message).split())
+    prefix = "mtl: warning:" if issubclass(category, UserWarning) else f"mtl: warning: {category.__name__}:"
+    try:
+        print(f"{prefix} {text}", file=file if file is not None else sys.stderr)
+    except OSError:  # no usable stderr: nothing to report to
+        pass
+
+
+def _os_error_text(e: OSError) -> str:
+    path = os.fsdecode(e.filename)
+    if e.errno == errno.ENOTDIR:  # name the file that stands where a folder is needed
+        blocker = next((p for p in (path, *(str(q) for q in Path(path).parents)) if os.path.isfile(p)), None)
+        if blocker is not None:
+            return f"{blocker} is a file, but a folder is needed there (for {path}); move it or change the path"
+    return f"{e.strerror}: {path}; check that path (in the config or on the command line) and its permissions"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input prints one line and returns exit code 2."""
     parser = _parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
+            from . import distributed
             from .experiment import resume_run, train_from_file
 
+            distributed.init_from_env()  # under torchrun: join the process group
             if args.resume:
                 if args.config or args.overrides:
                     raise UserError("--resume takes only a run directory; the run's own config.yaml is used")
@@ -67,11 +103,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 print(format_cached_table(list_cached()))
     except UserError as e:
-        print(f"mtl: error: {e}", file=sys.stderr)
+        print(f"mtl: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS or e.filename is None:
+            raise
+        print(f"mtl: error: {_os_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.command == "train":
+            from . import distributed
+
+            distributed.shutdown()
     return 0
 
 

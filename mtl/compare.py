@@ -33,6 +33,9 @@ def delta_m(metrics: Metrics, baseline: Metrics, directions: Mapping[str, Mappin
 def load_baseline(path: str | Path, directions: Mapping[str, Mapping[str, bool]] | None = None) -> Dict[str, Dict[str, float]]:
     """A YAML/JSON file ``{task: {metric: value}}``, checked against the tasks' metrics when given."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"baseline file {path} is a directory, not a file; give the YAML file written by "
+                        f"`mtl compare RUN ... --write-baseline FILE`")
     if not path.is_file():
         raise UserError(f"baseline file {path} does not exist; write one with `mtl compare RUN ... --write-baseline {path}`")
     try:

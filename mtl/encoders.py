@@ -250,21 +250,32 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+_NORMS = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(min(8, c), c), "none": lambda c: nn.Identity()}
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=norm == "none"), _NORMS[norm](c_out),
+                         nn.ReLU(inplace=True))
 
 
 @ENCODERS.register("small_cnn")
 class SmallCNN(nn.Module):
-    """A small conv net for CPU experiments: stages of conv-BN-ReLU blocks, each stage halving the resolution."""
+    """A small conv net for CPU experiments: stages of conv-norm-ReLU blocks, each stage halving the resolution.
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), blocks: int = 2, in_channels: int = 3) -> None:
+    ``norm``: ``batch`` (BatchNorm), ``group`` (GroupNorm, per sample: the same results whatever the batch is split
+    into, e.g. over torchrun processes) or ``none``.
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), blocks: int = 2, in_channels: int = 3,
+                 norm: str = "batch") -> None:
         super().__init__()
         widths = list(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise UserError(f"small_cnn: widths must be a non-empty list of positive integers, got {widths!r}")
         if not isinstance(blocks, int) or blocks < 1:
             raise UserError(f"small_cnn: blocks must be a positive integer, got {blocks!r}")
+        if norm not in _NORMS:
+            raise UserError(f"small_cnn: norm must be one of {', '.join(_NORMS)}, got {norm!r}")
         self.name = "small_cnn"
         self.out_dim = widths[-1]
         self.min_input_size = 2 ** len(widths)
@@ -274,7 +285,7 @@ class SmallCNN(nn.Module):
         c_in = in_channels
         for info in self.feature_info:
             c = info["channels"]
-            layers = [_conv_bn_relu(c_in, c, 2)] + [_conv_bn_relu(c, c, 1) for _ in range(blocks - 1)]
+            layers = [_conv_bn_relu(c_in, c, 2, norm)] + [_conv_bn_relu(c, c, 1, norm) for _ in range(blocks - 1)]
             self.add_module(info["name"], nn.Sequential(*layers))
             c_in = c
 

@@ -16,11 +16,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .checkpoint import load_checkpoint, save_json
+from .checkpoint import atomic_write, load_checkpoint, save_json
 from .compare import delta_m, load_baseline
 from .config import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
 from .data import DATASETS, ClassSubset, build_transforms, subset_per_class
-from .data.batches import DeviceBatches, default_cache_dir, image_store
+from . import distributed as dist
+from .data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store, loader_batch_size
 from .data.device_augment import BatchAugment
 from .encoders import build_encoder
 from .errors import UserError
@@ -32,7 +33,7 @@ from .model import TransferModel
 from .optim import build_optimizer, build_scheduler
 from .schema import Config, DataCfg, HeadCfg
 from .tasks import Task, build_task
-from .trainer import Trainer, default_monitor
+from .trainer import Hook, Trainer, default_monitor
 from .weighting import Weighting, build_weighting
 
 
@@ -49,7 +50,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return dist.local_device() if dist.world_size() > 1 else torch.device("cuda")
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device is {name!r} but no CUDA GPU is available; use train.device=auto or cpu")
     return torch.device(name)
@@ -110,7 +113,32 @@ class Experiment:
 
 def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, DataLoader],
                                                             torch.Generator, Dict[str, Any]]:
-    """Tasks (class counts checked against the data), data sets, loaders, the shuffling generator, data info."""
+    """Tasks (class counts checked against the data), data sets, loaders, the shuffling generator, data info.
+
+    Under torchrun, process 0 builds first (it may write caches that the others then read), and
+    ``data.batch_size`` is the global batch, split evenly over the processes.
+    """
+    world = dist.world_size()
+    for size in (cfg.data.batch_size, cfg.data.val_batch_size or cfg.data.batch_size):
+        if size % world:
+            raise UserError(f"data.batch_size {size} does not split over {world} processes; under torchrun it is "
+                            f"the global batch, so use a multiple of {world}")
+    if dist.is_main():
+        try:
+            built = _build_data(cfg, device)
+        except UserError as e:
+            dist.broadcast_object(str(e))
+            raise
+        dist.broadcast_object(None)
+        return built
+    error = dist.broadcast_object(None)
+    if error is not None:
+        raise UserError(error)
+    return _build_data(cfg, device)
+
+
+def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, Any],
+                                                             torch.Generator, Dict[str, Any]]:
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = list(getattr(train_ds, "classes", []))
@@ -123,11 +151,20 @@ def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict
     loaders = _batched_loaders(cfg, tasks, train_ds, val_ds, device, generator, info)
     if loaders is None:
         common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
-        loaders = {
-            "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
-            "val": DataLoader(val_ds, batch_size=cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False,
-                              **common),
-        }
+        val_batch = cfg.data.val_batch_size or cfg.data.batch_size
+        if dist.world_size() == 1:
+            loaders = {
+                "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
+                "val": DataLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
+            }
+        else:
+            r, w = dist.rank(), dist.world_size()
+            loaders = {
+                "train": DataLoader(train_ds, batch_sampler=StridedBatchSampler(
+                    len(train_ds), cfg.data.batch_size, True, generator, r, w), **common),
+                "val": DataLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None, r, w),
+                                  **common),
+            }
         info["pipeline"] = "per item"
     return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
 
@@ -154,13 +191,14 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
         return None
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
     names = list(tasks)
+    shard = dict(rank=dist.rank(), world=dist.world_size())
     loaders = {
         "train": DeviceBatches(stores["train"], BatchAugment(train=True, augment=d.augment, **kw),
                                batch_size=d.batch_size, shuffle=True, device=device, generator=generator,
-                               target_names=names, dataset=train_ds, collate_fn=_collate(tasks)),
+                               target_names=names, dataset=train_ds, collate_fn=_collate(tasks), **shard),
         "val": DeviceBatches(stores["val"], BatchAugment(train=False, augment="none", **kw),
                              batch_size=d.val_batch_size or d.batch_size, shuffle=False, device=device,
-                             target_names=names, dataset=val_ds, collate_fn=_collate(tasks)),
+                             target_names=names, dataset=val_ds, collate_fn=_collate(tasks), **shard),
     }
     nbytes = sum(s.nbytes for s in stores.values() if s.location == "memory")
     where = sorted({s.location for s in stores.values() if s.location != "memory"})
@@ -168,6 +206,7 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
                         + (f" + memory-mapped {', '.join(where)}" if where else ""))
     for split, st in stores.items():
         info[f"{split}_size"] = len(st)
+        info["skipped_images"] += st.dropped
     return loaders
 
 
@@ -310,22 +349,25 @@ def _delta_m_fn(cfg: Config, tasks: Dict[str, Task]) -> Optional[Callable[[Dict[
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """``<out_dir>/<name>/<timestamp>``, never reusing an existing directory."""
+    """``<out_dir>/<name>/<timestamp>``, never reusing an existing directory (process 0's choice under torchrun)."""
     base = Path(cfg.out_dir) / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, i = base, 1
     while run_dir.exists():
         run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return run_dir
+    return Path(dist.broadcast_object(str(run_dir)))
 
 
 def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Train one config into ``run_dir`` (new if None) and write its summary; returns the summary."""
     started = time.perf_counter()
     exp = build_experiment(cfg)
+    monitor, delta_m_fn = build_monitor(cfg, exp.tasks), _delta_m_fn(cfg, exp.tasks)  # refused before anything is written
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        dump_config(cfg, run_dir / "config.yaml")
+    main_process = dist.is_main()  # under torchrun only process 0 writes
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            dump_config(cfg, run_dir / "config.yaml")
     model, loaders = _speed_up(cfg, exp)
     optimizer = build_optimizer(exp.model, cfg.optim)
     if any(True for _ in exp.weighting.parameters()):  # learnable task weights (uncertainty): no decay, base lr
@@ -334,24 +376,25 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder}
-    hooks = [
-        UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim),
-        MetricsFileHook(run_dir),
-        TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
-                        n_images=cfg.train.log_images, log_every=cfg.weighting.log_every),
-        CheckpointHook(run_dir, meta),
-    ]
-    if not quiet:
+    hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
+    if main_process:
+        hooks += [
+            MetricsFileHook(run_dir),
+            TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
+                            n_images=cfg.train.log_images, log_every=cfg.weighting.log_every),
+            CheckpointHook(run_dir, meta),
+        ]
+    if not quiet and main_process:
         hooks.append(ConsoleHook())
     trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, epochs=cfg.train.epochs,
                       device=exp.device, amp=use_amp(cfg.train.amp, exp.device), grad_clip=cfg.train.grad_clip,
                       l2sp=exp.l2sp, hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
                       generator=exp.generator, weighting=exp.weighting, grad_on=cfg.weighting.grad_on,
-                      monitor=build_monitor(cfg, exp.tasks), delta_m=_delta_m_fn(cfg, exp.tasks),
-                      channels_last=exp.info["channels_last"])
+                      monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
+                      nonfinite=cfg.train.nonfinite)
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
-    if not quiet:
+    if not quiet and main_process:
         p = exp.info["params"]
         print(f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
               f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
@@ -359,7 +402,10 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
               + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else ""))
     history = trainer.fit()
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
-    save_json(summary, run_dir / "summary.json")
+    summary["processes"] = dist.world_size()
+    if main_process:
+        save_json(summary, run_dir / "summary.json")
+    dist.barrier()  # a next stage reads this run's checkpoints
     return summary
 
 
@@ -396,8 +442,9 @@ def _in_order(loader: Any) -> Any:
     if isinstance(loader, DeviceBatches):
         return DeviceBatches(loader.store, loader.augment, batch_size=loader.batch_size, shuffle=False,
                              device=loader.device, generator=torch.Generator(), target_names=loader.target_names)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+    return DataLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+
 
 
 def _task_text(tasks: Mapping[str, Task]) -> str:
@@ -427,6 +474,7 @@ def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, hist
         "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train")},
         "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]} if history else None,
         "steps_per_epoch": len(exp.loaders["train"]),
+        "skipped_steps": trainer.skipped_steps,
         "time": {"total_s": total_s, "epoch_s": epoch_s, "mean_epoch_s": sum(epoch_s) / max(len(epoch_s), 1),
                  "train_epoch_s": [m["time_train_s"] for m in history],
                  "mean_train_epoch_s": sum(m["time_train_s"] for m in history) / max(len(history), 1)},
@@ -463,20 +511,23 @@ def stage_configs(raw: Dict[str, Any], sources: Sources) -> List[Config]:
 def run_stages(top: Config, configs: List[Config]) -> List[Dict[str, Any]]:
     """Run each stage into ``<run>/<stage>/``; ``weights: stage:<name>`` uses that stage's best encoder."""
     root = new_run_dir(top)
-    root.mkdir(parents=True)
-    dump_config(top, root / "config.yaml")
+    if dist.is_main():
+        root.mkdir(parents=True)
+        dump_config(top, root / "config.yaml")
     summaries, dirs = [], {}
     for i, cfg in enumerate(configs):
         if cfg.model.weights and cfg.model.weights.startswith("stage:"):
             cfg.model.weights = f"run:{dirs[cfg.model.weights[6:]]}"
         cfg.out_dir = str(root)
-        print(f"\n=== stage {i + 1}/{len(configs)}: {cfg.name} ===")
+        if dist.is_main():
+            print(f"\n=== stage {i + 1}/{len(configs)}: {cfg.name} ===")
         dirs[cfg.name] = root / cfg.name
         summaries.append(run(cfg, dirs[cfg.name]))
-    table = stage_table(summaries)
-    print("\n" + table)
-    (root / "results.md").write_text(table + "\n")
-    save_json({"run_dir": str(root), "stages": summaries}, root / "summary.json")
+    if dist.is_main():
+        table = stage_table(summaries)
+        print("\n" + table)
+        atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+        save_json({"run_dir": str(root), "stages": summaries}, root / "summary.json")
     return summaries
 
 
@@ -502,6 +553,9 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
         if len(top.stages) < 2:
             raise UserError("continual.methods needs a task sequence: two or more stages, one task each")
         from .continual import run_continual
+
+        if dist.world_size() > 1:
+            raise UserError("continual runs (continual.methods) train one process; start them without torchrun")
 
         return [run_continual(top, stage_configs(raw, sources))]
     if top.stages:

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
+from .data.batches import loader_batch_size
 from .errors import UserError
 from .model import TransferModel
 
@@ -104,7 +106,12 @@ class FeatureBatches:
         n = features.shape[0]
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(features.device)
+        rank, world = dist.rank(), dist.world_size()
         for chunk in order.split(self.batch_size):
+            if world > 1:  # this process's share of the global batch, as in DeviceBatches
+                if (self.shuffle and len(chunk) < world) or len(chunk) <= rank:
+                    continue
+                chunk = chunk[rank::world]
             yield {"image": features[chunk], "targets": {t: y[chunk] for t, y in self.targets.items()}}
 
 
@@ -128,7 +135,7 @@ def cache_features(model: TransferModel, loaders: Mapping[str, Any], extraction:
                 rng.manual_seed(seed * 1000 + v)
             feats, targets = encode_all(model, extraction[split], device, amp, desc=f"{split} features {v + 1}/{n_views}")
             stacked.append(feats)
-        out[split] = FeatureBatches(torch.stack(stacked), targets, batch_size=_batch_size(loader),
+        out[split] = FeatureBatches(torch.stack(stacked), targets, batch_size=loader_batch_size(loader),
                                     shuffle=split == "train", generator=generator if split == "train" else None,
                                     dataset=getattr(loader, "dataset", None), collate_fn=getattr(loader, "collate_fn", None))
     if device.type == "cuda":
@@ -136,5 +143,3 @@ def cache_features(model: TransferModel, loaders: Mapping[str, Any], extraction:
     return out, time.perf_counter() - started
 
 
-def _batch_size(loader: Any) -> int:
-    return int(getattr(loader, "batch_size", None) or 32)

@@ -21,6 +21,7 @@ class UnfreezeHook(Hook):
 
     def __init__(self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder") -> None:
         self.encoder, self.events, self.optim_cfg, self.prefix = encoder, list(events), optim_cfg, prefix
+        self.applied: set = set()
 
     def _apply(self, trainer: Trainer, event: UnfreezeCfg) -> None:
         newly = {id(p) for p in set_trainable(self.encoder, event.modules)}
@@ -29,15 +30,18 @@ class UnfreezeHook(Hook):
         trainer.model.train(trainer.model.training)  # re-derive which norm layers stay frozen
 
     def before_epoch(self, trainer: Trainer) -> None:
-        for event in self.events:
-            if event.epoch == trainer.epoch:
+        for i, event in enumerate(self.events):
+            if event.epoch == trainer.epoch and i not in self.applied:
                 self._apply(trainer, event)
+                self.applied.add(i)
                 tqdm.write(f"epoch {trainer.epoch + 1}: unfroze {', '.join(event.modules)} (lr x{event.lr_mult:g})")
 
     def on_resume(self, trainer: Trainer) -> None:
-        for event in self.events:
-            if event.epoch < trainer.epoch:
+        mid_epoch = trainer._partial is not None  # the interrupted epoch had already unfrozen its modules
+        for i, event in enumerate(self.events):
+            if event.epoch < trainer.epoch or (mid_epoch and event.epoch == trainer.epoch):
                 self._apply(trainer, event)
+                self.applied.add(i)
 
 
 class CheckpointHook(Hook):
@@ -52,6 +56,12 @@ class CheckpointHook(Hook):
             save_checkpoint({"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
                             self.dir / "best.pt")
         save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt")
+
+    def on_interrupt(self, trainer: Trainer, state: Dict[str, Any]) -> None:
+        save_checkpoint({**state, **self.meta}, self.dir / "last.pt")
+        step = state["partial"]["step"]
+        tqdm.write(f"saved {self.dir / 'last.pt'} (epoch {trainer.epoch + 1}, step {step}); continue with: "
+                   f"mtl train --resume {self.dir.parent}")
 
     def after_train(self, trainer: Trainer) -> None:
         best = self.dir / "best.pt"

@@ -167,6 +167,7 @@ class TrainCfg:
     # baseline, else -loss) | loss | delta_m | <task>.<metric>, e.g. seg.miou or depth.abs_err
     monitor: str = "auto"
     baseline: Optional[str] = None  # single-task baseline file ({task: {metric: value}}) for delta_m, relative to cwd
+    nonfinite: str = "stop"  # a nan/inf training loss: stop (naming task and step) | skip (that step) | off (no check)
     channels_last: str = "auto"  # auto (on CUDA) | on | off: NHWC memory format for convolutional encoders
     compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
     # frozen encoder with pooled heads only: compute the encoder's features once and train the heads on them.
@@ -179,6 +180,8 @@ class TrainCfg:
             return f"train.epochs must be >= 1, got {self.epochs}"
         if self.amp not in ("auto", "bf16", "off"):
             return f"train.amp must be auto, bf16 or off, got {self.amp!r}"
+        if self.nonfinite not in ("stop", "skip", "off"):
+            return f"train.nonfinite must be stop, skip or off, got {self.nonfinite!r}"
         if self.channels_last not in ("auto", "on", "off"):
             return f"train.channels_last must be auto, on or off, got {self.channels_last!r}"
         if self.cache_features not in ("auto", "on", "off"):

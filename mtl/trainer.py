@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .checkpoint import rng_state, set_rng_state
+from .data.batches import loader_batch_size
 from .freezing import L2SP
 from .errors import UserError
 from .tasks import Task
@@ -27,6 +31,7 @@ class Hook:
     def after_step(self, trainer: "Trainer", losses: Dict[str, Tensor]) -> None: ...
     def after_epoch(self, trainer: "Trainer", metrics: Dict[str, Any]) -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
+    def on_interrupt(self, trainer: "Trainer", state: Dict[str, Any]) -> None: ...
 
 
 class _Meter:
@@ -43,6 +48,14 @@ class _Meter:
         self.n += n
         for t, task in self.tasks.items():
             self.states[t] = task.update(self.states[t], outputs[t].detach(), targets[t])
+
+    def all_reduce(self) -> None:
+        """Sum the running sums over processes (each saw its own share of the data)."""
+        if dist.world_size() == 1:
+            return
+        self.loss = dist.all_reduce_sum(self.loss)
+        self.n = int(dist.all_reduce_sum(torch.tensor(float(self.n), dtype=torch.float64, device=self.loss.device)))
+        self.states = {t: dist.all_reduce_sum(s) for t, s in self.states.items()}
 
     def mean_losses(self) -> Tensor:
         return (self.loss / max(self.n, 1)).float()
@@ -78,7 +91,8 @@ class Trainer:
                  hooks: Sequence[Hook] = (), progress: bool = True, seed: int = 0,
                  generator: Optional[torch.Generator] = None, weighting: Optional[Weighting] = None,
                  grad_on: str = "params", monitor: Optional[Callable[[Dict[str, Any]], float]] = None,
-                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None, channels_last: bool = False) -> None:
+                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None, channels_last: bool = False,
+                 nonfinite: str = "stop") -> None:
         self.model, self.tasks, self.loaders = model, dict(tasks), dict(loaders)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.epochs, self.device, self.amp = epochs, device, amp
@@ -89,6 +103,10 @@ class Trainer:
         self.monitor = monitor or default_monitor
         self.delta_m = delta_m  # phase metrics -> delta_m % against single-task baselines
         self.channels_last = channels_last  # image batches go in NHWC, like the model's weights
+        self.nonfinite = nonfinite  # a nan/inf loss: stop (UserError) | skip (no update) | off (no check)
+        self.skipped_steps = 0
+        self._stop_requested = False
+        self._partial: Optional[Dict[str, Any]] = None  # where an interrupted epoch resumes
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
@@ -96,15 +114,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> List[Dict[str, Any]]:
+        """Train the remaining epochs. SIGINT or SIGTERM stops after the current step: hooks get ``on_interrupt``
+        with a resumable state (``CheckpointHook`` saves it as ``last.pt``), then KeyboardInterrupt is raised."""
+        with _stop_signals(self):
+            return self._fit()
+
+    def _fit(self) -> List[Dict[str, Any]]:
         self._call("before_train")
         while self.epoch < self.epochs:
             self._call("before_epoch")
             start = time.perf_counter()
             metrics: Dict[str, Any] = {"epoch": self.epoch + 1}
-            metrics["train"] = self.run_phase("train")
+            metrics["train"] = self._guarded_phase("train")
             metrics["time_train_s"] = time.perf_counter() - start
             if "val" in self.loaders:
-                metrics["val"] = self.run_phase("val")
+                metrics["val"] = self._guarded_phase("val")
             metrics["time_s"] = time.perf_counter() - start
             metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
             if len(self.tasks) > 1:
@@ -119,6 +143,15 @@ class Trainer:
         self._call("after_train")
         return self.history
 
+    def _guarded_phase(self, phase: str) -> Dict[str, Any]:
+        try:
+            return self.run_phase(phase)
+        except torch.cuda.OutOfMemoryError:
+            size = loader_batch_size(self.loaders[phase])
+            key = "data.batch_size" if phase == "train" else "data.val_batch_size"
+            raise UserError(f"out of GPU memory in the {phase} phase at batch size {size}; try {key}={max(size // 2, 1)}"
+                            f" (or a smaller data.image_size, or train.amp=bf16)") from None
+
     def run_phase(self, phase: str) -> Dict[str, Any]:
         """One pass over ``loaders[phase]``; trains when phase is "train"."""
         train = phase == "train"
@@ -127,16 +160,29 @@ class Trainer:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
         meter = _Meter(self.tasks, self.device)
         loader = self.loaders[phase]
-        bar = tqdm(loader, desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}", leave=False,
-                   disable=None if self.progress else True, dynamic_ncols=True)  # None: only on a terminal
+        batches, done = iter(loader), 0
+        if train and self._partial is not None:  # resume inside this epoch: same batches, same random draws
+            partial, self._partial = self._partial, None
+            for _ in range(partial["step"]):
+                next(batches)
+            done = partial["step"]
+            meter.loss, meter.n = partial["meter_loss"].to(self.device), partial["meter_n"]
+            meter.states = {t: v.to(self.device) for t, v in partial["meter_states"].items()}
+            set_rng_state(partial["rng"])
+        bar = tqdm(batches, total=len(loader), initial=done, desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
+                   leave=False, disable=None if self.progress and dist.is_main() else True, dynamic_ncols=True)
         with torch.set_grad_enabled(train):
-            for i, batch in enumerate(bar):
+            for i, batch in enumerate(bar, start=done):
                 losses = self.step(batch, meter, train)
                 if train:
                     self._call("after_step", losses)
+                    if self._should_stop():
+                        bar.close()
+                        self._interrupt(i + 1, meter)
                 if self.progress and (i % 10 == 0 or i == len(loader) - 1):
                     bar.set_postfix(_postfix(meter.result()))
         bar.close()
+        meter.all_reduce()
         if train:
             self.weighting.end_epoch(meter.mean_losses())
         result = meter.result()
@@ -160,7 +206,13 @@ class Trainer:
         # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
         # (zero) gradients through every other task's head as well
         each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
+        local = torch.stack([loss.detach() for loss in each])
+        if train and dist.world_size() > 1:  # loss values as over the global batch; gradients stay local
+            mean = dist.all_reduce_sum(local) / dist.world_size()
+            each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
         losses = torch.stack(each)
+        if train and self.nonfinite != "off" and not self._finite(losses):
+            return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
         if train:
             self.optimizer.zero_grad(set_to_none=True)
             if not self.weighting.gradient_level:
@@ -168,18 +220,55 @@ class Trainer:
                 if self.l2sp is not None:
                     total = total + self.l2sp.penalty()
                 total.backward()
+                self._average_gradients()
             elif representation:
                 self._representation_backward(each, features, rep)
+                self._average_gradients()  # each process balanced the gradients of its own batch
             else:
-                self._parameter_backward(each)
+                self._parameter_backward(each)  # per-task gradients averaged over processes before combining
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             self.global_step += 1
-        meter.update(losses, outputs, targets, x.shape[0])
+        meter.update(local, outputs, targets, x.shape[0])
         return dict(zip(self.tasks, losses.detach()))
+
+    def _finite(self, losses: Tensor) -> bool:
+        """False (skip the step) or a UserError (stop) for a nan/inf loss; one host sync per step."""
+        bad = ~torch.isfinite(losses.detach())
+        if not bool(bad.any()):
+            return True
+        names = [t for t, b in zip(self.tasks, bad.tolist()) if b]
+        where = f"task {', '.join(names)} at epoch {self.epoch + 1}, step {self.global_step + 1}"
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            tqdm.write(f"non-finite loss in {where}: step skipped ({self.skipped_steps} so far)")
+            return False
+        raise UserError(f"non-finite loss ({', '.join(f'{v:g}' for v in losses.detach().tolist())}) in {where}; the "
+                        f"last good checkpoint is kept; lower optim.lr, set train.grad_clip, or train.nonfinite=skip")
+
+    def request_stop(self) -> None:
+        """Stop after the current training step with a resumable checkpoint (what SIGINT/SIGTERM do)."""
+        self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        if dist.world_size() == 1:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        return bool(dist.all_reduce_sum(flag).item() > 0)  # every process stops at the same step
+
+    def _interrupt(self, step: int, meter: "_Meter") -> None:
+        state = self.state_dict()
+        state["partial"] = {"step": step, "meter_loss": meter.loss.cpu(), "meter_n": meter.n,
+                            "meter_states": {t: v.cpu() for t, v in meter.states.items()}, "rng": state["rng"]}
+        self._call("on_interrupt", state)
+        raise KeyboardInterrupt
+
+    def _average_gradients(self) -> None:
+        if dist.world_size() > 1:
+            dist.all_reduce_mean_([p.grad for g in self.optimizer.param_groups for p in g["params"]])
 
     # ------------------------------------------------------------------ gradient-level weighting
     def _shared(self) -> List[nn.Parameter]:
@@ -195,6 +284,7 @@ class Trainer:
                             "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder")
         owned = self._owned()
         grads, owned_grads = _task_gradients(losses, shared, owned)
+        dist.all_reduce_mean_([grads, *(g for per_task in owned_grads for g in per_task)])
         d, w = self.weighting(grads, torch.stack(losses).detach())
         _set_owned_grads(owned, owned_grads, w)
         offset = 0
@@ -254,11 +344,34 @@ class Trainer:
             self.weighting.load_state_dict(state["weighting"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = dict(state["best"]), list(state["history"])
+        self._partial = state.get("partial")
         self._call("on_resume")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+
+
+@contextlib.contextmanager
+def _stop_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT and SIGTERM ask ``trainer`` to stop after the current step; a second SIGINT stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum: int, frame: Any) -> None:
+        if trainer._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
+                   f"(Ctrl-C again to stop at once)")
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],

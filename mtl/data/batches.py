@@ -33,6 +33,7 @@ class ImageStore:
     labels: Tensor  # long (N,)
     indices: Tensor  # long (N,)
     location: str = "memory"
+    dropped: int = 0  # items whose file failed to decode (left out)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -67,14 +68,17 @@ def image_store(dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path],
     for level in reversed(chain):  # innermost subset first
         indices = indices[torch.as_tensor(level, dtype=torch.long)]
     labels = torch.as_tensor(labels, dtype=torch.long)
+    dropped = 0
     if isinstance(base, ImageFolderDataset) and failed:
         keep = torch.tensor([int(i) not in failed for i in indices])
-        indices, labels = indices[keep], labels[keep]
-    return ImageStore(images, sizes, labels, indices, location)
+        indices, labels, dropped = indices[keep], labels[keep], int((~keep).sum())
+    return ImageStore(images, sizes, labels, indices, location, dropped)
 
 
 class DeviceBatches:
     """An iterable of ``{"image": float (B,3,S,S) on device, "targets": {task: labels}}`` batches.
+
+    ``batch_size`` is the global batch; with ``world`` processes each one gets every world-th item of it.
 
     ``generator`` drives the shuffle and the augmentation, so a seeded generator gives the same epoch on every
     device. On CUDA the next batch is gathered and copied (pinned, non-blocking) by a thread while the
@@ -84,8 +88,9 @@ class DeviceBatches:
     def __init__(self, store: ImageStore, augment: BatchAugment, *, batch_size: int, shuffle: bool,
                  device: torch.device, generator: Optional[torch.Generator] = None,
                  target_names: Optional[List[str]] = None, dataset: Optional[Dataset] = None,
-                 collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> None:
+                 collate_fn: Optional[Callable[[List[Any]], Any]] = None, rank: int = 0, world: int = 1) -> None:
         self.store, self.augment = store, augment
+        self.rank, self.world = rank, world  # under torchrun: every process takes every world-th item of a batch
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
         self.generator = generator if generator is not None else torch.Generator()
         self.target_names = target_names or ["label"]
@@ -100,10 +105,16 @@ class DeviceBatches:
 
     def _gather(self, positions: Tensor) -> Dict[str, Any]:
         rows = self.store.indices[positions]
+        if self.store.sizes is not None:
+            sizes = self.store.sizes[rows]
+        else:
+            sizes = torch.tensor(self.store.images.shape[-2:], dtype=torch.long).expand(len(rows), 2)
+        theta = self.augment.theta(sizes, self.generator)  # for the whole global batch: same draws on any world size
+        if self.world > 1:  # this process's share of the global batch
+            mine = slice(self.rank, None, self.world)
+            positions, rows, theta = positions[mine], rows[mine], theta[mine]
         images = self.store.images[rows]
-        sizes = self.store.sizes[rows] if self.store.sizes is not None else None
         labels = self.store.labels[positions]
-        theta = self.augment.theta(sizes if sizes is not None else _own_sizes(images), self.generator)
         if self.device.type == "cuda":
             images, labels, theta = images.pin_memory(), labels.pin_memory(), theta.pin_memory()
         return {"images": images.to(self.device, non_blocking=True),
@@ -115,7 +126,7 @@ class DeviceBatches:
         return {"image": image, "targets": {t: raw["labels"] for t in self.target_names}}
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        chunks = self._order().split(self.batch_size)
+        chunks = _shares_exist(self._order().split(self.batch_size), self.shuffle, self.rank, self.world)
         if self.device.type != "cuda":
             for chunk in chunks:
                 yield self._batch(self._gather(chunk))
@@ -152,8 +163,32 @@ class DeviceBatches:
                     worker.join(timeout=0.01)
 
 
-def _own_sizes(images: Tensor) -> Tensor:
-    return torch.tensor(images.shape[-2:], dtype=torch.long).expand(len(images), 2)
+def _shares_exist(chunks: tuple, train: bool, rank: int, world: int) -> tuple:
+    """Global batches every process gets a share of: in training a last batch smaller than the number of
+    processes is dropped (each step is collective); in evaluation a process skips batches with no share."""
+    if world == 1:
+        return chunks
+    if train:
+        return tuple(c for c in chunks if len(c) >= world)
+    return tuple(c for c in chunks if len(c) > rank)
+
+
+class StridedBatchSampler:
+    """Index batches for the per-item loader: global batches of ``batch_size`` (shuffled by ``generator``),
+    of which this process takes every ``world``-th item from ``rank`` on (torchrun)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator],
+                 rank: int, world: int) -> None:
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for chunk in _shares_exist(order.split(self.batch_size), self.shuffle, self.rank, self.world):
+            yield chunk[self.rank::self.world].tolist()
 
 
 def default_cache_dir(root: Optional[str]) -> Optional[Path]:
@@ -162,3 +197,11 @@ def default_cache_dir(root: Optional[str]) -> Optional[Path]:
         return None
     path = Path(root).expanduser() / ".mtl_cache"
     return path if os.access(path.parent, os.W_OK) else None
+
+
+def loader_batch_size(loader: Any) -> int:
+    """The global batch size of a DataLoader, DeviceBatches or a DataLoader over a StridedBatchSampler."""
+    size = getattr(loader, "batch_size", None)
+    if size is None and getattr(loader, "batch_sampler", None) is not None:
+        size = getattr(loader.batch_sampler, "batch_size", None)
+    return int(size or 32)

@@ -1,0 +1,73 @@
+"""torchrun with 2 CPU processes (gloo) trains the same weights as one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_folder, tiny_config
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _train(cfg_path, processes):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "mtl", "train", str(cfg_path)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "mtl", "train", str(cfg_path)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _run_dir(out):
+    dirs = [p for p in (out / "tiny").iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs  # only process 0 writes: one run directory
+    return dirs[0]
+
+
+@pytest.mark.parametrize("weighting", ["equal", "pcgrad"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, weighting):
+    folder = make_folder(tmp_path / "data")
+    finals = {}
+    for n in (1, 2):
+        out = tmp_path / f"runs{n}"
+        cfg = tiny_config(folder, out, **{"train.epochs": 2, "train.log_images": 0, "train.deterministic": True,
+                                          "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}})
+        if weighting != "equal":  # two tasks on the same labels, so that gradients get balanced
+            cfg["tasks"] = {"a": {"target": "label"}, "b": {"target": "label", "head": {"name": "mlp", "hidden": 16}}}
+            cfg["weighting"] = {"name": weighting}
+            cfg["optim"] = {"name": "sgd", "lr": 0.05}  # Adam would magnify float-order noise of near-zero gradients
+        path = tmp_path / f"cfg{n}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        done = _train(path, n)
+        run_dir = _run_dir(out)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["processes"] == n
+        assert done.stdout.count("run ") == 1  # one console, process 0's
+        finals[n] = (summary, torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"])
+    (s1, w1), (s2, w2) = finals[1], finals[2]
+    assert s1["final"]["val"]["loss"] == pytest.approx(s2["final"]["val"]["loss"], rel=1e-4)
+    assert s1["final"]["train"]["loss"] == pytest.approx(s2["final"]["train"]["loss"], rel=1e-4)
+    for k in w1:
+        assert (w1[k].float() - w2[k].float()).abs().max() < 1e-5, (k, (w1[k].float() - w2[k].float()).abs().max(), w1[k].abs().max())
+
+
+def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
+    from mtl import distributed
+    from mtl.config import build_config
+    from mtl.errors import UserError
+    from mtl.experiment import build_data
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    cfg = build_config(tiny_config(make_folder(tmp_path / "d"), tmp_path / "r"), {})
+    with pytest.raises(UserError, match="does not split over 3 processes"):
+        build_data(cfg, torch.device("cpu"))
