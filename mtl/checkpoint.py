@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
@@ -39,15 +40,45 @@ def save_json(obj: Any, path: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; unreadable files are a UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zips, foreign formats
-        raise UserError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}") from None
+    obj = load_torch_file(path, "checkpoint")
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint", dir_hint: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; every way it can fail is one clear UserError line."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory, not a file{dir_hint}") from None
+    except OSError as e:
+        raise UserError(f"could not read {what} file {path}: {e.strerror or e}") from None
+    if not head:
+        raise UserError(f"could not read {what} file {path}: it is empty (0 bytes); write it again with torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise UserError(f"could not read {what} file {path}: {e.strerror or e}") from None
+    except Exception as e:  # pickle errors, truncated zips, foreign formats: many types
+        raise UserError(f"could not read {what} file {path}: {_load_problem(e, head)}") from None
+
+
+def _load_problem(err: Exception, head: bytes) -> str:
+    """Why torch.load failed, in words, without torch's multi-line advice to turn safe loading off."""
+    text = " ".join(str(err).split())
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (f"it holds a pickled Python object ({refused.group(1)}) that safe loading (weights_only) refuses; "
+                f"save a state dict instead: torch.save(model.state_dict(), path)")
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive; old files are a pickle
+        return "it is not a PyTorch file (torch.save writes a zip archive); give a file written by torch.save"
+    reason = re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0].rstrip(".") or type(err).__name__
+    return f"it is damaged or truncated ({reason[:160]}); copy or save it again"
 
 
 def rng_state() -> Dict[str, Any]:

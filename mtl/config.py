@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -31,6 +32,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[s
     for item in overrides:
         keys, value = parse_override(item)
         _set_path(raw, keys, value)
+        for i in range(1, len(keys)):  # parents the override creates are the command line's too
+            sources.setdefault(tuple(keys[:i]), "command-line overrides")
         record_sources(sources, keys, value, "command-line overrides")
     return raw, sources
 
@@ -44,23 +47,40 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"bad override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
+        raise UserError(f"bad override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise UserError(f"bad override {item!r}: the value is nested too deeply") from None
+    _check_shape(value, f"override {item!r}")
     return [k.strip() for k in keys], value
 
 
 def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sources]:
     path = path.expanduser()
-    if not path.is_file():
-        where = f" (a _base_ of {chain[-1]})" if chain else ""
-        raise UserError(f"config file not found: {path}{where}")
+    where = f" (a _base_ of {chain[-1]})" if chain else ""
     if path.resolve() in chain:
         raise UserError(f"config {path} inherits from itself through _base_")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot parse config {path}: {_first_line(e)}") from None
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"config file not found: {path}{where}") from None
+    except IsADirectoryError:
+        inside = path / "config.yaml"
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else "; give a YAML file"
+        raise UserError(f"config {path}{where} is a directory, not a config file{hint}") from None
+    except PermissionError:
+        raise UserError(f"cannot read config {path}{where}: permission denied; make it (and its folders) readable "
+                        f"or copy it somewhere readable") from None
     except OSError as e:
-        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        raise UserError(f"cannot read config {path}{where}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cannot parse config {path}{where}: it is not a text (UTF-8) file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse config {path}{where}: {_yaml_problem(e)}; fix the YAML there") from None
+    except RecursionError:
+        raise UserError(f"cannot parse config {path}{where}: it is nested too deeply") from None
+    _check_shape(data, f"config {path}{where}")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -108,8 +128,50 @@ def _set_path(raw: Dict[str, Any], keys: List[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split())
+_MAX_VALUES = 100_000  # a config with more values than this once YAML aliases are expanded is a mistake (or an attack)
+
+
+def _check_shape(data: Any, what: str) -> None:
+    """Refuse what YAML aliases allow but no config needs: a value that contains itself, or one that expands
+    (``&a [...]`` used many times inside ``&b``, ...) into a tree too big to merge, validate or dump."""
+    sizes: Dict[int, int] = {}  # id -> values below it, counting every use of an alias
+    open_: set = set()  # ids of the containers being walked
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise UserError(f"{what} contains itself through a YAML alias (a *name inside its own &name); "
+                            f"remove that alias")
+        open_.add(key)
+        total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
+        open_.discard(key)
+        if total > _MAX_VALUES:
+            raise UserError(f"{what} expands to more than {_MAX_VALUES:,} values through its YAML aliases; "
+                            f"write the values out instead")
+        sizes[key] = total
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise UserError(f"{what} is nested too deeply") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line 2, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence from line 1, column 4)``."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" from line {context_mark.line + 1}, column {context_mark.column + 1}"
+                                  if context_mark is not None and context_mark.line != mark.line else "") + ")"
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- validation
@@ -117,6 +179,9 @@ def _first_line(e: Exception) -> str:
 
 def build_config(raw: Mapping[str, Any], sources: Sources | None = None) -> Config:
     """Validate a raw dict against :class:`mtl.schema.Config` and return the typed config."""
+    if not isinstance(raw, Mapping):
+        raise UserError(f"a config must be a mapping of keys to values, not a {type(raw).__name__}")
+    _check_shape(raw, "the config")
     return _convert(Config, raw, (), sources or {})
 
 

@@ -16,6 +16,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
+from .checkpoint import load_torch_file
 from .errors import UserError
 
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -86,14 +87,22 @@ def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor
 def run_checkpoint(run_dir: str | Path) -> Path:
     """``<run_dir>/checkpoints/best.pt``, or that of the newest (by name) timestamped subdirectory having one."""
     root = Path(run_dir).expanduser()
-    if not root.is_dir():
-        raise UserError(f"run:{run_dir}: no such run directory")
-    if (root / "checkpoints").is_dir():
-        best = root / "checkpoints" / "best.pt"
-        if not best.is_file():
-            raise UserError(f"run:{run_dir}: {best} does not exist")
-        return best
-    found = sorted(root.glob("*/checkpoints/best.pt"))
+    try:
+        os.listdir(root)  # raises what is_dir() and glob() would hide: a file, a folder we may not read
+        if (root / "checkpoints").is_dir():
+            best = root / "checkpoints" / "best.pt"
+            if not best.is_file():
+                raise UserError(f"run:{run_dir}: {best} does not exist")
+            return best
+        found = sorted(root.glob("*/checkpoints/best.pt"))
+    except (FileNotFoundError, NotADirectoryError):
+        if root.is_file():
+            raise UserError(f"run:{run_dir}: {root} is a file, not a run directory; for a weights file "
+                            f"write model.weights={run_dir} (without run:)") from None
+        raise UserError(f"run:{run_dir}: no such run directory") from None
+    except PermissionError as e:
+        raise UserError(f"run:{run_dir}: permission denied reading {e.filename or root}; "
+                        f"make the run directory readable (chmod -R u+rX) or copy it somewhere readable") from None
     if not found:
         raise UserError(f"run:{run_dir}: neither {root / 'checkpoints' / 'best.pt'} nor any "
                         f"{root / '*' / 'checkpoints' / 'best.pt'} exists")
@@ -103,14 +112,7 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a state dict or an mtl checkpoint's ``"model"`` state dict from ``path`` (weights_only)."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"weights {path} is a directory, not a file (for an earlier mtl run use run:{path})")
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"could not read weights file {path} as a PyTorch checkpoint: {_one_line(e)}") from None
+    obj = load_torch_file(path, "weights", dir_hint=f" (for an earlier mtl run use run:{path})")
     return _state_dict_from(obj, path)
 
 
@@ -194,9 +196,14 @@ def _sha256(path: Path) -> str:
 def import_weights(path: str | Path) -> Path:
     """Copy a torchvision weights file (recognised by its SHA-256, whatever its name) into the cache."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the weights file itself, e.g. mtl weights import {path}/<name>.pth")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
-    digest = _sha256(path)
+    try:
+        digest = _sha256(path)
+    except OSError as e:
+        raise UserError(f"could not read weights file {path}: {e.strerror or e}") from None
     for file_name in known_weight_files():
         match = _HASH_PART.search(file_name)
         if match and digest.startswith(match.group(1)):

@@ -127,8 +127,9 @@ def _memory_mapped(
         fd, tmp_data = tempfile.mkstemp(dir=folder, prefix=f".{data_path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as err:
-        raise UserError(f"{too_big}, and the cache folder {folder} is not writable ({err.strerror or err}); "
-                        f"raise data.cache_budget_gb or make the folder writable") from None
+        why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise UserError(f"{too_big}, and the cache folder {folder} is not writable ({why}); "
+                        f"raise data.cache_budget_gb or set data.cache_dir to a writable folder") from None
     try:
         store = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         _reserve(tmp_data, folder, needed)

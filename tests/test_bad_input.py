@@ -1,0 +1,578 @@
+"""Bad input, end to end through the ``mtl`` CLI (in-process).
+
+The rule: bad input gets one line that says what is wrong and how to fix it, exit code 2, no traceback, and
+nothing already written is lost. Unreadable single images inside an otherwise fine data set are skipped with
+one warning and counted. Every row of ``docs/bad_input.md`` is one test here; the fuzz tests at the end feed
+random files, random YAML documents and random overrides and accept only success or a UserError.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import mtl.experiment  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
+from conftest import COLORS, make_folder, tiny_config
+from mtl.cli import main
+from mtl.config import build_config, load_config, parse_override
+from mtl.data.decoded import _decode_file
+from mtl.data.image_files import load_rgb
+from mtl.encoders import build_encoder
+from mtl.errors import UserError
+from mtl.schema import Config
+
+WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn
+PER_CLASS = (4, 2)  # train, val images per class: 12 train and 6 val images
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data", per_class=PER_CLASS, size=16)
+
+
+def write_config(tmp_path: Path, root: Path, name: str = "c.yaml", **overrides) -> Path:
+    """tiny_config (one epoch) as a YAML file in ``tmp_path``; its runs go to ``tmp_path/runs``."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tiny_config(root, tmp_path / "runs", **{"train.epochs": 1, **overrides})))
+    return path
+
+
+def refused(capsys, args, *words: str, runs: Path | None = None) -> str:
+    """Run the CLI; it must exit 2 with one ``mtl: error:`` line holding ``words``, no traceback, no run dir."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mtl: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    if runs is not None:
+        assert not runs.exists(), "a refused run left a run directory behind"
+    return lines[0]
+
+
+def trained(capsys, args, runs: Path) -> tuple[dict, list[str]]:
+    """Run the CLI; it must exit 0 with one run. Returns its summary and the non-empty stderr lines."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err
+    (run_dir,) = [p for p in (runs / "tiny").iterdir() if p.is_dir()]
+    return json.loads((run_dir / "summary.json").read_text()), [line for line in err.splitlines() if line.strip()]
+
+
+def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- images: skipped or converted
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_counted(data, tmp_path, capsys):
+    red = data / "train" / "red"
+    (red / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    whole = jpeg_bytes()
+    (red / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    summary, err = trained(capsys, ["train", write_config(tmp_path, data)], tmp_path / "runs")
+    assert summary["skipped_images"] == 2 and summary["train_size"] == 12 and summary["val_size"] == 6
+    assert len(err) == 1, err  # one warning, one line, naming the files
+    assert err[0].startswith("mtl: warning: skipped 2 of 14 train images") and "corrupt.jpg" in err[0]
+    assert "truncated.jpg" in err[0]
+
+
+def _grey(path: Path) -> tuple:
+    Image.new("L", (20, 20), 120).save(path.with_suffix(".png"))
+    return (120, 120, 120)
+
+
+def _cmyk_jpeg(path: Path) -> tuple:
+    Image.new("CMYK", (20, 20), (0, 160, 140, 30)).save(path.with_suffix(".jpg"), quality=95)
+    return Image.new("CMYK", (1, 1), (0, 160, 140, 30)).convert("RGB").getpixel((0, 0))
+
+
+def _png16(path: Path) -> tuple:
+    image = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+    image.save(path.with_suffix(".png"))
+    assert Image.open(path.with_suffix(".png")).mode == "I;16"
+    return (156, 156, 156)  # 40000 / 256: rescaled, not clipped at 255
+
+
+def _rgba(path: Path) -> tuple:
+    Image.new("RGBA", (20, 20), (40, 200, 60, 128)).save(path.with_suffix(".png"))
+    return tuple(round(255 + (c - 255) * 128 / 255) for c in (40, 200, 60))  # over white
+
+
+def _palette_transparent(path: Path) -> tuple:
+    image = Image.new("P", (20, 20), 0)  # index 0 everywhere, and index 0 is transparent
+    image.putpalette([0, 0, 0, 40, 200, 60] + [0] * 762)
+    image.save(path.with_suffix(".png"), transparency=0)
+    return (255, 255, 255)  # transparency becomes white, not black
+
+
+@pytest.mark.parametrize("make", [_grey, _cmyk_jpeg, _png16, _rgba, _palette_transparent],
+                         ids=["L", "CMYK-jpeg", "I;16-png", "RGBA-png", "P-transparency-png"])
+def test_other_image_modes_are_converted_and_train(make, data, tmp_path, capsys):
+    for name in COLORS:
+        expected = make(data / "train" / name / "odd")
+    (odd,) = (data / "train" / "red").glob("odd.*")
+    for rgb in (np.asarray(load_rgb(str(odd))), _decode_file(str(odd), 8)[0]):  # per-item and batched decoders
+        assert rgb.dtype == np.uint8 and rgb.shape[-1] == 3
+        assert np.abs(rgb.reshape(-1, 3).astype(int) - expected).max() <= 6, (rgb[0, 0], expected)
+    summary, err = trained(capsys, ["train", write_config(tmp_path, data)], tmp_path / "runs")
+    assert summary["skipped_images"] == 0 and summary["train_size"] == 15 and not err
+
+
+# --------------------------------------------------------------------------- data layout
+
+
+def _empty_class(root: Path) -> str:
+    shutil.rmtree(root / "train" / "red")
+    (root / "train" / "red").mkdir()
+    return f"class folder(s) {root / 'train' / 'red'} hold no images"
+
+
+def _empty_split(root: Path) -> str:
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    return f"no class folders in {root / 'val'}"
+
+
+def _missing_root(root: Path) -> str:
+    shutil.rmtree(root)
+    return f"data root {root} does not exist or is not a folder"
+
+
+def _root_is_a_file(root: Path) -> str:
+    shutil.rmtree(root)
+    root.write_text("not a folder")
+    return f"data root {root} does not exist or is not a folder"
+
+
+def _mismatched_classes(root: Path) -> str:
+    (root / "val" / "red").rename(root / "val" / "purple")
+    return "in train but not in val: red; in val but not in train: purple"
+
+
+@pytest.mark.parametrize("damage", [_empty_class, _empty_split, _missing_root, _root_is_a_file, _mismatched_classes],
+                         ids=["empty-class-folder", "empty-split-folder", "missing-root", "root-is-a-file",
+                              "mismatched-classes"])
+def test_bad_data_layout_is_refused(damage, data, tmp_path, capsys):
+    config = write_config(tmp_path, data)
+    words = damage(data)
+    line = refused(capsys, ["train", config], words, runs=tmp_path / "runs")
+    assert any(hint in line for hint in ("add images", "put each class", "set data.root", "same class folders"))
+
+
+def test_fashion_mnist_without_its_files_is_refused(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(capsys, ["train", write_config(tmp_path, data), "data.name=fashion_mnist", f"data.root={empty}"],
+            "Fashion-MNIST files not found", "train-images-idx3-ubyte", str(empty), "apt-get install",
+            "data.options.download=true", runs=tmp_path / "runs")
+
+
+def test_wrong_class_count_is_refused(data, tmp_path, capsys):
+    refused(capsys, ["train", write_config(tmp_path, data), "tasks.label.num_classes=7"],
+            "tasks.label.num_classes is 7 but the data has 3 classes (blue, green, red)", "fix num_classes",
+            runs=tmp_path / "runs")
+
+
+# --------------------------------------------------------------------------- configs and overrides
+
+
+def _nested_unknown_key(tmp_path: Path, root: Path) -> tuple:
+    raw = tiny_config(root, tmp_path / "runs")
+    raw["tasks"] = {"label": {"head": {"name": "mlp", "hiden": 16}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    return [tmp_path / "c.yaml"], ["unknown config key 'tasks.label.head.hiden'", "c.yaml", "did you mean hidden"]
+
+
+def _wrong_type(tmp_path: Path, root: Path) -> tuple:
+    return [write_config(tmp_path, root), "train.epochs=three"], ["'train.epochs'", "must be an integer",
+                                                                  "'three'", "command-line overrides"]
+
+
+def _override_unknown_key(tmp_path: Path, root: Path) -> tuple:
+    return [write_config(tmp_path, root), "optim.lrr=0.1"], ["unknown config key 'optim.lrr'",
+                                                             "command-line overrides", "did you mean lr"]
+
+
+def _override_unknown_section(tmp_path: Path, root: Path) -> tuple:
+    return [write_config(tmp_path, root), "optimizer.lr=0.1"], ["unknown config key 'optimizer'",
+                                                                "(set in command-line overrides)", "optim"]
+
+
+def _yaml_syntax_error(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "c.yaml").write_text("name: tiny\ntrain: {epochs: 1\noptim: {lr: 0.1}\n")
+    return [tmp_path / "c.yaml"], ["cannot parse config", "line 3, column 6", "fix the YAML"]
+
+
+def _not_a_mapping(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "c.yaml").write_text("- name: tiny\n- train: {epochs: 1}\n")
+    return [tmp_path / "c.yaml"], ["must be a mapping of keys to values, not a list"]
+
+
+def _missing_config(tmp_path: Path, root: Path) -> tuple:
+    return [tmp_path / "nope.yaml"], [f"config file not found: {tmp_path / 'nope.yaml'}"]
+
+
+def _base_cycle(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    return [tmp_path / "a.yaml"], ["a.yaml inherits from itself through _base_"]
+
+
+def _missing_base(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "c.yaml").write_text("_base_: gone.yaml\nname: tiny\n")
+    return [tmp_path / "c.yaml"], [f"config file not found: {tmp_path / 'gone.yaml'} (a _base_ of"]
+
+
+def _alias_cycle(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "c.yaml").write_text("name: tiny\ndata: &d {options: *d}\n")
+    return [tmp_path / "c.yaml"], ["contains itself through a YAML alias"]
+
+
+@pytest.mark.parametrize("case", [_nested_unknown_key, _wrong_type, _override_unknown_key, _override_unknown_section,
+                                  _yaml_syntax_error, _not_a_mapping, _missing_config, _base_cycle, _missing_base,
+                                  _alias_cycle],
+                         ids=lambda f: f.__name__.strip("_").replace("_", "-"))
+def test_bad_config_is_refused(case, data, tmp_path, capsys):
+    args, words = case(tmp_path, data)
+    refused(capsys, ["train", *args], *words, runs=tmp_path / "runs")
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3", "a..b=1", "train.epochs=[1,"])
+def test_bad_override_syntax_is_refused(item, data, tmp_path, capsys):
+    refused(capsys, ["train", write_config(tmp_path, data), item], f"bad override {item!r}",
+            "key.sub=value" if "[" not in item else "not valid YAML", runs=tmp_path / "runs")
+
+
+# --------------------------------------------------------------------------- runs, weights and checkpoints
+
+
+def test_missing_run_dir_is_refused(data, tmp_path, capsys):
+    config = write_config(tmp_path, data)
+    missing = tmp_path / "runs" / "x"
+    refused(capsys, ["train", missing / "config.yaml"], f"config file not found: {missing / 'config.yaml'}")
+    refused(capsys, ["train", config, f"model.weights=run:{missing}"], f"run:{missing}: no such run directory",
+            runs=tmp_path / "runs")
+    refused(capsys, ["train", "--resume", missing], f"cannot resume {missing}", "is it a run directory?")
+    weights = tmp_path / "encoder.pt"
+    torch.save(build_encoder("small_cnn", widths=WIDTHS).state_dict(), weights)
+    refused(capsys, ["train", config, f"model.weights=run:{weights}"], "is a file, not a run directory",
+            f"model.weights={weights} (without run:)", runs=tmp_path / "runs")
+
+
+@pytest.fixture
+def world_readable_tmp():
+    """A temporary folder that user nobody can read: a test that drops root's rights still reaches its files."""
+    old_umask = os.umask(0o022)
+    folder = Path(tempfile.mkdtemp(prefix="mtl-bad-input-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        os.umask(old_umask)
+        for p in [folder, *folder.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unreadable(path: Path):
+    """``chmod 000 path`` for the block; as root, who reads everything, also act as user nobody meanwhile."""
+    path.chmod(0)
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            try:
+                os.seteuid(65534)
+            except OSError:
+                pytest.skip("running as root without the right to drop to user nobody")
+        if os.access(path / "config.yaml", os.F_OK, effective_ids=os.access in os.supports_effective_ids):
+            pytest.skip(f"{path} stays readable after chmod 000 on this file system")
+        yield
+    finally:
+        if as_root:
+            os.seteuid(0)
+        path.chmod(0o755)
+
+
+def test_unreadable_run_dir_is_refused(world_readable_tmp, capsys):
+    tmp = world_readable_tmp
+    root = make_folder(tmp / "data", per_class=PER_CLASS, size=16)
+    config = write_config(tmp, root)
+    run = tmp / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(config.read_text())
+    torch.save({"model": build_encoder("small_cnn", widths=WIDTHS).state_dict()}, run / "checkpoints" / "best.pt")
+    with unreadable(run):
+        first = main(["train", str(run / "config.yaml")])
+        err_config = capsys.readouterr().err
+        second = main(["train", str(config), f"model.weights=run:{run}"])
+        err_weights = capsys.readouterr().err
+    for code, err, words in ((first, err_config, f"cannot read config {run / 'config.yaml'}: permission denied"),
+                             (second, err_weights, f"run:{run}: permission denied reading {run}")):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("mtl: error: ") and words in lines[0] and "readable" in lines[0], lines[0]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]  # the old run is untouched
+    assert not (tmp / "runs").exists()
+
+
+def test_weights_file_that_is_not_a_torch_file_is_refused(data, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(1000))
+    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={junk}"],
+            f"could not read weights file {junk}: it is not a PyTorch file", "torch.save", runs=tmp_path / "runs")
+    assert junk.stat().st_size == 1000
+
+
+def test_damaged_and_pickled_weights_files_are_refused(data, tmp_path, capsys):
+    config = write_config(tmp_path, data)
+    good = tmp_path / "good.pt"
+    torch.save(build_encoder("small_cnn", widths=WIDTHS).state_dict(), good)
+    truncated, empty, module = tmp_path / "truncated.pt", tmp_path / "empty.pt", tmp_path / "module.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty.write_bytes(b"")
+    torch.save(torch.nn.Linear(2, 2), module)
+    refused(capsys, ["train", config, f"model.weights={truncated}"], "it is damaged or truncated")
+    refused(capsys, ["train", config, f"model.weights={empty}"], "it is empty (0 bytes)")
+    refused(capsys, ["train", config, f"model.weights={module}"], "pickled Python object", "state_dict()",
+            runs=tmp_path / "runs")
+
+
+def test_weights_of_another_architecture_list_the_mismatched_keys(data, tmp_path, capsys):
+    other = tmp_path / "wider.pt"
+    torch.save(build_encoder("small_cnn", widths=[4, 8, 8, 16]).state_dict(), other)
+    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={other}"],
+            f"weights {other} do not fit encoder small_cnn", "shape mismatches",
+            "stage1.0.0.weight (4, 3, 3, 3) in file vs (8, 3, 3, 3) in model", runs=tmp_path / "runs")
+
+
+# --------------------------------------------------------------------------- a directory where a file belongs
+
+
+def test_directory_given_as_weights_file_is_refused(data, tmp_path, capsys):
+    folder = tmp_path / "some_dir"
+    folder.mkdir()
+    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={folder}"],
+            f"weights {folder} is a directory, not a file", f"run:{folder}", runs=tmp_path / "runs")
+
+
+def test_directory_given_as_config_is_refused(data, tmp_path, capsys):
+    run = tmp_path / "old_run"
+    run.mkdir()
+    refused(capsys, ["train", run], f"config {run} is a directory, not a config file")
+    (run / "config.yaml").write_text(write_config(tmp_path, data).read_text())
+    refused(capsys, ["train", run], f"did you mean {run / 'config.yaml'}?")
+
+
+def test_directory_given_to_weights_import_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    refused(capsys, ["weights", "import", tmp_path], f"{tmp_path} is a directory; give the weights file itself")
+
+
+def test_directory_given_as_baseline_file_is_refused(data, tmp_path, capsys):
+    refused(capsys, ["train", write_config(tmp_path, data), f"train.baseline={tmp_path}"],
+            f"baseline file {tmp_path} is a directory")
+
+
+@pytest.mark.parametrize("override", ["train.monitor=foo", "train.baseline=missing.yaml"])
+def test_bad_monitor_or_baseline_leaves_no_run_directory(override, data, tmp_path, capsys):
+    refused(capsys, ["train", write_config(tmp_path, data), override], "train.monitor" if "monitor" in override
+            else "baseline file", runs=tmp_path / "runs")
+
+
+def test_file_where_the_output_folder_belongs_is_refused(data, tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("keep me")
+    refused(capsys, ["train", write_config(tmp_path, data)], f"{blocker} is a file, but a folder is needed there")
+    assert blocker.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def _png(width: int, height: int, payload: bytes) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", payload) + chunk(b"IEND", b"")
+
+
+def _bad_files(rng: random.Random) -> list[tuple[str, bytes, bool]]:
+    """(suffix, bytes, surely unreadable) for ~30 files: junk, real headers + junk, truncations, huge sizes."""
+    good_png = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(good_png, "PNG")
+    good_png, good_jpeg = good_png.getvalue(), jpeg_bytes(rng.randrange(1000), 32)
+    junk = lambda n: bytes(rng.getrandbits(8) for _ in range(n))  # noqa: E731
+    files = [(".jpg", b"", True), (".png", b"", True)]
+    for _ in range(4):
+        files.append((rng.choice([".jpg", ".png", ".bmp", ".gif", ".webp", ".tif"]), junk(rng.randrange(1, 800)), True))
+        files.append((".png", b"\x89PNG\r\n\x1a\n" + junk(rng.randrange(0, 300)), True))
+        files.append((".jpg", b"\xff\xd8\xff\xe0" + junk(rng.randrange(0, 300)), True))
+        files.append((".png", good_png[: rng.randrange(8, len(good_png) - 12)], True))
+        files.append((".jpg", good_jpeg[: rng.randrange(4, len(good_jpeg) // 2)], True))
+        flipped = bytearray(good_jpeg)
+        for _ in range(3):
+            flipped[rng.randrange(200, len(flipped))] = rng.getrandbits(8)
+        files.append((".jpg", bytes(flipped), False))  # may still decode
+    files.append((".png", _png(60000, 60000, zlib.compress(b"\0" * 100)), True))  # a decompression bomb header
+    files.append((".png", _png(0, 5, b""), True))
+    files.append((".jpg", b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+                  + junk(100), True))  # a JPEG frame header claiming 60000 x 60000
+    files.append((".bmp", b"BM" + struct.pack("<IHHI", 1000, 0, 0, 54) + struct.pack("<IiiHH", 40, 50000, 50000, 1, 24)
+                  + junk(60), True))
+    return files
+
+
+@pytest.mark.parametrize("options", [[], ["data.pipeline=items"], ["data.options.verify=false"]],
+                         ids=["batched", "items", "batched-unverified"])
+def test_fuzz_bad_image_files_are_skipped_or_refused(options, tmp_path, capsys):
+    rng = random.Random(1234)
+    root = make_folder(tmp_path / "data", per_class=PER_CLASS, size=16)
+    unreadable_files = 0
+    for i, (suffix, payload, surely_bad) in enumerate(_bad_files(rng)):
+        split = "train" if i % 3 else "val"
+        (root / split / rng.choice(list(COLORS)) / f"fuzz{i}{suffix}").write_bytes(payload)
+        unreadable_files += surely_bad
+    code = main(["train", str(write_config(tmp_path, root)), *options])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+        return
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if "verify=false" not in " ".join(options):
+        assert summary["skipped_images"] >= unreadable_files
+        assert all(line.startswith("mtl: warning: skipped ") for line in err.splitlines() if line.strip()), err
+
+
+_VALID_KEYS = ["name", "out_dir", "data", "root", "options", "image_size", "batch_size", "augment", "mean", "classes",
+               "pipeline", "model", "encoder", "weights", "freeze", "until", "train", "tasks", "label", "head", "type",
+               "num_classes", "metrics", "weighting", "optim", "lr", "momentum", "lr_mult", "sched", "milestones",
+               "epochs", "unfreeze", "modules", "epoch", "seed", "monitor", "stages", "continual", "methods",
+               "_base_", "encoder_options", "widths", "loss", "weight", "grad_clip", "device", "amp"]
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    kind = rng.random()
+    if depth < 4 and kind < 0.3:
+        return {_random_key(rng): _random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
+    if depth < 4 and kind < 0.45:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
+    return rng.choice([
+        lambda: rng.randrange(-5, 300), lambda: rng.uniform(-1, 1), lambda: rng.choice([True, False, None]),
+        lambda: rng.choice(["", "all", "none", "resnet18", "small_cnn", "folder", "layer3", "adam", "auto", "x" * 50]),
+        lambda: float(rng.choice(["nan", "inf", "-inf"])), lambda: 10 ** rng.randrange(10, 40),
+        lambda: "".join(rng.choice("ab.=:[]{}-_ 0") for _ in range(rng.randrange(0, 8))),
+    ])()
+
+
+def _random_key(rng: random.Random):
+    if rng.random() < 0.75:
+        return rng.choice(_VALID_KEYS)
+    return rng.choice([rng.randrange(-3, 3), None, True, 1.5, "", "x.y", "ёж", "lrr", "epochs "])
+
+
+def _mutate(node, rng: random.Random) -> None:
+    """Replace, add or drop one entry somewhere in a valid config dict."""
+    while True:
+        key = rng.choice(list(node))
+        if isinstance(node[key], dict) and node[key] and rng.random() < 0.6:
+            node = node[key]
+            continue
+        action = rng.random()
+        if action < 0.6:
+            node[key] = _random_value(rng, 2)
+        elif action < 0.8:
+            node[_random_key(rng)] = _random_value(rng, 2)
+        else:
+            del node[key]
+        return
+
+
+def test_fuzz_random_yaml_configs_give_a_config_or_a_user_error(tmp_path):
+    rng = random.Random(99)
+    outcomes = {"config": 0, "user error": 0}
+    for i in range(240):
+        if i % 2:
+            doc = tiny_config(Path("/data"), Path("/runs"))
+            doc["tasks"] = {"label": {"head": {"name": "mlp", "hidden": 8}}}
+            doc["train"]["unfreeze"] = [{"epoch": 1, "modules": ["stage4"]}]
+            for _ in range(rng.randrange(1, 4)):
+                _mutate(doc, rng)
+        else:
+            doc = _random_value(rng) if i % 10 == 0 else {_random_key(rng): _random_value(rng, 1) for _ in range(4)}
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+        try:
+            cfg = build_config(yaml.safe_load(text), {})
+            assert isinstance(cfg, Config)
+            outcomes["config"] += 1
+        except UserError as e:
+            assert "\n" not in str(e) and str(e), repr(e)
+            outcomes["user error"] += 1
+        if i % 4 == 0:  # the file entry point too, with the text sometimes cut or spliced
+            if i % 8 == 0 and len(text) > 2:
+                cut = rng.randrange(len(text))
+                text = text[:cut] + rng.choice(["", ":", "[", "{", "- ", "&a *a", "\t", "'"]) + text[cut + 1:]
+            path = tmp_path / f"fuzz{i}.yaml"
+            path.write_text(text)
+            try:
+                build_config(*load_config(path))
+            except UserError as e:
+                assert "\n" not in str(e) and str(e), repr(e)
+    assert outcomes["config"] >= 5 and outcomes["user error"] >= 100, outcomes  # both sides are exercised
+
+
+def test_fuzz_random_overrides_give_a_value_or_a_user_error(data, tmp_path):
+    rng = random.Random(7)
+    config = write_config(tmp_path, data)
+    alphabet = "abceilmnoprt._=[]{}:,'\"-&*!# 019\t"
+    items = ["train.unfreeze=&a [*a]", "data.options=&a {x: *a}", "a=" + "[" * 2000 + "]" * 2000, "x=!!python/none",
+             "train.epochs=1e400", "=", ".", "a.=1", ".a=1", "a = 1", "tasks.label=null", "tasks=null", "data=3"]
+    for _ in range(300):
+        if rng.random() < 0.5:
+            items.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20))))
+        else:
+            key = ".".join(rng.choice(_VALID_KEYS) for _ in range(rng.randrange(1, 4)))
+            value = yaml.safe_dump(_random_value(rng, 2), default_flow_style=True).strip().replace("\n", " ")
+            items.append(f"{key}={value}")
+    parsed = 0
+    for item in items:
+        try:
+            keys, _ = parse_override(item)
+            assert keys and all(isinstance(k, str) and k for k in keys)
+            parsed += 1
+        except UserError as e:
+            assert "\n" not in str(e), repr(e)
+            continue
+        try:
+            assert isinstance(build_config(*load_config(config, [item])), Config)
+        except UserError as e:
+            assert "\n" not in str(e), repr(e)
+    assert parsed > 100
