@@ -1,4 +1,4 @@
-"""The ``mtl`` command: ``mtl train``, ``mtl compare``, ``mtl weights import|list``."""
+"""The ``mtl`` command: ``train``, ``summary``, ``features``, ``predict``, ``eval``, ``compare``, ``weights``."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,33 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
+    summary = sub.add_parser("summary", help="a layer table: output shapes, parameters, trainable or frozen",
+                             description="Layers of the model a config (or a run) builds, as torchsummary prints them.")
+    summary.add_argument("target", help="a config file or a run directory")
+    summary.add_argument("overrides", nargs="*", help="config overrides, e.g. model.freeze=all")
+    summary.add_argument("--input", metavar="C,H,W", help="input shape (default 3,<data.image_size>,<data.image_size>)")
+    summary.add_argument("--depth", type=int, default=None, help="only modules up to this nesting depth")
+
+    features = sub.add_parser("features", help="save feature-map grids of selected layers for one image",
+                              description="Forward hooks on the selected layers; one PNG grid per layer.")
+    features.add_argument("target", help="a config file or a run directory (its best checkpoint)")
+    features.add_argument("overrides", nargs="*", help="config overrides")
+    features.add_argument("--image", required=True, help="an image file")
+    features.add_argument("--layers", default="conv", help="conv (every convolution), or comma-separated module names "
+                                                            "or glob patterns, e.g. encoder.layer1,encoder.layer4.*")
+    features.add_argument("--out", help="output folder (default <run>/features or runs/features/<name>)")
+    features.add_argument("--max-maps", type=int, default=64, help="channels shown per layer (default 64)")
+
+    predict = sub.add_parser("predict", help="top-k predictions of a trained run on images or a folder")
+    predict.add_argument("run", help="a run directory")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--topk", type=int, default=3)
+    predict.add_argument("--out", help="output folder (default <run>/predictions)")
+
+    evaluate = sub.add_parser("eval", help="metrics and confusion matrix of a run's best checkpoint")
+    evaluate.add_argument("run", help="a run directory")
+    evaluate.add_argument("--split", default="val", help="which split of the run's data set (default val)")
+
     compare = sub.add_parser("compare", help="a table of runs' metrics and their delta_m",
                              description="One row per run (or per stage), one column per task metric; with "
                                          "--baseline also delta_m %% against single-task results.")
@@ -36,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     imp = wsub.add_parser("import", help="put a torchvision weights file into torchvision's cache (hash checked)")
     imp.add_argument("file")
     wsub.add_parser("list", help="list the weight files in torchvision's cache")
+    for command in (train, summary, features, predict, evaluate):
+        command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                             help="import a module that registers your own encoders, heads, losses, metrics or "
+                                  "weighting methods (repeatable; also the config key imports)")
     return parser
 
 
@@ -74,6 +105,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "imports", None):
+            from .plugins import import_modules
+
+            import_modules(args.imports)
         if args.command == "train":
             from . import distributed
             from .experiment import resume_run, train_from_file
@@ -87,6 +122,23 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError("mtl train needs a config file, e.g. mtl train configs/quickstart.yaml")
             else:
                 train_from_file(args.config, args.overrides)
+        elif args.command == "summary":
+            from .inspection import summary_command
+
+            print(summary_command(args.target, args.overrides, args.input, args.depth))
+        elif args.command == "features":
+            from .inspection import features_command
+
+            paths = features_command(args.target, args.overrides, args.image, args.layers, args.out, args.max_maps)
+            print(f"wrote {len(paths)} feature-map grids to {paths[0].parent if paths else args.out}")
+        elif args.command == "predict":
+            from .predict import predict_command
+
+            print(predict_command(args.run, args.inputs, args.topk, args.out))
+        elif args.command == "eval":
+            from .evaluate import eval_command
+
+            print(eval_command(args.run, args.split))
         elif args.command == "compare":
             from .compare import compare_table, write_baseline
 

@@ -15,6 +15,7 @@ trained on the first task, then frozen; a new head per task).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
 from .model import TransferModel
 from .optim import build_optimizer, build_scheduler
 from .progressive import ProgressiveNet
-from .schema import Config, HeadCfg
+from .runs import task_targets
+from .schema import CONTINUAL_METHODS, Config, HeadCfg
 from .tasks import Task
 from .trainer import Trainer
 
@@ -200,6 +202,29 @@ def matrix_table(tasks: List[str], R: List[List[float]]) -> str:
 # --------------------------------------------------------------------------- runner
 
 
+def as_sequence_stage(cfg: Config) -> Config:
+    """A stage config as the sequence trains it: its one task named after the stage, equal weighting."""
+    cfg.tasks = {cfg.name: next(iter(cfg.tasks.values()))}
+    cfg.weighting.name = "equal"
+    return cfg
+
+
+def stage_model(method: str, top: Config, configs: List[Config], tasks: List[Task], upto: int) -> nn.Module:
+    """The architecture ``method`` predicts task ``upto`` with (no weights loaded): columns 0..upto with their
+    laterals (earlier ones frozen) for column methods, the shared encoder with that task's head otherwise.
+    ``configs`` are stage configs (``as_sequence_stage``), ``tasks`` their tasks."""
+    if method not in CONTINUAL_METHODS:
+        raise UserError(f"unknown continual method {method!r}; known: {', '.join(CONTINUAL_METHODS)}")
+    learner = build_learner(method, top, torch.device("cpu"))
+    model: Optional[nn.Module] = None
+    for k in range(upto + 1):
+        cfg = copy.deepcopy(configs[k])
+        cfg.model.weights = None  # the architecture only: weights come from a checkpoint, or not at all
+        model = learner.train_model(k, SequenceTask(cfg, tasks[k], {}, torch.Generator(), {}))
+    assert model is not None
+    return model
+
+
 def prepare_sequence(configs: List[Config], device: torch.device) -> List[SequenceTask]:
     """Each stage's data and its single task, renamed to the stage's name."""
     sequence = []
@@ -210,8 +235,7 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         if (cfg.model.weights or "").startswith("stage:"):
             raise UserError(f"stage {cfg.name!r}: weights {cfg.model.weights!r}: continual methods build their own "
                             "sequence; use null (random columns) or a pretrained weights name or file")
-        cfg.tasks = {cfg.name: next(iter(cfg.tasks.values()))}
-        cfg.weighting.name = "equal"
+        as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
         task = tasks[cfg.name]
         if "acc" not in task.metric_directions:
@@ -282,7 +306,9 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         hooks = [MetricsFileHook(run_dir),
                  TensorBoardHook(run_dir, hparams={"method": method, "task": st.name}, classes=classes,
                                  mean=cfg.data.mean, std=cfg.data.std, n_images=0, log_every=cfg.weighting.log_every),
-                 CheckpointHook(run_dir, {"classes": classes, "method": method, "task": st.name})]
+                 CheckpointHook(run_dir, {"classes": classes, "method": method, "task": st.name,
+                                          "targets": task_targets({st.name: st.task}),
+                                          "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]]})]
         if not quiet:
             hooks.append(ConsoleHook())
         started = time.perf_counter()

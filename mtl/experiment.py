@@ -30,9 +30,10 @@ from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from .features import HeadsOnFeatures, cache_features, feature_cache_blocker
 from .model import TransferModel
+from .runs import task_targets
 from .optim import build_optimizer, build_scheduler
 from .schema import Config, DataCfg, HeadCfg
-from .tasks import Task, build_task
+from .tasks import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
 from .trainer import Hook, Trainer, default_monitor
 from .weighting import Weighting, build_weighting
 
@@ -268,7 +269,8 @@ def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str,
         if type_ == "binary" and n is not None and n != 2:
             raise UserError(f"tasks.{name} is binary but the data has {n} classes; use type: classification")
         options = dict(tc.options)
-        if tc.loss is not None:
+        custom_loss = tc.loss is not None and tc.loss in LOSSES
+        if tc.loss is not None and not custom_loss:
             options["loss"] = tc.loss
         if tc.label_smoothing:
             options["label_smoothing"] = tc.label_smoothing
@@ -277,6 +279,11 @@ def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str,
         except UserError as e:
             raise UserError(f"tasks.{name}: {e}") from None
         task.type_name = type_
+        if custom_loss:
+            use_custom_loss(task, tc.loss)
+        custom = [m for m in tc.metrics or [] if m not in task.metric_directions and m in METRICS]
+        if custom:
+            add_custom_metrics(task, custom)
         if tc.metrics:
             unknown = [m for m in tc.metrics if m not in task.metric_directions]
             if unknown:
@@ -375,13 +382,15 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
                                    "initial_lr": cfg.optim.lr, "weight_decay": 0.0, "lr_mult": 1.0, "name": "weighting"})
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
-    meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder}
+    meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
+            "targets": task_targets(exp.tasks)}
     hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
     if main_process:
         hooks += [
             MetricsFileHook(run_dir),
             TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
-                            n_images=cfg.train.log_images, log_every=cfg.weighting.log_every),
+                            n_images=cfg.train.log_images, log_every=cfg.weighting.log_every,
+                            graph_model=exp.model if cfg.train.log_graph else None),
             CheckpointHook(run_dir, meta),
         ]
     if not quiet and main_process:
@@ -548,6 +557,7 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
     from .config import load_config
 
     raw, sources = load_config(path, overrides)
+    import_config_modules(raw)
     top = build_config(raw, sources)
     if top.continual.methods:
         if len(top.stages) < 2:
@@ -571,4 +581,16 @@ def resume_run(run_dir: str) -> Dict[str, Any]:
     if not (d / "config.yaml").is_file() or not (d / "checkpoints" / "last.pt").is_file():
         raise UserError(f"cannot resume {d}: it needs config.yaml and checkpoints/last.pt (is it a run directory?)")
     raw, sources = load_config(d / "config.yaml")
+    import_config_modules(raw)
     return run(build_config(raw, sources), d, resume=True)
+
+
+def import_config_modules(raw: Dict[str, Any]) -> None:
+    """Import the config's ``imports`` before anything named in it is looked up."""
+    names = raw.get("imports") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"imports must be a list of module names or .py files, got {names!r}")
+    if names:
+        from .plugins import import_modules
+
+        import_modules(names)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -112,17 +113,51 @@ def _phase_text(r: Mapping[str, Any]) -> str:
 
 
 class TensorBoardHook(Hook):
-    """Loss/accuracy per phase, lr per group, a grid of validation predictions, hparams at the end."""
+    """Loss/accuracy per phase, lr per group, a grid of validation predictions and overlays of dense predictions
+    each epoch; validation confusion matrices of the best model and hparams at the end."""
 
     def __init__(self, run_dir: Path, *, hparams: Mapping[str, Any], classes: Mapping[str, List[str]],
-                 mean: Sequence[float], std: Sequence[float], n_images: int = 16, log_every: int = 10) -> None:
+                 mean: Sequence[float], std: Sequence[float], n_images: int = 16, log_every: int = 10,
+                 graph_model: Optional[nn.Module] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir))
         self.hparams, self.classes = dict(hparams), dict(classes)
         self.mean, self.std, self.n_images = torch.tensor(mean), torch.tensor(std), n_images
         self.log_every = log_every
+        self.n_overlays = min(n_images, 8)  # dense tasks: overlays of this many validation images per epoch
         self._images: Optional[torch.Tensor] = None
+        self.graph_model = graph_model  # the full model (trainer.model may be heads on cached features)
+
+    def before_train(self, trainer: Trainer) -> None:
+        if self.graph_model is not None and trainer.epoch == 0:
+            self._log_graph(trainer)
+
+    @torch.no_grad()
+    def _log_graph(self, trainer: Trainer) -> None:
+        """The model graph (TensorBoard's Graphs tab), traced on one validation image in eval mode."""
+        split = "val" if "val" in trainer.loaders else "train"
+        self._load_images(trainer.loaders[split])
+        model, was_training = self.graph_model, self.graph_model.training
+        model.eval()  # tracing runs a forward pass: keep batch-norm statistics as they are
+        try:
+            with warnings.catch_warnings():  # the tracer's notes on Python control flow concern only this picture
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=FutureWarning)  # add_graph's tracer
+                self.writer.add_graph(model, self._images[:1].to(trainer.device), use_strict_trace=False)
+        except Exception as e:  # tracing is best-effort: some models use Python control flow it cannot follow
+            tqdm.write(f"warning: model graph not written to TensorBoard ({type(e).__name__}: {str(e).splitlines()[0]})")
+        finally:
+            model.train(was_training)
+
+    def _load_images(self, loader: Any) -> None:
+        """The first validation images and targets, straight from the data set (a loader iterator would consume
+        the global RNG)."""
+        if self._images is None:
+            n = min(max(self.n_images, 1), len(loader.dataset))
+            batch = loader.collate_fn([loader.dataset[i] for i in range(n)])
+            self._images = batch["image"][: max(self.n_images, 1)]
+            self._targets = {t: y[: len(self._images)] for t, y in batch["targets"].items()}
 
     def after_step(self, trainer: Trainer, losses: Dict[str, torch.Tensor]) -> None:
         if len(trainer.tasks) > 1 and trainer.global_step % self.log_every == 0:
@@ -146,8 +181,8 @@ class TensorBoardHook(Hook):
         for i, group in enumerate(trainer.optimizer.param_groups):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         self.writer.add_scalar("time/epoch_s", m["time_s"], step)
-        if self.n_images and "val" in trainer.loaders and self._grid_task(trainer) is not None:
-            self.writer.add_image("val/predictions", self._prediction_grid(trainer), step)
+        if self.n_images and "val" in trainer.loaders:
+            self._log_val_images(trainer, step)
         self.writer.flush()
 
     @staticmethod
@@ -156,28 +191,55 @@ class TensorBoardHook(Hook):
         return next((t for t, task in trainer.tasks.items() if not task.dense and hasattr(task, "label_smoothing")), None)
 
     @torch.no_grad()
-    def _prediction_grid(self, trainer: Trainer) -> torch.Tensor:
-        from .visualize import prediction_grid
+    def _log_val_images(self, trainer: Trainer, step: int) -> None:
+        """The prediction grid of the first validation images and, per dense task, overlays of a few of them."""
+        from torchvision.utils import make_grid
 
-        if self._images is None:  # straight from the data set: a loader iterator would consume the global RNG
-            loader = trainer.loaders["val"]
-            n = min(self.n_images, len(loader.dataset))
-            batch = loader.collate_fn([loader.dataset[i] for i in range(n)])
-            self._images = batch["image"][: self.n_images]
-            self._targets = {t: y[: self.n_images] for t, y in batch["targets"].items()}
+        from .visualize import dense_overlay, prediction_grid
+
+        grid_task = self._grid_task(trainer)
+        dense = [t for t, task in trainer.tasks.items() if task.dense]
+        if grid_task is None and not dense:
+            return
+        self._load_images(trainer.loaders["val"])
         was_training = trainer.model.training
         trainer.model.eval()
         with trainer.autocast():
             outputs = trainer.model(self._images.to(trainer.device))
         trainer.model.train(was_training)
-        task = trainer.tasks[self._grid_task(trainer)]
-        preds = task.predict(outputs[task.name].float()).cpu()
-        images = self._images.float() * self.std[:, None, None] + self.mean[:, None, None]
-        return prediction_grid(images.clamp(0, 1), preds, self._targets[task.name], self.classes.get(task.name, []))
+        images = (self._images.float() * self.std[:, None, None] + self.mean[:, None, None]).clamp(0, 1)
+        if grid_task is not None:
+            task = trainer.tasks[grid_task]
+            preds = task.predict(outputs[grid_task].float()).cpu()
+            self.writer.add_image("val/predictions", prediction_grid(images, preds, self._targets[grid_task],
+                                                                     self.classes.get(grid_task, [])), step)
+        for t in dense:
+            shown = range(min(self.n_overlays, len(images)))
+            overlays = [dense_overlay(trainer.tasks[t], outputs[t][i], images[i]) for i in shown]
+            self.writer.add_image(f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step)
+
+    @torch.no_grad()
+    def _log_confusions(self, trainer: Trainer) -> None:
+        """Confusion matrices of the best model on the validation set, one image per classification task."""
+        from .evaluate import confusion_tasks, evaluate
+        from .visualize import confusion_image
+
+        if "val" not in trainer.loaders or not confusion_tasks(trainer.tasks):
+            return
+        best = Path(self.writer.log_dir) / "checkpoints" / "best.pt"
+        if trainer.best["epoch"] not in (None, trainer.epoch) and best.exists():  # before CheckpointHook restores it
+            trainer.model.load_state_dict(load_checkpoint(best)["model"])
+        result = evaluate(trainer.model, trainer.loaders["val"], trainer.tasks, trainer.device,
+                          autocast=trainer.autocast, channels_last=trainer.channels_last, metrics=False)
+        for t, matrix in result.confusion.items():
+            title = f"{t} (val, best epoch {trainer.best['epoch']}): rows true, columns predicted"
+            self.writer.add_image(f"val/confusion_{t}", confusion_image(matrix, self.classes.get(t, []), title),
+                                  trainer.epoch)
 
     def after_train(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard.summary import hparams
 
+        self._log_confusions(trainer)
         final = trainer.history[-1] if trainer.history else {}
         phase = "val" if "val" in final else "train"
         metrics = {"hparam/best_score": trainer.best["score"], "hparam/final_loss": final.get(phase, {}).get("loss", 0.0)}

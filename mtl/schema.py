@@ -162,6 +162,7 @@ class TrainCfg:
     unfreeze: List[UnfreezeCfg] = field(default_factory=list)
     grad_clip: Optional[float] = None
     log_images: int = 16  # validation images in TensorBoard's prediction grid; 0 turns it off
+    log_graph: bool = False  # the model graph in TensorBoard's Graphs tab (traced once before training)
     progress: bool = True
     # the validation score that picks "best": auto (mean accuracy when every task has one, else delta_m with a
     # baseline, else -loss) | loss | delta_m | <task>.<metric>, e.g. seg.miou or depth.abs_err
@@ -220,6 +221,7 @@ class Config:
 
     name: str = "run"
     out_dir: str = "runs"
+    imports: List[str] = field(default_factory=list)  # your modules that register parts (see docs/extending.md)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     # a task set to null is dropped, e.g. one task of an inherited config: `mtl train c.yaml tasks.depth=null`

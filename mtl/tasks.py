@@ -19,6 +19,8 @@ from .errors import UserError
 from .registry import Registry
 
 TASK_TYPES = Registry("task type")
+LOSSES = Registry("loss")  # name -> fn(pred, target) -> scalar loss; named by tasks.<t>.loss
+METRICS = Registry("metric")  # name -> fn(pred, target) -> (sum, count) tensors; named by tasks.<t>.metrics
 F64 = torch.float64
 T = TypeVar("T", bound=type)
 
@@ -500,3 +502,36 @@ def probabilities(task: Task, pred: Tensor) -> Tensor:
     if isinstance(task, (Classification, Segmentation)):
         return pred.float().softmax(dim=1)
     raise TypeError(f"a {task.type_name} task has no class probabilities")
+
+
+def use_custom_loss(task: Task, name: str) -> None:
+    """Train ``task`` with the registered loss ``name`` (``fn(pred, target)``) instead of its own."""
+    fn = LOSSES.get(name)
+    task.loss = lambda pred, target: fn(pred.float(), target)  # type: ignore[method-assign]
+
+
+def add_custom_metrics(task: Task, names: List[str]) -> None:
+    """Report registered metrics too: each keeps (sum, count) in the task's state and reports sum / count.
+
+    A metric function may carry ``higher_is_better = False`` (default True).
+    """
+    fns = [(n, METRICS.get(n)) for n in names]
+    base_size, base_update, base_compute = task.state_size(), task.update, task.compute
+    task.metric_directions = {**task.metric_directions,
+                              **{n: bool(getattr(fn, "higher_is_better", True)) for n, fn in fns}}
+
+    def state_size() -> int:
+        return base_size + 2 * len(fns)
+
+    def update(state: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+        extra = [torch.stack([torch.as_tensor(v, dtype=F64, device=pred.device).reshape(())
+                              for v in fn(pred, target)]) for _, fn in fns]
+        return torch.cat([base_update(state[:base_size], pred, target), state[base_size:] + torch.cat(extra)])
+
+    def compute(state: Tensor) -> Dict[str, float]:
+        out = base_compute(state[:base_size])
+        sums = state[base_size:].view(-1, 2).tolist()
+        out.update({n: _div(total, count) for (n, _), (total, count) in zip(fns, sums)})
+        return out
+
+    task.state_size, task.update, task.compute = state_size, update, compute  # type: ignore[method-assign]

@@ -56,9 +56,16 @@ def tiny(tmp_path, *overrides):
             "train.epochs=2", "train.progress=false", *overrides]
 
 
-def test_progressive_config_runs_every_method(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def progressive_run(tmp_path_factory):
     pytest.importorskip("captcha")
-    (summary,) = train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path))
+    tmp_path = tmp_path_factory.mktemp("progressive")
+    (summary,) = train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.progress=false"))
+    return tmp_path, summary
+
+
+def test_progressive_config_runs_every_method(progressive_run):
+    tmp_path, summary = progressive_run
     names = ["letters_a_j", "letters_k_t", "digits"]
     assert summary["tasks"] == names
     methods = summary["methods"]
@@ -82,8 +89,7 @@ def test_progressive_config_runs_every_method(tmp_path, capsys):
     for m in methods:
         for name in names:
             assert (root / m / name / "checkpoints" / "best.pt").is_file()
-    out = capsys.readouterr().out
-    assert "| progressive |" in out and "R for finetune" in out
+    assert "| progressive |" in (root / "results.md").read_text() and "R for finetune" in (root / "results.md").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(root))
@@ -92,6 +98,34 @@ def test_progressive_config_runs_every_method(tmp_path, capsys):
     for tag in ["R/progressive/letters_a_j", "average_acc/finetune", "continual/bwt/finetune", "continual/fwt/progressive"]:
         assert tag in tags, tag
     assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
+
+
+def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run, capsys):
+    from test_inspection import totals
+
+    from mtl.evaluate import eval_command
+    from mtl.inspection import summary_command
+    from mtl.runs import load_model
+
+    tmp_path, summary = progressive_run
+    root = Path(summary["run_dir"])
+    for method, result in summary["methods"].items():
+        for k, name in enumerate(summary["tasks"]):
+            eval_command(str(root / method / name), "val")
+            metrics = json.loads((root / method / name / "eval" / "val" / "metrics.json").read_text())
+            assert metrics["tasks"][name]["acc"] == pytest.approx(result["R"][k][k], abs=1e-6), (method, name)
+    loaded = load_model(root / "progressive" / "digits")
+    net = loaded.model.net
+    assert net.tasks == summary["tasks"] and list(loaded.tasks) == ["digits"]
+    # the config, the run's root and the last task's run show the same three-column network
+    counts = [net.column_parameters(t)["total"] for t in net.tasks]
+    expected = (sum(counts), counts[-1], sum(counts[:-1]))
+    config_table = summary_command(str(CONFIGS / "progressive.yaml"), tiny(tmp_path), None, None)
+    assert totals(config_table) == expected
+    assert totals(summary_command(str(root), [], None, None)) == expected
+    assert totals(summary_command(str(root / "progressive" / "digits"), [], None, None)) == expected
+    assert main(["predict", str(root), str(tmp_path)]) == 2
+    assert "<method>/<task>" in capsys.readouterr().err
 
 
 def test_split_fashion_mnist_config_makes_five_two_class_tasks(tmp_path):

@@ -1,0 +1,180 @@
+"""Models from a config file or a finished run, for looking inside them (summary, features, predict, eval)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import build_config, load_config
+from .encoders import build_encoder
+from .errors import UserError
+from .freezing import apply_freeze
+from .schema import Config
+from .tasks import Task
+
+
+@dataclass
+class Loaded:
+    """A model built from a config (random or configured weights) or a run (its checkpoint)."""
+
+    cfg: Config
+    model: nn.Module
+    tasks: Dict[str, Task]
+    run_dir: Optional[Path] = None  # set when loaded from a run
+    classes: Dict[str, List[str]] = field(default_factory=dict)
+
+
+def task_targets(tasks: Dict[str, Task]) -> Dict[str, Dict[str, Any]]:
+    """What the data set declared for each task's target, saved in checkpoints so a run rebuilds without data."""
+    out = {}
+    for task in tasks.values():
+        n = len(task.classes) if task.classes else (task.out_dim if task.needs_num_classes else None)
+        info: Dict[str, Any] = {"type": task.type_name, "classes": list(task.classes)}
+        if n is not None:
+            info["num_classes" if task.type_name != "regression" else "num_outputs"] = n
+        out[task.target] = info
+    return out
+
+
+def is_run_dir(target: str | Path) -> bool:
+    return Path(target).is_dir() and (Path(target) / "config.yaml").is_file()
+
+
+def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bool = True,
+               checkpoint: str = "best") -> Loaded:
+    """The model of a config file, or of a run directory with ``checkpoints/<checkpoint>.pt`` loaded.
+
+    From a config: ``weights=False`` builds the architecture only (no download); tasks whose class count the
+    config does not give are completed from the training data set (listed, not decoded).
+    """
+    from .experiment import build_dataset, build_model, build_tasks, import_config_modules
+
+    path = Path(target)
+    run = is_run_dir(path)
+    if not run and path.is_dir():
+        raise UserError(f"{path} is a folder without config.yaml; give a config file or a run directory")
+    ckpt = path / "checkpoints" / f"{checkpoint}.pt"
+    state = load_checkpoint(ckpt) if run and ckpt.is_file() else None
+    if state is not None and "method" in state:  # one task's run inside a continual run
+        return _continual_stage(path, state)
+    raw, sources = load_config(path / "config.yaml" if run else path, list(overrides))
+    import_config_modules(raw)
+    cfg = build_config(raw, sources)
+    if cfg.continual.methods and (not run or (not weights and state is None)):  # a run's root: its architecture
+        return _continual_config(raw, sources, cfg, path)
+    if cfg.stages or cfg.continual.methods:
+        subdir = "<method>/<task>" if cfg.continual.methods else "<stage>"
+        where = path if run else Path(cfg.out_dir) / cfg.name / "<time>"
+        raise UserError(f"{path} runs stages ({', '.join(str(st.get('name')) for st in cfg.stages)}); give one "
+                        f"stage's run directory, {where}/{subdir}")
+    if run and state is None:
+        state = load_checkpoint(ckpt)  # says that it is missing
+    if state is not None:
+        if "targets" in state:
+            declared = state["targets"]
+        else:  # runs from before task targets were saved: the classes are enough for single-label runs
+            classes = next(iter(state.get("classes", {}).values()), [])
+            declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
+        tasks = build_tasks(cfg, SimpleNamespace(targets=declared), [])
+    else:
+        tasks = _tasks_from_config(cfg, build_dataset, build_tasks)
+    encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights if (weights and not run) else None,
+                            **cfg.model.encoder_options)
+    apply_freeze(encoder, cfg.model.freeze)
+    model = build_model(cfg, encoder, tasks)
+    if state is not None:
+        _load_state(model, state["model"], path)
+    model.eval()
+    return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()})
+
+
+def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:
+    from .continual import as_sequence_stage
+    from .experiment import stage_configs
+
+    return [as_sequence_stage(c) for c in stage_configs(raw, sources)]
+
+
+def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path) -> Loaded:
+    """A continual config: the model of its first column method (else of its first method) after the last task."""
+    from .continual import stage_model
+    from .experiment import build_dataset, build_tasks
+
+    configs = _sequence(raw, sources)
+    tasks = [_tasks_from_config(c, build_dataset, build_tasks)[c.name] for c in configs]
+    method = next((m for m in top.continual.methods if m in ("progressive", "independent")), top.continual.methods[0])
+    model = stage_model(method, top, configs, tasks, len(configs) - 1).eval()
+    last = copy.deepcopy(configs[-1])
+    last.name = f"{top.name} ({method}, after {len(configs)} tasks)"
+    return Loaded(last, model, {c.name: t for c, t in zip(configs, tasks)}, None,
+                  {c.name: t.classes for c, t in zip(configs, tasks)})
+
+
+def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
+    """``<root>/<method>/<task>``: the model ``method`` predicts ``task`` with, its checkpoint loaded."""
+    from .continual import stage_model
+    from .experiment import build_tasks, import_config_modules
+
+    root, method, task = path.parent.parent, state["method"], state["task"]
+    if "sequence" not in state:
+        raise UserError(f"{path}: this continual run was made by an older mtl that did not save its task sequence; "
+                        "train it again to use it here")
+    raw, sources = load_config(root / "config.yaml", [])
+    import_config_modules(raw)
+    top = build_config(raw, sources)
+    configs = _sequence(raw, sources)
+    names = [c.name for c in configs]
+    if task not in names:
+        raise UserError(f"{path}: task {task!r} is not a stage of {root / 'config.yaml'} (stages: {', '.join(names)})")
+    k = names.index(task)
+    tasks = [build_tasks(c, SimpleNamespace(targets=targets), [])[c.name]
+             for c, targets in zip(configs[: k + 1], state["sequence"])]
+    model = stage_model(method, top, configs, tasks, k)
+    _load_state(model, state["model"], path)
+    return Loaded(configs[k], model.eval(), {task: tasks[k]}, path, {task: tasks[k].classes})
+
+
+def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the checkpoint does not fit the model its config builds: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+
+
+def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Dict[str, Task]:
+    known = all(tc.num_classes is not None or tc.type in ("binary", "depth", "normals") for tc in cfg.tasks.values())
+    if known:
+        declared = {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
+                    for name, tc in cfg.tasks.items()}
+        return build_tasks(cfg, SimpleNamespace(targets=declared), [])
+    try:
+        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    except UserError as e:
+        missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
+        raise UserError(f"{e}; or, to build the model without data, give the class count: "
+                        + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
+    return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", [])))
+
+
+def image_tensor(path: str | Path, cfg: Config) -> torch.Tensor:
+    """One image file as the model's eval input (1, 3, S, S): Resize + CenterCrop + normalise, as validation."""
+    from .data.image_files import load_rgb
+    from .data.transforms import build_transforms
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"image {p} does not exist (or is not a file)")
+    try:
+        image = load_rgb(str(p))
+    except Exception as e:  # PIL raises many types
+        raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:160]}") from None
+    transform = build_transforms(train=False, image_size=cfg.data.image_size, resize_size=cfg.data.resize_size,
+                                 mean=cfg.data.mean, std=cfg.data.std)
+    return transform(image).unsqueeze(0)
