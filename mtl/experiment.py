@@ -30,7 +30,7 @@ from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from .features import HeadsOnFeatures, cache_features, feature_cache_blocker
 from .model import TransferModel
-from .runs import task_targets
+from .runs import model_input_size, task_targets
 from .optim import build_optimizer, build_scheduler
 from .schema import Config, DataCfg, HeadCfg
 from .tasks import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
@@ -383,7 +383,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
-            "targets": task_targets(exp.tasks)}
+            "targets": task_targets(exp.tasks), "input_size": model_input_size(exp.loaders.get("val", exp.loaders["train"]))}
     hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
     if main_process:
         hooks += [

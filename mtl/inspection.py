@@ -350,7 +350,7 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
         raise UserError(f"--max-maps must be a positive integer, got {max_maps!r}")
     loaded = load_model(target, list(overrides), weights=True)
     model, cfg = loaded.model, loaded.cfg
-    x = image_tensor(image, cfg)
+    x = image_tensor(image, cfg, loaded.input_size)
     names = select_modules(model, layers)
     modules = dict(model.named_modules())
     # Hook the selected modules and what runs inside them (for containers that a traced graph never calls).

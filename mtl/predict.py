@@ -70,11 +70,11 @@ class _Row:
     title: str = ""
 
 
-def _load_batch(paths: Sequence[Path], cfg: Any, skipped: List[str]) -> Tuple[List[Path], Optional[Tensor]]:
+def _load_batch(paths: Sequence[Path], loaded: Loaded, skipped: List[str]) -> Tuple[List[Path], Optional[Tensor]]:
     kept, tensors = [], []
     for p in paths:
         try:
-            tensors.append(image_tensor(p, cfg))
+            tensors.append(image_tensor(p, loaded.cfg, loaded.input_size))
             kept.append(p)
         except UserError as e:
             skipped.append(str(e))
@@ -135,7 +135,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
     skipped: List[str] = []
     used: set = set()
     for start in range(0, len(files), BATCH):
-        paths, x = _load_batch(files[start:start + BATCH], cfg, skipped)
+        paths, x = _load_batch(files[start:start + BATCH], loaded, skipped)
         if x is None:
             continue
         outputs = {t: o.float().cpu() for t, o in model(x.to(device)).items()}

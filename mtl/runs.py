@@ -28,6 +28,7 @@ class Loaded:
     tasks: Dict[str, Task]
     run_dir: Optional[Path] = None  # set when loaded from a run
     classes: Dict[str, List[str]] = field(default_factory=dict)
+    input_size: Optional[List[int]] = None  # (H, W) the run's model saw, for data sets that size their own images
 
 
 def task_targets(tasks: Dict[str, Task]) -> Dict[str, Dict[str, Any]]:
@@ -91,7 +92,8 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     if state is not None:
         _load_state(model, state["model"], path)
     model.eval()
-    return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()})
+    return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()},
+                  state.get("input_size") if state is not None else None)
 
 
 def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:
@@ -163,8 +165,14 @@ def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Dic
     return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", [])))
 
 
-def image_tensor(path: str | Path, cfg: Config) -> torch.Tensor:
-    """One image file as the model's eval input (1, 3, S, S): Resize + CenterCrop + normalise, as validation."""
+def model_input_size(loader: Any) -> List[int]:
+    """(H, W) of the images ``loader`` feeds the model (its first item, collated)."""
+    return list(loader.collate_fn([loader.dataset[0]])["image"].shape[-2:])
+
+
+def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """One image file as the model's eval input: Resize + CenterCrop to (S, S) + normalise, as validation; with
+    ``size`` (H, W) other than (S, S), a plain resize to it (data sets that render or size their own images)."""
     from .data.image_files import load_rgb
     from .data.transforms import build_transforms
 
@@ -175,6 +183,12 @@ def image_tensor(path: str | Path, cfg: Config) -> torch.Tensor:
         image = load_rgb(str(p))
     except Exception as e:  # PIL raises many types
         raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:160]}") from None
-    transform = build_transforms(train=False, image_size=cfg.data.image_size, resize_size=cfg.data.resize_size,
-                                 mean=cfg.data.mean, std=cfg.data.std)
+    if size is not None and list(size) != [cfg.data.image_size] * 2:
+        from torchvision.transforms import v2
+
+        transform = v2.Compose([v2.ToImage(), v2.Resize(list(size), antialias=True), v2.RGB(),
+                                v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.data.mean, cfg.data.std)])
+    else:
+        transform = build_transforms(train=False, image_size=cfg.data.image_size, resize_size=cfg.data.resize_size,
+                                     mean=cfg.data.mean, std=cfg.data.std)
     return transform(image).unsqueeze(0)

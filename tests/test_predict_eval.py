@@ -12,6 +12,7 @@ from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
 from mtl.config import build_config
 from mtl.experiment import build_dataset, run
+from mtl.runs import load_model
 from test_multitask import scenes_config
 
 
@@ -112,6 +113,15 @@ def test_predict_multitask_writes_overlays_per_dense_task(scenes_run, tmp_path):
         assert row["label_top1"] in ("sphere", "box", "cylinder")
     assert sorted(p.name for p in out.glob("scene0_*.png")) == ["scene0_depth.png", "scene0_normal.png", "scene0_seg.png"]
     assert (out / "predictions.png").is_file()
+    # images saved from the validation set are read back at the run's own input size (32x32 here, not the
+    # config's image_size 224): the predictions equal the model's on the data set's own tensors
+    loaded = load_model(run_dir)
+    assert loaded.input_size == [32, 32]
+    val = build_dataset(loaded.cfg.data, "val", train=False)
+    with torch.no_grad():
+        logits = loaded.model(torch.stack([val[i]["image"] for i in range(3)]))["label"]
+    classes = loaded.classes["label"]
+    assert [row["label_top1"] for row in rows] == [classes[i] for i in logits.argmax(1).tolist()]
     # the training run logged overlays of the dense tasks and the label's confusion matrix
     images_logged = _events(run_dir).Tags()["images"]
     assert {"val/overlay_seg", "val/overlay_depth", "val/overlay_normal", "val/confusion_label"} <= set(images_logged)
