@@ -22,6 +22,7 @@ from .config import Sources, record_sources, build_config, config_to_dict, deep_
 from .data import DATASETS, ClassSubset, build_transforms, subset_per_class
 from . import distributed as dist
 from .data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store, loader_batch_size
+from .data.dense_batches import DenseBatches, can_gather
 from .data.device_augment import BatchAugment
 from .encoders import build_encoder
 from .errors import UserError
@@ -184,10 +185,12 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
         for split, ds in (("train", train_ds), ("val", val_ds)):
             stores[split] = image_store(ds, cache_size=size, cache_dir=cache_dir,
                                         budget_bytes=int(d.cache_budget_gb * 2**30), progress=cfg.train.progress)
+    if targets != {"label"} and can_gather(train_ds) and can_gather(val_ds):
+        return _dense_batches(cfg, tasks, train_ds, val_ds, device, generator, info)
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
             raise UserError(f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
-                            f"cifar10/100, captcha_chars, shapes); {d.name!r} with targets {', '.join(sorted(targets))} "
+                            f"cifar10/100, captcha_chars, shapes) or scenes; {d.name!r} with targets {', '.join(sorted(targets))} "
                             f"has no image store; use data.pipeline=items or auto")
         return None
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
@@ -209,6 +212,21 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
         info[f"{split}_size"] = len(st)
         info["skipped_images"] += st.dropped
     return loaders
+
+
+def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
+                   generator: torch.Generator, info: Dict[str, Any]) -> Dict[str, DenseBatches]:
+    """Whole batches gathered by the data set itself (in-memory multitask sets), flipped on the device."""
+    d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
+    targets = {t: task.target for t, task in tasks.items()}
+    info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
+    return {
+        "train": DenseBatches(train_ds, targets, batch_size=d.batch_size, shuffle=True, device=device,
+                              flip=bool(getattr(train_ds, "augment", False)), generator=generator,
+                              collate_fn=_collate(tasks), **shard),
+        "val": DenseBatches(val_ds, targets, batch_size=d.val_batch_size or d.batch_size, shuffle=False, flip=False,
+                            device=device, collate_fn=_collate(tasks), **shard),
+    }
 
 
 def build_experiment(cfg: Config) -> Experiment:
@@ -448,6 +466,8 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
 
 def _in_order(loader: Any) -> Any:
     """The same data as ``loader`` in a fixed order (its augmentation, if any, kept)."""
+    if isinstance(loader, DenseBatches):
+        return loader.in_order()
     if isinstance(loader, DeviceBatches):
         return DeviceBatches(loader.store, loader.augment, batch_size=loader.batch_size, shuffle=False,
                              device=loader.device, generator=torch.Generator(), target_names=loader.target_names)

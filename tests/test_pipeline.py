@@ -68,11 +68,55 @@ def test_training_on_the_batched_pipeline_learns(color_folder, tmp_path):
     assert summary["best"]["val"]["acc"] > 0.9
 
 
-def test_pipeline_batched_on_a_multitask_data_set_is_a_clear_error(tmp_path):
-    raw = {"data": {"name": "scenes", "options": {"size": 32, "train_size": 4, "val_size": 2}, "pipeline": "batched"},
-           "model": {"encoder": "small_cnn"}, "tasks": {"seg": {}, "label": {}}, "out_dir": str(tmp_path)}
+def test_pipeline_batched_on_a_data_set_without_batches_is_a_clear_error(tmp_path):
+    pytest.importorskip("captcha")
+    raw = {"data": {"name": "captcha", "root": str(tmp_path / "c"), "pipeline": "batched",
+                    "options": {"length": 2, "size": [24, 48], "train_size": 4, "val_size": 2}},
+           "model": {"encoder": "small_cnn"}, "tasks": {"char0": {}, "char1": {}}, "out_dir": str(tmp_path)}
     with pytest.raises(UserError, match="data.pipeline=items"):
         build_data(build_config(raw, {}), torch.device("cpu"))
+
+
+def test_scenes_batches_equal_the_per_item_path_and_train_identically(tmp_path):
+    from test_multitask import scenes_config
+
+    from mtl.data.dense_batches import DenseBatches
+
+    batched, info = first_batches(scenes_config(tmp_path, "data.augment=none"), "train")
+    items, _ = first_batches(scenes_config(tmp_path, "data.augment=none", "data.pipeline=items"), "train")
+    assert isinstance(batched, DenseBatches) and info["pipeline"].startswith("batched on cpu")
+    assert not isinstance(items, DenseBatches) and len(batched) == len(items) == 3
+    batched.generator.manual_seed(5)
+    items.generator.manual_seed(5)
+    for a, b in zip(batched, items):  # same shuffled order, same tensors
+        assert torch.equal(a["image"], b["image"])
+        assert a["targets"].keys() == b["targets"].keys()
+        for t in a["targets"]:
+            assert torch.equal(a["targets"][t], b["targets"][t]), t
+    one = run(scenes_config(tmp_path, "data.augment=none"), quiet=True)
+    two = run(scenes_config(tmp_path, "data.augment=none", "data.pipeline=items"), quiet=True)
+    assert one["final"]["train"]["loss"] == pytest.approx(two["final"]["train"]["loss"], rel=1e-5)
+    for task, metrics in one["final"]["val"]["tasks"].items():
+        assert metrics == pytest.approx(two["final"]["val"]["tasks"][task], rel=1e-4, abs=1e-6), task
+
+
+def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
+    from test_multitask import scenes_config
+
+    from mtl.data.dense_transforms import hflip
+    from mtl.experiment import build_dataset
+
+    cfg = scenes_config(tmp_path)
+    ds = build_dataset(cfg.data, "val", train=False)
+    rows, flip = torch.tensor([3, 0, 5, 1]), torch.tensor([True, False, True, False])
+    batch = ds.gather(rows, torch.device("cpu"), flip)
+    for i, (row, f) in enumerate(zip(rows.tolist(), flip.tolist())):
+        item = hflip(ds[row]) if f else ds[row]
+        for key in ("image", "seg", "depth", "normal", "label"):
+            assert torch.equal(batch[key][i], item[key]), (key, i)
+    assert not torch.equal(batch["seg"][0], ds[3]["seg"])  # the flip did something
+    loader, _ = first_batches(scenes_config(tmp_path), "train")  # data.augment random_crop: flips in training
+    assert loader.flip and not first_batches(scenes_config(tmp_path), "val")[0].flip
 
 
 def frozen(folder, tmp_path, **overrides):

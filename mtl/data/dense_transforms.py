@@ -16,10 +16,16 @@ DENSE_KEYS = ("image", "seg", "depth", "normal")
 
 
 def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """(x - mean) / std per channel of a float (3,H,W) image."""
-    mean_t = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    """(x - mean) / std per channel of a float (3,H,W) image or (B,3,H,W) batch."""
+    mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
     return (image - mean_t) / std_t
+
+
+def unit_vectors(x: Tensor, dim: int) -> Tensor:
+    """``F.normalize(x, dim=dim)`` (zero vectors stay zero), written out: torch's norm kernel is about 10x slower
+    on the CPU when reducing over a strided dimension such as the channels of a normal map."""
+    return x / (x * x).sum(dim, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def hflip(sample: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -52,7 +58,7 @@ def resize(sample: dict[str, Tensor], size: Sequence[int]) -> dict[str, Tensor]:
     if "normal" in out and tuple(out["normal"].shape[-2:]) != size:
         normal = out["normal"]
         valid = _nearest((normal.abs().sum(0, keepdim=True) > 0).float(), size)
-        out["normal"] = F.normalize(_bilinear(normal, size), dim=0) * valid
+        out["normal"] = unit_vectors(_bilinear(normal, size), dim=0) * valid
     return out
 
 

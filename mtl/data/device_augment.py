@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from .dense_transforms import unit_vectors
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, _augmentation
 
 __all__ = ["BatchAugment", "box_theta", "warp", "warp_depth", "warp_labels", "warp_normals"]
@@ -216,7 +217,7 @@ def warp_normals(normal: Tensor, theta: Tensor, size: int | tuple[int, int]) -> 
         raise UserError(f"normal must be (B, 3, H, W), got shape {tuple(normal.shape)}")
     normal = normal if normal.is_floating_point() else normal.float()
     valid = warp((normal.abs().sum(1, keepdim=True) > 0).to(normal.dtype), theta, size, mode="nearest") > 0.5
-    out = F.normalize(warp(normal, theta, size), dim=1)
+    out = unit_vectors(warp(normal, theta, size), dim=1)
     flipped = (theta[:, 0, 0] < 0).to(out.device)
     sign = torch.ones(len(out), 3, 1, 1, dtype=out.dtype, device=out.device)
     sign[:, 0, 0, 0] = torch.where(flipped, -1.0, 1.0).to(out.dtype)

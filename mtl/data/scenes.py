@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .cache import cache_path, load_or_build
-from .dense_transforms import normalize, random_hflip
+from .dense_batches import flip_batch
+from .dense_transforms import normalize, random_hflip, unit_vectors
 from .registry import DATASETS, resolve_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,13 +65,27 @@ class SceneDataset(Dataset):
             "seg": t["seg"][index].long(),
             "depth": t["depth"][index].float()[None],
             # stored as float16: renormalise (zero vectors, the sky, stay zero)
-            "normal": F.normalize(t["normal"][index].float(), dim=0),
+            "normal": unit_vectors(t["normal"][index].float(), dim=0),
             "label": t["labels"][index].clone(),
         }
         if self.augment:
             sample = random_hflip(sample)
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
+
+    def gather(self, rows: Tensor, device: torch.device, flip: Tensor) -> dict[str, Tensor]:
+        """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where ``flip``."""
+        t = self.tensors
+
+        def take(key: str) -> Tensor:
+            x = t[key][rows]
+            return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+
+        batch = {"image": take("images").float() / 255, "seg": take("seg").long(), "depth": take("depth").float()[:, None],
+                 "normal": unit_vectors(take("normal").float(), dim=1), "label": take("labels")}
+        flip_batch(batch, flip)
+        batch["image"] = normalize(batch["image"], self.mean, self.std)
+        return batch
 
 
 @DATASETS.register("scenes")

@@ -1,0 +1,71 @@
+"""Batched loading for in-memory multitask data sets: whole batches of images and their dense maps gathered by
+index, flipped and normalised on the device, instead of one item at a time through a DataLoader.
+
+A data set takes part by offering ``gather(rows, device, flip) -> {key: batch}``: the items ``rows`` as
+``__getitem__`` would give them, stacked, on ``device``, mirrored left-right where ``flip`` is true (masks,
+depth and normals with the image, the normals' x component negated).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .batches import _shares_exist
+
+
+def can_gather(dataset: Dataset) -> bool:
+    return callable(getattr(dataset, "gather", None))
+
+
+class DenseBatches:
+    """An iterable of ``{"image": (B,3,H,W) on device, "targets": {task: batch}}`` from ``dataset.gather``.
+
+    ``targets`` maps task names to item keys. ``batch_size`` is the global batch; with ``world`` processes each
+    takes every world-th item of it. ``generator`` drives the order and the flips (drawn for the whole global
+    batch, so any world size sees the same epoch). ``collate_fn`` is kept for code that reads single items.
+    """
+
+    def __init__(self, dataset: Dataset, targets: Dict[str, str], *, batch_size: int, shuffle: bool, flip: bool,
+                 device: torch.device, generator: Optional[torch.Generator] = None,
+                 collate_fn: Optional[Callable[[List[Any]], Any]] = None, rank: int = 0, world: int = 1) -> None:
+        self.dataset, self.targets = dataset, dict(targets)
+        self.batch_size, self.shuffle, self.flip, self.device = batch_size, shuffle, flip, device
+        self.generator = generator if generator is not None else torch.Generator()
+        self.collate_fn = collate_fn
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
+
+    def in_order(self) -> "DenseBatches":
+        """The same batches without shuffling or flips."""
+        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False, flip=False,
+                            device=self.device, collate_fn=self.collate_fn, rank=self.rank, world=self.world)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        n = len(self.dataset)
+        if self.shuffle:  # a DataLoader draws its workers' base seed first: shuffle as the per-item path does
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for rows in _shares_exist(order.split(self.batch_size), self.shuffle, self.rank, self.world):
+            flips = (torch.rand(len(rows), generator=self.generator) < 0.5) if self.flip else torch.zeros(len(rows), dtype=torch.bool)
+            if self.world > 1:
+                rows, flips = rows[self.rank::self.world], flips[self.rank::self.world]
+            items = self.dataset.gather(rows, self.device, flips)
+            yield {"image": items["image"], "targets": {t: items[key] for t, key in self.targets.items()}}
+
+
+def flip_batch(batch: Dict[str, Tensor], flip: Tensor, dense_keys: tuple = ("image", "seg", "depth", "normal")) -> None:
+    """Mirror, in place, the items where ``flip`` is true in every (B, ..., H, W) entry of ``dense_keys``;
+    normals (``normal``, (B, 3, H, W)) get their x component negated."""
+    if not bool(flip.any()):
+        return
+    idx = flip.nonzero().squeeze(1).to(next(iter(batch.values())).device)
+    for key in dense_keys:
+        if key in batch:
+            batch[key][idx] = batch[key][idx].flip(-1)
+    if "normal" in batch:
+        batch["normal"][idx, 0] = -batch["normal"][idx, 0]
