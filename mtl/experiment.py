@@ -185,12 +185,13 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
         for split, ds in (("train", train_ds), ("val", val_ds)):
             stores[split] = image_store(ds, cache_size=size, cache_dir=cache_dir,
                                         budget_bytes=int(d.cache_budget_gb * 2**30), progress=cfg.train.progress)
-    if targets != {"label"} and can_gather(train_ds) and can_gather(val_ds):
+    if (not stores or any(s is None for s in stores.values())) and can_gather(train_ds) and can_gather(val_ds):
         return _dense_batches(cfg, tasks, train_ds, val_ds, device, generator, info)
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
             raise UserError(f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
-                            f"cifar10/100, captcha_chars, shapes) or scenes; {d.name!r} with targets {', '.join(sorted(targets))} "
+                            f"cifar10/100, captcha_chars, shapes) or scenes, multi_fashion; {d.name!r} "
+                            f"with targets {', '.join(sorted(targets))} "
                             f"has no image store; use data.pipeline=items or auto")
         return None
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
@@ -216,15 +217,15 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
 
 def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
                    generator: torch.Generator, info: Dict[str, Any]) -> Dict[str, DenseBatches]:
-    """Whole batches gathered by the data set itself (in-memory multitask sets), flipped on the device."""
+    """Whole batches gathered by the data set itself (in-memory multitask sets), augmented on the device."""
     d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
     targets = {t: task.target for t, task in tasks.items()}
     info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
     return {
         "train": DenseBatches(train_ds, targets, batch_size=d.batch_size, shuffle=True, device=device,
-                              flip=bool(getattr(train_ds, "augment", False)), generator=generator,
+                              augment=bool(getattr(train_ds, "augment", False)), generator=generator,
                               collate_fn=_collate(tasks), **shard),
-        "val": DenseBatches(val_ds, targets, batch_size=d.val_batch_size or d.batch_size, shuffle=False, flip=False,
+        "val": DenseBatches(val_ds, targets, batch_size=d.val_batch_size or d.batch_size, shuffle=False, augment=False,
                             device=device, collate_fn=_collate(tasks), **shard),
     }
 

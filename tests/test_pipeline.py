@@ -109,14 +109,51 @@ def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     cfg = scenes_config(tmp_path)
     ds = build_dataset(cfg.data, "val", train=False)
     rows, flip = torch.tensor([3, 0, 5, 1]), torch.tensor([True, False, True, False])
-    batch = ds.gather(rows, torch.device("cpu"), flip)
+    batch = ds.gather(rows, torch.device("cpu"), {"flip": flip})
     for i, (row, f) in enumerate(zip(rows.tolist(), flip.tolist())):
         item = hflip(ds[row]) if f else ds[row]
         for key in ("image", "seg", "depth", "normal", "label"):
             assert torch.equal(batch[key][i], item[key]), (key, i)
     assert not torch.equal(batch["seg"][0], ds[3]["seg"])  # the flip did something
     loader, _ = first_batches(scenes_config(tmp_path), "train")  # data.augment random_crop: flips in training
-    assert loader.flip and not first_batches(scenes_config(tmp_path), "val")[0].flip
+    assert loader.augment and not first_batches(scenes_config(tmp_path), "val")[0].augment
+    loader.generator.manual_seed(0)
+    flipped = torch.cat([b["targets"]["normal"] for b in loader])
+    loader.generator.manual_seed(0)
+    plain = torch.cat([b["targets"]["normal"] for b in loader.in_order()])
+    # per channel over the epoch: mirroring keeps the y and z sums and changes x (negated on flipped scenes)
+    a, b = flipped.sum((0, 2, 3)), plain.sum((0, 2, 3))
+    assert torch.allclose(a[1:], b[1:], rtol=1e-4) and abs(float(a[0] - b[0])) > 1.0
+
+
+def test_multi_fashion_batches_shift_like_the_per_item_path():
+    from mtl.data.dense_batches import DenseBatches
+    from mtl.data.dense_transforms import normalize, shift
+    from mtl.data.multi_fashion import MultiFashionDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 1, 36, 36), dtype=torch.uint8, generator=g)
+    left, right = torch.randint(0, 10, (10,), generator=g), torch.randint(0, 10, (10,), generator=g)
+    plain, augmenting = MultiFashionDataset(images, left, right), MultiFashionDataset(images, left, right, augment=True)
+    rows = torch.tensor([4, 9, 0])
+    batch = plain.gather(rows, torch.device("cpu"))
+    for i, row in enumerate(rows.tolist()):
+        for key in ("image", "left", "right"):
+            assert torch.equal(batch[key][i], plain[row][key]), key
+    params = augmenting.draw(3, g)
+    assert set(params) == {"top", "left"} and int(params["top"].max()) <= 4
+    params = {"top": torch.tensor([0, 4, 2]), "left": torch.tensor([4, 0, 1])}
+    shifted = augmenting.gather(rows, torch.device("cpu"), params)["image"]
+    for i, row in enumerate(rows.tolist()):
+        raw = images[row].float().div(255).expand(3, -1, -1)
+        expected = normalize(shift(raw, int(params["top"][i]), int(params["left"][i]), 2), plain.mean, plain.std)
+        assert torch.equal(shifted[i], expected)
+    assert not torch.equal(shifted[0], batch["image"][0])
+    loader = DenseBatches(augmenting, {"a": "left", "b": "right"}, batch_size=4, shuffle=True, augment=True,
+                          device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    out = list(loader)
+    assert [len(b["image"]) for b in out] == [4, 4, 2]
+    assert sorted(torch.cat([b["targets"]["a"] for b in out]).tolist()) == sorted(left.tolist())
 
 
 def frozen(folder, tmp_path, **overrides):

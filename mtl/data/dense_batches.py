@@ -1,9 +1,12 @@
-"""Batched loading for in-memory multitask data sets: whole batches of images and their dense maps gathered by
-index, flipped and normalised on the device, instead of one item at a time through a DataLoader.
+"""Batched loading for in-memory multitask data sets: whole batches of images and their targets gathered by
+index and augmented on the device, instead of one item at a time through a DataLoader.
 
-A data set takes part by offering ``gather(rows, device, flip) -> {key: batch}``: the items ``rows`` as
-``__getitem__`` would give them, stacked, on ``device``, mirrored left-right where ``flip`` is true (masks,
-depth and normals with the image, the normals' x component negated).
+A data set takes part by offering two methods:
+
+- ``draw(n, generator) -> {name: (n, ...) tensor}``: the random parameters of n items' augmentation (flips,
+  shifts), drawn on the CPU for the whole global batch, so that any number of processes sees the same epoch;
+- ``gather(rows, device, params) -> {key: batch}``: the items ``rows`` as ``__getitem__`` would give them,
+  stacked on ``device`` and augmented with ``params`` (None: not augmented).
 """
 from __future__ import annotations
 
@@ -17,22 +20,22 @@ from .batches import _shares_exist
 
 
 def can_gather(dataset: Dataset) -> bool:
-    return callable(getattr(dataset, "gather", None))
+    return callable(getattr(dataset, "gather", None)) and callable(getattr(dataset, "draw", None))
 
 
 class DenseBatches:
     """An iterable of ``{"image": (B,3,H,W) on device, "targets": {task: batch}}`` from ``dataset.gather``.
 
     ``targets`` maps task names to item keys. ``batch_size`` is the global batch; with ``world`` processes each
-    takes every world-th item of it. ``generator`` drives the order and the flips (drawn for the whole global
-    batch, so any world size sees the same epoch). ``collate_fn`` is kept for code that reads single items.
+    takes every world-th item of it. ``generator`` drives the order and, with ``augment``, the augmentation.
+    ``collate_fn`` is kept for code that reads single items.
     """
 
-    def __init__(self, dataset: Dataset, targets: Dict[str, str], *, batch_size: int, shuffle: bool, flip: bool,
+    def __init__(self, dataset: Dataset, targets: Dict[str, str], *, batch_size: int, shuffle: bool, augment: bool,
                  device: torch.device, generator: Optional[torch.Generator] = None,
                  collate_fn: Optional[Callable[[List[Any]], Any]] = None, rank: int = 0, world: int = 1) -> None:
         self.dataset, self.targets = dataset, dict(targets)
-        self.batch_size, self.shuffle, self.flip, self.device = batch_size, shuffle, flip, device
+        self.batch_size, self.shuffle, self.augment, self.device = batch_size, shuffle, augment, device
         self.generator = generator if generator is not None else torch.Generator()
         self.collate_fn = collate_fn
         self.rank, self.world = rank, world
@@ -41,8 +44,8 @@ class DenseBatches:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def in_order(self) -> "DenseBatches":
-        """The same batches without shuffling or flips."""
-        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False, flip=False,
+        """The same batches without shuffling or augmentation."""
+        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False, augment=False,
                             device=self.device, collate_fn=self.collate_fn, rank=self.rank, world=self.world)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -51,11 +54,28 @@ class DenseBatches:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for rows in _shares_exist(order.split(self.batch_size), self.shuffle, self.rank, self.world):
-            flips = (torch.rand(len(rows), generator=self.generator) < 0.5) if self.flip else torch.zeros(len(rows), dtype=torch.bool)
+            params = self.dataset.draw(len(rows), self.generator) if self.augment else None
             if self.world > 1:
-                rows, flips = rows[self.rank::self.world], flips[self.rank::self.world]
-            items = self.dataset.gather(rows, self.device, flips)
+                rows = rows[self.rank::self.world]
+                params = {k: v[self.rank::self.world] for k, v in params.items()} if params is not None else None
+            items = self.dataset.gather(rows, self.device, params)
             yield {"image": items["image"], "targets": {t: items[key] for t, key in self.targets.items()}}
+
+
+def random_flips(n: int, generator: torch.Generator) -> Dict[str, Tensor]:
+    """``{"flip": (n,) bool}``, each item mirrored with probability 1/2."""
+    return {"flip": torch.rand(n, generator=generator) < 0.5}
+
+
+def shift_batch(images: Tensor, top: Tensor, left: Tensor, max_shift: int) -> Tensor:
+    """``dense_transforms.random_shift`` of a (B,C,H,W) batch with given offsets (each in [0, 2 * max_shift]):
+    item b is cut from its border-replicated padding at (top[b], left[b])."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="replicate")
+    ys = (top.to(images.device)[:, None] + torch.arange(h, device=images.device))  # (B, h)
+    xs = (left.to(images.device)[:, None] + torch.arange(w, device=images.device))  # (B, w)
+    rows = padded.gather(2, ys[:, None, :, None].expand(b, c, h, padded.shape[-1]))
+    return rows.gather(3, xs[:, None, None, :].expand(b, c, h, w))
 
 
 def flip_batch(batch: Dict[str, Tensor], flip: Tensor, dense_keys: tuple = ("image", "seg", "depth", "normal")) -> None:

@@ -89,9 +89,13 @@ def random_shift(image: Tensor, max_shift: int) -> Tensor:
     """Translate a (C,H,W) image by up to ``max_shift`` pixels each way, padding with its border pixels."""
     if max_shift <= 0:
         return image
+    return shift(image, _randint(2 * max_shift), _randint(2 * max_shift), max_shift)
+
+
+def shift(image: Tensor, top: int, left: int, max_shift: int) -> Tensor:
+    """The (C,H,W) window at (top, left) of ``image`` padded by ``max_shift`` border pixels on every side."""
     h, w = image.shape[-2:]
     padded = F.pad(image[None], (max_shift,) * 4, mode="replicate")[0]
-    top, left = _randint(2 * max_shift), _randint(2 * max_shift)
     return padded[..., top : top + h, left : left + w]
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .cache import cache_path, load_or_build
-from .dense_batches import flip_batch
+from .dense_batches import flip_batch, random_flips
 from .dense_transforms import normalize, random_hflip, unit_vectors
 from .registry import DATASETS, resolve_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -73,8 +73,13 @@ class SceneDataset(Dataset):
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 
-    def gather(self, rows: Tensor, device: torch.device, flip: Tensor) -> dict[str, Tensor]:
-        """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where ``flip``."""
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Random flips of n items (see ``dense_batches``)."""
+        return random_flips(n, generator)
+
+    def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where
+        ``params["flip"]``."""
         t = self.tensors
 
         def take(key: str) -> Tensor:
@@ -83,7 +88,8 @@ class SceneDataset(Dataset):
 
         batch = {"image": take("images").float() / 255, "seg": take("seg").long(), "depth": take("depth").float()[:, None],
                  "normal": unit_vectors(take("normal").float(), dim=1), "label": take("labels")}
-        flip_batch(batch, flip)
+        if params is not None:
+            flip_batch(batch, params["flip"])
         batch["image"] = normalize(batch["image"], self.mean, self.std)
         return batch
 
