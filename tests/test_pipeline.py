@@ -1,5 +1,8 @@
 """The batched pipeline (decoded stores, device augmentation) and cached encoder features give the same
 results as the per-item path and the uncached path."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -220,3 +223,16 @@ def test_channels_last_on_cpu_trains_the_same(color_folder, tmp_path):
     b = run(cfg_of(color_folder, tmp_path / "b", **{"train.channels_last": "off", "train.epochs": 2}), quiet=True)
     assert a["channels_last"] and not b["channels_last"]
     assert a["final"]["val"]["loss"] == pytest.approx(b["final"]["val"]["loss"], rel=1e-3)
+
+
+def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(color_folder, tmp_path):
+    from mtl.evaluate import eval_command
+    from mtl.runs import load_model
+
+    summary = run(cfg_of(color_folder, tmp_path, **{"train.epochs": 2, "train.compile": True}), quiet=True)
+    state = torch.load(f"{summary['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in state)  # plain keys: any mtl command reads the run
+    assert load_model(summary["run_dir"]).model.heads["label"] is not None
+    eval_command(summary["run_dir"], "val")
+    metrics = json.loads((Path(summary["run_dir"]) / "eval" / "val" / "metrics.json").read_text())
+    assert metrics["tasks"]["label"]["acc"] == pytest.approx(summary["best"]["val"]["acc"], abs=1e-6)
