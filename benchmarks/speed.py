@@ -120,11 +120,8 @@ def compute_limit(size: int, batch: int, device: torch.device, steps: int, froze
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))
     amp = use_amp("auto", device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # as mtl's default (train.channels_last: auto)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,), device=device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
     for i in range(steps + 3):

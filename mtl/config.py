@@ -253,6 +253,8 @@ def _convert(tp: Any, value: Any, path: Tuple[str, ...], sources: Sources) -> An
             raise _type_error(path, value, "a number", sources)
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: `amp: off` means "off"
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise _type_error(path, value, "a string", sources)
         return value

@@ -69,6 +69,16 @@ def test_wrong_type_is_an_error(tmp_path):
         build_config(*load_config(path, ["train.epochs=2", "optim.nesterov=3"]))
 
 
+def test_yaml_on_off_words_are_the_strings_they_look_like(tmp_path):
+    # YAML 1.1 reads off/on as booleans; string settings take them as the words
+    path = write(tmp_path / "c.yaml", "train: {amp: off, channels_last: off, cache_features: on}\n")
+    cfg = build_config(*load_config(path, ["train.nonfinite=off"]))
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.cache_features, cfg.train.nonfinite) == ("off", "off", "on", "off")
+    with pytest.raises(UserError, match="train.amp must be auto, bf16 or off, got 'on'"):
+        build_config(*load_config(path, ["train.amp=on"]))
+    assert build_config(*load_config(path, ["train.progress=off"])).train.progress is False  # booleans stay booleans
+
+
 def test_missing_required_value(tmp_path):
     path = write(tmp_path / "c.yaml", "train: {unfreeze: [{epoch: 2}]}\n")
     with pytest.raises(UserError, match=r"missing required config value 'train\.unfreeze\.0\.modules'"):
