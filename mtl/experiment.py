@@ -244,6 +244,7 @@ def build_experiment(cfg: Config) -> Experiment:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
     weighting = build_weighting(cfg.weighting.name, list(tasks), [t.weight for t in tasks.values()],
                                 **cfg.weighting.options).to(device)
+    weighting.seed = cfg.train.seed
     frozen = not any(p.requires_grad for p in model.shared_parameters())
     if weighting.gradient_level and frozen and not cfg.train.unfreeze:
         raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "

@@ -340,8 +340,10 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where ``state`` was saved (hooks re-apply e.g. unfreezing first)."""
         self.model.load_state_dict(state["model"])
-        if "weighting" in state:
-            self.weighting.load_state_dict(state["weighting"])
+        if "weighting" in state:  # checkpoints from before weightings counted their random draws lack that entry
+            weighting = dict(state["weighting"])
+            weighting.setdefault("_extra_state", {"draws": 0})
+            self.weighting.load_state_dict(weighting)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = dict(state["best"]), list(state["history"])
         self._partial = state.get("partial")

@@ -34,7 +34,7 @@ def _run_dir(out):
     return dirs[0]
 
 
-@pytest.mark.parametrize("weighting", ["equal", "pcgrad"])
+@pytest.mark.parametrize("weighting", ["equal", "pcgrad", "rlw"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, weighting):
     folder = make_folder(tmp_path / "data")
     finals = {}
@@ -85,6 +85,55 @@ def test_two_processes_match_one_on_batched_multitask_scenes(tmp_path):
     for phase in ("train", "val"):
         assert finals[1]["final"][phase]["loss"] == pytest.approx(finals[2]["final"][phase]["loss"], rel=1e-4), phase
     assert finals[1]["final"]["val"]["tasks"]["seg"]["miou"] == pytest.approx(finals[2]["final"]["val"]["tasks"]["seg"]["miou"], abs=1e-4)
+
+
+WEIGHTS_AGREE = """
+import json, sys
+import torch
+import torch.distributed as tdist
+from mtl import distributed as dist
+from mtl.weighting import build_weighting
+
+dist.init_from_env()
+torch.manual_seed(0)
+shared = torch.nn.Linear(4, 3)  # the same start everywhere
+torch.manual_seed(100 + dist.rank())  # different local data, and a global RNG that runs apart
+seen = {}
+for name in ("gradnorm", "rlw", "pcgrad"):
+    method = build_weighting(name, ["a", "b", "c"])
+    for step in range(6):
+        out = shared(torch.randn(8, 4))
+        losses = torch.stack([out[:, 0].pow(2).mean(), (out[:, 1] - 1).abs().mean(), out[:, 2].exp().mean()])
+        if method.gradient_level:
+            method(torch.randn(3, 5), losses.detach())
+        else:
+            method(dist.global_mean(losses), shared=list(shared.parameters()))
+        torch.randn(dist.rank() + 1)  # data augmentation drawing more on one process than on the other
+    mine = getattr(method, "loss_weights", method.last_weights).clone()
+    if name == "pcgrad":  # its weights are all ones: compare the task order it draws next
+        mine = torch.cat([method.generator().get_state()[:64].float()])
+    everyone = [torch.zeros_like(mine) for _ in range(dist.world_size())]
+    tdist.all_gather(everyone, mine)
+    seen[name] = [e.tolist() for e in everyone]
+if dist.rank() == 0:
+    json.dump(seen, open(sys.argv[1], "w"))
+dist.shutdown()
+"""
+
+
+def test_weighting_state_agrees_across_processes(tmp_path):
+    """GradNorm's weights come from gradient norms and RLW's and PCGrad's from random draws: each process must
+    reach the same values although its data and global RNG differ."""
+    script = tmp_path / "agree.py"
+    script.write_text(WEIGHTS_AGREE)
+    out = tmp_path / "seen.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    for name, (rank0, rank1) in seen.items():
+        assert rank0 == rank1, name
+    assert seen["gradnorm"][0] != [1.0, 1.0, 1.0]  # the weights did move
 
 
 def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):

@@ -94,15 +94,27 @@ def test_gradnorm_needs_shared_parameters():
 
 def test_rlw_random_sums_to_t_and_reproducible():
     w = build_weighting("rlw", TASKS)
-    losses = torch.tensor([1.0, 2.0])
-    torch.manual_seed(3)
+    losses = torch.tensor([1.0, 2.0], requires_grad=True)  # a training step
+    assert float(w(losses.detach())) == 3.0 and w.get_extra_state() == {"draws": 0}  # evaluation: w = 1, no draw
     total1 = w(losses)
     w1 = w.last_weights.clone()
     w(losses)
     w2 = w.last_weights.clone()
-    torch.manual_seed(3)
-    assert torch.equal(w(losses), total1) and torch.equal(w.last_weights, w1)
     assert not torch.allclose(w1, w2)
+    # the draws depend on the seed and the step only, not on the global RNG (same on every process) ...
+    again = build_weighting("rlw", TASKS)
+    torch.manual_seed(123)
+    assert torch.equal(again(losses), total1) and torch.equal(again.last_weights, w1)
+    other = build_weighting("rlw", TASKS)
+    other.seed = 1
+    other(losses)
+    assert not torch.allclose(other.last_weights, w1)
+    # ... and a resumed run continues the sequence
+    resumed = build_weighting("rlw", TASKS)
+    resumed.load_state_dict(w.state_dict())
+    resumed(losses)
+    w(losses)
+    assert torch.equal(resumed.last_weights, w.last_weights)
     assert torch.isclose(w1.sum(), torch.tensor(2.0))
     assert torch.isclose(total1, (w1 * losses).sum())
 

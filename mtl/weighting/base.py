@@ -26,10 +26,25 @@ class Weighting(nn.Module):
         self.tasks = list(tasks)
         self.register_buffer("task_weights", torch.tensor(list(task_weights or [1.0] * len(self.tasks)), dtype=torch.float32))
         self.register_buffer("last_weights", torch.ones(len(self.tasks)))
+        self.seed = 0  # the run's seed (train.seed), set by the experiment
+        self._draws = 0  # random draws so far; checkpointed, so a resumed run draws what it would have
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator for one step's random choices (PCGrad's task order, RLW's weights), seeded by the run's
+        seed and the number of draws so far: every process under torchrun draws the same, whatever else consumed
+        its global RNG (data augmentation, dropout), and no draw syncs a GPU with the host."""
+        self._draws += 1
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._draws)
+
+    def get_extra_state(self) -> Any:
+        return {"draws": self._draws}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._draws = int(state.get("draws", 0)) if isinstance(state, dict) else 0
 
     def end_epoch(self, mean_losses: Tensor) -> None:
         """Called after each training epoch with the epoch's mean loss per task (DWA uses it)."""

@@ -34,10 +34,10 @@ def _check_iters(iters: int, method: str) -> int:
     return int(iters)
 
 
-def _other_tasks_in_random_order(t: int, device: torch.device) -> Tensor:
-    """(T, T-1) long: row i lists the tasks j != i in an independent random order (global torch RNG)."""
-    keys = torch.rand(t, t, device=device) + 2.0 * torch.eye(t, device=device)  # self sorts last
-    return keys.argsort(dim=1)[:, : t - 1]
+def _other_tasks_in_random_order(t: int, device: torch.device, generator: torch.Generator) -> Tensor:
+    """(T, T-1) long: row i lists the tasks j != i in an independent random order (drawn on the CPU)."""
+    keys = torch.rand(t, t, generator=generator) + 2.0 * torch.eye(t)  # self sorts last
+    return keys.argsort(dim=1)[:, : t - 1].to(device, non_blocking=True)
 
 
 def _pick(order_col: Tensor, values: Tensor, t: int) -> Tensor:
@@ -94,7 +94,7 @@ class PCGrad(GradientWeighting):
         g = grads.float()
         t = g.shape[0]
         sq = (g * g).sum(1)
-        order = _other_tasks_in_random_order(t, g.device)
+        order = _other_tasks_in_random_order(t, g.device, self.generator())
         p = g.clone()
         for k in range(t - 1):
             j = order[:, k]
@@ -130,7 +130,7 @@ class GradVac(GradientWeighting):
         g = grads.float()
         t = g.shape[0]
         gnorm = g.norm(dim=1)
-        order = _other_tasks_in_random_order(t, g.device)
+        order = _other_tasks_in_random_order(t, g.device, self.generator())
         p = g.clone()
         for k in range(t - 1):
             j = order[:, k]

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from ..errors import UserError
 from .base import WEIGHTINGS, LossWeighting
 
@@ -129,11 +130,13 @@ class GradNorm(LossWeighting):
         return total
 
     def _update(self, losses: Tensor, weight: Tensor) -> None:
-        norms = []
+        grads = []
         for t in range(self.num_tasks):
             (grad,) = torch.autograd.grad(losses[t], weight, retain_graph=True, allow_unused=True)
-            norms.append(grad.detach().float().norm() if grad is not None else weight.new_zeros((), dtype=torch.float32))
-        raw_norms = torch.stack(norms)  # ||d L_t / d W||
+            grads.append(grad.detach().float() if grad is not None else torch.zeros_like(weight, dtype=torch.float32))
+        grads_t = torch.stack(grads)
+        dist.all_reduce_mean_([grads_t])  # under torchrun: the global batch's gradients, so weights agree everywhere
+        raw_norms = grads_t.flatten(1).norm(dim=1)  # ||d L_t / d W||
         current = losses.detach()
         self.initial_losses.copy_(torch.where(self.initialized, self.initial_losses, current))
         self.initialized.fill_(True)
@@ -150,13 +153,15 @@ class GradNorm(LossWeighting):
 class RLW(LossWeighting):
     """Random Loss Weighting (Lin et al., TMLR 2022).
 
-    Each step ``w = T * softmax(n)``, ``n ~ N(0, I)`` drawn from the global torch RNG on the losses'
-    device; ``total = sum_t w_t L_t``. Weights sum to T (the paper's sum to 1, times T so that the scale
-    matches ``equal``).
+    Each training step ``w = T * softmax(n)``, ``n ~ N(0, I)`` drawn from the method's generator (the same on
+    every process); ``total = sum_t w_t L_t`` (evaluation: ``w = 1``). Weights sum to T (the paper's sum to 1,
+    times T so that the scale matches ``equal``).
     """
 
     def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
-        noise = torch.randn(self.num_tasks, device=losses.device, dtype=losses.dtype)
+        if not _is_train_step(losses):  # evaluation: equal weights, and no draw (processes see unequal val batches)
+            return losses.sum()
+        noise = torch.randn(self.num_tasks, generator=self.generator()).to(losses.device, losses.dtype)
         weights = self.num_tasks * torch.softmax(noise, dim=0)
         self.last_weights.copy_(weights)
         return (weights * losses).sum()
