@@ -15,6 +15,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping,
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .tasks import Binary, Classification, Task
@@ -43,7 +44,7 @@ def _num_classes(task: Task) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mapping[str, Task], device: torch.device, *,
              autocast: Optional[Callable[[], ContextManager[Any]]] = None, channels_last: bool = False,
-             metrics: bool = True) -> Evaluation:
+             metrics: bool = True, progress: bool = False) -> Evaluation:
     """One pass over ``loader`` (batches ``{"image", "targets": {task: y}}``) with ``model`` in eval mode.
 
     Confusion matrices for ``confusion_tasks``; with ``metrics`` also every task's loss and metrics through the
@@ -59,7 +60,7 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
             x = batch["image"].to(device, non_blocking=True)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -143,7 +144,8 @@ def eval_command(run: str, split: str = "val") -> str:
     amp = use_amp(cfg.train.amp, device)
     model = loaded.model.to(device)
     result = evaluate(model, loader, loaded.tasks, device,
-                      autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None)
+                      autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None,
+                      progress=len(loader) > 1)
     if result.size == 0:
         raise UserError(f"split {split!r} of {run_dir} has no images to evaluate")
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .runs import Loaded, image_tensor, load_model
@@ -134,8 +135,10 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
     grid: List[Tensor] = []
     skipped: List[str] = []
     used: set = set()
+    bar = tqdm(total=len(files), unit="img", desc="predict", leave=False, disable=len(files) <= BATCH)
     for start in range(0, len(files), BATCH):
         paths, x = _load_batch(files[start:start + BATCH], loaded, skipped)
+        bar.update(len(files[start:start + BATCH]))
         if x is None:
             continue
         outputs = {t: o.float().cpu() for t, o in model(x.to(device)).items()}
@@ -155,6 +158,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
                     row.title = title
         rows += batch_rows
         grid += list(inputs[:max(GRID_IMAGES - len(grid), 0)])
+    bar.close()
     return rows, torch.stack(grid) if grid else None, skipped
 
 
