@@ -29,7 +29,7 @@ from .errors import UserError
 from .freezing import L2SP, apply_freeze
 from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
-from .features import HeadsOnFeatures, cache_features, feature_cache_blocker
+from .features import FeatureBatches, HeadsOnFeatures, cache_features, feature_cache_blocker
 from .model import TransferModel
 from .runs import model_input_size, task_targets
 from .optim import build_optimizer, build_scheduler
@@ -454,7 +454,7 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     if blocker is None:
         views = t.feature_views if cfg.data.augment != "none" else 1
         amp = use_amp(t.amp, exp.device)
-        loaders, seconds = cache_features(exp.model, exp.loaders, {s: _in_order(l) for s, l in exp.loaders.items()},
+        loaders, seconds = cache_features(exp.model, exp.loaders, {s: in_order(l) for s, l in exp.loaders.items()},
                                           views, exp.device, amp, exp.generator, t.seed)
         model = HeadsOnFeatures(exp.model)
         exp.info["pipeline"] += f"; encoder features cached once ({views} view{'s' if views > 1 else ''}, {seconds:.1f} s)"
@@ -466,8 +466,12 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     return model, loaders
 
 
-def _in_order(loader: Any) -> Any:
-    """The same data as ``loader`` in a fixed order (its augmentation, if any, kept)."""
+def in_order(loader: Any) -> Any:
+    """Every item of ``loader``'s split in a fixed order, not sharded over torchrun's processes (its
+    augmentation, if any, kept): for feature caching, and for process 0's reports at the end of a run."""
+    if isinstance(loader, FeatureBatches):
+        return FeatureBatches(loader.views, loader.targets, batch_size=loader.batch_size, shuffle=False,
+                              dataset=loader.dataset, collate_fn=loader.collate_fn, shard=False)
     if isinstance(loader, DenseBatches):
         return loader.in_order()
     if isinstance(loader, DeviceBatches):

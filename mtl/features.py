@@ -90,8 +90,10 @@ class FeatureBatches:
     """
 
     def __init__(self, views: Tensor, targets: Dict[str, Tensor], *, batch_size: int, shuffle: bool,
-                 generator: Optional[torch.Generator] = None, dataset: Any = None, collate_fn: Any = None) -> None:
+                 generator: Optional[torch.Generator] = None, dataset: Any = None, collate_fn: Any = None,
+                 shard: bool = True) -> None:
         self.views, self.targets = views, targets  # (V, N, D), {task: (N, ...)}
+        self.shard = shard  # under torchrun, yield this process's share of each batch
         self.batch_size, self.shuffle = batch_size, shuffle
         self.generator = generator if generator is not None else torch.Generator()
         self.dataset, self.collate_fn = dataset, collate_fn
@@ -106,7 +108,7 @@ class FeatureBatches:
         n = features.shape[0]
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(features.device)
-        rank, world = dist.rank(), dist.world_size()
+        rank, world = (dist.rank(), dist.world_size()) if self.shard else (0, 1)
         for chunk in order.split(self.batch_size):
             if world > 1:  # this process's share of the global batch, as in DeviceBatches
                 if (self.shuffle and len(chunk) < world) or len(chunk) <= rank:

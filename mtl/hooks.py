@@ -229,7 +229,13 @@ class TensorBoardHook(Hook):
         best = Path(self.writer.log_dir) / "checkpoints" / "best.pt"
         if trainer.best["epoch"] not in (None, trainer.epoch) and best.exists():  # before CheckpointHook restores it
             trainer.model.load_state_dict(load_checkpoint(best)["model"])
-        result = evaluate(trainer.model, trainer.loaders["val"], trainer.tasks, trainer.device,
+        from . import distributed as dist
+        from .experiment import in_order
+
+        loader = trainer.loaders["val"]
+        if dist.world_size() > 1:  # process 0 alone scores the whole split, while the others wait
+            loader = in_order(loader)
+        result = evaluate(trainer.model, loader, trainer.tasks, trainer.device,
                           autocast=trainer.autocast, channels_last=trainer.channels_last, metrics=False)
         for t, matrix in result.confusion.items():
             title = f"{t} (val, best epoch {trainer.best['epoch']}): rows true, columns predicted"

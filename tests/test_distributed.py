@@ -146,3 +146,31 @@ def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
     cfg = build_config(tiny_config(make_folder(tmp_path / "d"), tmp_path / "r"), {})
     with pytest.raises(UserError, match="does not split over 3 processes"):
         build_data(cfg, torch.device("cpu"))
+
+
+def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
+    """Under torchrun, each loader yields this process's share; ``in_order`` (used for the end-of-run confusion
+    matrices that process 0 writes alone) yields every item, for each kind of loader."""
+    from test_multitask import scenes_config
+
+    from mtl import distributed
+    from mtl.config import build_config
+    from mtl.experiment import build_data, in_order
+    from mtl.features import FeatureBatches
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
+    folder = make_folder(tmp_path / "d")
+    configs = [build_config(tiny_config(folder, tmp_path / "r"), {}),
+               build_config(tiny_config(folder, tmp_path / "r", **{"data.pipeline": "items", "data.num_workers": 0}), {}),
+               scenes_config(tmp_path)]
+    for cfg in configs:
+        _, datasets, loaders, _, _ = build_data(cfg, torch.device("cpu"))
+        n = len(datasets["val"])
+        share = sum(len(b["image"]) for b in loaders["val"])
+        whole = [b for b in in_order(loaders["val"])]
+        assert share < n and sum(len(b["image"]) for b in whole) == n, type(loaders["val"]).__name__
+    features = FeatureBatches(torch.randn(1, 10, 4), {"label": torch.arange(10)}, batch_size=4, shuffle=False)
+    assert sum(len(b["image"]) for b in features) == 5  # items 0, 2 | 4, 6 | 8
+    assert torch.cat([b["targets"]["label"] for b in in_order(features)]).tolist() == list(range(10))

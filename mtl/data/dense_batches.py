@@ -44,9 +44,9 @@ class DenseBatches:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def in_order(self) -> "DenseBatches":
-        """The same batches without shuffling or augmentation."""
+        """Every item in order, not augmented, not sharded over processes."""
         return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False, augment=False,
-                            device=self.device, collate_fn=self.collate_fn, rank=self.rank, world=self.world)
+                            device=self.device, collate_fn=self.collate_fn)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         n = len(self.dataset)
