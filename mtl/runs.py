@@ -5,7 +5,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
             declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
         tasks = build_tasks(cfg, SimpleNamespace(targets=declared), [])
     else:
-        tasks = _tasks_from_config(cfg, build_dataset, build_tasks)
+        tasks, input_size = _tasks_from_config(cfg, build_dataset, build_tasks)
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights if (weights and not run) else None,
                             **cfg.model.encoder_options)
     apply_freeze(encoder, cfg.model.freeze)
@@ -92,8 +92,9 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     if state is not None:
         _load_state(model, state["model"], path)
     model.eval()
-    return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()},
-                  state.get("input_size") if state is not None else None)
+    if state is not None:
+        input_size = state.get("input_size")
+    return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()}, input_size)
 
 
 def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:
@@ -109,7 +110,7 @@ def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path
     from .experiment import build_dataset, build_tasks
 
     configs = _sequence(raw, sources)
-    tasks = [_tasks_from_config(c, build_dataset, build_tasks)[c.name] for c in configs]
+    tasks = [_tasks_from_config(c, build_dataset, build_tasks)[0][c.name] for c in configs]
     method = next((m for m in top.continual.methods if m in ("progressive", "independent")), top.continual.methods[0])
     model = stage_model(method, top, configs, tasks, len(configs) - 1).eval()
     last = copy.deepcopy(configs[-1])
@@ -150,19 +151,22 @@ def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) 
                         f"{' '.join(str(e).split())[:300]}") from None
 
 
-def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Dict[str, Task]:
+def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Tuple[Dict[str, Task], Optional[List[int]]]:
+    """The config's tasks, completed from the training data when it does not give every class count, and the
+    (H, W) of that data's images (None when no data was needed)."""
     known = all(tc.num_classes is not None or tc.type in ("binary", "depth", "normals") for tc in cfg.tasks.values())
     if known:
         declared = {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
                     for name, tc in cfg.tasks.items()}
-        return build_tasks(cfg, SimpleNamespace(targets=declared), [])
+        return build_tasks(cfg, SimpleNamespace(targets=declared), []), None
     try:
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
     except UserError as e:
         missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
         raise UserError(f"{e}; or, to build the model without data, give the class count: "
                         + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
-    return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", [])))
+    size = list(train_ds[0]["image"].shape[-2:]) if len(train_ds) else None  # eval transform: the model's input
+    return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", []))), size
 
 
 def model_input_size(loader: Any) -> List[int]:
