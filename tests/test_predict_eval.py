@@ -117,6 +117,10 @@ def test_predict_multitask_writes_overlays_per_dense_task(scenes_run, tmp_path):
     # config's image_size 224): the predictions equal the model's on the data set's own tensors
     loaded = load_model(run_dir)
     assert loaded.input_size == [32, 32]
+    from mtl.config import dump_config
+
+    dump_config(loaded.cfg, tmp_path / "scenes.yaml")  # from a config: the size of the data set's images
+    assert load_model(tmp_path / "scenes.yaml", weights=False).input_size == [32, 32]
     val = build_dataset(loaded.cfg.data, "val", train=False)
     with torch.no_grad():
         logits = loaded.model(torch.stack([val[i]["image"] for i in range(3)]))["label"]
