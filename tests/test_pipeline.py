@@ -122,8 +122,14 @@ def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     assert loader.augment and not first_batches(scenes_config(tmp_path), "val")[0].augment
     loader.generator.manual_seed(0)
     flipped = torch.cat([b["targets"]["normal"] for b in loader])
-    loader.generator.manual_seed(0)
-    plain = torch.cat([b["targets"]["normal"] for b in loader.in_order()])
+    ordered = loader.in_order()  # feature caching reads augmented views of the training split in order
+    views = []
+    for seed in (1, 2):
+        ordered.generator.manual_seed(seed)
+        views.append(torch.cat([b["image"] for b in ordered]))
+    assert len(views[0]) == 24 and not torch.equal(views[0], views[1])
+    unaugmented, _ = first_batches(scenes_config(tmp_path, "data.augment=none"), "train")
+    plain = torch.cat([b["targets"]["normal"] for b in unaugmented])
     # per channel over the epoch: mirroring keeps the y and z sums and changes x (negated on flipped scenes)
     a, b = flipped.sum((0, 2, 3)), plain.sum((0, 2, 3))
     assert torch.allclose(a[1:], b[1:], rtol=1e-4) and abs(float(a[0] - b[0])) > 1.0

@@ -44,9 +44,9 @@ class DenseBatches:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def in_order(self) -> "DenseBatches":
-        """Every item in order, not augmented, not sharded over processes."""
-        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False, augment=False,
-                            device=self.device, collate_fn=self.collate_fn)
+        """Every item in order, not sharded over processes; its augmentation, if any, kept (cached feature views)."""
+        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False,
+                            augment=self.augment, device=self.device, collate_fn=self.collate_fn)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         n = len(self.dataset)
