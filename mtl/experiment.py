@@ -190,7 +190,7 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
             raise UserError(f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
-                            f"cifar10/100, captcha_chars, shapes) or scenes, multi_fashion; {d.name!r} "
+                            f"cifar10/100, captcha_chars, shapes) or scenes, multi_fashion, celeba; {d.name!r} "
                             f"with targets {', '.join(sorted(targets))} "
                             f"has no image store; use data.pipeline=items or auto")
         return None
@@ -221,6 +221,13 @@ def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_d
     d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
     targets = {t: task.target for t, task in tasks.items()}
     info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
+    if callable(getattr(train_ds, "prepare", None)):  # image files: decoded once first (celeba)
+        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
+        kw = dict(cache_size=d.cache_size, cache_dir=cache_dir, budget_bytes=int(d.cache_budget_gb * 2**30),
+                  progress=cfg.train.progress)
+        where = {train_ds.prepare(**kw), val_ds.prepare(**kw)}
+        info["pipeline"] = (f"batched on {device.type} (images decoded once, "
+                            + ("in memory" if where == {"memory"} else "memory-mapped") + ")")
     return {
         "train": DenseBatches(train_ds, targets, batch_size=d.batch_size, shuffle=True, device=device,
                               augment=bool(getattr(train_ds, "augment", False)), generator=generator,

@@ -32,8 +32,8 @@ class DataCfg:
     val_batch_size: Optional[int] = None
     num_workers: int = 2  # the per-item pipeline's loader processes
     # auto: batched when the data set has an image store (folder, fashion_mnist, mnist, cifar, captcha_chars, shapes):
-    # images decoded once, whole batches cropped, flipped and normalised on the device; also scenes and multi_fashion
-    # (in-memory images and targets gathered and augmented in batches) | batched | items (per item)
+    # images decoded once, whole batches cropped, flipped and normalised on the device; also scenes, multi_fashion
+    # and celeba (images and targets gathered and augmented in batches) | batched | items (per item)
     pipeline: str = "auto"
     cache_size: Optional[int] = None  # side of the square each decoded image is stored at; null: 4/3 * resize_size
     cache_budget_gb: float = 8.0  # decoded images above this go to a memory-mapped file instead of memory

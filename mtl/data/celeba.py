@@ -12,7 +12,10 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
+from .decoded import decode_images
+from .dense_batches import random_flips
 from .dense_transforms import normalize
+from .device_augment import BatchAugment, box_theta
 from .image_files import load_rgb
 from .registry import DATASETS, resolve_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -64,6 +67,9 @@ class CelebADataset(Dataset):
         else:
             self.targets = {"attrs": {"type": "multilabel", "num_classes": len(names), "classes": list(names)}}
             self.classes = list(names)
+        self._store: Any = None  # decoded images, for whole batches (``prepare``)
+        self._geometry = BatchAugment(train=False, augment="none", image_size=image_size, resize_size=image_size,
+                                      mean=mean, std=std)  # Resize + CenterCrop + normalise, as __getitem__
 
     def __len__(self) -> int:
         return len(self.files)
@@ -81,6 +87,42 @@ class CelebADataset(Dataset):
             item.update({name: self.attrs[index, i].clone() for i, name in enumerate(self.attribute_names)})
         else:
             item["attrs"] = self.attrs[index].float()
+        return item
+
+
+    # ---- whole batches (mtl/data/dense_batches.py): images decoded once, resized, cropped and flipped on the device
+    def prepare(self, *, cache_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+                budget_bytes: int = 4 << 30, progress: bool = True) -> str:
+        """Decode every image once into a uint8 store (``decoded.py``); returns "memory" or the mapped file."""
+        if self._store is None:
+            size = cache_size or round(self.image_size * 4 / 3)
+            store = decode_images(self.files, size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress)
+            if store.failed:
+                raise UserError(f"cannot read CelebA image {self.files[store.failed[0]]} ({len(store.failed)} in all); "
+                                "extract the images again")
+            self._store = store
+        return self._store.location
+
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Random horizontal flips of n items."""
+        return random_flips(n, generator)
+
+    def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Items ``rows`` as ``__getitem__`` gives them (up to resampling), on ``device``, flipped by ``params``."""
+        self.prepare(progress=False)
+        images, sizes = self._store.images[rows], self._store.sizes[rows]
+        boxes, flip = self._geometry.boxes(sizes)
+        if params is not None:
+            flip = params["flip"]
+        theta = box_theta(boxes, sizes, flip)
+        if device.type == "cuda":
+            images, theta = images.pin_memory(), theta.pin_memory()
+        item = {"image": self._geometry(images.to(device, non_blocking=True), theta=theta.to(device, non_blocking=True))}
+        attrs = self.attrs[rows].to(device)
+        if self.as_tasks:
+            item.update({name: attrs[:, i] for i, name in enumerate(self.attribute_names)})
+        else:
+            item["attrs"] = attrs.float()
         return item
 
 

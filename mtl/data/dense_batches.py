@@ -1,12 +1,14 @@
-"""Batched loading for in-memory multitask data sets: whole batches of images and their targets gathered by
-index and augmented on the device, instead of one item at a time through a DataLoader.
+"""Batched loading for multitask data sets held in memory (or decoded once): whole batches of images and their
+targets gathered by index and augmented on the device, instead of one item at a time through a DataLoader.
 
 A data set takes part by offering two methods:
 
 - ``draw(n, generator) -> {name: (n, ...) tensor}``: the random parameters of n items' augmentation (flips,
   shifts), drawn on the CPU for the whole global batch, so that any number of processes sees the same epoch;
 - ``gather(rows, device, params) -> {key: batch}``: the items ``rows`` as ``__getitem__`` would give them,
-  stacked on ``device`` and augmented with ``params`` (None: not augmented).
+  stacked on ``device`` and augmented with ``params`` (None: not augmented);
+- optionally ``prepare(cache_size=, cache_dir=, budget_bytes=, progress=)``, called once before training
+  (celeba decodes its files there).
 """
 from __future__ import annotations
 
