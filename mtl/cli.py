@@ -97,7 +97,14 @@ def _os_error_text(e: OSError) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input prints one line and returns exit code 2."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option (`mtl summary cfg.yaml --input 3,64,64 model.freeze=all`) are left over by argparse
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         return _run(args)

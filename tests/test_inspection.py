@@ -77,6 +77,15 @@ def test_resnet18_totals_match_torchvision(resnet_config):
     assert totals(two) == (11_177_538, 11_177_538, 0)
 
 
+def test_overrides_may_follow_options_on_the_command_line(resnet_config, capsys):
+    assert main(["summary", str(resnet_config), "--input", "3,64,64", "model.freeze=all", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "input [3, 64, 64]" in out and "Trainable params: 513,000" in out  # the 1000-class head only
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", str(resnet_config), "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_freeze_specs_show_trainable_and_frozen(resnet_config):
     table = summary_command(str(resnet_config), ["tasks.label.num_classes=2", "model.freeze=all"], "3,32,32", None)
     assert totals(table) == (11_177_538, 1026, 11_176_512)  # only the 512x2 head trains
