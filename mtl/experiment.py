@@ -226,7 +226,8 @@ def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_d
         kw = dict(cache_size=d.cache_size, cache_dir=cache_dir, budget_bytes=int(d.cache_budget_gb * 2**30),
                   progress=cfg.train.progress)
         where = {train_ds.prepare(**kw), val_ds.prepare(**kw)}
-        info["pipeline"] = (f"batched on {device.type} (images decoded once, "
+        mib = (train_ds.nbytes + val_ds.nbytes) / 2**20
+        info["pipeline"] = (f"batched on {device.type} (images decoded once: uint8 {mib:,.0f} MiB "
                             + ("in memory" if where == {"memory"} else "memory-mapped") + ")")
     return {
         "train": DenseBatches(train_ds, targets, batch_size=d.batch_size, shuffle=True, device=device,

@@ -482,6 +482,7 @@ def test_celeba_whole_batches_match_items_and_train(tmp_path):
            "tasks": {"Smiling": {}, "Male": {}}, "train": {"epochs": 2, "progress": False, "log_images": 0}}
     cfg = build_config(raw, {})
     _, _, loaders, _, info = build_data(cfg, torch.device("cpu"))
-    assert info["pipeline"] == "batched on cpu (images decoded once, in memory)" and loaders["train"].augment
+    assert info["pipeline"] == "batched on cpu (images decoded once: uint8 0 MiB in memory)"  # 6 x 3 x 43 x 43 bytes
+    assert loaders["train"].augment and loaders["train"].dataset.nbytes == 3 * 3 * 43 * 43
     summary = run(cfg, quiet=True)
     assert summary["pipeline"].startswith("batched") and summary["train_size"] == 3

@@ -103,6 +103,11 @@ class CelebADataset(Dataset):
             self._store = store
         return self._store.location
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded store (0 before ``prepare``)."""
+        return self._store.nbytes if self._store is not None else 0
+
     def draw(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         """Random horizontal flips of n items."""
         return random_flips(n, generator)
