@@ -179,7 +179,7 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
         return None
     targets = {task.target for task in tasks.values()}
     size = d.cache_size or round(d.resize_size * 4 / 3)
-    cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
+    cache_dir = _cache_dir(d)
     stores = {}
     if targets == {"label"}:
         for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -215,6 +215,11 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
     return loaders
 
 
+def _cache_dir(d: DataCfg) -> Optional[Path]:
+    """Where decoded images that exceed the memory budget go: data.cache_dir, else <data.root>/.mtl_cache."""
+    return Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
+
+
 def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
                    generator: torch.Generator, info: Dict[str, Any]) -> Dict[str, DenseBatches]:
     """Whole batches gathered by the data set itself (in-memory multitask sets), augmented on the device."""
@@ -222,8 +227,7 @@ def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_d
     targets = {t: task.target for t, task in tasks.items()}
     info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
     if callable(getattr(train_ds, "prepare", None)):  # image files: decoded once first (celeba)
-        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
-        kw = dict(cache_size=d.cache_size, cache_dir=cache_dir, budget_bytes=int(d.cache_budget_gb * 2**30),
+        kw = dict(cache_size=d.cache_size, cache_dir=_cache_dir(d), budget_bytes=int(d.cache_budget_gb * 2**30),
                   progress=cfg.train.progress)
         where = {train_ds.prepare(**kw), val_ds.prepare(**kw)}
         mib = (train_ds.nbytes + val_ds.nbytes) / 2**20

@@ -83,6 +83,7 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
             classes = next(iter(state.get("classes", {}).values()), [])
             declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
         tasks = build_tasks(cfg, SimpleNamespace(targets=declared), [])
+        input_size = state.get("input_size")
     else:
         tasks, input_size = _tasks_from_config(cfg, build_dataset, build_tasks)
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights if (weights and not run) else None,
@@ -92,8 +93,6 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     if state is not None:
         _load_state(model, state["model"], path)
     model.eval()
-    if state is not None:
-        input_size = state.get("input_size")
     return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()}, input_size)
 
 

@@ -13,7 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
 from .decoded import decode_images
-from .dense_batches import random_flips
+from .dense_batches import random_flips, to_device
 from .dense_transforms import normalize
 from .device_augment import BatchAugment, box_theta
 from .image_files import load_rgb
@@ -120,9 +120,7 @@ class CelebADataset(Dataset):
         if params is not None:
             flip = params["flip"]
         theta = box_theta(boxes, sizes, flip)
-        if device.type == "cuda":
-            images, theta = images.pin_memory(), theta.pin_memory()
-        item = {"image": self._geometry(images.to(device, non_blocking=True), theta=theta.to(device, non_blocking=True))}
+        item = {"image": self._geometry(to_device(images, device), theta=to_device(theta, device))}
         attrs = self.attrs[rows].to(device)
         if self.as_tasks:
             item.update({name: attrs[:, i] for i, name in enumerate(self.attribute_names)})

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .batches import _shares_exist
+from .dense_transforms import DENSE_KEYS, hflip
 
 
 def can_gather(dataset: Dataset) -> bool:
@@ -80,14 +81,15 @@ def shift_batch(images: Tensor, top: Tensor, left: Tensor, max_shift: int) -> Te
     return rows.gather(3, xs[:, None, None, :].expand(b, c, h, w))
 
 
-def flip_batch(batch: Dict[str, Tensor], flip: Tensor, dense_keys: tuple = ("image", "seg", "depth", "normal")) -> None:
-    """Mirror, in place, the items where ``flip`` is true in every (B, ..., H, W) entry of ``dense_keys``;
-    normals (``normal``, (B, 3, H, W)) get their x component negated."""
+def flip_batch(batch: Dict[str, Tensor], flip: Tensor) -> None:
+    """``dense_transforms.hflip``, in place, of the items of a batch where ``flip`` is true."""
     if not bool(flip.any()):
         return
-    idx = flip.nonzero().squeeze(1).to(next(iter(batch.values())).device)
-    for key in dense_keys:
-        if key in batch:
-            batch[key][idx] = batch[key][idx].flip(-1)
-    if "normal" in batch:
-        batch["normal"][idx, 0] = -batch["normal"][idx, 0]
+    idx = flip.nonzero().squeeze(1).to(batch["image"].device)
+    for key, value in hflip({k: batch[k][idx] for k in DENSE_KEYS if k in batch}).items():
+        batch[key][idx] = value
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` copied to ``device``: pinned and non-blocking on CUDA."""
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)

@@ -29,13 +29,14 @@ def unit_vectors(x: Tensor, dim: int) -> Tensor:
 
 
 def hflip(sample: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Mirror every dense entry left-right; normals get their x component negated."""
+    """Mirror every dense entry left-right; normals get their x component negated. Items (C,H,W) or batches."""
     out = dict(sample)
     for key in DENSE_KEYS:
         if key in out:
             out[key] = out[key].flip(-1)
     if "normal" in out:
-        out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0], dtype=out["normal"].dtype).view(3, 1, 1)
+        sign = torch.tensor([-1.0, 1.0, 1.0], dtype=out["normal"].dtype, device=out["normal"].device)
+        out["normal"] = out["normal"] * sign.view(3, 1, 1)
     return out
 
 

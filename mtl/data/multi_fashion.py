@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .cache import cache_path, load_or_build
-from .dense_batches import shift_batch
+from .dense_batches import shift_batch, to_device
 from .dense_transforms import normalize, random_shift
 from .mnist import DEFAULT_ROOT, FASHION_MNIST_ROOT, _find, read_idx
 from .registry import DATASETS, resolve_split
@@ -67,9 +67,7 @@ class MultiFashionDataset(Dataset):
 
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Items ``rows`` stacked on ``device`` (uint8 copies, converted there), shifted by ``params``."""
-        images = self.images[rows]
-        images = (images.pin_memory() if device.type == "cuda" else images).to(device, non_blocking=True)
-        image = images.float().div(255).expand(-1, 3, -1, -1)
+        image = to_device(self.images[rows], device).float().div(255).expand(-1, 3, -1, -1)
         if params is not None:
             image = shift_batch(image, params["top"], params["left"], _AUGMENT_SHIFT)
         return {"image": normalize(image, self.mean, self.std), "left": self.left[rows].to(device),

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .cache import cache_path, load_or_build
-from .dense_batches import flip_batch, random_flips
+from .dense_batches import flip_batch, random_flips, to_device
 from .dense_transforms import normalize, random_hflip, unit_vectors
 from .registry import DATASETS, resolve_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -80,11 +80,8 @@ class SceneDataset(Dataset):
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where
         ``params["flip"]``."""
-        t = self.tensors
-
         def take(key: str) -> Tensor:
-            x = t[key][rows]
-            return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+            return to_device(self.tensors[key][rows], device)
 
         batch = {"image": take("images").float() / 255, "seg": take("seg").long(), "depth": take("depth").float()[:, None],
                  "normal": unit_vectors(take("normal").float(), dim=1), "label": take("labels")}
