@@ -3,9 +3,11 @@
 Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
 the task losses for the task-specific parts (heads). Methods that combine gradients linearly
 (``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad)
-return ones, as in their papers' multitask code. The T x T subproblems are solved in float64 on the
-gradients' device with fixed work and no host syncs (see solvers.py). ``task_weights`` are used as
-preference weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
+return ones, as in their papers' multitask code. The methods built on the Gram matrix ``G G^T`` (MGDA,
+CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on the gradients' device in float64, read it to the
+host once per step and solve their T x T problem there exactly (see solvers.py). No direction depends on the
+gradients' global scale. ``task_weights`` are used as preference weights by ``aligned_mtl`` and ``upgrad``
+and ignored by the other methods.
 """
 from __future__ import annotations
 
@@ -19,19 +21,18 @@ from ..errors import UserError
 from . import solvers
 from .base import WEIGHTINGS, GradientWeighting
 
-EPS = 1e-12
-
-
 def _combine(grads: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(G^T alpha, alpha)`` in float32."""
-    alpha = alpha.float()
+    """``(G^T alpha, alpha)`` in float32 on the gradients' device (alpha may come from the host)."""
+    alpha = alpha.to(grads.device, torch.float32, non_blocking=True)
     return alpha @ grads, alpha
 
 
-def _check_iters(iters: int, method: str) -> int:
-    if int(iters) != iters or iters < 1:
-        raise UserError(f"weighting.options.iters must be a positive integer for {method}, got {iters!r}")
-    return int(iters)
+def _unit_scale(grads: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(G / s, s)`` with s the largest gradient norm (1 when all are zero): surgery methods work at unit scale,
+    so that no floor on a norm depends on how large the gradients are."""
+    s = grads.norm(dim=1).amax()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return grads / s, s
 
 
 def _other_tasks_in_random_order(t: int, device: torch.device, generator: torch.Generator) -> Tensor:
@@ -48,7 +49,8 @@ def _pick(order_col: Tensor, values: Tensor, t: int) -> Tensor:
 
 @WEIGHTINGS.register("mgda")
 class MGDA(GradientWeighting):
-    """MGDA (Sener & Koltun, NeurIPS 2018): ``alpha`` = min-norm point of the convex hull of the gradients.
+    """MGDA (Sener & Koltun, NeurIPS 2018, eq. 3 / Alg. 2): ``alpha = argmin_{alpha in simplex} |G^T alpha|^2``, the
+    min-norm point of the convex hull of the gradients, solved exactly (``solvers.min_norm_simplex``).
 
     ``normalization`` rescales each gradient before the min-norm problem: ``none``, ``l2`` (by its norm),
     ``loss`` (by the task loss) or ``loss+`` (loss times norm). As in the authors' code, ``alpha`` is then
@@ -58,23 +60,22 @@ class MGDA(GradientWeighting):
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 normalization: str = "none", iters: int = 100) -> None:
+                 normalization: str = "none") -> None:
         super().__init__(tasks, task_weights)
         if normalization not in self.NORMALIZATIONS:
             raise UserError(f"weighting.options.normalization for mgda must be one of "
                             f"{', '.join(self.NORMALIZATIONS)}, got {normalization!r}")
         self.normalization = normalization
-        self.iters = _check_iters(iters, "mgda")
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         grads = grads.float()
-        m = solvers.gram(grads)
+        m = solvers.gram(grads).cpu()
         norms = m.diagonal().clamp_min(0.0).sqrt()
-        loss = losses.detach().double()
+        loss = losses.detach().to("cpu", torch.float64)
         scale = {"none": torch.ones_like(norms), "l2": norms, "loss": loss, "loss+": loss * norms}[self.normalization]
-        inv = 1.0 / scale.clamp_min(EPS)
-        alpha = solvers.min_norm_simplex(m * inv.unsqueeze(0) * inv.unsqueeze(1), self.iters)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero gradient or loss stays as it is
+        alpha = solvers.min_norm_simplex(m / scale.unsqueeze(0) / scale.unsqueeze(1))
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
@@ -91,7 +92,7 @@ class PCGrad(GradientWeighting):
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
-        g = grads.float()
+        g, scale = _unit_scale(grads.float())
         t = g.shape[0]
         sq = (g * g).sum(1)
         order = _other_tasks_in_random_order(t, g.device, self.generator())
@@ -99,11 +100,11 @@ class PCGrad(GradientWeighting):
         for k in range(t - 1):
             j = order[:, k]
             dot = (p @ g.T).gather(1, j.unsqueeze(1)).squeeze(1)
-            coef = dot.clamp(max=0.0) / sq[j].clamp_min(EPS)
+            coef = torch.where(sq[j] > 0, dot.clamp(max=0.0) / torch.where(sq[j] > 0, sq[j], 1.0), 0.0)
             p.addmm_(_pick(j, coef, t), g, alpha=-1.0)
         w = torch.ones(t, device=g.device)
         self.last_weights.copy_(w)
-        return p.sum(0), w
+        return p.sum(0) * scale, w
 
 
 @WEIGHTINGS.register("gradvac")
@@ -127,7 +128,7 @@ class GradVac(GradientWeighting):
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
-        g = grads.float()
+        g, scale = _unit_scale(grads.float())
         t = g.shape[0]
         gnorm = g.norm(dim=1)
         order = _other_tasks_in_random_order(t, g.device, self.generator())
@@ -138,17 +139,19 @@ class GradVac(GradientWeighting):
             pnorm = p.norm(dim=1)
             gj_norm = gnorm[j]
             dot = (p @ g.T).gather(1, col).squeeze(1)
-            phi = (dot / (pnorm * gj_norm).clamp_min(EPS)).clamp(-1.0, 1.0)
+            both = (gj_norm > 0) & (pnorm > 0)
+            phi = torch.where(both, dot / torch.where(both, pnorm * gj_norm, 1.0), 0.0).clamp(-1.0, 1.0)
             target = self.phi_hat.gather(1, col).squeeze(1)
             root_phi = (1.0 - phi * phi).clamp_min(0.0).sqrt()
             root_target = (1.0 - target * target).clamp_min(0.0).sqrt()
-            coef = pnorm * (target * root_phi - phi * root_target) / (gj_norm * root_target).clamp_min(EPS)
-            coef = torch.where((phi < target) & (gj_norm > 0) & (pnorm > 0), coef, 0.0)
-            p.addmm_(_pick(j, coef, t), g)
-            self.phi_hat.scatter_(1, col, ((1.0 - self.beta) * target + self.beta * phi).unsqueeze(1))
+            lift = both & (phi < target) & (root_target > 0)
+            coef = pnorm * (target * root_phi - phi * root_target) / torch.where(lift, gj_norm * root_target, 1.0)
+            p.addmm_(_pick(j, torch.where(lift, coef, 0.0), t), g)
+            updated = torch.where(both, (1.0 - self.beta) * target + self.beta * phi, target)
+            self.phi_hat.scatter_(1, col, updated.unsqueeze(1))
         w = torch.ones(t, device=g.device)
         self.last_weights.copy_(w)
-        return p.sum(0), w
+        return p.sum(0) * scale, w
 
 
 @WEIGHTINGS.register("cagrad")
@@ -156,31 +159,32 @@ class CAGrad(GradientWeighting):
     """Conflict-Averse Gradient descent (Liu et al., NeurIPS 2021).
 
     ``w* = argmin_{w in simplex} g_w . g0 + sqrt(phi) |g_w|`` with ``g0`` the mean gradient,
-    ``phi = c^2 |g0|^2`` and ``g_w = G^T w``; ``d = g0 + sqrt(phi) / |g_w| g_w``, divided by ``1 + c^2``
+    ``phi = c^2 |g0|^2`` and ``g_w = G^T w`` (the dual of ``max_d min_i g_i . d`` over ``|d - g0| <= sqrt(phi)``),
+    solved exactly (``solvers.cagrad_weights``); ``d = g0 + sqrt(phi) / |g_w| g_w``, divided by ``1 + c^2``
     (``rescale=1``, the paper's), ``1 + c`` (``rescale=2``) or not at all (``rescale=0``). ``c = 0`` gives the
-    mean gradient. Heads get ``w = 1`` (each head's own gradient, as in the official code).
+    mean gradient, and so does ``g_w = 0`` (possible for ``c >= 1``). Heads get ``w = 1`` (each head's own
+    gradient, as in the official code).
     """
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 c: float = 0.4, rescale: int = 1, iters: int = 100) -> None:
+                 c: float = 0.4, rescale: int = 1) -> None:
         super().__init__(tasks, task_weights)
-        if c < 0:
-            raise UserError(f"weighting.options.c must be >= 0 for cagrad, got {c}")
+        if not c >= 0 or c == float("inf"):
+            raise UserError(f"weighting.options.c must be a number >= 0 for cagrad, got {c}")
         if rescale not in (0, 1, 2):
             raise UserError(f"weighting.options.rescale must be 0, 1 or 2 for cagrad, got {rescale!r}")
         self.c, self.rescale = float(c), int(rescale)
-        self.iters = _check_iters(iters, "cagrad")
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         g = grads.float()
         t = g.shape[0]
-        m = solvers.gram(g)
-        ww = solvers.cagrad_weights(m, self.c, self.iters)
-        g0_norm = m.mean().clamp_min(0.0).sqrt()  # |mean gradient| = sqrt(1^T M 1) / T
-        gw_norm = (ww @ m @ ww).clamp_min(0.0).sqrt()
-        lam = (self.c * g0_norm / gw_norm.clamp_min(EPS)).float()
-        d = g.mean(0) + lam * (ww.float() @ g)
+        m = solvers.host(solvers.gram(g))
+        ww = solvers.cagrad_weights(m, self.c)
+        gw_sq = float(ww @ m @ ww)
+        # |g0| / |g_w| is scale-free, so the host's normalised M gives it; |g0|^2 = 1^T M 1 / T^2
+        lam = self.c * math.sqrt(max(float(m.mean()), 0.0) / gw_sq) if gw_sq > solvers.ORIGIN ** 2 else 0.0
+        d = g.mean(0) + _combine(g, ww * lam)[0]
         d = d / {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
         w = torch.ones(t, device=g.device)
         self.last_weights.copy_(w)
@@ -193,20 +197,23 @@ class IMTLG(GradientWeighting):
     gradient ``u_i`` and ``sum(alpha) = 1``.
 
     Closed form: ``N M alpha = c 1`` with ``N = diag(1/|g_i|)`` gives ``alpha ∝ M^{-1} n`` (``n``: gradient
-    norms), equivalent to the paper's (T-1)-system. A tiny ridge keeps rank-deficient M finite.
+    norms), equivalent to the paper's (T-1)-system; solved on the correlation matrix ``N M N`` (LAPACK, float64).
+    Linearly dependent gradients have no exact answer (the system is singular): least squares then gives the
+    closest one. A zero gradient gets weight 0.
     """
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         grads = grads.float()
         t = grads.shape[0]
-        c, n, valid = solvers.correlation(solvers.gram(grads))
-        eye = torch.eye(t, dtype=c.dtype, device=c.device)
-        y, _ = torch.linalg.solve_ex(c + 1e-10 * eye, torch.ones_like(n).unsqueeze(-1), check_errors=False)
-        x = torch.where(valid, y.squeeze(-1) / torch.where(valid, n, 1.0), 0.0)  # = M^-1 n on valid tasks
-        total = x.sum()
-        ok = total.abs() > 0
-        alpha = torch.where(ok, x / torch.where(ok, total, 1.0), 1.0 / t)
+        c, n, valid = solvers.correlation(solvers.host(solvers.gram(grads)))
+        ones = torch.ones(t, 1, dtype=c.dtype)
+        y, info = torch.linalg.solve_ex(c, ones)
+        if int(info) != 0 or not bool(torch.isfinite(y).all()):
+            y = torch.linalg.lstsq(c, ones, driver="gelsd").solution
+        x = torch.where(valid, y.squeeze(1) / torch.where(valid, n, 1.0), 0.0)  # = M^-1 n on valid tasks
+        total = float(x.sum())
+        alpha = x / total if total != 0 and math.isfinite(total) else torch.full((t,), 1.0 / t, dtype=c.dtype)
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
@@ -216,25 +223,27 @@ class IMTLG(GradientWeighting):
 class NashMTL(GradientWeighting):
     """Nash-MTL (Navon et al., ICML 2022): ``alpha > 0`` with ``alpha_i (G G^T alpha)_i = 1``.
 
-    Solved exactly (up to ``iters`` damped Newton steps) as the minimiser of
+    Solved to rounding (damped Newton, ``solvers.nash_newton``) as the minimiser of
     ``alpha^T M alpha / 2 - sum(log alpha)`` instead of the official sequential cvxpy program; then
-    ``|d| = sqrt(T)`` whatever the gradient scale. ``normalize_gram=True`` solves on ``M / |M|_F`` like the
-    official code (alpha and d then scale with ``|M|_F^{1/2}``).
+    ``|d| = sqrt(T)`` whatever the gradient scale. The official code divides ``G G^T`` by its norm before
+    solving, but its constraint multiplies the norm back in, so its weights equal these. ``normalize_gram=True``
+    solves on ``M / |M|_F`` without that compensation (alpha and d then scale with ``|M|_F^{1/2}``, i.e. with
+    the gradients): a variant, not the paper's method. Linearly dependent gradients can make the equation
+    unsolvable (``g_1 = -g_2``); a tiny ridge keeps the answer finite then.
     """
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 iters: int = 20, normalize_gram: bool = False) -> None:
+                 normalize_gram: bool = False) -> None:
         super().__init__(tasks, task_weights)
-        self.iters = _check_iters(iters, "nash_mtl")
         self.normalize_gram = bool(normalize_gram)
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         grads = grads.float()
-        m = solvers.gram(grads)
+        m = solvers.gram(grads).cpu()
         if self.normalize_gram:
-            m = m / torch.linalg.matrix_norm(m).clamp_min(solvers.TINY)
-        d, w = _combine(grads, solvers.nash_newton(m, self.iters))
+            m = m / max(float(torch.linalg.matrix_norm(m)), solvers.TINY)
+        d, w = _combine(grads, solvers.nash_newton(m))
         self.last_weights.copy_(w)
         return d, w
 
@@ -246,28 +255,30 @@ class AlignedMTL(GradientWeighting):
     With ``M = G G^T = V diag(lambda) V^T``, the aligned gradients ``B G`` with ``B = sigma_min V
     diag(lambda^{-1/2}) V^T`` are orthogonal with equal norms ``sigma_min`` (smallest non-zero singular
     value of G). ``d = (B G)^T p = G^T alpha`` with ``alpha = B p`` and pre-weights ``p = task_weights / T``;
-    ``w = alpha``. Eigenvalues below ``lambda_max * T * eps_float32`` count as zero (rank-deficient G).
+    ``w = alpha``. Eigenvalues below ``lambda_max * T * 1e-12`` count as zero (``solvers.RANK_TOL``): that is
+    the float32 gradients' own rounding, seen through a float64 Gram matrix. (The official code's
+    ``T * eps_float32`` suits its float32 Gram matrix, but would call norm spreads beyond about 3,000 rank-deficient.)
     """
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         grads = grads.float()
         b = aligned_matrix(solvers.gram(grads))
-        alpha = b @ (self.task_weights.double() / self.num_tasks)
+        alpha = b @ (self.task_weights.double().cpu() / self.num_tasks)
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
 
 
 def aligned_matrix(m: Tensor) -> Tensor:
-    """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues)."""
+    """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues), CPU float64."""
     t = m.shape[0]
-    m, _ = solvers.normalized(m)
-    lam, vec = solvers.sym_eig(m)
-    keep = lam > lam.amax().clamp_min(0.0) * t * torch.finfo(torch.float32).eps
+    lam, vec = torch.linalg.eigh(solvers.host(m))
+    keep = lam > max(float(lam.max()), 0.0) * t * solvers.RANK_TOL
+    if not bool(keep.any()):
+        return torch.zeros(t, t, dtype=torch.float64)
     lam_safe = torch.where(keep, lam, 1.0)
-    sigma_min = torch.where(keep, lam_safe, math.inf).amin().sqrt()
-    sigma_min = torch.where(keep.any(), sigma_min, 0.0)
+    sigma_min = float(lam[keep].min()) ** 0.5
     inv_sqrt = torch.where(keep, lam_safe.rsqrt(), 0.0)
     return sigma_min * (vec * inv_sqrt) @ vec.T
 
@@ -277,22 +288,17 @@ class UPGrad(GradientWeighting):
     """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", TorchJD).
 
     Each ``g_i`` is projected onto the dual cone ``{x : G x >= 0}``; the projection is ``G^T v_i`` with
-    ``v_i = argmin_{v >= e_i} v^T M v``. ``alpha = sum_i p_i v_i`` with ``p = task_weights / T`` (the mean
-    of the projections by default); ``d = G^T alpha``, ``w = alpha``.
+    ``v_i = argmin_{v >= e_i} v^T M v``, solved exactly (``solvers.dual_cone_weights``). ``alpha = sum_i p_i v_i``
+    with ``p = task_weights / T`` (the mean of the projections by default); ``d = G^T alpha``, ``w = alpha``.
+    Every projection lies in the cone, so ``g_j . d >= 0`` for every task j.
     """
-
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 iters: int = 100) -> None:
-        super().__init__(tasks, task_weights)
-        self.iters = _check_iters(iters, "upgrad")
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         grads = grads.float()
         m = solvers.gram(grads)
-        eye = torch.eye(self.num_tasks, dtype=m.dtype, device=m.device)
-        v = solvers.box_qp(m, eye, self.iters)  # column i = v_i
-        alpha = v @ (self.task_weights.double() / self.num_tasks)
+        v = solvers.dual_cone_weights(m, torch.eye(self.num_tasks, dtype=torch.float64))  # column i = v_i
+        alpha = v @ (self.task_weights.double().cpu() / self.num_tasks)
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w

@@ -1,114 +1,224 @@
-"""Small fixed-iteration solvers on T x T Gram matrices for the gradient-level weightings.
+"""Exact solvers for the T x T subproblems of the gradient-level weightings.
 
-Everything runs on the input's device with a fixed amount of work: no convergence checks, no host syncs
-(``torch.linalg.solve_ex(check_errors=False)`` instead of ``solve``, Jacobi instead of ``eigh``). Inputs
-are float64 ``(T, T)`` symmetric positive semi-definite matrices ``M = G G^T``.
+The gradients' Gram matrix ``M = G G^T`` is formed on their device in float64, then read to the host once per
+step and solved there exactly: T is the number of tasks, so a T x T problem in float64 on the CPU costs far
+less than the T backward passes that produced G, and an active-set method ends with the KKT conditions
+holding to rounding instead of after a fixed number of iterations that badly scaled problems do not survive.
+Every solver first divides M by its largest diagonal entry, so that its answer does not depend on the
+gradients' global scale.
 """
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import List, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-TINY = 1e-30  # floor for scales of all-zero gradients
+TINY = 1e-300  # below every meaningful squared gradient norm in float64
+RANK_TOL = 1e-12  # eigenvalues of M below T * RANK_TOL * max eigenvalue are zero: the float32 gradients' rounding
+CHUNK = 1 << 20
+ORIGIN = 1e-6  # a combination of the gradients shorter than this (times the longest) is the origin, at float32 precision  # columns of G turned into float64 at a time
 
 
 def gram(grads: Tensor) -> Tensor:
-    """``G G^T`` in float64, ``(T, T)``."""
-    g = grads.double()
-    return g @ g.T
+    """``G G^T`` in float64 on the gradients' device, ``(T, T)``, a chunk of columns at a time (bounded memory)."""
+    t, d = grads.shape
+    m = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
+    for start in range(0, d, CHUNK):
+        g = grads[:, start:start + CHUNK].double()
+        m.addmm_(g, g.T)
+    return m
 
 
-def normalized(m: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(M / s, s)`` with ``s`` the mean diagonal (floored), so that solvers see entries of order one."""
-    s = m.diagonal().mean().clamp_min(TINY)
-    return m / s, s
+def host(m: Tensor) -> Tensor:
+    """``M`` on the CPU in float64, divided by its largest diagonal entry (all zeros stay zeros)."""
+    m = m.detach().to("cpu", torch.float64)
+    return m / max(float(m.diagonal().max()), TINY) if m.numel() else m
 
 
-def lipschitz(m: Tensor) -> Tensor:
-    """An upper bound of the largest eigenvalue of a symmetric matrix: min(max row sum, Frobenius norm)."""
-    return torch.minimum(m.abs().sum(-1).amax(), torch.linalg.matrix_norm(m)).clamp_min(TINY)
+def active_set_qp(h: Tensor, q: Tensor, simplex: bool = False, max_iter: Optional[int] = None) -> Tensor:
+    """Row k of the result: ``argmin_x x^T H x / 2 + q_k^T x`` over ``x >= 0`` (and ``sum(x) = 1`` with
+    ``simplex``), for each row ``q_k`` of ``q`` (K, T); H is symmetric positive semi-definite (CPU, float64).
 
-
-def project_simplex(x: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``x`` onto the probability simplex (sort-based, branch-free)."""
-    u, _ = torch.sort(x, dim=-1, descending=True)
-    css = u.cumsum(-1) - 1.0
-    k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
-    rho = (u - css / k > 0).sum(-1, keepdim=True).clamp_min(1)
-    theta = css.gather(-1, rho - 1) / rho.to(x.dtype)
-    return (x - theta).clamp_min(0.0)
-
-
-def _momenta(iters: int) -> List[float]:
-    """FISTA extrapolation coefficients (plain Python floats, no device work)."""
-    t, out = 1.0, []
-    for _ in range(iters):
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        out.append((t - 1.0) / t_next)
-        t = t_next
-    return out
-
-
-def min_norm_simplex(m: Tensor, iters: int = 100) -> Tensor:
-    """``argmin_{a in simplex} a^T M a`` (the min-norm point of the convex hull of the rows of G).
-
-    Closed form for T = 2; otherwise accelerated projected gradient (FISTA) from the uniform point.
+    Lawson & Hanson's active-set method (Solving Least Squares Problems, 1974, ch. 23; in the Gram form of
+    Bro & de Jong 1997), with the sum constraint carried in a bordered KKT system. The K problems step together,
+    one batched solve per step. A variable joins the passive set P when its (reduced) gradient is the most
+    negative; the subproblem on P is solved exactly; a step that would leave the feasible set stops at its
+    boundary and drops the variables that reach zero. It stops when no reduced gradient is below
+    ``-tol``, i.e. when the KKT conditions hold to rounding. A variable dropped by a zero-length step (which only
+    rounding makes possible) may not rejoin until the point moves, which prevents cycling.
     """
-    t = m.shape[0]
-    if t == 1:
-        return torch.ones(1, dtype=m.dtype, device=m.device)
-    m, _ = normalized(m)
-    if t == 2:
-        denom = (m[0, 0] - 2 * m[0, 1] + m[1, 1]).clamp_min(1e-12)
-        a0 = ((m[1, 1] - m[0, 1]) / denom).clamp(0.0, 1.0)
-        return torch.stack([a0, 1.0 - a0])
-    step = 1.0 / lipschitz(m)
-    x = torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)
-    y = x
-    for mom in _momenta(iters):
-        x_new = project_simplex(y - step * (m @ y))
-        y = x_new + mom * (x_new - x)
-        x = x_new
+    k, t = q.shape
+    if max_iter is None:
+        max_iter = 5 * t + 20
+    scale = max(float(h.abs().max()) if h.numel() else 0.0, float(q.abs().max()) if q.numel() else 0.0, TINY)
+    tol = 1e-13 * t * scale
+    rows = torch.arange(k)
+    x = torch.zeros(k, t, dtype=h.dtype)
+    passive = torch.zeros(k, t, dtype=torch.bool)
+    if simplex:
+        start = (h.diagonal() / 2 + q).argmin(1)  # the best vertex
+        x[rows, start] = 1.0
+        passive[rows, start] = True
+    blocked = torch.zeros(k, t, dtype=torch.bool)
+    active = torch.ones(k, dtype=torch.bool)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        z = _subproblem(h, q, passive, simplex)
+        bad = active.unsqueeze(1) & passive & (z <= 0)
+        step = bad.any(1)
+        feasible = active & ~step
+        if bool(feasible.any()):
+            moved = feasible & (z != x).any(1)
+            blocked = blocked & ~moved.unsqueeze(1)
+            x = torch.where(feasible.unsqueeze(1), z, x)
+            grad = x @ h + q
+            if simplex:
+                grad = grad - (x * grad).sum(1, keepdim=True)  # the reduced gradient (the sum's multiplier removed)
+            grad = torch.where(passive | blocked, torch.zeros_like(grad), grad)
+            best = grad.argmin(1)
+            join = feasible & (grad[rows, best] < -tol)
+            active = active & ~(feasible & ~join)
+            passive[rows[join], best[join]] = True
+        if bool(step.any()):
+            ratio = torch.where(bad, x / (x - z).clamp_min(TINY), torch.full_like(x, math.inf))
+            alpha = ratio.amin(1, keepdim=True).clamp(0.0, 1.0)
+            hit = bad & (ratio <= alpha)
+            new = (x + alpha * (z - x)).clamp_min(0.0)
+            new = torch.where(hit, torch.zeros_like(new), new)
+            if simplex:
+                new = new / new.sum(1, keepdim=True)
+            drop = step.unsqueeze(1) & passive & (hit | (new <= 0))
+            x = torch.where(step.unsqueeze(1), new, x)
+            passive = passive & ~drop
+            stuck = step & (alpha.squeeze(1) <= 0)  # a zero-length step: keep what it dropped out until x moves
+            blocked = blocked | (drop & stuck.unsqueeze(1))
     return x
 
 
-def _quadratic(m: Tensor, z: Tensor) -> Tensor:
-    """``z_k^T M z_k`` for each column k of z, as (1, K)."""
-    return (z * (m @ z)).sum(0, keepdim=True)
+def _subproblem(h: Tensor, q: Tensor, passive: Tensor, simplex: bool) -> Tensor:
+    """The unconstrained minimiser on each row's passive set (zeros elsewhere): ``H_PP z_P = -q_P``, bordered by
+    ``sum(z) = 1`` for the simplex."""
+    k, t = q.shape
+    both = passive.unsqueeze(2) & passive.unsqueeze(1)
+    eye = torch.eye(t + 1, dtype=h.dtype).expand(k, t + 1, t + 1).clone()
+    a = eye
+    a[:, :t, :t] = torch.where(both, h.expand(k, t, t), eye[:, :t, :t])
+    rhs = torch.zeros(k, t + 1, dtype=h.dtype)
+    rhs[:, :t] = torch.where(passive, -q, torch.zeros_like(q))
+    if simplex:
+        border = passive.to(h.dtype)
+        a[:, :t, t] = border
+        a[:, t, :t] = border
+        a[:, t, t] = 0.0
+        rhs[:, t] = 1.0
+    sol, info = torch.linalg.solve_ex(a, rhs.unsqueeze(-1))
+    broken = (info != 0) | ~torch.isfinite(sol).all(dim=(1, 2))
+    if bool(broken.any()):  # a singular subproblem (dependent gradients): least squares keeps it finite
+        sol[broken] = torch.linalg.lstsq(a[broken], rhs[broken].unsqueeze(-1), driver="gelsd").solution
+    return torch.where(passive, sol[:, :t, 0], torch.zeros(k, t, dtype=h.dtype))
 
 
-def box_qp(m: Tensor, lower: Tensor, iters: int = 100) -> Tensor:
-    """Column-wise ``argmin_{v >= lower[:, k]} v^T M v`` for each column k of ``lower`` (T, K).
+def min_norm_simplex(m: Tensor) -> Tensor:
+    """``argmin_{a in simplex} a^T M a``: the convex combination of the gradients of least norm (CPU float64)."""
+    m = host(m)
+    t = m.shape[0]
+    if t == 1:
+        return torch.ones(1, dtype=torch.float64)
+    return active_set_qp(m, torch.zeros(1, t, dtype=torch.float64), simplex=True)[0]
 
-    FISTA with clamping, then one active-set polish: with the free set F = {v > lower} from FISTA, solve
-    ``M_FF v_F = -M_FA lower_A`` exactly (masked, batched ``solve_ex``) and clamp again. The polish makes
-    the KKT conditions ``(M v)_F = 0`` hold to rounding whenever FISTA found the right active set.
+
+def dual_cone_weights(m: Tensor, lower: Tensor) -> Tensor:
+    """Column k: ``argmin_{v >= lower[:, k]} v^T M v`` (CPU float64, (T, K)). With ``lower = e_k``, ``G^T v`` is
+    the projection of ``g_k`` onto the dual cone ``{x : G x >= 0}`` (UPGrad). Solved for ``y = v - lower >= 0``."""
+    m = host(m)
+    lower = lower.detach().to("cpu", torch.float64)
+    y = active_set_qp(m, (m @ lower).T)
+    return lower + y.T
+
+
+def cagrad_weights(m: Tensor, c: float) -> Tensor:
+    """``argmin_{w in simplex} b^T w + r sqrt(w^T M w)`` with ``b = M 1 / T`` and ``r = c |g0|`` (CAGrad's dual;
+    g0 is the mean gradient, ``|g0|^2 = 1^T M 1 / T^2``). CPU float64.
+
+    Majorize-minimize from the uniform w: at ``s = |g_w|``, ``sqrt(q) <= s/2 + q/(2s)`` turns the problem into a
+    QP over the simplex, solved exactly (``active_set_qp``); F decreases at every step. After each step the
+    support S of the QP's answer is tried in closed form: on S the stationarity conditions are
+    ``M_SS w + nu 1 = -t b_S``, ``1^T w = 1`` with ``t = |g_w| / r``, so ``w = u + t v`` and ``|g_w|^2 = r^2 t^2``
+    is a quadratic in t. A root whose w is feasible and satisfies every KKT condition is the exact minimiser.
     """
-    m, _ = normalized(m)
-    step = 1.0 / lipschitz(m)
-    x = lower.clone()
-    y = x
-    for mom in _momenta(iters):
-        x_new = torch.maximum(y - step * (m @ y), lower)
-        y = x_new + mom * (x_new - x)
-        x = x_new
-    free = (x > lower + 1e-9).T  # (K, T): row k = free set of problem k
-    both = free.unsqueeze(-1) & free.unsqueeze(-2)
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    h = torch.where(both, m, eye)  # (K, T, T)
-    fixed = torch.where(free, 0.0, lower.T)  # (K, T)
-    rhs = torch.where(free, -(fixed @ m), lower.T)  # M symmetric: (M fixed)_i for each problem
-    h = h + 1e-12 * eye
-    v, _ = torch.linalg.solve_ex(h, rhs.unsqueeze(-1), check_errors=False)
-    polished = torch.maximum(v.squeeze(-1), lower.T).T
-    ok = torch.isfinite(polished).all(0, keepdim=True)
-    # Keep whichever of FISTA / polished has the lower objective (per column).
-    better = ok & (torch.nan_to_num(_quadratic(m, polished), nan=math.inf) <= _quadratic(m, x))
-    return torch.where(better, polished, x)
+    m = host(m)
+    t = m.shape[0]
+    w = torch.full((t,), 1.0 / t, dtype=torch.float64)
+    b = m.mean(1)
+    r = c * math.sqrt(max(float(b.mean()), 0.0))
+    if t == 1 or r <= 0:
+        return w
+    if c >= 1:  # F >= (r - |g0|) |g_w| >= 0: the minimum is 0, at the origin when the hull holds it
+        a = active_set_qp(m, torch.zeros(1, t, dtype=m.dtype), simplex=True)[0]
+        if float(a @ m @ a) <= ORIGIN ** 2:
+            return a
+    value = _cagrad_objective(m, b, r, w)
+    for _ in range(100):
+        s = math.sqrt(max(float(w @ m @ w), 0.0))
+        if s <= 1e-150:
+            return w
+        new = active_set_qp((r / s) * m, b.unsqueeze(0), simplex=True)[0]
+        exact = _cagrad_on_support(m, b, r, new > 0)
+        if exact is not None:
+            return exact
+        new_value = _cagrad_objective(m, b, r, new)
+        if not new_value < value:
+            break
+        w, value = new, new_value
+    return w
+
+
+def _cagrad_objective(m: Tensor, b: Tensor, r: float, w: Tensor) -> float:
+    return float(b @ w) + r * math.sqrt(max(float(w @ m @ w), 0.0))
+
+
+def _cagrad_on_support(m: Tensor, b: Tensor, r: float, support: Tensor) -> Optional[Tensor]:
+    """The exact minimiser with support ``support``, or None when no root of the support's quadratic is one."""
+    t = m.shape[0]
+    idx = support.nonzero().squeeze(1)
+    n = idx.numel()
+    a = torch.zeros(n + 1, n + 1, dtype=m.dtype)
+    a[:n, :n] = m[idx][:, idx]
+    a[:n, n] = a[n, :n] = 1.0
+    rhs = torch.zeros(n + 1, 2, dtype=m.dtype)
+    rhs[n, 0] = 1.0
+    rhs[:n, 1] = -b[idx]
+    sol, info = torch.linalg.solve_ex(a, rhs)
+    if int(info) != 0 or not bool(torch.isfinite(sol).all()):
+        return None
+    u = torch.zeros(t, dtype=m.dtype).index_copy(0, idx, sol[:n, 0])
+    v = torch.zeros(t, dtype=m.dtype).index_copy(0, idx, sol[:n, 1])
+    qa, qb, qc = float(v @ m @ v) - r * r, 2 * float(u @ m @ v), float(u @ m @ u)
+    if abs(qa) < 1e-300:
+        roots = [-qc / qb] if qb != 0 else []
+    else:
+        disc = qb * qb - 4 * qa * qc
+        if disc < 0:
+            return None
+        roots = [(-qb + math.sqrt(disc)) / (2 * qa), (-qb - math.sqrt(disc)) / (2 * qa)]
+    for root in roots:
+        w = u + root * v
+        if not root > 0 or not bool((w >= -1e-12).all()):
+            continue
+        w = w.clamp_min(0.0)
+        w = w / w.sum()
+        s = math.sqrt(max(float(w @ m @ w), 0.0))
+        if s <= ORIGIN:  # near the origin F is not differentiable, and rounding can fake a root there
+            continue
+        grad = b + (r / s) * (m @ w)  # F's gradient: equal on the support, no smaller off it at the minimiser
+        level = float(w @ grad)
+        if bool((grad[~support] >= level - 1e-10 * float(grad.abs().max())).all()) and \
+                float((grad[support] - level).abs().max()) <= 1e-8 * float(grad.abs().max()):
+            return w
+    return None
 
 
 def correlation(m: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -121,92 +231,29 @@ def correlation(m: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return c, n, valid
 
 
-def nash_newton(m: Tensor, iters: int = 20, ridge: float = 1e-10) -> Tensor:
-    """``alpha > 0`` with ``alpha_i (M alpha)_i = 1`` (Nash-MTL's bargaining solution).
+def nash_newton(m: Tensor, max_iter: int = 100, ridge: float = 1e-12) -> Tensor:
+    """``alpha > 0`` with ``alpha_i (M alpha)_i = 1`` (Nash-MTL's bargaining solution), CPU float64.
 
     The condition is invariant to diagonal scaling, so it is solved on the correlation matrix C
     (``beta_i (C beta)_i = 1``, ``alpha = beta / |g_i|``): ``beta`` minimises the self-concordant
     ``f(b) = b^T C b / 2 - sum(log b)``; damped Newton steps ``b -= H^{-1} grad / (1 + lambda)`` (lambda: the
-    Newton decrement) stay in ``b > 0`` and converge quadratically. A tiny ridge keeps exactly cancelling
-    gradients finite; a task with a zero gradient gets the weight of a gradient of norm
-    ``1e-6 * max |g|`` (1 when all are zero).
+    Newton decrement) stay in ``b > 0`` and converge quadratically; they stop when lambda^2 is at rounding level.
+    A tiny ridge keeps exactly cancelling gradients finite (no solution exists then); a task with a zero gradient
+    gets the weight of a gradient of norm ``1e-6 * max |g|`` (1 when all are zero).
     """
+    m = m.detach().to("cpu", torch.float64)
     t = m.shape[0]
     c, n, valid = correlation(m)
-    c = c + ridge * torch.eye(t, dtype=m.dtype, device=m.device)
-    b = torch.full((t,), (t / c.sum().clamp_min(1e-12)).sqrt(), dtype=m.dtype, device=m.device)
-    for _ in range(iters):
+    c = c + ridge * torch.eye(t, dtype=m.dtype)
+    b = torch.full((t,), math.sqrt(t / max(float(c.sum()), 1e-12)), dtype=m.dtype)
+    for _ in range(max_iter):
         grad = c @ b - 1.0 / b
         hess = c + torch.diag(1.0 / (b * b))
-        step, _ = torch.linalg.solve_ex(hess, grad.unsqueeze(-1), check_errors=False)
-        step = step.squeeze(-1)
-        dec = (grad @ step).clamp_min(0.0).sqrt()
-        b = b - step / (1.0 + dec)
-    n_max = n.amax()
-    floor = torch.where(n_max > 0, 1e-6 * n_max, 1.0)
-    return b / torch.where(valid, n, floor)
-
-
-def cagrad_weights(m: Tensor, c: float, iters: int = 100) -> Tensor:
-    """``argmin_{w in simplex} w^T M 1/T + c ||g0|| sqrt(w^T M w)`` (CAGrad's dual problem, g0 = mean gradient).
-
-    Accelerated projected gradient from uniform w with a majorize-minimize step: at the current point
-    ``sqrt(q) <= sqrt(q0) + (q - q0) / (2 sqrt(q0))`` gives a quadratic upper bound of curvature
-    ``c ||g0|| lambda_max(M) / ||g_w||``, whose inverse is the step.
-    """
-    t = m.shape[0]
-    m, _ = normalized(m)
-    b = m.mean(1)
-    r = c * b.mean().clamp_min(0.0).sqrt()  # c ||g0|| since ||g0||^2 = 1^T M 1 / T^2
-    lmax = lipschitz(m)
-    x = torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)
-    y = x
-    for mom in _momenta(iters):
-        mw = m @ y
-        norm = (y @ mw).clamp_min(1e-20).sqrt()
-        x_new = project_simplex(y - (b + r * mw / norm) / (r * lmax / norm + 1e-12))
-        y = x_new + mom * (x_new - x)
-        x = x_new
-    return x
-
-
-@lru_cache(maxsize=None)
-def _rounds(t: int) -> Tuple[Tuple[Tuple[int, ...], Tuple[int, ...]], ...]:
-    """Round-robin schedule: each round is a set of disjoint pairs (p < q) covering all pairs once per sweep."""
-    n = t + (t % 2)
-    players = list(range(n))
-    rounds = []
-    for _ in range(n - 1):
-        pairs = [(players[i], players[n - 1 - i]) for i in range(n // 2)]
-        pairs = [(min(p, q), max(p, q)) for p, q in pairs if p < t and q < t]
-        rounds.append((tuple(p for p, _ in pairs), tuple(q for _, q in pairs)))
-        players = [players[0], players[-1]] + players[1:-1]
-    return tuple(rounds)
-
-
-def sym_eig(m: Tensor, sweeps: int | None = None) -> Tuple[Tensor, Tensor]:
-    """Eigenvalues and eigenvectors (columns) of a symmetric matrix by parallel cyclic Jacobi.
-
-    Used instead of ``torch.linalg.eigh``, whose error check syncs with the host on CUDA. A fixed number of
-    sweeps (default ``8 + ceil(log2 T)``; Jacobi converges quadratically) gives float64 accuracy for the
-    small T here. Eigenvalues are not sorted.
-    """
-    t = m.shape[0]
-    if sweeps is None:
-        sweeps = 8 + math.ceil(math.log2(max(t, 2)))
-    a = m.clone()
-    v = torch.eye(t, dtype=m.dtype, device=m.device)
-    rounds = [(torch.tensor(p, dtype=torch.long, device=m.device), torch.tensor(q, dtype=torch.long, device=m.device))
-              for p, q in _rounds(t) if p]
-    for _ in range(sweeps):
-        for p, q in rounds:
-            app, aqq, apq = a[p, p], a[q, q], a[p, q]
-            diff = aqq - app
-            sign = torch.where(diff >= 0, 1.0, -1.0).to(m.dtype)
-            theta = 0.5 * torch.atan2(2.0 * apq * sign, diff.abs())  # smallest rotation zeroing a[p, q]
-            c, s = torch.cos(theta), torch.sin(theta)
-            j = torch.eye(t, dtype=m.dtype, device=m.device)
-            j = j.index_put((p, p), c).index_put((q, q), c).index_put((p, q), s).index_put((q, p), -s)
-            a = j.T @ a @ j
-            v = v @ j
-    return a.diagonal(), v
+        step = torch.linalg.solve(hess, grad)
+        dec2 = max(float(grad @ step), 0.0)
+        b = b - step / (1.0 + math.sqrt(dec2))
+        if dec2 < 1e-28 * t:
+            break
+    n_max = float(n.amax())
+    floor = 1e-6 * n_max if n_max > 0 else 1.0
+    return b / torch.where(valid, n, torch.full_like(n, floor))

@@ -1,0 +1,214 @@
+"""Gradient methods against exact references computed here by brute force (tests/exact_references.py), over task
+counts, norm spreads up to 1e4, correlated and rank-deficient gradients and global scales from 1e-8 to 1e8; and
+each method's defining property (min norm, no conflict, the bargaining equation, CAGrad's optimality)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import exact_references as ref
+from mtl.weighting import build_weighting
+from mtl.weighting import gradient as gw
+from mtl.weighting import solvers
+
+torch.set_num_threads(1)
+
+TASKS = (2, 3, 5, 8, 10)
+SPREADS = (1.0, 100.0, 1e4)
+SCALES = (1e-8, 1.0, 1e8)
+DIM = 1000
+COSINE = 0.9999
+
+
+def cases(kinds=ref.KINDS):
+    """(T, kind, spread, gradients at scale 1)."""
+    for t, kind, spread in itertools.product(TASKS, kinds, SPREADS):
+        yield t, kind, spread, ref.random_jacobian(t, DIM, spread, kind, 1.0, seed=t)
+
+
+def method_direction(name, grads, **options):
+    t = grads.shape[0]
+    return build_weighting(name, [f"t{i}" for i in range(t)], **options)(grads, torch.ones(t))
+
+
+def check_against(name, reference_fn, kinds=ref.KINDS, **options):
+    worst = (1.0, None)
+    for t, kind, spread, base in cases(kinds):
+        exact = reference_fn(base)
+        largest = float(base.double().norm(dim=1).max())
+        for scale in SCALES:
+            d, _ = method_direction(name, base * scale, **options)
+            value = ref.agreement(d / scale, exact, largest)
+            if value < worst[0]:
+                worst = (value, (t, kind, spread, scale))
+    assert worst[0] >= COSINE, f"{name}: cosine {worst[0]:.6f} with the exact answer at (T, kind, spread, scale) = {worst[1]}"
+
+
+def test_mgda_is_the_exact_min_norm_point():
+    check_against("mgda", lambda g: ref.min_norm_point(g)[1])
+
+
+def test_mgda_min_norm_optimality_conditions():
+    """x = G^T a is the min-norm point of the hull iff a is in the simplex and g_j . x >= |x|^2 for every j."""
+    for t, kind, spread, base in cases():
+        for scale in SCALES:
+            d, w = method_direction("mgda", base * scale)
+            g, x, a = (base * scale).double(), d.double(), w.double()
+            assert a.min() >= 0 and abs(float(a.sum()) - 1) < 1e-6
+            largest = float(g.norm(dim=1).max())
+            slack = g @ x - x @ x
+            assert float(slack.min()) >= -1e-5 * largest ** 2, (t, kind, spread, scale)
+
+
+@pytest.mark.parametrize("c", [0.4, 0.9, 1.5])
+def test_cagrad_is_exact(c):
+    check_against("cagrad", lambda g: ref.cagrad_direction(g, c)[0], c=c)
+
+
+def test_cagrad_reaches_the_optimal_worst_task_improvement():
+    """Weak duality: min_i g_i . d <= F(w) for every d in the ball and w in the simplex; CAGrad's d (before its
+    rescaling) must reach the brute-force minimum of F, and stay in the ball |d - g0| <= c |g0|."""
+    c = 0.4
+    for t, kind, spread, base in cases():
+        _, best = ref.cagrad_direction(base, c)
+        d, _ = method_direction("cagrad", base, c=c, rescale=0)
+        g = base.double()
+        g0 = g.mean(0)
+        primal = float((g @ d.double()).min())
+        scale = float(g.norm(dim=1).max()) ** 2
+        assert primal >= best - 1e-5 * scale, (t, kind, spread, primal, best)
+        assert float((d.double() - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-5) + 1e-6 * scale ** 0.5
+
+
+def test_cagrad_solver_kkt():
+    """The dual's KKT conditions at the solver's w: F's gradient b + r M w / |g_w| is equal on the support and no
+    smaller off it (the support found from w > 0)."""
+    for t, kind, spread, base in cases(("random", "correlated")):
+        m = solvers.host(ref.gram64(base))
+        w = solvers.cagrad_weights(m, 0.4)
+        b = m.mean(1)
+        r = 0.4 * math.sqrt(float(b.mean()))
+        s = math.sqrt(float(w @ m @ w))
+        grad = b + r * (m @ w) / s
+        level = float(w @ grad)
+        support = w > 1e-12
+        top = float(grad.abs().max())
+        assert float((grad[support] - level).abs().max()) <= 1e-8 * top, (t, kind, spread)
+        assert float(torch.cat([grad[~support] - level, torch.zeros(1, dtype=grad.dtype)]).min()) >= -1e-8 * top, (t, kind, spread)
+
+
+def test_upgrad_is_the_exact_mean_projection_onto_the_dual_cone():
+    check_against("upgrad", ref.upgrad_direction)
+
+
+def test_upgrad_never_conflicts_with_any_task():
+    for t, kind, spread, base in cases():
+        for scale in SCALES:
+            grads = base * scale
+            d, w = method_direction("upgrad", grads)
+            g = grads.double()
+            # d is a float32 sum of the terms alpha_i g_i: its rounding (T * 6e-8 of their total length at most)
+            # matters only where they cancel, as for opposite gradients, whose dual cone is {0} on span(G)
+            terms = float((w.double().abs() * g.norm(dim=1)).sum())
+            cos = (g @ d.double()) / (g.norm(dim=1) * terms)
+            assert float(cos.min()) >= -1e-6, (t, kind, spread, scale, float(cos.min()))
+
+
+def test_aligned_mtl_matches_the_svd():
+    check_against("aligned_mtl", ref.aligned_direction)
+
+
+def test_imtl_g_equal_projections_everywhere():
+    """IMTL-G is defined when the gradients are linearly independent (its system is singular otherwise)."""
+    for t, kind, spread, base in cases(("random", "correlated")):
+        for scale in SCALES:
+            grads = base * scale
+            d, w = method_direction("imtl_g", grads)
+            g = grads.double()
+            proj = (g / g.norm(dim=1, keepdim=True)) @ d.double()
+            assert abs(float(w.sum()) - 1) < 1e-5
+            assert float((proj - proj.mean()).abs().max()) <= 1e-4 * float(proj.abs().max()), (t, kind, spread, scale)
+
+
+def test_nash_mtl_solves_the_bargaining_equation():
+    """alpha_i (G G^T alpha)_i = 1 with alpha > 0 (linearly independent gradients: otherwise it may have no
+    solution). The weights are float32: the residual is measured at float32's resolution."""
+    for t, kind, spread, base in cases(("random", "correlated")):
+        for scale in SCALES:
+            grads = base * scale
+            _, w = method_direction("nash_mtl", grads)
+            a = w.double()
+            assert (a > 0).all()
+            residual = a * (ref.gram64(grads) @ a) - 1
+            assert float(residual.abs().max()) < 1e-5, (t, kind, spread, scale, float(residual.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
+def test_surgery_does_not_depend_on_the_gradients_scale(name):
+    """The papers' sequential loop in float64 on the unscaled gradients, against the method on tiny and huge ones."""
+    adjust = {"pcgrad": ref.pcgrad_projection}
+    for t, kind, spread, base in cases():
+        for scale in SCALES:
+            order = gw._other_tasks_in_random_order(t, base.device, build_weighting(name, ["t"] * t).generator())
+            if name == "pcgrad":
+                exact = ref.surgery_reference(base, order, adjust["pcgrad"])
+            else:  # a fresh GradVac has targets 0: each conflicting pair is made orthogonal
+                exact = ref.surgery_reference(base, order, lambda i, j, p, gj: p - min(float(p @ gj), 0.0) / float(gj @ gj) * gj)
+            d, _ = method_direction(name, base * scale)
+            largest = float(base.double().norm(dim=1).max())
+            assert ref.agreement(d / scale, exact, largest) >= COSINE, (name, t, kind, spread, scale)
+            assert float((d.double() / scale - exact).norm()) <= 1e-4 * float(exact.norm()) + 1e-5 * largest
+
+
+def test_pcgrad_projects_tiny_gradients():
+    """Late in training gradients are small: an absolute floor on squared norms used to switch projections off."""
+    g1, g2 = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([-2.0, 0.5, 1.0])
+    for scale in (1e-7, 1e-12, 1e-20):
+        d, _ = method_direction("pcgrad", torch.stack([g1, g2]) * scale)
+        p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+        p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+        assert torch.allclose(d / scale, p1 + p2, atol=1e-5)
+
+
+def test_a_large_gradient_dimension():
+    """D = 100,000 at a spread of 1e4: MGDA, CAGrad and UPGrad still match."""
+    base = ref.random_jacobian(6, 100_000, 1e4, "correlated", 1.0, seed=1)
+    largest = float(base.double().norm(dim=1).max())
+    for name, exact in (("mgda", ref.min_norm_point(base)[1]), ("cagrad", ref.cagrad_direction(base, 0.4)[0]),
+                        ("upgrad", ref.upgrad_direction(base))):
+        d, _ = method_direction(name, base)
+        assert ref.agreement(d, exact, largest) >= COSINE, name
+
+
+@pytest.mark.parametrize("simplex", [False, True])
+def test_active_set_qp_meets_the_kkt_conditions(simplex):
+    """Random convex QPs, singular ones included: x feasible, and the (reduced) gradient is zero on the support and
+    non-negative off it, which certifies the minimum of a convex problem."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        t = 2 + trial % 9
+        rank = t if trial % 3 else max(1, t // 2)
+        a = torch.randn(t, rank, generator=gen, dtype=torch.float64) * (10.0 ** torch.randn(t, 1, generator=gen, dtype=torch.float64))
+        h = a @ a.T
+        h = h / h.diagonal().max()
+        q = torch.randn(4, t, generator=gen, dtype=torch.float64)
+        if not simplex:  # bounded below over x >= 0 only if q is in H's range
+            q = q @ h
+        x = solvers.active_set_qp(h, q, simplex=simplex)
+        assert (x >= 0).all()
+        grad = x @ h + q
+        if simplex:
+            assert torch.allclose(x.sum(1), torch.ones(4, dtype=torch.float64))
+            grad = grad - (x * grad).sum(1, keepdim=True)
+        top = float(grad.abs().max()) + 1
+        support = x > 0
+        assert float(torch.cat([grad[support].abs(), torch.zeros(1, dtype=grad.dtype)]).max()) <= 1e-9 * top, trial
+        assert float(torch.cat([grad[~support], torch.zeros(1, dtype=grad.dtype)]).min()) >= -1e-9 * top, trial
+
+
+def test_zero_and_single_gradients_stay_finite():
+    for name in ("mgda", "cagrad", "upgrad", "imtl_g", "nash_mtl", "aligned_mtl", "pcgrad", "gradvac"):
+        for grads in (torch.zeros(3, 7), torch.randn(1, 7), torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])):
+            d, w = method_direction(name, grads)
+            assert torch.isfinite(d).all() and torch.isfinite(w).all(), name
