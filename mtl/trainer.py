@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import threading
@@ -196,6 +197,9 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
         representation = train and self.weighting.gradient_level and self.grad_on == "representation"
+        # a skipped step leaves no trace: the weighting's state (running targets, learned weights, random draws) and
+        # the model's buffers (BatchNorm statistics, which the forward pass moves) are put back as they were
+        saved = self._snapshot() if train and self.nonfinite == "skip" else None
         with self.autocast():
             if representation:
                 features = self.model.encode(x)
@@ -211,8 +215,6 @@ class Trainer:
             mean = dist.all_reduce_sum(local) / dist.world_size()
             each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
         losses = torch.stack(each)
-        if train and self.nonfinite != "off" and not self._finite(losses):
-            return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
         if train:
             self.optimizer.zero_grad(set_to_none=True)
             if not self.weighting.gradient_level:
@@ -221,11 +223,17 @@ class Trainer:
                     total = total + self.l2sp.penalty()
                 total.backward()
                 self._average_gradients()
+                ok = self._finite(losses, grads=self._trained_grads())
             elif representation:
-                self._representation_backward(each, features, rep)
+                ok = self._representation_backward(each, features, rep)
                 self._average_gradients()  # each process balanced the gradients of its own batch
+                ok = ok and self._finite(None, grads=self._trained_grads())
             else:
-                self._parameter_backward(each)  # per-task gradients averaged over processes before combining
+                ok = self._parameter_backward(each)  # per-task gradients averaged over processes before combining
+            if not ok:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._restore(saved)
+                return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
             self.optimizer.step()
@@ -235,19 +243,58 @@ class Trainer:
         meter.update(local, outputs, targets, x.shape[0])
         return dict(zip(self.tasks, losses.detach()))
 
-    def _finite(self, losses: Tensor) -> bool:
-        """False (skip the step) or a UserError (stop) for a nan/inf loss; one host sync per step."""
-        bad = ~torch.isfinite(losses.detach())
-        if not bool(bad.any()):
+    def _finite(self, losses: Optional[Tensor], task_grads_bad: Optional[Tensor] = None,
+                grads: Sequence[Tensor] = ()) -> bool:
+        """True when the step may go on. A nan/inf loss, task gradient (``task_grads_bad``: (T,) bool) or combined
+        gradient (``grads``) skips the step (False) or stops the run (UserError), by ``train.nonfinite``; ``off``
+        checks nothing. One host read; under torchrun every process takes the same decision."""
+        if self.nonfinite == "off":
             return True
-        names = [t for t, b in zip(self.tasks, bad.tolist()) if b]
-        where = f"task {', '.join(names)} at epoch {self.epoch + 1}, step {self.global_step + 1}"
+        t = len(self.tasks)
+        device = self.device
+        flags = torch.cat([
+            ~torch.isfinite(losses.detach()) if losses is not None else torch.zeros(t, dtype=torch.bool, device=device),
+            task_grads_bad.to(device) if task_grads_bad is not None else torch.zeros(t, dtype=torch.bool, device=device),
+            torch.stack([~torch.isfinite(g).all() for g in grads]).any().view(1) if grads else
+            torch.zeros(1, dtype=torch.bool, device=device)])
+        if dist.world_size() > 1:
+            flags = dist.all_reduce_sum(flags.float()) > 0
+        flags = flags.tolist()
+        if not any(flags):
+            return True
+        bad_loss, bad_grad = flags[:t], flags[t:2 * t]
+        where = f"at epoch {self.epoch + 1}, step {self.global_step + 1}"
+        if any(bad_loss):
+            what = "loss"
+            names = [n for n, b in zip(self.tasks, bad_loss) if b]
+            detail = f"non-finite loss ({', '.join(f'{v:g}' for v in losses.detach().tolist())}) in task {', '.join(names)}"
+        elif any(bad_grad):
+            what = "gradient"
+            names = [n for n, b in zip(self.tasks, bad_grad) if b]
+            detail = f"non-finite gradient of task {', '.join(names)}'s loss (the loss itself is finite)"
+        else:
+            what = "gradient"
+            detail = "non-finite gradient of the combined loss (every task loss is finite)"
         if self.nonfinite == "skip":
             self.skipped_steps += 1
-            tqdm.write(f"non-finite loss in {where}: step skipped ({self.skipped_steps} so far)")
+            tqdm.write(f"{detail} {where}: step skipped ({self.skipped_steps} so far)")
             return False
-        raise UserError(f"non-finite loss ({', '.join(f'{v:g}' for v in losses.detach().tolist())}) in {where}; the "
-                        f"last good checkpoint is kept; lower optim.lr, set train.grad_clip, or train.nonfinite=skip")
+        hint = "set train.grad_clip" if what == "loss" else "check the loss for operations without a gradient at 0"
+        raise UserError(f"{detail} {where}; the last good checkpoint is kept; lower optim.lr, {hint}, "
+                        f"or train.nonfinite=skip")
+
+    def _snapshot(self) -> Dict[str, Any]:
+        return {"weighting": copy.deepcopy(self.weighting.state_dict()),
+                "buffers": [b.detach().clone() for b in self.model.buffers()]}
+
+    def _restore(self, saved: Dict[str, Any]) -> None:
+        self.weighting.load_state_dict(saved["weighting"])
+        with torch.no_grad():
+            for b, old in zip(self.model.buffers(), saved["buffers"]):
+                b.copy_(old)
+
+    def _trained_grads(self) -> List[Tensor]:
+        return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     def request_stop(self) -> None:
         """Stop after the current training step with a resumable checkpoint (what SIGINT/SIGTERM do)."""
@@ -277,7 +324,7 @@ class Trainer:
     def _owned(self) -> List[nn.Parameter]:
         return [p for p in self.model.task_parameters() if p.requires_grad]
 
-    def _parameter_backward(self, losses: List[Tensor]) -> None:
+    def _parameter_backward(self, losses: List[Tensor]) -> bool:
         shared = self._shared()
         if not shared:
             raise UserError("gradient-level weighting needs trainable shared (encoder) parameters, but the encoder "
@@ -285,6 +332,8 @@ class Trainer:
         owned = self._owned()
         grads, owned_grads = _task_gradients(losses, shared, owned)
         dist.all_reduce_mean_([grads, *(g for per_task in owned_grads for g in per_task)])
+        if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
+            return False
         d, w = self.weighting(grads, torch.stack(losses).detach())
         _set_owned_grads(owned, owned_grads, w)
         offset = 0
@@ -294,15 +343,18 @@ class Trainer:
             offset += n
         if self.l2sp is not None:
             self.l2sp.penalty().backward()
+        return True
 
     def _representation_backward(self, losses: List[Tensor], features: Dict[str, Tensor],
-                                 rep: Dict[str, Tensor]) -> None:
+                                 rep: Dict[str, Tensor]) -> bool:
         keys = [k for k, v in features.items() if v.requires_grad]
         if not keys:
             raise UserError("weighting.grad_on=representation needs a trainable encoder, but it is frozen; "
                             "use a loss-level weighting or unfreeze the encoder")
         owned = self._owned()
         grads, owned_grads = _task_gradients(losses, [rep[k] for k in keys], owned)
+        if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
+            return False
         d, w = self.weighting(grads, torch.stack(losses).detach())
         _set_owned_grads(owned, owned_grads, w)
         chunks, offset = [], 0
@@ -313,6 +365,7 @@ class Trainer:
         extra = self.l2sp.penalty() if self.l2sp is not None else None
         torch.autograd.backward([features[k] for k in keys] + ([extra] if extra is not None else []),
                                 chunks + ([torch.ones_like(extra)] if extra is not None else []))
+        return True
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -389,6 +442,16 @@ def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
                                for g, x in zip(grads, inputs)]))
         owned_grads.append(grads[len(inputs):])
     return torch.stack(rows), owned_grads
+
+
+def _nonfinite_rows(grads: Tensor, owned_grads: List[Tuple[Optional[Tensor], ...]]) -> Tensor:
+    """(T,) bool: task t's gradient (shared row or any of its own parameters' gradients) holds a nan or inf."""
+    bad = ~torch.isfinite(grads).all(1)
+    for t, per_task in enumerate(owned_grads):
+        for g in per_task:
+            if g is not None:
+                bad[t] |= ~torch.isfinite(g).all()
+    return bad
 
 
 def _set_owned_grads(owned: Sequence[nn.Parameter], per_task: List[Tuple[Optional[Tensor], ...]], w: Tensor) -> None:
