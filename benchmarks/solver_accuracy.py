@@ -11,7 +11,7 @@ between the method's direction and the reference (``exact_references.agreement``
 method is within 1e-5 of the largest gradient of it, else -1). IMTL-G and Nash-MTL are undefined for
 rank-deficient gradients (their systems are singular) and are measured on the other kinds only.
 Nash-MTL has no closed form: its row is the worst residual ``max |a_i (M a)_i - 1|`` of the bargaining
-equation (its weights are float32, so about 1e-7 is exact). Prints the worst value per method and spread, at
+equation (its weights are float32, so about 1e-7 is exact). Prints the worst value per method, kind and spread, at
 scale 1 and over all three scales.
 """
 from __future__ import annotations
@@ -86,8 +86,9 @@ def main(argv: List[str] | None = None) -> int:
     lo, hi = (int(x) for x in args.tasks.split("-"))
     spreads = [float(s) for s in args.spreads.split(",")]
     methods = ["mgda", "cagrad", "upgrad", "aligned_mtl", "imtl_g", "pcgrad", "gradvac"]
-    worst: Dict[str, Dict[float, float]] = {m: {} for m in methods + ["nash_mtl"]}  # over every scale
-    unit: Dict[str, Dict[float, float]] = {m: {} for m in methods + ["nash_mtl"]}  # at scale 1
+    rows = [(m, k) for m in methods + ["nash_mtl"] for k in ref.KINDS]
+    worst: Dict[tuple, Dict[float, float]] = {r: {} for r in rows}  # over every scale
+    unit: Dict[tuple, Dict[float, float]] = {r: {} for r in rows}  # at scale 1
     start = time.perf_counter()
     for spread in spreads:
         for t in range(lo, hi + 1):
@@ -104,24 +105,25 @@ def main(argv: List[str] | None = None) -> int:
                             method = build_weighting(name, [f"t{i}" for i in range(t)])
                             d, _ = method(grads, torch.ones(t))
                             value = _agreement(d / scale, exact[name], largest)
-                            worst[name][spread] = min(worst[name].get(spread, 1.0), value)
-                            if scale == 1.0:
-                                unit[name][spread] = min(unit[name].get(spread, 1.0), value)
-                        res = nash_residual(grads) if kind != "rank-deficient" else 0.0
-                        worst["nash_mtl"][spread] = max(worst["nash_mtl"].get(spread, 0.0), res)
-                        if scale == 1.0:
-                            unit["nash_mtl"][spread] = max(unit["nash_mtl"].get(spread, 0.0), res)
+                            for table in (worst, unit) if scale == 1.0 else (worst,):
+                                table[name, kind][spread] = min(table[name, kind].get(spread, 1.0), value)
+                        if kind != "rank-deficient":
+                            res = nash_residual(grads)
+                            for table in (worst, unit) if scale == 1.0 else (worst,):
+                                table["nash_mtl", kind][spread] = max(table["nash_mtl", kind].get(spread, 0.0), res)
         print(f"spread {spread:g} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     print(f"`python benchmarks/solver_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
           f"{time.strftime('%Y-%m-%d')}: T = {lo}..{hi}, D = {args.dim:,}, kinds {', '.join(ref.KINDS)}, "
           f"{args.seeds} seeds, scales {', '.join(f'{s:g}' for s in SCALES)}\n")
     for title, table in (("at scale 1", unit), ("over the scales " + ", ".join(f"{s:g}" for s in SCALES), worst)):
-        print(f"\n{title}:\n")
-        print("| method | " + " | ".join(f"spread {s:g}" for s in spreads) + " |")
-        print("|---|" + "---:|" * len(spreads))
-        for name in methods:
-            print(f"| {name} (worst cosine) | " + " | ".join(f"{table[name][s]:.6f}" for s in spreads) + " |")
-        print("| nash_mtl (worst residual, full rank) | " + " | ".join(f"{table['nash_mtl'][s]:.1e}" for s in spreads) + " |")
+        print(f"\n{title} (worst cosine; Nash-MTL: worst residual):\n")
+        print("| method | gradients | " + " | ".join(f"spread {s:g}" for s in spreads) + " |")
+        print("|---|---|" + "---:|" * len(spreads))
+        for name, kind in rows:
+            if not table[name, kind]:
+                continue  # undefined for this kind
+            fmt = "{:.1e}" if name == "nash_mtl" else "{:.6f}"
+            print(f"| {name} | {kind} | " + " | ".join(fmt.format(table[name, kind][s]) for s in spreads) + " |")
     return 0
 
 

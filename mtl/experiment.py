@@ -456,7 +456,10 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     model: nn.Module = exp.model
     loaders: Dict[str, Any] = exp.loaders
     has_conv = any(isinstance(m, nn.Conv2d) for m in exp.model.modules())
-    exp.info["channels_last"] = has_conv and t.channels_last != "off"  # auto: faster on CUDA and on CPU (oneDNN)
+    # auto: on CUDA only. On CPUs it gained 1.01x at 64 px and 1.12x at 112 px, and its oneDNN kernels round with
+    # the thread count, where NCHW gives the same bits at 1 and 2 threads (benchmarks/README.md)
+    auto = exp.device.type == "cuda"
+    exp.info["channels_last"] = has_conv and (t.channels_last == "on" or (t.channels_last == "auto" and auto))
     if exp.info["channels_last"]:
         exp.model.to(memory_format=torch.channels_last)
     blocker = feature_cache_blocker(exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none",
