@@ -57,7 +57,13 @@ def select_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device is {name!r} but no CUDA GPU is available; use train.device=auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0; use cuda:0 ... or train.device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but no Apple-silicon GPU (MPS) is available; use train.device=auto or cpu")
+    return device
 
 
 def use_amp(mode: str, device: torch.device) -> bool:
@@ -539,12 +545,10 @@ def stage_configs(raw: Dict[str, Any], sources: Sources) -> List[Config]:
     for i, stage in enumerate(raw.get("stages") or []):
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
             raise UserError(f"stages[{i}] must be a mapping with a name, e.g. {{name: pretrain, train: {{epochs: 5}}}}")
-        patch = {k: v for k, v in stage.items() if k != "name"}
+        patch = dict(stage)  # its name too: checked as a folder name, like the run's
         stage_sources = dict(sources)
         record_sources(stage_sources, [], patch, f"{sources.get(('stages',), 'the config')}, stage {stage['name']!r}")
-        cfg = build_config(deep_merge(base, patch), stage_sources)
-        cfg.name = stage["name"]
-        configs.append(cfg)
+        configs.append(build_config(deep_merge(base, patch), stage_sources))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {', '.join(names)}")
