@@ -109,7 +109,7 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
     try:
         value = load_yaml(text, keys) if text.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"bad override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        raise UserError(f"bad override {item!r}: the value is not valid YAML ({yaml_problem(e)})") from None
     except RecursionError:
         raise UserError(f"bad override {item!r}: the value is nested too deeply") from None
     _check_shape(value, f"override {item!r}")
@@ -139,7 +139,7 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise UserError(f"cannot parse config {path}{where}: {_yaml_problem(e)}; fix the YAML there") from None
+        raise UserError(f"cannot parse config {path}{where}: {yaml_problem(e)}; fix the YAML there") from None
     except RecursionError:
         raise UserError(f"cannot parse config {path}{where}: it is nested too deeply") from None
     _check_shape(data, f"config {path}{where}")
@@ -224,7 +224,7 @@ def _check_shape(data: Any, what: str) -> None:
         raise UserError(f"{what} is nested too deeply") from None
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def yaml_problem(e: yaml.YAMLError) -> str:
     """``line 2, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence from line 1, column 4)``."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
     if mark is None or not problem:
