@@ -7,6 +7,7 @@ import pickletools
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict
 
@@ -62,7 +63,9 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", dir_hint: str = 
     if not head:
         raise UserError(f"could not read {what} file {path}: it is empty (0 bytes); write it again with torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols other than 2: the files load, or fail below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:
         raise UserError(f"could not read {what} file {path}: {e.strerror or e}") from None
     except Exception as e:  # pickle errors, truncated zips, foreign formats: many types
