@@ -29,12 +29,14 @@ from PIL import Image
 import mtl.experiment  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
+from mtl.compare import load_baseline
 from mtl.config import build_config, load_config, parse_override
 from mtl.data.decoded import _decode_file
 from mtl.data.folder import folder
 from mtl.data.image_files import load_rgb
 from mtl.encoders import build_encoder
 from mtl.errors import UserError
+from mtl.experiment import select_device
 from mtl.schema import Config
 
 WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn
@@ -443,6 +445,17 @@ def test_bad_numbers_and_devices_are_refused(override, words, data, tmp_path, ca
             runs=tmp_path / "runs")
 
 
+def test_device_this_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UserError, match=r"train.device is 'cuda:2' but this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        select_device("cuda:2")
+    with pytest.raises(UserError, match="train.device is 'mps' but no Apple-silicon GPU"):
+        select_device("mps")
+
+
 @pytest.mark.parametrize("name", ["../../x", "a/b", "/abs/x", "..", "a\\b", ""], ids=repr)
 def test_run_name_that_leaves_out_dir_is_refused(name, data, tmp_path, capsys):
     work = tmp_path / "deep" / "er"
@@ -474,6 +487,8 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     assert parse_override("x=-2.5e-4") == (["x"], -2.5e-4) and parse_override("x=+1_0e+2") == (["x"], 1000.0)
     assert parse_override("x=1.2.3") == (["x"], "1.2.3") and parse_override("x=12e") == (["x"], "12e")
     assert parse_override("x=0x1e") == (["x"], 30)  # a hex integer stays an integer
+    (tmp_path / "base.yaml").write_text("label: {acc: 9e-1}\n")
+    assert load_baseline(tmp_path / "base.yaml") == {"label": {"acc": 0.9}}
 
 
 def _duplicate_in_file(tmp_path: Path, root: Path) -> tuple:
