@@ -518,7 +518,7 @@ def _duplicate_in_override_value(tmp_path: Path, root: Path) -> tuple:
 
 def _override_given_twice(tmp_path: Path, root: Path) -> tuple:
     return [write_config(tmp_path, root), "optim.lr=0.1", "train.epochs=1", "optim.lr=0.2"], [
-        "override optim.lr is given twice ('optim.lr=0.1' and 'optim.lr=0.2'); give it once"]
+        "override optim.lr is given twice with different values ('optim.lr=0.1' and 'optim.lr=0.2'); give it once"]
 
 
 @pytest.mark.parametrize("case", [_duplicate_in_file, _duplicate_nested, _duplicate_in_base,
@@ -533,6 +533,8 @@ def test_yaml_merge_keys_may_still_override_merged_values(tmp_path):
     (tmp_path / "c.yaml").write_text("_anchors: &opt {name: adam, lr: 0.1}\noptim: {<<: *opt, lr: 0.01}\n")
     raw, _ = load_config(tmp_path / "c.yaml")
     assert raw["optim"] == {"name": "adam", "lr": 0.01}
+    raw, _ = load_config(tmp_path / "c.yaml", ["optim.lr=0.1", "optim.lr=1e-1"])  # the same value twice is harmless
+    assert raw["optim"]["lr"] == 0.1
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# settings to come\n", "---\n"], ids=["empty", "blank", "comment", "doc-start"])
