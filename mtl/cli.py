@@ -107,17 +107,14 @@ def _os_error_text(e: OSError) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input prints one line and returns exit code 2."""
     parser = _parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        # overrides after an option (`mtl summary cfg.yaml --input 3,64,64 model.freeze=all`) are left over by argparse
-        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
-        if overrides and hasattr(args, "overrides"):
-            args.overrides = [*args.overrides, *overrides]
-            extra = [a for a in extra if a not in overrides]
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed
-        return e.code if isinstance(e.code, int) else 2
+    args, extra = parser.parse_known_args(argv)  # a usage error: one line, then SystemExit(2), as argparse does
+    # overrides after an option (`mtl summary cfg.yaml --input 3,64,64 model.freeze=all`) are left over by argparse
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         return _run(args)

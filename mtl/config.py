@@ -85,13 +85,8 @@ def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node, prefix: Tupl
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[str, Any], Sources]:
     """Read a config file with its bases and overrides applied; returns the raw dict and key sources."""
     raw, sources = _load_file(Path(path), chain=())
-    given: Dict[Tuple[str, ...], Tuple[str, Any]] = {}
-    for item in overrides:
+    for item in overrides:  # in order: a later override of the same key wins, as options on a command line do
         keys, value = parse_override(item)
-        earlier = given.setdefault(tuple(keys), (item, value))
-        if earlier[1] != value:  # the same value twice is harmless; two values would silently keep the later one
-            raise UserError(f"override {'.'.join(keys)} is given twice with different values ({earlier[0]!r} and "
-                            f"{item!r}); give it once")
         _set_path(raw, keys, value)
         for i in range(1, len(keys)):  # parents the override creates are the command line's too
             sources.setdefault(tuple(keys[:i]), _OVERRIDES)
