@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict
 
@@ -61,23 +63,37 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", dir_hint: str = 
     if not head:
         raise UserError(f"could not read {what} file {path}: it is empty (0 bytes); write it again with torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols other than 2: the files load, or fail below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:
         raise UserError(f"could not read {what} file {path}: {e.strerror or e}") from None
     except Exception as e:  # pickle errors, truncated zips, foreign formats: many types
         raise UserError(f"could not read {what} file {path}: {_load_problem(e, head)}") from None
 
 
+_PICKLE_OPCODES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
 def _load_problem(err: Exception, head: bytes) -> str:
     """Why torch.load failed, in words, without torch's multi-line advice to turn safe loading off."""
     text = " ".join(str(err).split())
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    # torch words a refused global two ways: "Unsupported global: GLOBAL x.Y ..." and "unsupported GLOBAL x.y whose ..."
+    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
     if refused:
         return (f"it holds a pickled Python object ({refused.group(1)}) that safe loading (weights_only) refuses; "
                 f"save a state dict instead: torch.save(model.state_dict(), path)")
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    opcode = _PICKLE_OPCODES.get(int(operand.group(1))) if operand else None
+    if opcode:  # a real pickle instruction that safe loading does not allow (an unknown byte is damage, below)
+        return (f"it holds a pickled Python object that safe loading (weights_only) refuses (pickle instruction "
+                f"{opcode}, which torch.save does not write); save a state dict instead: "
+                f"torch.save(model.state_dict(), path)")
     if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive; old files are a pickle
         return "it is not a PyTorch file (torch.save writes a zip archive); give a file written by torch.save"
-    reason = re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0].rstrip(".") or type(err).__name__
+    unpickler = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
+    reason = (unpickler.group(1) if unpickler else re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0]).rstrip(".")
+    reason = reason or type(err).__name__
     return f"it is damaged or truncated ({reason[:160]}); copy or save it again"
 
 

@@ -7,13 +7,23 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one ``mtl: error: ...`` line (no usage block); a missing command lists them."""
+
+    def error(self, message: str) -> NoReturn:
+        commands = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is not None and "required" in message and commands.dest in message:
+            message = f"{self.prog} needs a command: {', '.join(commands.choices)}"
+        self.exit(2, f"mtl: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning experiments from YAML configs.")
+    parser = _Parser(prog="mtl", description="Transfer learning experiments from YAML configs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train from a config (or resume a run)",
@@ -97,7 +107,7 @@ def _os_error_text(e: OSError) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; bad input prints one line and returns exit code 2."""
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)  # a usage error: one line, then SystemExit(2), as argparse does
     # overrides after an option (`mtl summary cfg.yaml --input 3,64,64 model.freeze=all`) are left over by argparse
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     if overrides and hasattr(args, "overrides"):
@@ -153,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
                 write_baseline(args.runs, args.write_baseline, args.which)
                 print(f"wrote {args.write_baseline}")
             else:
-                print(compare_table(args.runs, args.baseline, args.which, args.metrics.split(",") if args.metrics else None))
+                metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+                print(compare_table(args.runs, args.baseline, args.which, metrics))
         elif args.command == "weights":
             from .weights import format_cached_table, import_weights, list_cached
 

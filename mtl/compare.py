@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .config import load_yaml, yaml_problem
 from .errors import UserError
 
 Metrics = Mapping[str, Mapping[str, float]]  # {task: {metric: value}}
@@ -39,9 +40,9 @@ def load_baseline(path: str | Path, directions: Mapping[str, Mapping[str, bool]]
     if not path.is_file():
         raise UserError(f"baseline file {path} does not exist; write one with `mtl compare RUN ... --write-baseline {path}`")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())  # as configs: 1e-3 is a number, a metric given twice is an error
     except yaml.YAMLError as e:
-        raise UserError(f"baseline file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"baseline file {path} is not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict) or not data:
         raise UserError(f"baseline file {path} must map tasks to {{metric: value}}, e.g. `seg: {{miou: 0.52}}`")
     out: Dict[str, Dict[str, float]] = {}
@@ -99,11 +100,16 @@ def compare_table(paths: Sequence[str], baseline: Optional[str] = None, which: s
     """A Markdown table: one row per run, one column per task metric, and delta_m with a baseline."""
     rows = find_runs(paths)
     columns: List[Tuple[str, str]] = []
+    reported: Dict[str, None] = {}  # every metric name of the runs, in order
     for _, summary in rows:
         for task, values in run_metrics(summary, which).items():
             for metric in values:
-                if metric != "loss" and (not metrics or metric in metrics) and (task, metric) not in columns:
+                reported[metric] = None
+                if ((metric in metrics) if metrics else metric != "loss") and (task, metric) not in columns:
                     columns.append((task, metric))
+    unknown = [m for m in metrics or [] if m not in reported]
+    if unknown:
+        raise UserError(f"--metrics: no run reports {', '.join(unknown)}; the runs report {', '.join(reported) or 'none'}")
     base = load_baseline(baseline) if baseline else None
     header = ["run", "weighting"] + [f"{t}.{m}" for t, m in columns] + (["Δm %"] if base else [])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]

@@ -1,6 +1,7 @@
 """Load, merge, override, validate and dump experiment configs.
 
-A config is a YAML file (read with ``yaml.safe_load``) that may inherit from others through
+A config is a YAML file (read like ``yaml.safe_load``, except that floats such as ``1e-3`` are numbers, as in
+YAML 1.2, and a key given twice in one mapping is an error) that may inherit from others through
 ``_base_: path`` or ``_base_: [paths]`` (relative to the file), deep-merged in order with the file's
 own keys last. ``key.sub=value`` overrides from the command line are parsed as YAML values. The
 result is validated against the dataclasses in :mod:`mtl.schema`: unknown keys, wrong types and
@@ -11,7 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -24,17 +27,70 @@ from .schema import Config
 Sources = Dict[Tuple[str, ...], str]  # key path -> the file (or "command line") that set it
 
 _MISSING = dataclasses.MISSING
+_OVERRIDES = "command-line overrides"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot or exponent sign (``1e-3``, ``5E4``)."""
+
+
+# YAML 1.1 (PyYAML) needs "1.0e-3"; the YAML 1.2 form below is how learning rates are usually written.
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, prefix: Sequence[str] = ()) -> Any:
+    """``yaml.safe_load(text)`` with 1e-3 read as a float; a key given twice in a mapping is a ``yaml.YAMLError``
+    that names it (as a dotted path below ``prefix``) and both of its lines."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(loader, node, tuple(prefix))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node, prefix: Tuple[str, ...]) -> None:
+    seen_nodes: set = set()  # aliases repeat nodes (and may form cycles): each is checked once
+    stack: List[Tuple[yaml.Node, Tuple[str, ...]]] = [(root, prefix)]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, path + (str(i),)) for i, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first: Dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override merged ones
+                    stack.append((value_node, path))
+                    continue
+                key, earlier = "?", key_node
+                if isinstance(key_node, yaml.ScalarNode):  # keys that are lists or mappings: left to construction
+                    key = loader.construct_object(key_node, deep=True)
+                    earlier = first.setdefault(key, key_node)
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {'.'.join(path + (str(key),))!r} is given twice (also on line "
+                        f"{earlier.start_mark.line + 1}), and YAML would silently keep only the later value; keep one",
+                        key_node.start_mark)
+                stack.append((value_node, path + (str(key),)))
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[str, Any], Sources]:
     """Read a config file with its bases and overrides applied; returns the raw dict and key sources."""
     raw, sources = _load_file(Path(path), chain=())
-    for item in overrides:
+    for item in overrides:  # in order: a later override of the same key wins, as options on a command line do
         keys, value = parse_override(item)
         _set_path(raw, keys, value)
         for i in range(1, len(keys)):  # parents the override creates are the command line's too
-            sources.setdefault(tuple(keys[:i]), "command-line overrides")
-        record_sources(sources, keys, value, "command-line overrides")
+            sources.setdefault(tuple(keys[:i]), _OVERRIDES)
+        record_sources(sources, keys, value, _OVERRIDES)
     return raw, sources
 
 
@@ -44,14 +100,15 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
     keys = key.strip().split(".")
     if not sep or not all(k.strip() for k in keys):
         raise UserError(f"bad override {item!r}: write key.sub=value, e.g. optim.lr=0.01 or model.freeze=all")
+    keys = [k.strip() for k in keys]
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text, keys) if text.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"bad override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        raise UserError(f"bad override {item!r}: the value is not valid YAML ({yaml_problem(e)})") from None
     except RecursionError:
         raise UserError(f"bad override {item!r}: the value is nested too deeply") from None
     _check_shape(value, f"override {item!r}")
-    return [k.strip() for k in keys], value
+    return keys, value
 
 
 def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sources]:
@@ -75,14 +132,15 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
     except UnicodeDecodeError:
         raise UserError(f"cannot parse config {path}{where}: it is not a text (UTF-8) file") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise UserError(f"cannot parse config {path}{where}: {_yaml_problem(e)}; fix the YAML there") from None
+        raise UserError(f"cannot parse config {path}{where}: {yaml_problem(e)}; fix the YAML there") from None
     except RecursionError:
         raise UserError(f"cannot parse config {path}{where}: it is nested too deeply") from None
     _check_shape(data, f"config {path}{where}")
     if data is None:
-        data = {}
+        raise UserError(f"config {path}{where} is empty (no settings in it); write the settings there, "
+                        f"e.g. starting from a copy of configs/quickstart.yaml")
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a mapping of keys to values, not a {type(data).__name__}")
     bases = data.pop("_base_", None) or []
@@ -161,7 +219,7 @@ def _check_shape(data: Any, what: str) -> None:
         raise UserError(f"{what} is nested too deeply") from None
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def yaml_problem(e: yaml.YAMLError) -> str:
     """``line 2, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence from line 1, column 4)``."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
     if mark is None or not problem:
@@ -251,6 +309,8 @@ def _convert(tp: Any, value: Any, path: Tuple[str, ...], sources: Sources) -> An
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(path, value, "a number", sources)
+        if not math.isfinite(value):
+            raise _type_error(path, value, "a finite number", sources)
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: `amp: off` means "off"
@@ -273,6 +333,7 @@ def _convert_dataclass(cls: Any, value: Mapping[str, Any], path: Tuple[str, ...]
     for name, f in fields.items():
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], path + (name,), sources)
+            _check_bounds(kwargs[name], f.metadata, path + (name,), sources)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise UserError(f"missing required config value {_name(path + (name,))!r}{_where(path, sources)}")
     obj = cls(**kwargs)
@@ -280,8 +341,26 @@ def _convert_dataclass(cls: Any, value: Mapping[str, Any], path: Tuple[str, ...]
     if check is not None:
         problem = check()
         if problem:
-            raise UserError(f"bad config value in {_name(path) if path else 'config'}{_where(path, sources)}: {problem}")
+            named = problem.split(" ", 1)[0].rstrip(":").rsplit(".", 1)[-1]  # "train.device must be ...": the key
+            where = _where(path + (named,) if named in fields else path, sources)
+            raise UserError(f"bad config value in {_name(path) if path else 'config'}{where}: {problem}")
     return obj
+
+
+def _check_bounds(value: Any, metadata: Mapping[str, Any], path: Tuple[str, ...], sources: Sources) -> None:
+    """The limits a ``schema.bounded`` field declares, on its number or on each number of its list or mapping."""
+    limits = metadata.get("bounds")
+    if not limits or value is None:
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    tests = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+    for key, v in items:
+        if not all(tests[op](v, bound) for op, bound in limits.items()):
+            where = path + (str(key),) if key is not None else path
+            need = " and ".join(f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}"
+                                for op, bound in limits.items())
+            note = f" ({metadata['note']})" if metadata.get("note") else ""
+            raise UserError(f"config key {_name(where)!r}{_where(where, sources)} must be {need}{note}, got {v!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -57,7 +57,13 @@ def select_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device is {name!r} but no CUDA GPU is available; use train.device=auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0; use cuda:0 ... or train.device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but no Apple-silicon GPU (MPS) is available; use train.device=auto or cpu")
+    return device
 
 
 def use_amp(mode: str, device: torch.device) -> bool:
@@ -542,12 +548,10 @@ def stage_configs(raw: Dict[str, Any], sources: Sources) -> List[Config]:
     for i, stage in enumerate(raw.get("stages") or []):
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
             raise UserError(f"stages[{i}] must be a mapping with a name, e.g. {{name: pretrain, train: {{epochs: 5}}}}")
-        patch = {k: v for k, v in stage.items() if k != "name"}
+        patch = dict(stage)  # its name too: checked as a folder name, like the run's
         stage_sources = dict(sources)
         record_sources(stage_sources, [], patch, f"{sources.get(('stages',), 'the config')}, stage {stage['name']!r}")
-        cfg = build_config(deep_merge(base, patch), stage_sources)
-        cfg.name = stage["name"]
-        configs.append(cfg)
+        configs.append(build_config(deep_merge(base, patch), stage_sources))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {', '.join(names)}")
@@ -623,7 +627,9 @@ def resume_run(run_dir: str) -> Dict[str, Any]:
         raise UserError(f"cannot resume {d}: it needs config.yaml and checkpoints/last.pt (is it a run directory?)")
     raw, sources = load_config(d / "config.yaml")
     import_config_modules(raw)
-    return run(build_config(raw, sources), d, resume=True)
+    cfg = build_config(raw, sources)
+    check_resumable(d, cfg, load_checkpoint(d / "checkpoints" / "last.pt"))
+    return run(cfg, d, resume=True)
 
 
 def import_config_modules(raw: Dict[str, Any]) -> None:
@@ -635,3 +641,67 @@ def import_config_modules(raw: Dict[str, Any]) -> None:
         from .plugins import import_modules
 
         import_modules(names)
+
+
+_TRAINING_STATE = ("model", "optimizer", "scheduler", "epoch", "global_step", "best", "history", "rng")
+# the settings that decide the model's parameters and the optimizer's state: a checkpoint resumes only into the same
+_STRUCTURE = ("model.encoder", "model.encoder_options", "model.arch", "model.freeze", "tasks", "optim.name",
+              "optim.weight_decay", "optim.no_decay_norm_bias", "optim.lr_mult", "weighting.name", "weighting.options",
+              "train.unfreeze")
+_TASK_STRUCTURE = ("type", "target", "num_classes", "head")
+_ABSENT = object()
+
+
+def check_resumable(run_dir: Path, cfg: Config, state: Mapping[str, Any]) -> None:
+    """Refuse, before anything is written, a ``last.pt`` that is no training state or was saved with another
+    architecture or optimizer than ``cfg`` (an edited config.yaml, or a checkpoint copied from another run)."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    lacking = [k for k in _TRAINING_STATE if k not in state]
+    if lacking:
+        raise UserError(f"cannot resume {run_dir}: {ckpt} is not a training checkpoint (it lacks {', '.join(lacking)}; "
+                        f"a best.pt or a weights file?); give the run's own last.pt, or start a new run with "
+                        f"mtl train {run_dir / 'config.yaml'}")
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        return
+    now = config_to_dict(cfg)
+    for key in _STRUCTURE:
+        found = _difference(_structure(saved, key), _structure(now, key), key)
+        if found is not None:
+            where, old, new = found
+            raise UserError(f"cannot resume {run_dir}: config.yaml has {where}: {_shown(new)} but {ckpt} was saved "
+                            f"with {where}: {_shown(old)}; put that value back in config.yaml, or start a new run "
+                            f"with mtl train {run_dir / 'config.yaml'}")
+
+
+def _structure(config: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` (tasks: only what shapes each task's head), or _ABSENT."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    if key == "tasks" and isinstance(node, Mapping):
+        return {t: {k: v for k, v in tc.items() if k in _TASK_STRUCTURE} if isinstance(tc, Mapping) else tc
+                for t, tc in node.items()}
+    return node
+
+
+def _difference(old: Any, new: Any, key: str) -> Optional[Tuple[str, Any, Any]]:
+    """The first dotted key below ``key`` where ``old`` and ``new`` differ; keys that ``old`` lacks (a checkpoint
+    from an older mtl) do not count."""
+    if old is _ABSENT:
+        return None
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for k in dict.fromkeys([*old, *new]):
+            found = _difference(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (key, old, new)
+
+
+def _shown(value: Any) -> str:
+    text = "(not set)" if value is _ABSENT else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix(" ...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,7 +1,8 @@
 """Every config key, its type and its default. ``mtl.config`` validates YAML against these classes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -9,6 +10,24 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
 FreezeSpec = Union[str, List[str], Dict[str, Any]]
+DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def bounded(default: Any = MISSING, *, factory: Any = MISSING, ge: Optional[float] = None, gt: Optional[float] = None,
+            le: Optional[float] = None, lt: Optional[float] = None, note: str = "") -> Any:
+    """A number field (or list or mapping of numbers) that the config loader checks against these bounds; a
+    value outside them is refused naming the key. ``note`` ends that message, e.g. what null means instead."""
+    limits = {op: v for op, v in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if v is not None}
+    return field(default=default, default_factory=factory, metadata={"bounds": limits, "note": note})
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot be the folder that a run (or stage) writes into below its parent, or ""."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return (f"name must be a plain folder name (no /, \\, not empty, . or ..), got {name!r}: runs go to "
+                f"<out_dir>/<name>/<time>; to write somewhere else set out_dir")
+    return ""
 
 
 @dataclass
@@ -20,23 +39,23 @@ class DataCfg:
     options: Dict[str, Any] = field(default_factory=dict)  # data-set specific keyword arguments
     train_split: str = "train"
     val_split: str = "val"
-    image_size: int = 224
-    resize_size: int = 256
+    image_size: int = bounded(224, ge=1)
+    resize_size: int = bounded(256, ge=1)
     augment: str = "random_resized_crop"  # random_resized_crop (+flip) | random_crop (+flip) | none
-    crop_padding: int = 0  # random_crop: pixels of padding before the crop (the "pad-crop" augmentation)
+    crop_padding: int = bounded(0, ge=0)  # random_crop: pixels of padding before the crop (the "pad-crop" augmentation)
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: List[float] = bounded(factory=lambda: list(IMAGENET_STD), gt=0)
     labels_per_class: Optional[int] = None  # few-label training: a class-balanced subset of the train split
     classes: Optional[List[Union[int, str]]] = None  # only these classes (indices or names), relabelled 0..n-1
     batch_size: int = 32
-    val_batch_size: Optional[int] = None
-    num_workers: int = 2  # the per-item pipeline's loader processes
+    val_batch_size: Optional[int] = bounded(None, ge=1)
+    num_workers: int = bounded(2, ge=0, note="0 loads in the main process")  # the per-item pipeline's loader processes
     # auto: batched when the data set has an image store (folder, fashion_mnist, mnist, cifar, captcha_chars, shapes):
     # images decoded once, whole batches cropped, flipped and normalised on the device; also scenes, multi_fashion
     # and celeba (images and targets gathered and augmented in batches) | batched | items (per item)
     pipeline: str = "auto"
     cache_size: Optional[int] = None  # side of the square each decoded image is stored at; null: 4/3 * resize_size
-    cache_budget_gb: float = 8.0  # decoded images above this go to a memory-mapped file instead of memory
+    cache_budget_gb: float = bounded(8.0, ge=0)  # decoded images above this go to a memory-mapped file instead of memory
     cache_dir: Optional[str] = None  # where that file goes; null: <data.root>/.mtl_cache
 
     def check(self) -> str:
@@ -60,8 +79,8 @@ class HeadCfg:
     """The decoder that maps encoder features to one task's output."""
 
     name: str = "linear"  # pooled: linear | mlp; dense (input-resolution maps): fpn | aspp
-    hidden: int = 512  # mlp only
-    dropout: float = 0.0
+    hidden: int = bounded(512, ge=1)  # mlp only
+    dropout: float = bounded(0.0, ge=0, lt=1)
     options: Dict[str, Any] = field(default_factory=dict)  # head-specific, e.g. fpn {channels: 128}, aspp {rates: [6, 12, 18]}
 
 
@@ -73,12 +92,12 @@ class TaskCfg:
     # null: the type the data set declares for the target (classification for single-label data sets)
     type: Optional[str] = None
     target: Optional[str] = None  # item key of the target; null: the task's name (``label`` for single-label data)
-    num_classes: Optional[int] = None  # classes (or regression outputs); inferred from the data, checked when set
+    num_classes: Optional[int] = bounded(None, ge=1)  # classes (or regression outputs); inferred from the data, checked when set
     head: Optional[HeadCfg] = None  # null: linear for image-level tasks, fpn for dense ones
-    weight: float = 1.0  # used by weighting static (and as pre-weights by methods that take them)
+    weight: float = bounded(1.0, ge=0)  # used by weighting static (and as pre-weights by methods that take them)
     loss: Optional[str] = None  # task types with a choice of loss, e.g. regression mse | l1 | smooth_l1
     metrics: Optional[List[str]] = None  # report only these metrics (all of the type's by default)
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
     options: Dict[str, Any] = field(default_factory=dict)  # type-specific, e.g. classification {topk: 5}
 
 
@@ -98,14 +117,15 @@ class OptimCfg:
     """Optimizer and parameter groups."""
 
     name: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.001
-    momentum: float = 0.9
+    lr: float = bounded(0.001, gt=0)
+    momentum: float = bounded(0.9, ge=0)
     nesterov: bool = False
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    betas: List[float] = bounded(factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
     no_decay_norm_bias: bool = True  # no weight decay on normalisation weights and biases
-    lr_mult: Dict[str, float] = field(default_factory=dict)  # {"encoder": 0.1}: longest matching prefix wins
-    l2sp: float = 0.0  # L2-SP: alpha/2 * ||w - w_pretrained||^2 over the trained encoder weights
+    # {"encoder": 0.1}: longest matching prefix wins
+    lr_mult: Dict[str, float] = bounded(factory=dict, ge=0, note="0 keeps those weights fixed")
+    l2sp: float = bounded(0.0, ge=0)  # L2-SP: alpha/2 * ||w - w_pretrained||^2 over the trained encoder weights
 
 
 @dataclass
@@ -113,14 +133,14 @@ class SchedCfg:
     """Learning-rate schedule, stepped every iteration, defined in (fractional) epochs."""
 
     name: str = "step"  # step | multistep | cosine | onecycle | constant
-    step_size: int = 7
-    gamma: float = 0.1
-    milestones: List[int] = field(default_factory=list)
-    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the base lr
-    pct_start: float = 0.3  # onecycle
-    div_factor: float = 25.0  # onecycle
-    final_div_factor: float = 1e4  # onecycle
-    warmup_epochs: float = 0.0  # linear warmup from 0, multiplied onto the schedule
+    step_size: int = bounded(7, ge=1)
+    gamma: float = bounded(0.1, gt=0)
+    milestones: List[int] = bounded(factory=list, ge=0)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine: final lr as a fraction of the base lr
+    pct_start: float = bounded(0.3, ge=0, le=1)  # onecycle
+    div_factor: float = bounded(25.0, gt=0)  # onecycle
+    final_div_factor: float = bounded(1e4, gt=0)  # onecycle
+    warmup_epochs: float = bounded(0.0, ge=0)  # linear warmup from 0, multiplied onto the schedule
 
 
 @dataclass
@@ -146,9 +166,9 @@ class WeightingCfg:
 class UnfreezeCfg:
     """At the start of ``epoch`` (0-based), unfreeze encoder modules matching ``modules``."""
 
-    epoch: int
+    epoch: int = bounded(ge=0)
     modules: List[str]
-    lr_mult: float = 1.0
+    lr_mult: float = bounded(1.0, ge=0)
 
 
 @dataclass
@@ -156,13 +176,13 @@ class TrainCfg:
     """The training loop."""
 
     epochs: int = 25
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     amp: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | off
     unfreeze: List[UnfreezeCfg] = field(default_factory=list)
-    grad_clip: Optional[float] = None
-    log_images: int = 16  # validation images in TensorBoard's prediction grid; 0 turns it off
+    grad_clip: Optional[float] = bounded(None, gt=0, note="null turns clipping off")  # max gradient norm
+    log_images: int = bounded(16, ge=0)  # validation images in TensorBoard's prediction grid; 0 turns it off
     log_graph: bool = False  # the model graph in TensorBoard's Graphs tab (traced once before training)
     progress: bool = True
     # the validation score that picks "best": auto (mean accuracy when every task has one, else delta_m with a
@@ -180,6 +200,8 @@ class TrainCfg:
     def check(self) -> str:
         if self.epochs < 1:
             return f"train.epochs must be >= 1, got {self.epochs}"
+        if not _DEVICE.fullmatch(self.device):
+            return f"train.device must be {DEVICES}, got {self.device!r}"
         if self.amp not in ("auto", "bf16", "off"):
             return f"train.amp must be auto, bf16 or off, got {self.amp!r}"
         if self.nonfinite not in ("stop", "skip", "off"):
@@ -205,7 +227,7 @@ class ContinualCfg:
     # encoder trained on the first task only, then frozen; a new head per task). Empty: stages run one by one.
     methods: List[str] = field(default_factory=list)
     alpha: float = 0.1  # initial value of the learned scale on each lateral connection
-    adapter_channels: Optional[int] = None  # 1x1 reduction width of the conv laterals; null: the new column's width
+    adapter_channels: Optional[int] = bounded(None, ge=1)  # 1x1 reduction width of the conv laterals; null: the new column's width
 
     def check(self) -> str:
         unknown = [m for m in self.methods if m not in CONTINUAL_METHODS]
@@ -240,4 +262,4 @@ class Config:
     def check(self) -> str:
         if not self.tasks:
             return "tasks must name at least one task (all are null)"
-        return ""
+        return name_problem(self.name)

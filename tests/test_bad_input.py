@@ -11,10 +11,12 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import struct
 import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -27,11 +29,14 @@ from PIL import Image
 import mtl.experiment  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
+from mtl.compare import load_baseline
 from mtl.config import build_config, load_config, parse_override
 from mtl.data.decoded import _decode_file
+from mtl.data.folder import folder
 from mtl.data.image_files import load_rgb
 from mtl.encoders import build_encoder
 from mtl.errors import UserError
+from mtl.experiment import select_device
 from mtl.schema import Config
 
 WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn
@@ -410,6 +415,278 @@ def test_file_where_the_output_folder_belongs_is_refused(data, tmp_path, capsys)
     blocker.write_text("keep me")
     refused(capsys, ["train", write_config(tmp_path, data)], f"{blocker} is a file, but a folder is needed there")
     assert blocker.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- numbers, names, keys given twice
+
+
+BAD_NUMBERS = [
+    ("train.grad_clip=-1", ["'train.grad_clip'", "must be > 0", "null turns clipping off", "got -1.0"]),
+    ("train.grad_clip=0", ["'train.grad_clip'", "must be > 0"]),
+    ("optim.lr=-1", ["'optim.lr'", "must be > 0", "got -1.0"]),
+    ("optim.lr=0", ["'optim.lr'", "must be > 0"]),
+    ("optim.lr=.nan", ["'optim.lr'", "must be a finite number", "got nan"]),
+    ("optim.lr=.inf", ["'optim.lr'", "must be a finite number", "got inf"]),
+    ("optim.momentum=-0.9", ["'optim.momentum'", "must be >= 0"]),
+    ("optim.weight_decay=-1e-4", ["'optim.weight_decay'", "must be >= 0"]),
+    ("optim.betas=[0.9, 1.0]", ["'optim.betas.1'", "must be >= 0 and < 1"]),
+    ("sched.gamma=-0.1", ["'sched.gamma'", "must be > 0"]),
+    ("data.num_workers=-1", ["'data.num_workers'", "must be >= 0"]),
+    ("train.seed=-1", ["'train.seed'", "must be >= 0 and <= 4294967295"]),
+    ("train.seed=4294967296", ["'train.seed'", "must be >= 0 and <= 4294967295"]),
+    ("train.device=tpu", ["train.device must be auto, cpu, cuda, cuda:N (GPU number N) or mps, got 'tpu'"]),
+    ("train.device=cuda:x", ["train.device must be auto, cpu, cuda, cuda:N"]),
+]
+
+
+@pytest.mark.parametrize("override, words", BAD_NUMBERS, ids=[override for override, _ in BAD_NUMBERS])
+def test_bad_numbers_and_devices_are_refused(override, words, data, tmp_path, capsys):
+    refused(capsys, ["train", write_config(tmp_path, data), override], *words, "(set in command-line overrides)",
+            runs=tmp_path / "runs")
+
+
+def test_device_this_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UserError, match=r"train.device is 'cuda:2' but this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        select_device("cuda:2")
+    with pytest.raises(UserError, match="train.device is 'mps' but no Apple-silicon GPU"):
+        select_device("mps")
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs/x", "..", "a\\b", ""], ids=repr)
+def test_run_name_that_leaves_out_dir_is_refused(name, data, tmp_path, capsys):
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    refused(capsys, ["train", write_config(work, data), f"name={name or repr(name)}"],
+            "name must be a plain folder name", f"got {name!r}", "set out_dir", runs=work / "runs")
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "data" not in p.parts)
+    assert written == ["deep", "deep/er", "deep/er/c.yaml"]  # nothing in out_dir, nor beside or above it
+
+
+def test_stage_name_that_leaves_the_run_is_refused(data, tmp_path, capsys):
+    raw = tiny_config(data, tmp_path / "runs", **{"train.epochs": 1})
+    raw["stages"] = [{"name": "ok"}, {"name": "../escape"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    refused(capsys, ["train", tmp_path / "c.yaml"], "name must be a plain folder name", "'../escape'",
+            "stage '../escape'", runs=tmp_path / "runs")
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads 1e-3 as text; configs read it as YAML 1.2 does, and leave text such as versions alone
+    (tmp_path / "c.yaml").write_text("name: 1.2.3\noptim: {lr: 1e-3, weight_decay: 5E-4, momentum: 9e-1}\n"
+                                     "sched: {final_div_factor: 1e4}\ndata: {options: {a: 1e, b: e5, c: 1.0e-3}}\n")
+    cfg = build_config(*load_config(tmp_path / "c.yaml"))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == (0.001, 0.0005, 0.9)
+    assert cfg.sched.final_div_factor == 10000.0 and cfg.name == "1.2.3"
+    assert cfg.data.options == {"a": "1e", "b": "e5", "c": 0.001}
+    cfg = build_config(*load_config(tmp_path / "c.yaml", ["optim.lr=3e-4", "optim.weight_decay=1E5"]))
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.0003, 100000.0)
+    assert parse_override("x=-2.5e-4") == (["x"], -2.5e-4) and parse_override("x=+1_0e+2") == (["x"], 1000.0)
+    assert parse_override("x=1.2.3") == (["x"], "1.2.3") and parse_override("x=12e") == (["x"], "12e")
+    assert parse_override("x=0x1e") == (["x"], 30)  # a hex integer stays an integer
+    (tmp_path / "base.yaml").write_text("label: {acc: 9e-1}\n")
+    assert load_baseline(tmp_path / "base.yaml") == {"label": {"acc": 0.9}}
+
+
+def _duplicate_in_file(tmp_path: Path, root: Path) -> tuple:
+    text = write_config(tmp_path, root).read_text()
+    first, second = text.splitlines().index("optim:") + 1, len(text.splitlines()) + 1
+    (tmp_path / "c.yaml").write_text(text + "optim:\n  lr: 0.1\n  name: sgd\n")  # a second optim section, at the end
+    return [tmp_path / "c.yaml"], [f"cannot parse config {tmp_path / 'c.yaml'}: line {second}, column 1: key 'optim' "
+                                   f"is given twice (also on line {first})", "keep one", "fix the YAML there"]
+
+
+def _duplicate_nested(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "c.yaml").write_text("name: tiny\noptim:\n  lr: 0.1\n  momentum: 0.5\n  lr: 0.2\n")
+    return [tmp_path / "c.yaml"], ["c.yaml: line 5, column 3: key 'optim.lr' is given twice (also on line 3)"]
+
+
+def _duplicate_in_base(tmp_path: Path, root: Path) -> tuple:
+    (tmp_path / "base.yaml").write_text("data: {batch_size: 4, batch_size: 8}\n")
+    (tmp_path / "c.yaml").write_text("_base_: base.yaml\n")
+    return [tmp_path / "c.yaml"], [f"config {tmp_path / 'base.yaml'} (a _base_ of",
+                                   "line 1, column 23: key 'data.batch_size' is given twice (also on line 1)"]
+
+
+def _duplicate_in_override_value(tmp_path: Path, root: Path) -> tuple:
+    return [write_config(tmp_path, root), "data.options={verify: true, verify: false}"], [
+        "bad override", "key 'data.options.verify' is given twice"]
+
+
+@pytest.mark.parametrize("case", [_duplicate_in_file, _duplicate_nested, _duplicate_in_base,
+                                  _duplicate_in_override_value],
+                         ids=lambda f: f.__name__.strip("_").replace("_", "-"))
+def test_key_given_twice_is_refused(case, data, tmp_path, capsys):
+    args, words = case(tmp_path, data)
+    refused(capsys, ["train", *args], *words, runs=tmp_path / "runs")
+
+
+def test_yaml_merge_keys_may_still_override_merged_values(tmp_path):
+    (tmp_path / "c.yaml").write_text("_anchors: &opt {name: adam, lr: 0.1}\noptim: {<<: *opt, lr: 0.01}\n")
+    raw, _ = load_config(tmp_path / "c.yaml")
+    assert raw["optim"] == {"name": "adam", "lr": 0.01}
+    raw, _ = load_config(tmp_path / "c.yaml", ["optim.lr=0.1", "optim.lr=0.2"])  # on the command line the last wins
+    assert raw["optim"]["lr"] == 0.2
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# settings to come\n", "---\n"], ids=["empty", "blank", "comment", "doc-start"])
+def test_empty_config_file_is_refused(text, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(text)
+    refused(capsys, ["train", tmp_path / "c.yaml"], f"config {tmp_path / 'c.yaml'} is empty (no settings in it)",
+            "configs/quickstart.yaml", runs=tmp_path / "runs")
+
+
+# --------------------------------------------------------------------------- the command line, compare
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["mtl needs a command: train, summary, features, predict, eval, compare, weights", "(see mtl --help)"]),
+    (["weights"], ["mtl weights needs a command: import, list"]),
+    (["trian"], ["invalid choice: 'trian'", "(see mtl --help)"]),
+    (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
+], ids=["no-command", "no-weights-action", "unknown-command", "unknown-option"])
+def test_command_line_mistakes_are_one_line(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's way out, with exit code 2
+        main(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtl: error: ") and all(w in lines[0] for w in words), lines
+
+
+def _summary_with(path: Path, metrics: dict) -> Path:
+    path.mkdir(parents=True)
+    summary = {"weighting": "", "tasks": {"label": {"directions": {"acc": True, "loss": False}}},
+               "final": {"val": {"tasks": {"label": metrics}}}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_compare_refuses_unknown_metrics(tmp_path, capsys):
+    run = _summary_with(tmp_path / "run", {"acc": 0.75, "loss": 0.5})
+    refused(capsys, ["compare", run, "--metrics", "acc,nope"], "--metrics: no run reports nope",
+            "the runs report acc, loss")
+    assert main(["compare", str(run), "--metrics", "loss, acc"]) == 0  # loss is shown when asked for
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| run | weighting | label.acc | label.loss |" and table[2].endswith("| 0.7500 | 0.5000 |")
+
+
+# --------------------------------------------------------------------------- symlinks, pickles, resume
+
+
+def test_symlink_loop_in_a_class_folder_is_not_followed(data, tmp_path, capsys):
+    loop = data / "train" / "red" / "loop"
+    try:
+        os.symlink("..", loop, target_is_directory=True)
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks on this file system")
+    summary, err = trained(capsys, ["train", write_config(tmp_path, data), "data.pipeline=items"], tmp_path / "runs")
+    assert summary["train_size"] == 12 and summary["val_size"] == 6  # not 1,968 "images", other classes as red
+    assert len(err) == 1 and err[0].startswith("mtl: warning: did not search 1 symlinked folder(s)") and str(loop) in err[0]
+    with pytest.warns(UserWarning, match="symlinked"):
+        listed = folder(split="train", root=str(data), verify=False)
+    by_class = {name: [p for p, label in listed.samples if label == i] for i, name in enumerate(listed.classes)}
+    assert all(len(paths) == 4 and all(f"/{name}/" in p for p in paths) for name, paths in by_class.items())
+    # a class folder that is itself a link still works; one that links to its own split is refused
+    loop.unlink()
+    (data / "train" / "red").rename(tmp_path / "red_elsewhere")
+    os.symlink(tmp_path / "red_elsewhere", data / "train" / "red", target_is_directory=True)
+    assert len(folder(split="train", root=str(data), verify=False)) == 12
+    (data / "train" / "red").unlink()
+    os.symlink("..", data / "train" / "red", target_is_directory=True)
+    refused(capsys, ["train", write_config(tmp_path, data, name="c2.yaml")],
+            f"class folder {data / 'train' / 'red'} is a link to {data.resolve()}, which holds {data / 'train'} itself")
+
+
+class _MakesAFolder:
+    """Unpickling this (were it allowed) would create ``path``: proof that safe loading runs none of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def _saved_object(path: Path, marker: Path) -> None:
+    torch.save({"model": _MakesAFolder(marker)}, path)
+
+
+def _in_a_torch_zip(path: Path, pickled: bytes) -> None:
+    """A real torch.save zip whose data.pkl is replaced by ``pickled``."""
+    torch.save({"a": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        parts = {name: z.read(name) for name in z.namelist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, body in parts.items():
+            z.writestr(name, pickled if name.endswith("data.pkl") else body)
+
+
+def _global_opcode(path: Path, marker: Path) -> None:
+    arg = str(marker).encode()  # protocol 2 by hand: GLOBAL os.mkdir, BINUNICODE arg, TUPLE1, REDUCE, STOP
+    _in_a_torch_zip(path, b"\x80\x02cos\nmkdir\nX" + struct.pack("<I", len(arg)) + arg + b"\x85R.")
+
+
+def _stack_global(path: Path, marker: Path) -> None:
+    _in_a_torch_zip(path, pickle.dumps(_MakesAFolder(marker), protocol=4))
+
+
+@pytest.mark.parametrize("make, words", [
+    (_saved_object, ["pickled Python object (", "mkdir)", "refuses"]),
+    (_global_opcode, ["pickled Python object (os.mkdir)", "refuses"]),
+    (_stack_global, ["pickled Python object", "refuses", "pickle instruction FRAME"]),
+], ids=["torch.save-of-an-object", "GLOBAL-in-a-torch-zip", "protocol-4-pickle-in-a-torch-zip"])
+def test_pickled_code_in_a_weights_file_is_refused_and_never_run(make, words, data, tmp_path, capsys):
+    marker, weights = tmp_path / "was_run", tmp_path / "w.pt"
+    make(weights, marker)
+    line = refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={weights}"], *words,
+                   "state_dict()", runs=tmp_path / "runs")
+    assert "damaged" not in line
+    assert not marker.exists()
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_architecture_or_optimizer_is_refused(data, tmp_path, capsys):
+    config = write_config(tmp_path, data)
+    runs = tmp_path / "runs"
+    made = {}
+    for name, options in (("first", ["optim.name=sgd", "train.epochs=2"]), ("adam", ["optim.name=adam"]),
+                          ("narrow", ["optim.name=sgd", "model.encoder_options.widths=[4, 8, 8, 16]"])):
+        assert main(["train", str(config), f"name={name}", *options]) == 0, capsys.readouterr().err
+        (made[name],) = (runs / name).iterdir()
+    capsys.readouterr()
+    assert len((made["first"] / "metrics.jsonl").read_text().splitlines()) == 2
+
+    def resume_copy(case: str, edit_config=None, last_pt: Path | None = None) -> tuple:
+        run = tmp_path / case
+        shutil.copytree(made["first"], run)
+        if edit_config:
+            (run / "config.yaml").write_text(edit_config((run / "config.yaml").read_text()))
+        if last_pt:
+            shutil.copy(last_pt, run / "checkpoints" / "last.pt")
+        return run, _files(run)
+
+    last = "checkpoints/last.pt"
+    cases = [  # an edited config.yaml, and a checkpoint copied in from another run
+        (resume_copy("edited-optimizer", lambda t: t.replace("  name: sgd\n", "  name: adam\n")),
+         "config.yaml has optim.name: adam but", "was saved with optim.name: sgd"),
+        (resume_copy("edited-architecture", lambda t: t.replace("  - 8\n", "  - 4\n", 1)),
+         "config.yaml has model.encoder_options.widths: [4, 16, 16, 32]", "saved with model.encoder_options.widths: [8, 16, 16, 32]"),
+        (resume_copy("copied-optimizer", last_pt=made["adam"] / last),  # 1 epoch: metrics.jsonl used to be cut to 1 line
+         "config.yaml has optim.name: sgd but", "was saved with optim.name: adam"),
+        (resume_copy("copied-architecture", last_pt=made["narrow"] / last),
+         "config.yaml has model.encoder_options.widths: [8, 16, 16, 32]", "saved with model.encoder_options.widths: [4, 8, 8, 16]"),
+        (resume_copy("copied-best", last_pt=made["first"] / "checkpoints" / "best.pt"),
+         "is not a training checkpoint (it lacks optimizer", "start a new run with mtl train"),
+    ]
+    for (run, before), *words in cases:
+        refused(capsys, ["train", "--resume", run], f"cannot resume {run}", *words)
+        assert _files(run) == before, run  # metrics.jsonl, checkpoints and TensorBoard files untouched, none added
 
 
 # --------------------------------------------------------------------------- fuzz

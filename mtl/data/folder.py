@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UserError
 from .image_files import check_image, is_image_file, load_rgb
@@ -139,9 +139,26 @@ def _random_split(root: Path, split: str, val_fraction: float, seed: int) -> tup
 
 
 def _list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    samples = make_dataset(
-        str(folder), {name: i for i, name in enumerate(classes)}, is_valid_file=is_image_file, allow_empty=True
-    )
+    """``(path, class index)`` of the image files in each class folder and its subfolders, in torchvision's
+    ``make_dataset`` order. A class folder may be a symlink, but symlinked folders inside it are not searched: one
+    pointing back up (``red/loop -> ..``) would loop and list other classes' images as this class."""
+    samples: list[tuple[str, int]] = []
+    links: list[str] = []
+    split_real = os.path.realpath(folder)
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(folder, name)
+        real = os.path.realpath(class_dir)
+        if split_real == real or split_real.startswith(real.rstrip(os.sep) + os.sep):
+            raise UserError(f"class folder {class_dir} is a link to {real}, which holds {folder} itself; "
+                            f"link it to that class's images only")
+        for root, dirs, files in sorted(os.walk(class_dir)):  # os.walk does not descend into symlinked folders
+            links += [os.path.join(root, d) for d in sorted(dirs) if os.path.islink(os.path.join(root, d))]
+            samples += [(path, index) for path in (os.path.join(root, f) for f in sorted(files)) if is_image_file(path)]
+    if links:
+        shown = ", ".join(links[:_SHOWN_PATHS]) + (", ..." if len(links) > _SHOWN_PATHS else "")
+        warnings.warn(f"did not search {len(links)} symlinked folder(s) inside class folders of {folder}: {shown}; "
+                      f"images are listed from real subfolders only (link the image files or the whole class folder "
+                      f"instead)", stacklevel=2)
     _check_no_empty_class(folder, classes, samples)
     return samples
 
