@@ -51,6 +51,8 @@ def test_scenes_run_reports_every_task_and_logs_weights(tmp_path):
                 "label/acc/val", "loss/train"]:
         assert tag in scalars, tag
     assert len(acc.Scalars("weight/seg")) == summary["steps_per_epoch"] * 2  # log_every=1
+    # the shipped config draws overlays of the dense tasks (the README promises them)
+    assert {"val/overlay_seg", "val/overlay_depth", "val/overlay_normal"} <= set(acc.Tags()["images"])
 
 
 def test_scenes_multitask_learns(tmp_path):
