@@ -462,8 +462,8 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     model: nn.Module = exp.model
     loaders: Dict[str, Any] = exp.loaders
     has_conv = any(isinstance(m, nn.Conv2d) for m in exp.model.modules())
-    # auto: on CUDA only. On CPUs it gained 1.01x at 64 px and 1.12x at 112 px, and its oneDNN kernels round with
-    # the thread count, where NCHW gives the same bits at 1 and 2 threads (benchmarks/README.md)
+    # auto: on CUDA only. On CPUs it gained 1.01x at 64 px and 1.12x at 112 px, its oneDNN kernels round further
+    # from float64 and change with the thread count in more places than NCHW's (benchmarks/README.md)
     auto = exp.device.type == "cuda"
     exp.info["channels_last"] = has_conv and (t.channels_last == "on" or (t.channels_last == "auto" and auto))
     if exp.info["channels_last"]:
