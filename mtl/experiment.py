@@ -26,7 +26,7 @@ from .data.dense_batches import DenseBatches, can_gather
 from .data.device_augment import BatchAugment
 from .encoders import build_encoder, check_input_size
 from .errors import UserError
-from .freezing import L2SP, apply_freeze
+from .freezing import L2SP, apply_freeze, check_unfreeze
 from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from .features import FeatureBatches, HeadsOnFeatures, cache_features, feature_cache_blocker
@@ -254,6 +254,7 @@ def build_experiment(cfg: Config) -> Experiment:
     check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
+    check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks).to(device)
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
