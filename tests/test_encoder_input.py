@@ -111,3 +111,11 @@ def test_summary_refuses_with_the_same_rule(tmp_path, capsys):
                                        "at least 16x16")
     refused(capsys, ["summary", path, "--input", "3,12,64"], "--input 3,12,64: encoder small_cnn needs images")
     assert main(["summary", str(path), "--input", "3,16,64"]) == 0
+
+
+def test_continual_runs_check_every_stage_before_writing(tmp_path, capsys):
+    pytest.importorskip("captcha")
+    from test_continual import CONFIGS, tiny
+
+    args = ["train", CONFIGS / "progressive.yaml", *tiny(tmp_path, "data.image_size=8", "data.resize_size=8")]
+    refused(capsys, args, "data.image_size=8: encoder small_cnn needs images of at least 16x16", runs=tmp_path / "runs")
