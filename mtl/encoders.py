@@ -294,12 +294,13 @@ def smallest_input_size(encoder: nn.Module, start: int) -> int:
 
 
 def input_size_problem(encoder: nn.Module, height: int, width: int) -> str | None:
-    """What is wrong with (height, width) inputs for ``encoder`` (e.g. "takes only 224x224 images"), or None."""
+    """What is wrong with (height, width) inputs for ``encoder`` (e.g. "takes only 224x224 images"), or None.
+    Encoders without ``min_input_size`` (your own, see docs/extending.md) are taken at their word: any size."""
     fixed = getattr(encoder, "fixed_input_size", None)
     if fixed is not None:
         return None if (height, width) == tuple(fixed) else f"takes only {fixed[0]}x{fixed[1]} images"
-    smallest = encoder.min_input_size
-    if min(height, width) < smallest:
+    smallest = getattr(encoder, "min_input_size", None)
+    if smallest is not None and min(height, width) < smallest:
         return f"needs images of at least {smallest}x{smallest}"
     return None
 
