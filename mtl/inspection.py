@@ -358,8 +358,8 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     model, cfg = loaded.model, loaded.cfg
     x = image_tensor(image, cfg, loaded.input_size)
     if getattr(model, "encoder", None) is not None:
-        check_input_size(model.encoder, x.shape[-2], x.shape[-1], f"image size {x.shape[-2]}x{x.shape[-1]} "
-                         f"(data.image_size={cfg.data.image_size})", "change data.image_size")
+        check_input_size(model.encoder, x.shape[-2], x.shape[-1], f"the model's {x.shape[-2]}x{x.shape[-1]} input",
+                         "change data.image_size (or the data set's own image size in data.options)")
     names = select_modules(model, layers)
     modules = dict(model.named_modules())
     # Hook the selected modules and what runs inside them (for containers that a traced graph never calls).

@@ -119,3 +119,14 @@ def test_continual_runs_check_every_stage_before_writing(tmp_path, capsys):
 
     args = ["train", CONFIGS / "progressive.yaml", *tiny(tmp_path, "data.image_size=8", "data.resize_size=8")]
     refused(capsys, args, "data.image_size=8: encoder small_cnn needs images of at least 16x16", runs=tmp_path / "runs")
+
+
+def test_features_of_a_config_refuse_with_the_same_rule(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "x.png")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "out_dir": str(tmp_path / "runs"), "model": {"encoder": "small_cnn"},
+                                    "data": {"image_size": 8, "resize_size": 8}, "tasks": {"label": {"num_classes": 2}}}))
+    refused(capsys, ["features", path, "--image", tmp_path / "x.png"],
+            "the model's 8x8 input: encoder small_cnn needs images of at least 16x16", runs=tmp_path / "runs")
