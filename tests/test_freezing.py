@@ -1,7 +1,10 @@
 """Freezing means frozen: no gradients, not in the optimizer, BatchNorm statistics unchanged."""
 import pytest
 import torch
+import yaml
 from torch import nn
+
+from conftest import make_folder, tiny_config
 
 from mtl.encoders import build_encoder
 from mtl.errors import UserError
@@ -9,6 +12,7 @@ from mtl.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
 from mtl.model import TransferModel
 from mtl.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
 from mtl.schema import OptimCfg, SchedCfg, UnfreezeCfg
+from test_bad_input import refused
 
 
 def resnet_model():
@@ -265,10 +269,6 @@ def test_dropout_of_a_frozen_prefix_is_off_and_the_rest_trains(one_thread):
 
 # ------------------------------------------------------------------------------ train.unfreeze checked when built
 def _unfreeze_config(tmp_path, unfreeze, freeze="all", epochs=2):
-    import yaml
-
-    from conftest import make_folder, tiny_config
-
     raw = tiny_config(make_folder(tmp_path / "data", per_class=(2, 1), size=16), tmp_path / "runs",
                       **{"train.epochs": epochs, "model.freeze": freeze, "train.unfreeze": unfreeze})
     path = tmp_path / "c.yaml"
@@ -289,8 +289,6 @@ def _unfreeze_config(tmp_path, unfreeze, freeze="all", epochs=2):
     ([{"epoch": 0, "modules": []}], "all", ["train.unfreeze[0]: modules is empty"]),
 ])
 def test_bad_unfreeze_events_are_refused_when_the_run_is_built(unfreeze, freeze, words, tmp_path, capsys):
-    from test_bad_input import refused
-
     refused(capsys, ["train", _unfreeze_config(tmp_path, unfreeze, freeze)], *words, runs=tmp_path / "runs")
 
 
