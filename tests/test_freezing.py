@@ -5,7 +5,6 @@ import yaml
 from torch import nn
 
 from conftest import make_folder, tiny_config
-
 from mtl.encoders import build_encoder
 from mtl.errors import UserError
 from mtl.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
