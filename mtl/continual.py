@@ -30,14 +30,15 @@ from .checkpoint import save_json
 from .config import dump_config
 from .encoders import build_encoder
 from .errors import UserError
-from .experiment import build_data, new_run_dir, parameter_counts, seed_everything, select_device, use_amp
+from .experiment import (build_data, check_data_size, new_run_dir, parameter_counts, seed_everything, select_device,
+                         use_amp)
 from .freezing import apply_freeze
 from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
 from .model import TransferModel
 from .optim import build_optimizer, build_scheduler
 from .progressive import ProgressiveNet
-from .runs import task_targets
+from .runs import model_input_size, task_targets
 from .schema import CONTINUAL_METHODS, Config, HeadCfg
 from .tasks import Task
 from .trainer import Trainer
@@ -246,6 +247,10 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
     if len(encoders) > 1:
         raise UserError("continual stages must share one encoder architecture (model.encoder and encoder_options), "
                         "since later columns read earlier ones")
+    with torch.random.fork_rng(devices=[]):  # the random initialisation leaves the training's draws as they were
+        architecture = build_encoder(configs[0].model.encoder, **configs[0].model.encoder_options)
+    for st in sequence:  # images the encoder cannot take are refused before anything is written
+        check_data_size(st.cfg, architecture, model_input_size(st.loaders.get("val", st.loaders["train"])))
     return sequence
 
 

@@ -1,10 +1,13 @@
 """Encoders: backbones that map images to per-stage feature maps plus a pooled vector ("out").
 
 Every encoder's ``forward(x)`` returns ``{stage name: (B, C, h, w) map, ..., "out": (B, out_dim)}`` and carries
-``name``, ``out_dim``, ``min_input_size`` and ``feature_info`` (one ``{"name", "channels", "reduction"}`` per stage).
+``name``, ``out_dim``, ``min_input_size`` and ``feature_info`` (one ``{"name", "channels", "reduction"}`` per stage);
+optionally ``fixed_input_size`` ((H, W): the only size it takes) and ``notes`` (how it differs from the model it
+comes from). ``check_input_size`` is the one rule for which image sizes an encoder takes.
 
 Torchvision classifiers are turned into encoders with torch.fx (``create_feature_extractor``): the classifier's last
-layer becomes ``nn.Identity`` and its output is returned as "out", so parameter names stay exactly torchvision's.
+layer becomes ``nn.Identity`` and its output is returned as "out", so parameter and buffer names stay exactly
+torchvision's.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torchvision
 from einops import rearrange, reduce
 from torch import Tensor, nn
+from torchvision.models import MaxVit, VisionTransformer
 from torchvision.models.feature_extraction import DualGraphModule, create_feature_extractor
 
 from .errors import UserError
@@ -53,6 +57,7 @@ _STAGE_NODES: list[tuple[str, tuple[str, ...]]] = [
 _AUX_HEADS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
 
 _PROBE_SIZE = {"inception_v3": 299}  # input side for the dry run that measures feature_info; 224 otherwise
+_LARGEST_SEARCHED = 1024  # the search for an encoder's smallest input side gives up above this
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,18 +101,23 @@ def stage_nodes(name: str) -> tuple[str, ...] | None:
 class TorchvisionEncoder(DualGraphModule):
     """A torchvision classifier traced by torch.fx into an encoder; parameter names stay torchvision's."""
 
-    _COPIED_ATTRS = ("name", "out_dim", "min_input_size", "removed_modules", "_probe_size", "_feature_info")
+    _COPIED_ATTRS = ("name", "out_dim", "fixed_input_size", "removed_modules", "classifier_bias", "notes",
+                     "_probe_size", "_feature_info", "_min_input_size")
 
-    def __init__(self, traced: DualGraphModule, *, name: str, out_dim: int, min_input_size: int,
-                 removed_modules: tuple[str, ...], probe_size: int) -> None:
+    def __init__(self, traced: DualGraphModule, *, name: str, out_dim: int, fixed_input_size: tuple[int, int] | None,
+                 removed_modules: tuple[str, ...], classifier_bias: bool, notes: tuple[str, ...],
+                 probe_size: tuple[int, int]) -> None:
         super().__init__(traced, traced.train_graph, traced.eval_graph, class_name=f"{name}_encoder")
         self.name = name
         self.out_dim = out_dim
-        self.min_input_size = min_input_size
+        self.fixed_input_size = fixed_input_size
         # Torchvision modules dropped from the model (classifier layer, aux heads): their weights are skipped on load.
         self.removed_modules = removed_modules
+        self.classifier_bias = classifier_bias  # whether the dropped classifier layer had a bias (a head copies it)
+        self.notes = notes
         self._probe_size = probe_size
         self._feature_info: list[dict[str, Any]] | None = None
+        self._min_input_size: int | None = None
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -115,6 +125,18 @@ class TorchvisionEncoder(DualGraphModule):
         if self._feature_info is None:
             self._feature_info = probe_feature_info(self, self._probe_size)
         return self._feature_info
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side: the fixed size if there is one, else the smallest side at least the largest
+        stage reduction on which the model runs (found by dry runs, once)."""
+        if self._min_input_size is None:
+            if self.fixed_input_size is not None:
+                self._min_input_size = min(self.fixed_input_size)
+            else:
+                largest = max((f["reduction"] for f in self.feature_info), default=1)
+                self._min_input_size = smallest_input_size(self, largest)
+        return self._min_input_size
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TorchvisionEncoder":
         copied = super().__deepcopy__(memo)
@@ -140,57 +162,78 @@ def torchvision_encoder(name: str, **kwargs: Any) -> TorchvisionEncoder:
     except TypeError as e:
         raise UserError(f"encoder {name!r}: {e}") from None
 
-    out_node, out_dim, classifier = _drop_classifier(model, name)
+    out_node, out_dim, classifier, bias = _drop_classifier(model, name)
     removed = (classifier,) + _AUX_HEADS.get(name, ())
-    image_size = getattr(model, "image_size", None)  # vision transformers take exactly this size
-    probe_size = image_size or _PROBE_SIZE.get(name, 224)
+    fixed = fixed_input_size(model)
+    probe_size = fixed or (_PROBE_SIZE.get(name, 224),) * 2
     stages = stage_nodes(name) or _find_stages(model, probe_size, head=classifier.split(".")[0])
 
     return_nodes = {node: node for node in stages} | {out_node: "out"}
-    traced = create_feature_extractor(model, return_nodes=return_nodes, suppress_diff_warning=True)
+    # Modules that own buffers are called, not traced through: fx would copy what they compute from a buffer into
+    # an anonymous constant (maxvit's relative_position_index), and torchvision's state dicts would not load.
+    traced = create_feature_extractor(model, return_nodes=return_nodes, suppress_diff_warning=True,
+                                      tracer_kwargs={"leaf_modules": _buffer_owners(model)})
     if "encoder" in stages and name.startswith("vit_"):
         for graph in (traced.train_graph, traced.eval_graph):
             _tokens_as_map(graph, "encoder", grid="conv_proj")
-    return TorchvisionEncoder(traced, name=name, out_dim=out_dim, min_input_size=image_size or _min_size(name),
-                              removed_modules=removed, probe_size=probe_size)
+    notes = ()
+    if name in _AUX_HEADS:
+        plural = "s" if len(_AUX_HEADS[name]) > 1 else ""
+        transform = ("transform_input=True, as torchvision builds it for its ImageNet weights: inputs normalised with "
+                     "ImageNet's mean and std are re-normalised to [-1, 1] inside the model" if kwargs["transform_input"]
+                     else "transform_input=False (set in model.encoder_options)")
+        notes = (f"{name} is built without its auxiliary classifier{plural} ({', '.join(_AUX_HEADS[name])}) for "
+                 f"every model.weights, and with {transform}",)
+    return TorchvisionEncoder(traced, name=name, out_dim=out_dim, fixed_input_size=fixed, removed_modules=removed,
+                              classifier_bias=bias, notes=notes, probe_size=probe_size)
 
 
-def _drop_classifier(model: nn.Module, name: str) -> tuple[str, int, str]:
-    """Replace the final classifier layer by nn.Identity; return (out node, out_dim, classifier module name)."""
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) for torchvision models whose architecture takes one input size only, else None: a ViT (its
+    position embeddings) and MaxViT (its attention grids, built for one size; the stem and the first block each
+    halve the input)."""
+    if isinstance(model, VisionTransformer):
+        return (model.image_size, model.image_size)
+    if isinstance(model, MaxVit):
+        grid = model.blocks[0].grid_size
+        return (4 * grid[0], 4 * grid[1])
+    return None
+
+
+def _buffer_owners(model: nn.Module) -> list[type]:
+    """Module types outside torch.nn that own buffers themselves (torch.nn modules are fx leaves already)."""
+    return sorted({type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn")
+                   and any(True for _ in m.buffers(recurse=False))}, key=lambda t: t.__qualname__)
+
+
+def _drop_classifier(model: nn.Module, name: str) -> tuple[str, int, str, bool]:
+    """Replace the final classifier layer by nn.Identity; return (out node, out_dim, classifier module name,
+    whether that layer had a bias)."""
     if name.startswith("squeezenet"):  # classifier = dropout, 1x1 conv, relu, pool; then torch.flatten
         conv = model.get_submodule("classifier.1")
         model.set_submodule("classifier.1", nn.Identity())
-        return "flatten", conv.in_channels, "classifier.1"
+        return "flatten", conv.in_channels, "classifier.1", conv.bias is not None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(f"torchvision model {name!r} has no final nn.Linear classifier; it cannot be an encoder")
     qualname, linear = linears[-1]
     model.set_submodule(qualname, nn.Identity())
-    return qualname, linear.in_features, qualname
+    return qualname, linear.in_features, qualname, linear.bias is not None
 
 
-def _min_size(name: str) -> int:
-    """The smallest input side that works and leaves every stage map at least 1x1."""
-    try:
-        metas = [w.meta for w in torchvision.models.get_model_weights(name)]
-    except (ValueError, KeyError):
-        metas = []
-    sizes = [m["min_size"][0] for m in metas if "min_size" in m]
-    return max(32, min(sizes)) if sizes else 32
-
-
-def _find_stages(model: nn.Module, size: int, head: str) -> tuple[str, ...]:
-    """For unknown families: the last trunk block producing a square map at each reduction >= 4, by a dry run."""
+def _find_stages(model: nn.Module, size: tuple[int, int], head: str) -> tuple[str, ...]:
+    """For unknown families: the last trunk block producing a map at each reduction >= 4 (the same along both
+    sides), by a dry run on a (1, 3, *size) input."""
     trunk = [n for n, _ in model.named_children() if n != head]
     trunk += [f"{n}.{c}" for n, m in model.named_children() if n != head and isinstance(m, nn.Sequential)
               for c, _ in m.named_children()]
     last: dict[int, str] = {}
 
     def record(name: str, module: nn.Module, args: Any, out: Any) -> None:
-        if (isinstance(out, Tensor) and out.dim() == 4 and 2 <= out.shape[-1] == out.shape[-2] < size
+        if (isinstance(out, Tensor) and out.dim() == 4 and 2 <= out.shape[-2] < size[0]
                 and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))):
-            reduction = _reduction(size, out.shape[-1])
-            if reduction >= 4:
+            reduction = _reduction(size[0], out.shape[-2])
+            if reduction >= 4 and reduction == _reduction(size[1], out.shape[-1]):
                 last[reduction] = name
 
     handles = [model.get_submodule(n).register_forward_hook(functools.partial(record, n)) for n in trunk]
@@ -218,21 +261,67 @@ def tokens_to_map(tokens: Tensor, grid: Tensor) -> Tensor:
     return rearrange(tokens[:, 1:], "b (h w) c -> b c h w", h=grid.shape[-2], w=grid.shape[-1])
 
 
-def probe_feature_info(encoder: nn.Module, size: int) -> list[dict[str, Any]]:
-    """Measure stage channels and reductions with one dry run on a (1, 3, size, size) input."""
+def probe_feature_info(encoder: nn.Module, size: int | tuple[int, int]) -> list[dict[str, Any]]:
+    """Measure stage channels and reductions with one dry run on a (1, 3, size, size) or (1, 3, *size) input."""
+    height = size if isinstance(size, int) else size[0]
     with _evaluating(encoder):
         features = encoder(_probe_input(encoder, size))
-    return [{"name": k, "channels": v.shape[1], "reduction": _reduction(size, v.shape[-1])}
+    return [{"name": k, "channels": v.shape[1], "reduction": _reduction(height, v.shape[-2])}
             for k, v in features.items() if k != "out"]
+
+
+def smallest_input_size(encoder: nn.Module, start: int) -> int:
+    """The smallest side >= ``start`` on which a dry run of ``encoder`` works and gives every stage map at least
+    1x1 (sizes above one that works are assumed to work too)."""
+    def runs(size: int) -> bool:
+        try:
+            with _evaluating(encoder):
+                features = encoder(_probe_input(encoder, size))
+        except Exception:  # noqa: BLE001 - whatever a model raises on a too small input, it does not run
+            return False
+        return all(min(v.shape[-2:]) >= 1 for k, v in features.items() if k != "out")
+
+    failed, size = start - 1, max(start, 1)
+    while not runs(size):
+        if size >= _LARGEST_SEARCHED:
+            raise UserError(f"encoder {getattr(encoder, 'name', type(encoder).__name__)} runs on no square input "
+                            f"from {start} to {_LARGEST_SEARCHED} pixels a side")
+        failed, size = size, min(2 * size, _LARGEST_SEARCHED)
+    while size - failed > 1:  # failed does not run, size runs
+        middle = (failed + size) // 2
+        failed, size = (failed, middle) if runs(middle) else (middle, size)
+    return size
+
+
+def input_size_problem(encoder: nn.Module, height: int, width: int) -> str | None:
+    """What is wrong with (height, width) inputs for ``encoder`` (e.g. "takes only 224x224 images"), or None.
+    Encoders without ``min_input_size`` (your own, see docs/extending.md) are taken at their word: any size."""
+    fixed = getattr(encoder, "fixed_input_size", None)
+    if fixed is not None:
+        return None if (height, width) == tuple(fixed) else f"takes only {fixed[0]}x{fixed[1]} images"
+    smallest = getattr(encoder, "min_input_size", None)
+    if smallest is not None and min(height, width) < smallest:
+        return f"needs images of at least {smallest}x{smallest}"
+    return None
+
+
+def check_input_size(encoder: nn.Module, height: int, width: int, given: str, fix: str = "") -> None:
+    """Raise UserError, naming ``given`` (where the size comes from) and ``fix``, if ``encoder`` cannot take
+    (height, width) inputs. The one rule used by training, ``mtl summary`` and ``mtl features``."""
+    problem = input_size_problem(encoder, height, width)
+    if problem is not None:
+        name = getattr(encoder, "name", type(encoder).__name__)
+        raise UserError(f"{given}: encoder {name} {problem}" + (f"; {fix}" if fix else ""))
 
 
 def _reduction(size: int, side: int) -> int:
     return 2 ** round(math.log2(size / side))
 
 
-def _probe_input(module: nn.Module, size: int) -> Tensor:
+def _probe_input(module: nn.Module, size: int | tuple[int, int]) -> Tensor:
     p = next(module.parameters(), None)
-    return torch.zeros(1, 3, size, size, device=p.device if p is not None else None,
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.zeros(1, 3, height, width, device=p.device if p is not None else None,
                        dtype=p.dtype if p is not None else None)
 
 
@@ -278,7 +367,8 @@ class SmallCNN(nn.Module):
             raise UserError(f"small_cnn: norm must be one of {', '.join(_NORMS)}, got {norm!r}")
         self.name = "small_cnn"
         self.out_dim = widths[-1]
-        self.min_input_size = 2 ** len(widths)
+        self.min_input_size = 2 ** len(widths)  # every stage map at least 1x1
+        self.fixed_input_size = None
         self.feature_info = [{"name": f"stage{i}", "channels": w, "reduction": 2 ** i}
                              for i, w in enumerate(widths, start=1)]
         self.removed_modules: tuple[str, ...] = ()

@@ -24,9 +24,9 @@ from . import distributed as dist
 from .data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store, loader_batch_size
 from .data.dense_batches import DenseBatches, can_gather
 from .data.device_augment import BatchAugment
-from .encoders import build_encoder
+from .encoders import build_encoder, check_input_size
 from .errors import UserError
-from .freezing import L2SP, apply_freeze
+from .freezing import L2SP, apply_freeze, check_unfreeze
 from .heads import HEADS
 from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from .features import FeatureBatches, HeadsOnFeatures, cache_features, feature_cache_blocker
@@ -117,6 +117,7 @@ class Experiment:
     weighting: Weighting
     l2sp: Optional[L2SP] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    input_size: List[int] = field(default_factory=list)  # (H, W) of the images the model sees
 
 
 def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, DataLoader],
@@ -255,8 +256,11 @@ def build_experiment(cfg: Config) -> Experiment:
     tasks, datasets, loaders, generator, info = build_data(cfg, device)
 
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
+    input_size = model_input_size(loaders.get("val", loaders["train"]))
+    check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
+    check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks).to(device)
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
@@ -268,7 +272,19 @@ def build_experiment(cfg: Config) -> Experiment:
         raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
                         f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)")
     info["params"] = parameter_counts(model)
-    return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info)
+    return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
+
+
+def check_data_size(cfg: Config, encoder: nn.Module, input_size: List[int]) -> None:
+    """Refuse images (``input_size``: the (H, W) the data gives the model) that the encoder cannot take."""
+    height, width = input_size
+    if "augment" in inspect.signature(DATASETS.get(cfg.data.name)).parameters:  # sizes its own images
+        given = f"data set {cfg.data.name} gives {height}x{width} images (data.image_size does not apply to it)"
+        fix = "change the image size in data.options if the data set has one, or choose another model.encoder"
+    else:
+        given = f"data.image_size={cfg.data.image_size}"
+        fix = "change data.image_size, or choose another model.encoder"
+    check_input_size(encoder, height, width, given, fix)
 
 
 def parameter_counts(model: nn.Module) -> Dict[str, int]:
@@ -348,9 +364,12 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
     heads = {}
     for name, task in tasks.items():
         head_cfg = cfg.tasks[name].head or HeadCfg(name="fpn" if task.dense else "linear")
+        options = dict(head_cfg.options)
+        if head_cfg.name == "linear" and mtan is None and not getattr(encoder, "classifier_bias", True):
+            options.setdefault("bias", False)  # as the torchvision classifier layer it replaces (maxvit_t's)
         try:
             head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
-                                            hidden=head_cfg.hidden, dropout=head_cfg.dropout, **head_cfg.options)
+                                            hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
         except UserError as e:
             raise UserError(f"tasks.{name}.head: {e}") from None
         if getattr(head, "dense", False) != task.dense:
@@ -421,7 +440,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
-            "targets": task_targets(exp.tasks), "input_size": model_input_size(exp.loaders.get("val", exp.loaders["train"]))}
+            "targets": task_targets(exp.tasks), "input_size": exp.input_size}
     hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
     if main_process:
         hooks += [

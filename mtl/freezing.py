@@ -1,4 +1,4 @@
-"""What trains: freeze specs, frozen normalisation layers, unfreezing, L2-SP.
+"""What trains: freeze specs, frozen modules in eval mode, unfreezing, L2-SP.
 
 Names in freeze specs are relative to the encoder and follow torchvision's module names
 (``layer4``, ``features.18``). A pattern matches a parameter when it equals the parameter's name,
@@ -6,8 +6,9 @@ is a dotted prefix of it (``layer4`` matches ``layer4.0.conv1.weight``), or matc
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,11 @@ def _select(names: Sequence[str], patterns: Iterable[str], what: str) -> List[st
         hit = [n for n in names if matches(n, pattern)]
         if not hit:
             tops = sorted({n.split(".")[0] for n in names})
-            raise UserError(f"{what} pattern {pattern!r} matches no encoder parameter; top-level modules: {', '.join(tops)}")
+            modules = sorted({n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
+            close = difflib.get_close_matches(str(pattern), modules, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"{what} pattern {pattern!r} matches no encoder parameter; {hint}"
+                            f"top-level modules: {', '.join(tops)}")
         chosen += hit
     return [n for n in names if n in set(chosen)]
 
@@ -79,6 +84,62 @@ def set_trainable(encoder: nn.Module, patterns: Sequence[str]) -> List[nn.Parame
     for p in newly:
         p.requires_grad_(True)
     return newly
+
+
+def check_unfreeze(encoder: nn.Module, events: Sequence[Any], epochs: int, freeze: Any = None) -> None:
+    """Refuse ``train.unfreeze`` events (``epoch``, ``modules``) that would never happen or change nothing: an epoch
+    outside 0..epochs-1, a pattern that matches no encoder parameter, or one whose parameters all train already
+    then (under ``model.freeze``, ``freeze``, as applied to ``encoder``; and after the events before it)."""
+    names = [n for n, _ in encoder.named_parameters()]
+    freed: Dict[str, Tuple[int, int]] = {n: (-1, -1) for n, p in encoder.named_parameters() if p.requires_grad}
+    for i in sorted(range(len(events)), key=lambda i: events[i].epoch):
+        event, where = events[i], f"train.unfreeze[{i}]"
+        if not 0 <= event.epoch < epochs:
+            raise UserError(f"{where}: epoch {event.epoch} never starts: epochs count from 0 and train.epochs is "
+                            f"{epochs}, so give an epoch from 0 to {epochs - 1} (or raise train.epochs)")
+        if not event.modules:
+            raise UserError(f"{where}: modules is empty; name the encoder modules to unfreeze, e.g. [layer4]")
+        hits = {}
+        for pattern in event.modules:
+            hit = _select(names, [pattern], f"{where}.modules")
+            if all(n in freed for n in hit):
+                j, epoch = freed[hit[0]]
+                why = (f"train.unfreeze[{j}] unfreezes it at epoch {epoch}" if j >= 0 else
+                       f"model.freeze {freeze!r} leaves it trainable")
+                raise UserError(f"{where}: {pattern!r} already trains at epoch {event.epoch} ({why}), so unfreezing "
+                                f"it would change nothing; remove it, or freeze it with model.freeze")
+            hits.update({n: (i, event.epoch) for n in hit if n not in freed})
+        freed.update(hits)
+
+
+def eval_frozen(model: nn.Module, encoder: nn.Module | None = None) -> None:
+    """Eval mode for what is frozen, so that it computes in training what it computes in evaluation (no dropout,
+    no stochastic depth, no change to normalisation statistics): every module of ``model`` that has parameters,
+    all of them frozen; and the parameter-free modules of ``encoder`` registered before its first trainable
+    parameter (the dropout or pooling of a frozen prefix)."""
+    def visit(module: nn.Module) -> Tuple[bool, bool]:
+        own = [p.requires_grad for p in module.parameters(recurse=False)]
+        has, trains = bool(own), any(own)
+        for child in module.children():
+            child_has, child_trains = visit(child)
+            has, trains = has or child_has, trains or child_trains
+        if has and not trains:
+            frozen.append(module)
+        elif not has:
+            empty.add(module)
+        return has, trains
+
+    frozen: List[nn.Module] = []
+    empty: set = set()
+    visit(model)
+    for module in frozen:
+        module.eval()
+    if encoder is not None:
+        for module in encoder.modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                break
+            if module in empty:
+                module.eval()
 
 
 def freeze_norm_stats(model: nn.Module) -> None:

@@ -41,10 +41,16 @@ def check_options(head: str, options: dict[str, Any], known: Sequence[str]) -> N
 @HEADS.register("linear")
 def linear_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 0,
                 dropout: float = 0.0, **options: Any) -> nn.Module:
-    """A single linear layer, optionally after dropout (the tutorials' replaced ``fc``); ``hidden`` is unused."""
-    check_options("linear", options, ())
+    """A single linear layer, optionally after dropout (the tutorials' replaced ``fc``); ``hidden`` is unused.
+
+    Option ``bias`` (default true; false where the encoder's own torchvision classifier layer has none, maxvit_t).
+    """
+    check_options("linear", options, ("bias",))
+    bias = options.get("bias", True)
+    if not isinstance(bias, bool):
+        raise UserError(f"head 'linear': bias must be true or false, got {bias!r}")
     layers = [nn.Dropout(dropout)] if dropout > 0 else []
-    return PooledHead(*layers, nn.Linear(in_dim, out_dim))
+    return PooledHead(*layers, nn.Linear(in_dim, out_dim, bias=bias))
 
 
 @HEADS.register("mlp")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .encoders import check_input_size
 from .errors import UserError
 
 _MB = 1024.0 ** 2
@@ -275,14 +276,19 @@ def summary_command(target: str, overrides: Sequence[str] = (), input: Optional[
     loaded = load_model(target, list(overrides), weights=False)
     cfg, model = loaded.cfg, loaded.model
     shape = parse_input(input, cfg.data.image_size)
-    min_size = getattr(getattr(model, "encoder", None), "min_input_size", None)
-    if isinstance(min_size, int) and min(shape[1:]) < min_size:
-        raise UserError(f"--input {','.join(map(str, shape))}: encoder {cfg.model.encoder} needs images of at "
-                        f"least {min_size}x{min_size}")
+    if input is None and loaded.input_size is not None:  # the size the data set gives the model
+        shape = (shape[0], *loaded.input_size)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        given = (f"--input {input}" if input is not None else
+                 f"data.image_size={cfg.data.image_size} (the default --input)" if loaded.input_size is None else
+                 f"the data set's {shape[1]}x{shape[2]} images (the default --input)")
+        check_input_size(encoder, shape[1], shape[2], given, "give another --input (C,H,W)")
     source = f"run {loaded.run_dir}" if loaded.run_dir is not None else f"config {target}"
     title = (f"{cfg.name}: encoder {cfg.model.encoder}, tasks {', '.join(loaded.tasks)}, "
              f"freeze {cfg.model.freeze!r} ({source}), input {list(shape)}")
-    return title + "\n" + summary_table(model, shape, depth=depth)
+    notes = [f"note: {note}" for note in getattr(encoder, "notes", ())]
+    return "\n".join([title, *notes, summary_table(model, shape, depth=depth)])
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -351,6 +357,9 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     loaded = load_model(target, list(overrides), weights=True)
     model, cfg = loaded.model, loaded.cfg
     x = image_tensor(image, cfg, loaded.input_size)
+    if getattr(model, "encoder", None) is not None:
+        check_input_size(model.encoder, x.shape[-2], x.shape[-1], f"the model's {x.shape[-2]}x{x.shape[-1]} input",
+                         "change data.image_size (or the data set's own image size in data.options)")
     names = select_modules(model, layers)
     modules = dict(model.named_modules())
     # Hook the selected modules and what runs inside them (for containers that a traced graph never calls).

@@ -6,7 +6,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
-from .freezing import freeze_norm_stats
+from .freezing import eval_frozen
 
 
 class TransferModel(nn.Module):
@@ -14,7 +14,8 @@ class TransferModel(nn.Module):
 
     Pooled heads see the encoder's pooled features (``"out"``), dense heads its stage maps and the input
     size, heads with ``takes_features`` the stage maps. With ``mtan`` (task attention over the encoder's stages) each task sees its own attended features.
-    Frozen normalisation layers keep their statistics in ``train()``.
+    Frozen modules stay in eval mode in ``train()`` (see ``mtl.freezing.eval_frozen``): a frozen encoder computes
+    the same features in training as in evaluation, and its normalisation statistics never change.
     """
 
     def __init__(self, encoder: nn.Module, heads: Dict[str, nn.Module], mtan: Optional[nn.Module] = None) -> None:
@@ -53,5 +54,5 @@ class TransferModel(nn.Module):
     def train(self, mode: bool = True) -> "TransferModel":
         super().train(mode)
         if mode:
-            freeze_norm_stats(self)
+            eval_frozen(self, self.encoder)
         return self

@@ -1,5 +1,6 @@
 """Encoder contract: stage maps + pooled "out", honest attributes, torchvision parameter names."""
 import copy
+import functools
 from typing import Iterator
 
 import pytest
@@ -7,8 +8,12 @@ import torch
 import torchvision
 from torch import nn
 
-from mtl.encoders import ENCODERS, build_encoder, stage_nodes, tokens_to_map
+from mtl.config import build_config
+from mtl.encoders import ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map
 from mtl.errors import UserError
+from mtl.experiment import build_model
+from mtl.tasks import build_task
+from mtl.weights import fit_state_dict
 
 # (model, a torchvision parameter name the encoder keeps, one it must drop)
 TORCHVISION = [
@@ -152,3 +157,33 @@ def test_unknown_encoder_and_bad_kwargs() -> None:
         build_encoder("resnet81")
     with pytest.raises(UserError, match="resnet18"):
         build_encoder("resnet18", no_such_option=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_meta(name: str) -> tuple[nn.Module, nn.Module]:
+    """(mtl encoder, torchvision model) built on the meta device: architectures, names and shapes, no compute."""
+    with torch.device("meta"):
+        return build_encoder(name), torchvision.models.get_model(name, weights=None)
+
+
+def test_maxvit_loads_torchvision_state_dicts_and_has_its_size() -> None:
+    encoder, tv = _on_meta("maxvit_t")
+    state = tv.state_dict()
+    own = encoder.state_dict()
+    assert set(own) == set(state) - {"classifier.5.weight"}  # the buffers keep their names (no _tensor_constant*)
+    assert sum(k.endswith("relative_position_index") for k in own) == 22
+    fit_state_dict(encoder, state, source="torchvision", model_name="maxvit_t")  # strict: keys and shapes
+    cfg = build_config({"model": {"encoder": "maxvit_t"}, "tasks": {"label": {"num_classes": 1000}}})
+    task = build_task("label", type="classification", target="label", num_classes=1000, weight=1.0, classes=[])
+    model = build_model(cfg, encoder, {"label": task})
+    head = model.heads["label"][-1]
+    assert head.bias is None and head.weight.shape == state["classifier.5.weight"].shape  # bias-free, as torchvision's
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tv.parameters()) == 30_919_624
+
+
+def test_maxvit_takes_exactly_the_size_it_is_built_for() -> None:
+    encoder, _ = _on_meta("maxvit_t")
+    assert encoder.fixed_input_size == (224, 224) and encoder.min_input_size == 224
+    assert input_size_problem(encoder, 224, 224) is None
+    for size in (64, 256, 448):  # its attention grids are fixed when it is built
+        assert input_size_problem(encoder, size, size) == "takes only 224x224 images"

@@ -1,14 +1,17 @@
 """Freezing means frozen: no gradients, not in the optimizer, BatchNorm statistics unchanged."""
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from conftest import make_folder, tiny_config
 from mtl.encoders import build_encoder
 from mtl.errors import UserError
-from mtl.freezing import L2SP, apply_freeze, frozen_names
+from mtl.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
 from mtl.model import TransferModel
 from mtl.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
 from mtl.schema import OptimCfg, SchedCfg, UnfreezeCfg
+from test_bad_input import refused
 
 
 def resnet_model():
@@ -184,3 +187,116 @@ def test_l2sp_penalty_pulls_toward_start():
     assert reg.penalty().item() == pytest.approx(0.5 * 2.0 * n)
     apply_freeze(enc, "all")
     assert reg.penalty().item() == 0.0
+
+
+# ------------------------------------------------------------------------------ frozen means deterministic
+FAMILIES = ["small_cnn", "resnet18", "alexnet", "vgg16", "squeezenet1_0", "densenet121", "inception_v3", "googlenet",
+            "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0",
+            "convnext_tiny", "vit_b_32", "regnet_y_400mf", "swin_t", "swin_v2_t", "maxvit_t"]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _frozen_outputs(model, frozen_modules, x):
+    """Every output of the given modules during one forward pass in train mode, in call order."""
+    outputs = []
+
+    def record(module, args, out):
+        outputs.extend(t.detach().clone() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t))
+
+    handles = [m.register_forward_hook(record) for m in frozen_modules]
+    try:
+        with torch.no_grad():
+            features = model.encoder(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return features, outputs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_frozen_parts_run_in_eval_mode(name, one_thread):
+    """Dropout, stochastic depth and BatchNorm inside what model.freeze freezes do what they do in evaluation,
+    also after model.train(): with freeze all, the whole encoder; with a frozen prefix, every frozen module."""
+    torch.manual_seed(0)
+    encoder = build_encoder(name)
+    model = TransferModel(encoder, {"label": nn.Linear(encoder.out_dim, 3)})
+    size = max(encoder.min_input_size, 32)
+    x = torch.randn(1 if size >= 224 else 2, 3, size, size)  # vit, maxvit: one image is enough for BatchNorm
+
+    apply_freeze(encoder, "all")
+    model.train()
+    assert model.heads.training and not any(m.training for m in encoder.modules())
+    buffers = {k: v.clone() for k, v in encoder.named_buffers()}
+    first, second = _frozen_outputs(model, [], x)[0], _frozen_outputs(model, [], x)[0]
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the fixed features are fixed
+    assert all(torch.equal(v, buffers[k]) for k, v in encoder.named_buffers())
+
+    names = [n for n, _ in encoder.named_parameters()]
+    apply_freeze(encoder, {"until": names[len(names) // 3]})  # a frozen prefix, the rest trains
+    model.train()
+    frozen = [m for m in encoder.modules() if any(True for _ in m.parameters())
+              and not any(p.requires_grad for p in m.parameters())]
+    trains = [m for m in encoder.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert frozen and trains and not any(m.training for m in frozen) and all(m.training for m in trains)
+    buffers = {k: v.clone() for k, v in encoder.named_buffers()}
+    _, first = _frozen_outputs(model, frozen, x)
+    _, second = _frozen_outputs(model, frozen, x)
+    assert first and len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+    frozen_buffers = {f"{n}.{b}" for n, m in encoder.named_modules() if m in frozen for b, _ in m.named_buffers()}
+    assert all(torch.equal(encoder.get_buffer(k), buffers[k]) for k in frozen_buffers)
+
+
+def test_dropout_of_a_frozen_prefix_is_off_and_the_rest_trains(one_thread):
+    encoder = build_encoder("alexnet")  # classifier: dropout, linear, relu, dropout, linear, relu
+    model = TransferModel(encoder, {"label": nn.Linear(encoder.out_dim, 3)})
+    apply_freeze(encoder, {"train": ["classifier.4"]})
+    model.train()
+    assert not encoder.get_submodule("classifier.0").training and not encoder.get_submodule("classifier.3").training
+    assert encoder.get_submodule("classifier.4").training and encoder.get_submodule("classifier.5").training
+    apply_freeze(encoder, {"until": "features"})
+    model.train()  # what unfreezing does each time: the modes follow the parameters
+    assert not encoder.get_submodule("features.0").training and not encoder.get_submodule("classifier.0").training
+    assert encoder.get_submodule("classifier.1").training and encoder.get_submodule("classifier.3").training
+
+
+# ------------------------------------------------------------------------------ train.unfreeze checked when built
+def _unfreeze_config(tmp_path, unfreeze, freeze="all", epochs=2):
+    raw = tiny_config(make_folder(tmp_path / "data", per_class=(2, 1), size=16), tmp_path / "runs",
+                      **{"train.epochs": epochs, "model.freeze": freeze, "train.unfreeze": unfreeze})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("unfreeze, freeze, words", [
+    ([{"epoch": 1, "modules": ["stage5"]}], "all",
+     ["train.unfreeze[0].modules pattern 'stage5' matches no encoder parameter", "did you mean stage4",
+      "top-level modules: stage1, stage2, stage3, stage4"]),
+    ([{"epoch": 1, "modules": ["stage4"]}], {"until": "stage3"},
+     ["train.unfreeze[0]: 'stage4' already trains at epoch 1 (model.freeze {'until': 'stage3'} leaves it trainable)"]),
+    ([{"epoch": 1, "modules": ["stage4"]}, {"epoch": 0, "modules": ["stage*"]}], "all",
+     ["train.unfreeze[0]: 'stage4' already trains at epoch 1 (train.unfreeze[1] unfreezes it at epoch 0)"]),
+    ([{"epoch": 2, "modules": ["stage4"]}], "all",
+     ["train.unfreeze[0]: epoch 2 never starts", "train.epochs is 2", "from 0 to 1"]),
+    ([{"epoch": 0, "modules": []}], "all", ["train.unfreeze[0]: modules is empty"]),
+])
+def test_bad_unfreeze_events_are_refused_when_the_run_is_built(unfreeze, freeze, words, tmp_path, capsys):
+    refused(capsys, ["train", _unfreeze_config(tmp_path, unfreeze, freeze)], *words, runs=tmp_path / "runs")
+
+
+def test_check_unfreeze_accepts_what_the_hook_does():
+    enc = build_encoder("resnet18")
+    apply_freeze(enc, {"until": "layer3"})
+    check_unfreeze(enc, [UnfreezeCfg(epoch=3, modules=["layer*"]), UnfreezeCfg(epoch=1, modules=["layer2"]),
+                         UnfreezeCfg(epoch=2, modules=["layer3"])], epochs=4)  # layer*: layer1 is still frozen
+    with pytest.raises(UserError, match=r"train.unfreeze\[1\]: 'layer\*' already trains at epoch 3 "
+                                        r"\(train.unfreeze\[0\] unfreezes it at epoch 2\)"):
+        check_unfreeze(enc, [UnfreezeCfg(epoch=2, modules=["layer1", "layer2", "layer3"]),
+                             UnfreezeCfg(epoch=3, modules=["layer*"])], epochs=4)

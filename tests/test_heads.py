@@ -91,7 +91,7 @@ def test_dense_heads_train_at_batch_size_one(small_cnn):
 
 
 @pytest.mark.parametrize("name,options,match", [
-    ("linear", {"channels": 3}, "no options"),
+    ("linear", {"channels": 3}, "it takes bias"),
     ("mlp", {"foo": 1}, "no options"),
     ("fpn", {"chanels": 3}, "channels, norm, stages"),
     ("aspp", {"rate": [1]}, "channels, norm, rates, stage"),

@@ -3,6 +3,7 @@ feature-map grids, clean errors."""
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from conftest import make_folder, tiny_config
 from mtl.cli import main
 from mtl.config import build_config
+from mtl.encoders import build_encoder
 from mtl.errors import UserError
 from mtl.experiment import run
 from mtl.inspection import features_command, summary_command, summary_table
@@ -84,6 +86,23 @@ def test_overrides_may_follow_options_on_the_command_line(resnet_config, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", str(resnet_config), "--bogus"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_summary_names_how_inception_and_googlenet_differ_from_torchvision(resnet_config, tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "model": {"encoder": "googlenet", "weights": None},
+                                    "tasks": {"label": {"num_classes": 2}}}))
+    assert main(["summary", str(path), "--input", "3,32,32", "--depth", "0"]) == 0
+    title, note = capsys.readouterr().out.splitlines()[:2]
+    assert title.startswith("g: encoder googlenet")
+    assert note == ("note: googlenet is built without its auxiliary classifiers (aux1, aux2) for every model.weights, "
+                    "and with transform_input=True, as torchvision builds it for its ImageNet weights: inputs "
+                    "normalised with ImageNet's mean and std are re-normalised to [-1, 1] inside the model")
+    with torch.device("meta"):
+        inception = build_encoder("inception_v3", transform_input=False)
+    assert inception.notes == ("inception_v3 is built without its auxiliary classifier (AuxLogits) for every "
+                               "model.weights, and with transform_input=False (set in model.encoder_options)",)
+    assert "note:" not in summary_command(str(resnet_config), [], "3,32,32", 0)
 
 
 def test_freeze_specs_show_trainable_and_frozen(resnet_config):
