@@ -72,8 +72,14 @@ def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor
     if path.is_file():
         return read_state_dict(path), path
     try:
-        state = torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True,
-                                                   map_location="cpu", weights_only=True)
+        # torch.hub's own downloader, without load_state_dict_from_url's "Downloading:" line, which would otherwise
+        # precede the one-line error when offline; the progress bar starts once bytes arrive
+        digest = torch.hub.HASH_REGEX.search(path.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(path), digest.group(1) if digest else None, progress=True)
+        state = read_state_dict(path)
+    except UserError:
+        raise
     except Exception as e:  # offline, proxy, HTTP error, bad hash: all end the same way for the user
         cached = [w.name for w in type(weights) if (cache_dir() / _url_file_name(w.url)).is_file()]
         also = f" (cached for {model_name}: {', '.join(cached)})" if cached else ""
@@ -81,7 +87,7 @@ def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor
             f"could not download {weights} for {model_name} from {weights.url} ({_one_line(e)}), and the file was "
             f"not found at {path}. Alternatives: obtain the file some other way and run `mtl weights import FILE`; "
             f"or set `weights: path/to/file.pth`, `weights: run:runs/...`, or `weights: null`{also}") from None
-    return _state_dict_from(state, path), path
+    return state, path
 
 
 def run_checkpoint(run_dir: str | Path) -> Path:

@@ -37,7 +37,7 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def offline(url: str, *args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("offline in tests")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     return home
 
 
@@ -142,6 +142,20 @@ def test_offline_download_explains_the_alternatives(torch_home: Path) -> None:
                       "could not download", "offline in tests", "mtl weights import", "weights: null",
                       str(torch_home / "hub" / "checkpoints"))
     assert MODEL in message
+
+
+def test_offline_download_prints_only_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """Nothing of torch.hub's own ("Downloading: ...") comes before the one-line error when the network is down."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    _expect(lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"), "could not download", "name resolution")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert not any((tmp_path / "torch_home").rglob("*.pth"))  # no partial file left in the cache
 
 
 def _cache_file(model: str, name: str, home: Path) -> Path:
