@@ -2,6 +2,7 @@
 
     python benchmarks/solver_accuracy.py                  # T = 2..10, D = 100,000, spreads 1..1e4
     python benchmarks/solver_accuracy.py --dim 10000 --seeds 1
+    python benchmarks/solver_accuracy.py --timing         # milliseconds per call, T = 3, 10, 40
 
 For every case (T tasks, a kind of Jacobian: random / correlated / rank-deficient, a seed) the exact answer
 is computed once by brute force in float64 (``tests/exact_references.py``: every support enumerated), and
@@ -75,14 +76,40 @@ def nash_residual(grads: torch.Tensor) -> float:
     return float((a * (ref.gram64(grads) @ a) - 1).abs().max())
 
 
+def timing(dim: int, repeats: int = 20) -> None:
+    """Median milliseconds per call of each method on (T, D) correlated gradients with a norm spread of 100."""
+    methods = ["mgda", "cagrad", "upgrad", "aligned_mtl", "imtl_g", "nash_mtl", "pcgrad", "gradvac"]
+    sizes = (3, 10, 40)
+    print(f"`python benchmarks/solver_accuracy.py --timing --dim {dim}`, {time.strftime('%Y-%m-%d')}, "
+          f"{torch.get_num_threads()} threads: median ms per call over {repeats} calls\n")
+    print("| method | " + " | ".join(f"T = {t}" for t in sizes) + " |\n|---|" + "---:|" * len(sizes))
+    for name in methods:
+        cells = []
+        for t in sizes:
+            grads = ref.random_jacobian(t, dim, 100.0, "correlated", 1.0, seed=t)
+            method = build_weighting(name, [f"t{i}" for i in range(t)])
+            method(grads, torch.ones(t))  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                method(grads, torch.ones(t))
+                times.append(time.perf_counter() - start)
+            cells.append(f"{1000 * sorted(times)[len(times) // 2]:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=100_000, help="D, the gradient length (default: %(default)s)")
     parser.add_argument("--tasks", default="2-10", help="range of T (default: %(default)s)")
     parser.add_argument("--spreads", default="1,10,100,1000,10000", help="norm spreads (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=2, help="Jacobians per (T, kind, spread) (default: %(default)s)")
+    parser.add_argument("--timing", action="store_true", help="only the time per call (D = --dim)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.timing:
+        timing(args.dim)
+        return 0
     lo, hi = (int(x) for x in args.tasks.split("-"))
     spreads = [float(s) for s in args.spreads.split(",")]
     methods = ["mgda", "cagrad", "upgrad", "aligned_mtl", "imtl_g", "pcgrad", "gradvac"]
