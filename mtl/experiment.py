@@ -37,7 +37,7 @@ from .optim import build_optimizer, build_scheduler
 from .rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
 from .schema import Config, DataCfg, HeadCfg
 from .tasks import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
-from .trainer import Hook, Trainer, default_monitor, ignore_stop_signals
+from .trainer import Hook, Trainer, default_monitor, ignore_stop_signals, stop_signals_blocked
 from .weighting import Weighting, build_weighting
 
 
@@ -90,6 +90,15 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
                                      mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
         dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
     return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process from the moment they are forked
+    (``stop_signals_blocked`` around the fork, then ``ignore_stop_signals`` in each worker)."""
+
+    def __iter__(self) -> Any:
+        with stop_signals_blocked():
+            return super().__iter__()
 
 
 def _collate(tasks: Dict[str, Task]):
@@ -159,16 +168,17 @@ def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dic
         val_batch = cfg.data.val_batch_size or cfg.data.batch_size
         if dist.world_size() == 1:
             loaders = {
-                "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
-                "val": DataLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
+                "train": SignalSafeLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator,
+                                          **common),
+                "val": SignalSafeLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
             }
         else:
             r, w = dist.rank(), dist.world_size()
             loaders = {
-                "train": DataLoader(train_ds, batch_sampler=StridedBatchSampler(
+                "train": SignalSafeLoader(train_ds, batch_sampler=StridedBatchSampler(
                     len(train_ds), cfg.data.batch_size, True, generator, r, w), **common),
-                "val": DataLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None, r, w),
-                                  **common),
+                "val": SignalSafeLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None,
+                                                                                  r, w), **common),
             }
         info["pipeline"] = "per item"
     return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
@@ -521,9 +531,9 @@ def in_order(loader: Any) -> Any:
     if isinstance(loader, DeviceBatches):
         return DeviceBatches(loader.store, loader.augment, batch_size=loader.batch_size, shuffle=False,
                              device=loader.device, generator=torch.Generator(), target_names=loader.target_names)
-    return DataLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
-                      worker_init_fn=loader.worker_init_fn)
+    return SignalSafeLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
+                            num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
+                            worker_init_fn=ignore_stop_signals)
 
 
 

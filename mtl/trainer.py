@@ -381,12 +381,27 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread during the block (they arrive when it ends). Processes forked in
+    it (DataLoader workers) start with them blocked, until ``ignore_stop_signals`` runs there."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """``worker_init_fn`` of DataLoader workers: Ctrl-C and SIGTERM to the whole process group (what a terminal and a
     scheduler send) leave them running, so that the main process can finish its step and save a checkpoint; they
-    end with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end with it. A signal held back since the fork (``stop_signals_blocked``) is dropped."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # also replaces torch's worker handler, which dies on a foreign SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
