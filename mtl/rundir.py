@@ -5,6 +5,7 @@ import fcntl
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Tuple
 
@@ -52,7 +53,7 @@ def lock_run_dir(run_dir: Path, wait_s: float = 1.0) -> RunLock:
                 raise
             raise UserError(f"cannot write in run directory {run_dir} ({e.strerror.lower()}); make it writable, or copy "
                             f"it somewhere writable and resume the copy: mtl train --resume <copy>") from None
-    deadline = time.monotonic() + wait_s  # lock_holder() takes the lock for a moment: that is no writer
+    deadline = time.monotonic() + wait_s  # check_not_in_use() takes the lock for a moment: that is no writer
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,6 +64,10 @@ def lock_run_dir(run_dir: Path, wait_s: float = 1.0) -> RunLock:
                 os.close(fd)
                 raise UserError(_in_use(run_dir, holder)) from None
             time.sleep(0.05)
+        except OSError as e:  # a file system without locks: train unguarded rather than not at all
+            warnings.warn(f"cannot lock {path} ({e.strerror or e}); nothing stops a second process from writing "
+                          f"this run at the same time", stacklevel=2)
+            break
     lock = RunLock(run_dir, fd)
     try:
         with writing(path):
@@ -86,6 +91,8 @@ def check_not_in_use(run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(_in_use(run_dir, _holder(fd))) from None
+    except OSError:  # a file system without locks: nobody can hold one
+        pass
     finally:
         os.close(fd)  # releases the shared lock, if taken
 

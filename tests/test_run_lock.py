@@ -154,3 +154,17 @@ def test_run_directories_are_created_atomically(tmp_path, monkeypatch):
     first, second = new_run_dir(cfg), new_run_dir(cfg)  # each is created before the next name is chosen
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name == first.name + "-1"
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
+        lock = lock_run_dir(tmp_path)
+    check_not_in_use(tmp_path)
+    lock.release()
