@@ -1,6 +1,8 @@
 """Atomic, safe checkpoint and JSON writes; safe loads."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickletools
@@ -9,7 +11,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -17,26 +19,83 @@ import torch
 from .errors import UserError
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+TEMP_SUFFIX = ".mtl-tmp"  # atomic_write's temporaries: .<name>.<random>.mtl-tmp beside the file they replace
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+Hint = Union[str, Callable[[], str]]
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, then: Hint = "") -> Iterator[None]:
+    """Turn a full disk or a read-only place met while writing ``path`` into one UserError line.
+
+    ``then`` (text, or a function that returns it, called only on failure) says what to do once that is fixed.
+    """
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except UserError:
         raise
+    except Exception as err:
+        e = _disk_error(err)
+        if e is None:
+            raise
+        then = then() if callable(then) else then
+        then = f"; {then}" if then else ""
+        if e.errno in NO_SPACE:
+            raise UserError(f"no space left on device writing {path}; free space there or write elsewhere{then} "
+                            f"(files written before are intact)") from None
+        raise UserError(f"cannot write {e.filename or path}: {(e.strerror or 'not writable').lower()}; make that "
+                        f"folder writable or write elsewhere{then}") from None
 
 
-def save_checkpoint(obj: Dict[str, Any], path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def _disk_error(err: Optional[BaseException]) -> Optional[OSError]:
+    """The full-disk or read-only OSError behind ``err``: itself, or one it was raised while handling (torch.save
+    turns a failed write into a RuntimeError when it then cannot finish the zip archive)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in NO_SPACE + NOT_WRITABLE:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
-def save_json(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+def atomic_write(path: str | Path, write: Callable[[str], Any], then: Hint = "") -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a truncated file, and a full disk
+    is one UserError line (see ``writing``) that leaves the previous file as it was."""
+    path = Path(path)
+    with writing(path, then):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def remove_temporaries(folder: str | Path) -> List[Path]:
+    """Delete the temporaries that ``atomic_write`` left in ``folder`` when its process was killed (SIGKILL, power
+    loss); returns them. Call it only while no other process writes there (see ``rundir.lock_run_dir``)."""
+    found = sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def _save_torch(obj: Any, tmp: str) -> None:
+    with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError (ENOSPC), not a bare RuntimeError
+        torch.save(obj, f)
+
+
+def save_checkpoint(obj: Dict[str, Any], path: str | Path, then: Hint = "") -> None:
+    atomic_write(path, lambda tmp: _save_torch(obj, tmp), then)
+
+
+def save_json(obj: Any, path: str | Path, then: Hint = "") -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"), then)
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
-from .errors import UserError
+from .errors import UserError, out_of_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +96,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _os_error_text(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {os.fsdecode(e.filename)}" if e.filename is not None else ""
+        return f"no space left on device{where}; free space there or write elsewhere (files written before are intact)"
     path = os.fsdecode(e.filename)
     if e.errno == errno.ENOTDIR:  # name the file that stands where a folder is needed
         blocker = next((p for p in (path, *(str(q) for q in Path(path).parents)) if os.path.isfile(p)), None)
@@ -176,12 +179,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mtl: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in _USER_ERRNOS or e.filename is None:
+        if e.errno not in _USER_ERRNOS or (e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT)):
             raise
         print(f"mtl: error: {_os_error_text(e)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # where the trainer cannot name the phase and batch size
+        if not out_of_memory(e):
+            raise
+        first = next((line for line in str(e).splitlines() if "memory" in line), type(e).__name__).strip()
+        print(f"mtl: error: out of memory ({first[:200]}); lower data.batch_size or data.image_size", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("mtl: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
+            print("mtl: interrupted", file=sys.stderr)
         return 130
     finally:
         if args.command == "train":

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import save_json
+from .checkpoint import atomic_write, save_json
 from .config import dump_config
 from .encoders import build_encoder
 from .errors import UserError
@@ -261,8 +261,7 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     sequence = prepare_sequence(configs, device)
     names = [st.name for st in sequence]
     root = new_run_dir(top)
-    root.mkdir(parents=True)
-    dump_config(top, root / "config.yaml")
+    atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
     order = sorted(methods, key=lambda m: m != "independent")  # the FWT reference first
     results: Dict[str, Dict[str, Any]] = {}
     if not quiet:
@@ -281,7 +280,7 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     table = results_table(names, results)
     matrices = "\n\n".join(f"R for {m} (rows: after training on; columns: evaluated on)\n\n{matrix_table(names, r['R'])}"
                            for m, r in results.items())
-    (root / "results.md").write_text(table + "\n\n" + matrices + "\n")
+    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table + "\n\n" + matrices + "\n"))
     summary = {"run_dir": str(root), "tasks": names, "methods": results}
     save_json(summary, root / "summary.json")
     if not quiet:
@@ -306,7 +305,7 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(st.loaders["train"]))
         run_dir = root / method / st.name
         run_dir.mkdir(parents=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
         classes = {st.name: st.task.classes}
         hooks = [MetricsFileHook(run_dir),
                  TensorBoardHook(run_dir, hparams={"method": method, "task": st.name}, classes=classes,

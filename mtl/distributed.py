@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .errors import UserError
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -85,6 +89,25 @@ def broadcast_object(obj: Any) -> Any:
     box: List[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> Optional[T]:
+    """``fn()`` on process 0 only (None elsewhere). Its UserError or OSError is raised on every process, so that
+    none waits for the others in a later collective."""
+    if world_size() == 1:
+        return fn()
+    error, result = None, None
+    if is_main():
+        try:
+            result = fn()
+        except (UserError, OSError) as e:
+            error = e
+    text = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if text is not None:
+        raise UserError(f"process 0 stopped: {text}")
+    return result
 
 
 def barrier() -> None:

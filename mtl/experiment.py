@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,9 +34,10 @@ from .features import FeatureBatches, HeadsOnFeatures, cache_features, feature_c
 from .model import TransferModel
 from .runs import model_input_size, task_targets
 from .optim import build_optimizer, build_scheduler
+from .rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
 from .schema import Config, DataCfg, HeadCfg
 from .tasks import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
-from .trainer import Hook, Trainer, default_monitor
+from .trainer import Hook, Trainer, default_monitor, ignore_stop_signals, stop_signals_blocked
 from .weighting import Weighting, build_weighting
 
 
@@ -94,6 +96,15 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
                                      mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
         dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
     return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process from the moment they are forked
+    (``stop_signals_blocked`` around the fork, then ``ignore_stop_signals`` in each worker)."""
+
+    def __iter__(self) -> Any:
+        with stop_signals_blocked():
+            return super().__iter__()
 
 
 def _collate(tasks: Dict[str, Task]):
@@ -159,20 +170,22 @@ def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dic
     info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds)}
     loaders = _batched_loaders(cfg, tasks, train_ds, val_ds, device, generator, info)
     if loaders is None:
-        common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks))
+        common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate(tasks),
+                      worker_init_fn=ignore_stop_signals)
         val_batch = cfg.data.val_batch_size or cfg.data.batch_size
         if dist.world_size() == 1:
             loaders = {
-                "train": DataLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common),
-                "val": DataLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
+                "train": SignalSafeLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator,
+                                          **common),
+                "val": SignalSafeLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
             }
         else:
             r, w = dist.rank(), dist.world_size()
             loaders = {
-                "train": DataLoader(train_ds, batch_sampler=StridedBatchSampler(
+                "train": SignalSafeLoader(train_ds, batch_sampler=StridedBatchSampler(
                     len(train_ds), cfg.data.batch_size, True, generator, r, w), **common),
-                "val": DataLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None, r, w),
-                                  **common),
+                "val": SignalSafeLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None,
+                                                                                  r, w), **common),
             }
         info["pipeline"] = "per item"
     return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
@@ -413,25 +426,54 @@ def _delta_m_fn(cfg: Config, tasks: Dict[str, Task]) -> Optional[Callable[[Dict[
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """``<out_dir>/<name>/<timestamp>``, never reusing an existing directory (process 0's choice under torchrun)."""
+    """A new ``<out_dir>/<name>/<timestamp>[-<i>]``, created by process 0 (under torchrun every process gets its
+    name). Creation is atomic: two runs started at the same moment never share a directory."""
     base = Path(cfg.out_dir) / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir, i = base, 1
-    while run_dir.exists():
-        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return Path(dist.broadcast_object(str(run_dir)))
+    made = dist.on_main(lambda: str(make_run_dir(base)))
+    return Path(dist.broadcast_object(made))
 
 
 def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
-    """Train one config into ``run_dir`` (new if None) and write its summary; returns the summary."""
+    """Train one config into ``run_dir`` (new if None) and write its summary; returns the summary.
+
+    Process 0 holds the run directory's lock (``rundir.lock_run_dir``) while it trains: a second process that
+    would write the same run is refused.
+    """
     started = time.perf_counter()
     exp = build_experiment(cfg)
     monitor, delta_m_fn = build_monitor(cfg, exp.tasks), _delta_m_fn(cfg, exp.tasks)  # refused before anything is written
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    main_process = dist.is_main()  # under torchrun only process 0 writes
-    if main_process:
+    fresh = run_dir is None
+    run_dir = new_run_dir(cfg) if fresh else Path(run_dir)
+    lock = dist.on_main(lambda: _open_run_dir(cfg, run_dir, fresh, resume))
+    try:
+        return _train(cfg, exp, run_dir, resume, quiet, monitor, delta_m_fn, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_run_dir(cfg: Config, run_dir: Path, fresh: bool, resume: bool) -> RunLock:
+    """Lock the run directory and, unless resuming, write its config; a new directory that cannot get them is
+    removed again."""
+    lock = None
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(run_dir)
         if not resume:
-            dump_config(cfg, run_dir / "config.yaml")
+            atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
+        return lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if fresh:  # nothing of this run was written: leave no directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: bool,
+           monitor: Callable[[Dict[str, Any]], float], delta_m_fn: Optional[Callable[[Dict[str, Any]], float]],
+           started: float) -> Dict[str, Any]:
+    main_process = dist.is_main()  # under torchrun only process 0 writes
     model, loaders = _speed_up(cfg, exp)
     optimizer = build_optimizer(exp.model, cfg.optim)
     if any(True for _ in exp.weighting.parameters()):  # learnable task weights (uncertainty): no decay, base lr
@@ -470,7 +512,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
     summary["processes"] = dist.world_size()
     if main_process:
-        save_json(summary, run_dir / "summary.json")
+        save_json(summary, run_dir / "summary.json", lambda: resume_hint(run_dir))
     dist.barrier()  # a next stage reads this run's checkpoints
     return summary
 
@@ -517,8 +559,9 @@ def in_order(loader: Any) -> Any:
     if isinstance(loader, DeviceBatches):
         return DeviceBatches(loader.store, loader.augment, batch_size=loader.batch_size, shuffle=False,
                              device=loader.device, generator=torch.Generator(), target_names=loader.target_names)
-    return DataLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+    return SignalSafeLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
+                            num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
+                            worker_init_fn=ignore_stop_signals)
 
 
 
@@ -585,8 +628,7 @@ def run_stages(top: Config, configs: List[Config]) -> List[Dict[str, Any]]:
     """Run each stage into ``<run>/<stage>/``; ``weights: stage:<name>`` uses that stage's best encoder."""
     root = new_run_dir(top)
     if dist.is_main():
-        root.mkdir(parents=True)
-        dump_config(top, root / "config.yaml")
+        atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
     summaries, dirs = [], {}
     for i, cfg in enumerate(configs):
         if cfg.model.weights and cfg.model.weights.startswith("stage:"):
@@ -642,8 +684,11 @@ def resume_run(run_dir: str) -> Dict[str, Any]:
     from .config import load_config
 
     d = Path(run_dir)
-    if not (d / "config.yaml").is_file() or not (d / "checkpoints" / "last.pt").is_file():
+    if not (d / "config.yaml").is_file():
         raise UserError(f"cannot resume {d}: it needs config.yaml and checkpoints/last.pt (is it a run directory?)")
+    dist.on_main(lambda: check_not_in_use(d))  # checked again, by taking the lock, before anything is written
+    if not (d / "checkpoints" / "last.pt").is_file():
+        raise UserError(no_checkpoint_yet(d))
     raw, sources = load_config(d / "config.yaml")
     import_config_modules(raw)
     cfg = build_config(raw, sources)

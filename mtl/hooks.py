@@ -1,18 +1,22 @@
 """Trainer hooks: unfreezing, checkpoints, metrics.jsonl, console lines, TensorBoard."""
 from __future__ import annotations
 
+import functools
 import json
+import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, writing
 from .freezing import set_trainable
 from .optim import add_param_group, param_groups
+from .rundir import resume_hint
 from .schema import OptimCfg, UnfreezeCfg
 from .trainer import Hook, Trainer
 
@@ -51,15 +55,16 @@ class CheckpointHook(Hook):
     def __init__(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.meta = dict(meta)
+        self.then = functools.partial(resume_hint, Path(run_dir))  # what to do after a full disk
 
     def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
         if metrics["is_best"]:
             save_checkpoint({"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
-                            self.dir / "best.pt")
-        save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt")
+                            self.dir / "best.pt", self.then)
+        save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt", self.then)
 
     def on_interrupt(self, trainer: Trainer, state: Dict[str, Any]) -> None:
-        save_checkpoint({**state, **self.meta}, self.dir / "last.pt")
+        save_checkpoint({**state, **self.meta}, self.dir / "last.pt", self.then)
         step = state["partial"]["step"]
         tqdm.write(f"saved {self.dir / 'last.pt'} (epoch {trainer.epoch + 1}, step {step}); continue with: "
                    f"mtl train --resume {self.dir.parent}")
@@ -71,19 +76,33 @@ class CheckpointHook(Hook):
 
 
 class MetricsFileHook(Hook):
-    """One JSON line per epoch in ``metrics.jsonl``; on resume, later lines are dropped first."""
+    """One JSON line per epoch in ``metrics.jsonl``; on resume, later lines are dropped first. A write that fails
+    (full disk) is undone, so the file never ends in half a line."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.then = functools.partial(resume_hint, Path(run_dir))
 
     def on_resume(self, trainer: Trainer) -> None:
         if self.path.exists():
-            lines = self.path.read_text().splitlines()[: trainer.epoch]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            lines = self.path.read_bytes().splitlines(keepends=True)[: trainer.epoch]
+            with writing(self.path, self.then):
+                os.truncate(self.path, sum(len(line) for line in lines))  # shrinking needs no free space
 
     def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        line = memoryview((json.dumps(metrics) + "\n").encode())
+        with writing(self.path, self.then):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    while line:
+                        line = line[os.write(fd, line):]
+                except BaseException:
+                    os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
 
 
 class ConsoleHook(Hook):
@@ -112,6 +131,32 @@ def _phase_text(r: Mapping[str, Any]) -> str:
     return text
 
 
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's writer thread prints a traceback when a write fails (full disk, read-only folder); the same
+    error reaches the training thread at its next write, as one UserError line (``_writes_events``). Leave out the
+    thread's traceback."""
+    previous = threading.excepthook
+    if getattr(previous, "mtl_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.mtl_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _writes_events(method: Callable) -> Callable:
+    """A TensorBoardHook method that writes events: a full disk or a read-only folder is one UserError line."""
+    @functools.wraps(method)
+    def wrapper(self: "TensorBoardHook", *args: Any) -> Any:
+        with writing(self.events, self.then):
+            return method(self, *args)
+    return wrapper
+
+
 class TensorBoardHook(Hook):
     """Loss/accuracy per phase, lr per group, a grid of validation predictions and overlays of dense predictions
     each epoch; validation confusion matrices of the best model and hparams at the end."""
@@ -121,7 +166,12 @@ class TensorBoardHook(Hook):
                  graph_model: Optional[nn.Module] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        _quiet_event_writer_threads()
+        self.then = functools.partial(resume_hint, Path(run_dir))
+        self.events = Path(run_dir) / "events.out.tfevents.*"
+        with writing(self.events, self.then):
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.events = Path(getattr(self.writer.file_writer.event_writer, "_file_name", self.events))
         self.hparams, self.classes = dict(hparams), dict(classes)
         self.mean, self.std, self.n_images = torch.tensor(mean), torch.tensor(std), n_images
         self.log_every = log_every
@@ -129,6 +179,7 @@ class TensorBoardHook(Hook):
         self._images: Optional[torch.Tensor] = None
         self.graph_model = graph_model  # the full model (trainer.model may be heads on cached features)
 
+    @_writes_events
     def before_train(self, trainer: Trainer) -> None:
         if self.graph_model is not None and trainer.epoch == 0:
             self._log_graph(trainer)
@@ -159,11 +210,13 @@ class TensorBoardHook(Hook):
             self._images = batch["image"][: max(self.n_images, 1)]
             self._targets = {t: y[: len(self._images)] for t, y in batch["targets"].items()}
 
+    @_writes_events
     def after_step(self, trainer: Trainer, losses: Dict[str, torch.Tensor]) -> None:
         if len(trainer.tasks) > 1 and trainer.global_step % self.log_every == 0:
             for task, w in zip(trainer.tasks, trainer.weighting.last_weights.tolist()):
                 self.writer.add_scalar(f"weight/{task}", w, trainer.global_step)
 
+    @_writes_events
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
         step = m["epoch"]
         for phase in ("train", "val"):
@@ -242,6 +295,7 @@ class TensorBoardHook(Hook):
             self.writer.add_image(f"val/confusion_{t}", confusion_image(matrix, self.classes.get(t, []), title),
                                   trainer.epoch)
 
+    @_writes_events
     def after_train(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard.summary import hparams
 
@@ -258,6 +312,7 @@ class TensorBoardHook(Hook):
             self.writer.file_writer.add_summary(summary)
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, trainer.epoch)
+        self.writer.flush()  # raises a failed write here; close() alone would drop it
         self.writer.close()
 
 

@@ -7,6 +7,7 @@ per image. Writes ``predictions.csv`` and an annotated grid ``predictions.png`` 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write, writing
 from .errors import UserError
 from .runs import Loaded, image_tensor, load_model
 from .tasks import Task, probabilities
 
 BATCH = 32
 GRID_IMAGES = 32
+OUT_HINT = "--out names another folder"  # after a full disk or a read-only folder
 
 
 def open_run(run: str | os.PathLike) -> Loaded:
@@ -148,7 +151,8 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
             if task.dense:
                 for i, row in enumerate(batch_rows):
                     name = _overlay_name(row.path, t, used)
-                    to_pil_image(dense_overlay(task, outputs[t][i], inputs[i])).save(out_dir / name)
+                    overlay = to_pil_image(dense_overlay(task, outputs[t][i], inputs[i]))
+                    atomic_write(out_dir / name, functools.partial(overlay.save, format="PNG"), OUT_HINT)
                     row.cells[t], row.csv[f"{t}_overlay"] = name, str(out_dir / name)
                 continue
             for row, (cells, cols, title) in zip(batch_rows, _describe(task, outputs[t], topk)):
@@ -174,7 +178,6 @@ def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optiona
     """``mtl predict``: write predictions.csv, predictions.png (and overlays); return a table of the predictions."""
     from torchvision.transforms.v2.functional import to_pil_image
 
-    from .checkpoint import atomic_write
     from .experiment import select_device
     from .visualize import text_table, titled_grid
 
@@ -183,7 +186,8 @@ def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optiona
     loaded = open_run(run)
     files = find_images(inputs)
     out_dir = Path(out) if out else Path(loaded.run_dir) / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir, OUT_HINT):
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device("auto")
     loaded.model.to(device)
     rows, grid, skipped = predict_images(loaded, files, topk, out_dir, device)
@@ -201,10 +205,10 @@ def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optiona
             writer.writeheader()
             writer.writerows(row.csv for row in rows)
 
-    atomic_write(out_dir / "predictions.csv", write_csv)
+    atomic_write(out_dir / "predictions.csv", write_csv, OUT_HINT)
     if grid is not None:
         image = titled_grid(grid, [row.title for row in rows[:len(grid)]])
-        atomic_write(out_dir / "predictions.png", lambda tmp: to_pil_image(image).save(tmp, format="PNG"))
+        atomic_write(out_dir / "predictions.png", lambda tmp: to_pil_image(image).save(tmp, format="PNG"), OUT_HINT)
 
     tasks = list(loaded.tasks)
     table = text_table([["file", *tasks]] + [[str(row.path), *(row.cells.get(t, "") for t in tasks)] for row in rows])

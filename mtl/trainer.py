@@ -18,7 +18,7 @@ from . import distributed as dist
 from .checkpoint import rng_state, set_rng_state
 from .data.batches import loader_batch_size
 from .freezing import L2SP
-from .errors import UserError
+from .errors import UserError, out_of_memory
 from .tasks import Task
 from .weighting.base import Weighting
 
@@ -147,11 +147,15 @@ class Trainer:
     def _guarded_phase(self, phase: str) -> Dict[str, Any]:
         try:
             return self.run_phase(phase)
-        except torch.cuda.OutOfMemoryError:
+        except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not out_of_memory(e):
+                raise
             size = loader_batch_size(self.loaders[phase])
             key = "data.batch_size" if phase == "train" else "data.val_batch_size"
-            raise UserError(f"out of GPU memory in the {phase} phase at batch size {size}; try {key}={max(size // 2, 1)}"
-                            f" (or a smaller data.image_size, or train.amp=bf16)") from None
+            gpu = isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
+            raise UserError(f"out of {'GPU' if gpu else 'CPU'} memory in the {phase} phase at batch size {size}; try "
+                            f"{key}={max(size // 2, 1)} (or a smaller data.image_size"
+                            + (", or train.amp=bf16)" if gpu else ")")) from None
 
     def run_phase(self, phase: str) -> Dict[str, Any]:
         """One pass over ``loaders[phase]``; trains when phase is "train"."""
@@ -418,8 +422,9 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
         if trainer._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         trainer.request_stop()
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
-                   f"(Ctrl-C again to stop at once)")
+        if dist.is_main():  # under torchrun every process gets the signal; one line says it
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
+                       f"(Ctrl-C again to stop at once)")
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -427,6 +432,29 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread during the block (they arrive when it ends). Processes forked in
+    it (DataLoader workers) start with them blocked, until ``ignore_stop_signals`` runs there."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoader workers: Ctrl-C and SIGTERM to the whole process group (what a terminal and a
+    scheduler send) leave them running, so that the main process can finish its step and save a checkpoint; they
+    end with it. A signal held back since the fork (``stop_signals_blocked``) is dropped."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # also replaces torch's worker handler, which dies on a foreign SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
