@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) computes, step by step, what one process computes with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) computes, step by step, what one process computes with the same global batch;
+and the weighting state agrees across processes whatever their data and RNG."""
 import json
 import os
 import subprocess
@@ -45,51 +46,90 @@ class Record(engine.Hook):
                 p.copy_(p0)
 
 
-def recording(steps):
-    init = engine.Trainer.__init__
+INIT = engine.Trainer.__init__
 
+
+def recording(steps):
     def with_record(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+        INIT(self, *args, **kwargs)
         self.hooks.append(Record(steps))
 
     return with_record
 """
 STEPS = RECORD + """
 import sys
-from mtl import cli, distributed as dist
+from mtl import distributed as dist
+from mtl.experiment import train_from_file
 
-steps = []
-engine.Trainer.__init__ = recording(steps)
-code = cli.main(["train", sys.argv[1]])
-if dist.rank() == 0 and code == 0:
-    torch.save(steps, sys.argv[2])
-sys.exit(code)
+dist.init_from_env()  # what `mtl train` does, then one process group for every config in turn
+results = {}
+for path in sys.argv[2:]:
+    steps = []
+    engine.Trainer.__init__ = recording(steps)
+    train_from_file(path, [])
+    results[path] = steps
+if dist.rank() == 0:
+    torch.save(results, sys.argv[1])
+dist.shutdown()
 """
 
+WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda"]
 
-def _steps(tmp_path, cfg, processes, monkeypatch):
-    """Per-step (gradient, task weights) of `mtl train cfg`: in this process, or in 2 processes under torchrun."""
-    path = tmp_path / f"cfg{processes}.yaml"
-    path.write_text(yaml.safe_dump({**cfg, "out_dir": str(tmp_path / f"runs{processes}")}))
-    if processes == 1:
-        namespace, steps = {}, []
-        exec(RECORD, namespace)
-        monkeypatch.setattr(engine.Trainer, "__init__", namespace["recording"](steps))
-        assert cli.main(["train", str(path)]) == 0
-        monkeypatch.undo()
-        return steps
-    script, out = tmp_path / "steps.py", tmp_path / "steps.pt"
+
+def _config(root, weighting):
+    """A tiny run; for a weighting, two tasks on the same labels, so that there is something to balance."""
+    if weighting == "scenes":  # batched scenes: flips drawn for the global batch, each process takes its share
+        return {"_base_": str(Path(__file__).parents[1] / "configs" / "mtl_scenes.yaml"), "name": "tiny",
+                "data": {"root": str(root / "scenes"), "batch_size": 8,
+                         "options": {"size": 32, "train_size": 24, "val_size": 8, "seed": 0}},
+                "model": {"encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}},
+                # depth and normals average over each process's valid pixels, which differ between processes
+                "tasks": {"seg": {"head": {"name": "fpn", "options": {"channels": 16}}}, "depth": None, "normal": None},
+                "train": {"epochs": 1, "progress": False, "deterministic": True, "log_images": 0}}
+    cfg = tiny_config(make_folder(root / "data"), root / "runs",
+                      **{"train.epochs": 1, "train.log_images": 0, "train.deterministic": True,
+                         "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}})
+    if weighting != "equal":
+        cfg["tasks"] = {"a": {"target": "label"}, "b": {"target": "label", "head": {"name": "mlp", "hidden": 16}}}
+        cfg["weighting"] = {"name": weighting}
+    return cfg
+
+
+def _write(root, weighting, processes):
+    path = root / f"{weighting}{processes}.yaml"
+    path.write_text(yaml.safe_dump({**_config(root, weighting), "out_dir": str(root / f"runs{processes}")}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Per-step (gradient, task weights) of every config below, trained under torchrun with 2 processes."""
+    root = tmp_path_factory.mktemp("torchrun")
+    paths = {w: _write(root / w, w, 2) for w in WEIGHTINGS + ["scenes"] if (root / w).mkdir() is None}
+    script, out = root / "steps.py", root / "steps.pt"
     script.write_text(STEPS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           str(script), str(path), str(out)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
+           *map(str, paths.values())]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    results = torch.load(out, weights_only=True)
+    return {w: results[str(p)] for w, p in paths.items()}
 
 
-# The largest per-step differences between 1 and 2 processes measured on a 2-core x86 CPU (oneDNN, channels_last,
-# batch 8 vs 2 x 4) were 3e-7 (gradients, relative) and 2e-8 (weights); these bounds leave room for other CPUs
-# and kernels, and sit far below what a missing reduction or an unshared random draw gives (1e-2 to 1).
+def _one_process(tmp_path, weighting, monkeypatch):
+    """The same per-step record from `mtl train` in this process."""
+    path = _write(tmp_path, weighting, 1)
+    namespace, steps = {}, []
+    exec(RECORD, namespace)
+    monkeypatch.setattr(engine.Trainer, "__init__", namespace["recording"](steps))
+    assert cli.main(["train", str(path)]) == 0
+    monkeypatch.undo()
+    return steps
+
+
+# The largest per-step differences between 1 and 2 processes measured on a 2-core x86 CPU (batch 8 vs 2 x 4)
+# were 4e-7 (gradients, relative) and 0 (weights); these bounds leave room for other CPUs and kernels, and sit
+# far below what a missing reduction gives (6e-3 for GradNorm's weights without its all-reduce).
 GRAD_TOL, WEIGHT_TOL = 1e-4, 1e-5
 
 
@@ -102,32 +142,18 @@ def _compare(one, two):
         assert grad_gap < GRAD_TOL and weight_gap < WEIGHT_TOL, (k, grad_gap, weight_gap)
 
 
-@pytest.mark.parametrize("weighting", ["equal", "gradnorm", "rlw", "pcgrad", "mgda"])
-def test_two_processes_compute_what_one_computes(tmp_path, monkeypatch, weighting):
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_two_processes_compute_what_one_computes(tmp_path, monkeypatch, two_processes, weighting):
     """One test per kind of weighting: plain sum, loss weights from gradient norms (GradNorm), random loss weights
     (RLW), random task order on gradients (PCGrad), a solver on gradients (MGDA)."""
-    folder = make_folder(tmp_path / "data")
-    cfg = tiny_config(folder, tmp_path / "runs", **{"train.epochs": 1, "train.log_images": 0, "train.deterministic": True,
-                                                   "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}})
-    if weighting != "equal":  # two tasks on the same labels, so that there is something to balance
-        cfg["tasks"] = {"a": {"target": "label"}, "b": {"target": "label", "head": {"name": "mlp", "hidden": 16}}}
-        cfg["weighting"] = {"name": weighting}
-    one, two = _steps(tmp_path, cfg, 1, monkeypatch), _steps(tmp_path, cfg, 2, monkeypatch)
-    _compare(one, two)
+    one = _one_process(tmp_path, weighting, monkeypatch)
+    _compare(one, two_processes[weighting])
     if weighting not in ("equal", "pcgrad"):  # (PCGrad's weights are ones)
         assert len({tuple(s["weights"].tolist()) for s in one}) > 1  # the weights do move from step to step
 
 
-def test_two_processes_compute_what_one_computes_on_batched_multitask_scenes(tmp_path, monkeypatch):
-    """Scenes load in whole batches with flips drawn for the global batch: each process takes its share."""
-    cfg = {"_base_": str(Path(__file__).parents[1] / "configs" / "mtl_scenes.yaml"), "name": "tiny",
-           "data": {"root": str(tmp_path / "scenes"), "batch_size": 8,
-                    "options": {"size": 32, "train_size": 24, "val_size": 8, "seed": 0}},
-           "model": {"encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}},
-           # depth and normals average over each process's valid pixels, which differ between processes
-           "tasks": {"seg": {"head": {"name": "fpn", "options": {"channels": 16}}}, "depth": None, "normal": None},
-           "train": {"epochs": 1, "progress": False, "deterministic": True}}
-    _compare(_steps(tmp_path, cfg, 1, monkeypatch), _steps(tmp_path, cfg, 2, monkeypatch))
+def test_two_processes_compute_what_one_computes_on_batched_multitask_scenes(tmp_path, monkeypatch, two_processes):
+    _compare(_one_process(tmp_path, "scenes", monkeypatch), two_processes["scenes"])
 
 
 WEIGHTS_AGREE = """
