@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -20,6 +21,16 @@ def make_folder(root: Path, per_class=(16, 8), size=32, seed=0, classes=COLORS) 
                 img = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): two OpenMP threads on a
+    busy 2-core machine can run such inputs 50x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Which image sizes an encoder takes: one rule (mtl.encoders.check_input_size), derived from the architecture,
 used by ``mtl train`` (refused before the run directory exists) and ``mtl summary``."""
 import functools
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,12 +13,7 @@ from mtl.errors import UserError
 from test_bad_input import refused
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

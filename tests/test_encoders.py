@@ -1,7 +1,6 @@
 """Encoder contract: stage maps + pooled "out", honest attributes, torchvision parameter names."""
 import copy
 import functools
-from typing import Iterator
 
 import pytest
 import torch
@@ -41,13 +40,7 @@ TORCHVISION = [
 INPUT_SIZE = {"inception_v3": 299, "vit_b_16": 224}  # inception pads little, so its maps are far from H/r when small
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These inputs are tiny; and two OpenMP threads on a busy 2-core machine can run 50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchvision_keys(name: str, removed: tuple[str, ...]) -> set[str]:

@@ -4,7 +4,6 @@ import shutil
 import urllib.error
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,7 @@ MODEL = "mobilenet_v3_small"  # small and quick; its classifier.3 is the removed
 REAL_FILE = Path("/tmp/mnv2/mobilenet_v2-b0353104.pth")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small inputs; and two OpenMP threads on a busy 2-core machine can run 50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
