@@ -230,8 +230,9 @@ class Trainer:
                 ok = self._finite(losses, grads=self._trained_grads())
             elif representation:
                 ok = self._representation_backward(each, features, rep)
-                self._average_gradients()  # each process balanced the gradients of its own batch
-                ok = ok and self._finite(None, grads=self._trained_grads())
+                if ok:
+                    self._average_gradients()  # each process balanced the gradients of its own batch
+                    ok = self._finite(None, grads=self._trained_grads())
             else:
                 ok = self._parameter_backward(each)  # per-task gradients averaged over processes before combining
             if not ok:
