@@ -190,7 +190,7 @@ class TrainCfg:
     monitor: str = "auto"
     baseline: Optional[str] = None  # single-task baseline file ({task: {metric: value}}) for delta_m, relative to cwd
     nonfinite: str = "stop"  # a nan/inf training loss or gradient: stop (naming task and step) | skip (that step) | off
-    channels_last: str = "auto"  # auto (= on CUDA) | on | off: NHWC memory format for models with convolutions
+    channels_last: str = "auto"  # auto (= on) | on | off: NHWC memory format for models with convolutions
     compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
     # frozen encoder with pooled heads only: compute the encoder's features once and train the heads on them.
     # auto: when data.augment is none | on (also with augmentation: feature_views fixed augmented views) | off

@@ -224,12 +224,12 @@ def test_cache_features_on_with_a_training_encoder_is_a_clear_error(color_folder
         run(cfg, quiet=True)
 
 
-def test_channels_last_is_off_on_cpu_unless_asked_and_computes_the_same(color_folder, tmp_path):
-    """auto means CUDA only; on a CPU `on` still works. The two formats compute the same function up to rounding
+def test_channels_last_is_on_by_default_and_computes_the_same(color_folder, tmp_path):
+    """auto means on, on CPUs too; off turns it off. The two formats compute the same function up to rounding
     (compared on one forward and backward pass: after training, rounding differences would have grown)."""
     auto = run(cfg_of(color_folder, tmp_path / "a", **{"train.epochs": 1}), quiet=True)
-    on = run(cfg_of(color_folder, tmp_path / "b", **{"train.channels_last": "on", "train.epochs": 1}), quiet=True)
-    assert not auto["channels_last"] and on["channels_last"]
+    off = run(cfg_of(color_folder, tmp_path / "b", **{"train.channels_last": "off", "train.epochs": 1}), quiet=True)
+    assert auto["channels_last"] and not off["channels_last"]
     exp = build_experiment(cfg_of(color_folder, tmp_path / "c"))
     x = next(iter(exp.loaders["train"]))["image"]
     results = []
