@@ -2,8 +2,9 @@
 
 The rule: bad input gets one line that says what is wrong and how to fix it, exit code 2, no traceback, and
 nothing already written is lost. Unreadable single images inside an otherwise fine data set are skipped with
-one warning and counted. Every row of ``docs/bad_input.md`` is one test here; the fuzz tests at the end feed
-random files, random YAML documents and random overrides and accept only success or a UserError.
+one warning and counted. Every row of the README's "Bad input" table is a test (here, unless the row names
+another file); the fuzz tests at the end feed random files, random YAML documents and random overrides and
+accept only success or a UserError.
 """
 from __future__ import annotations
 
