@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtl.config import build_config
-from mtl.experiment import run
+from mtl.config.load import build_config
+from mtl.workflows.train import run
 
 
 def images_per_second(root: Path, size: int, channels_last: str, out: Path) -> float:

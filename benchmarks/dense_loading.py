@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from mtl.config import build_config, load_config
-from mtl.errors import UserError
-from mtl.experiment import build_data
+from mtl.config.load import build_config, load_config
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_data
 
 
 def epoch_seconds(config: str, pipeline: str, device: torch.device) -> tuple[float, int]:

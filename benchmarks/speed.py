@@ -30,8 +30,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from mtl.config import build_config
-from mtl.experiment import build_experiment, run, use_amp
+from mtl.config.load import build_config
+from mtl.workflows.train import build_experiment, run, use_amp
 
 GRADIENT_METHODS = ("mgda", "pcgrad", "cagrad", "nash_mtl")
 
@@ -142,9 +142,9 @@ def weighting_steps(methods: List[str], size: int, steps: int, device: torch.dev
 
     The methods take turns step by step (round robin), so drifts of the machine's speed hit all alike.
     """
-    from mtl.config import load_config
-    from mtl.optim import build_optimizer
-    from mtl.trainer import Trainer, _Meter
+    from mtl.config.load import load_config
+    from mtl.engine.optim import build_optimizer
+    from mtl.engine.trainer import Trainer, _Meter
 
     raw, sources = load_config(Path(__file__).parents[1] / "configs" / "mtl_scenes.yaml")
     raw = copy.deepcopy(raw)

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from mtl.compare import delta_m, run_directions, run_metrics
-from mtl.config import build_config, load_config
-from mtl.experiment import run
+from mtl.workflows.compare import delta_m, run_directions, run_metrics
+from mtl.config.load import build_config, load_config
+from mtl.workflows.train import run
 
 
 def _step_s(summary: Dict[str, Any]) -> float:

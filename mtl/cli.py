@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
-from .errors import UserError, out_of_memory
+from mtl.core.errors import UserError, out_of_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,12 +126,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "imports", None):
-            from .plugins import import_modules
+            from mtl.plugins import import_modules
 
             import_modules(args.imports)
         if args.command == "train":
-            from . import distributed
-            from .experiment import resume_run, train_from_file
+            from mtl.core import distributed
+            from mtl.workflows.train import resume_run, train_from_file
 
             distributed.init_from_env()  # under torchrun: join the process group
             if args.resume:
@@ -143,24 +143,24 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 train_from_file(args.config, args.overrides)
         elif args.command == "summary":
-            from .inspection import summary_command
+            from mtl.workflows.inspect import summary_command
 
             print(summary_command(args.target, args.overrides, args.input, args.depth))
         elif args.command == "features":
-            from .inspection import features_command
+            from mtl.workflows.inspect import features_command
 
             paths = features_command(args.target, args.overrides, args.image, args.layers, args.out, args.max_maps)
             print(f"wrote {len(paths)} feature-map grids to {paths[0].parent if paths else args.out}")
         elif args.command == "predict":
-            from .predict import predict_command
+            from mtl.workflows.predict import predict_command
 
             print(predict_command(args.run, args.inputs, args.topk, args.out))
         elif args.command == "eval":
-            from .evaluate import eval_command
+            from mtl.engine.evaluate import eval_command
 
             print(eval_command(args.run, args.split))
         elif args.command == "compare":
-            from .compare import compare_table, write_baseline
+            from mtl.workflows.compare import compare_table, write_baseline
 
             if args.write_baseline:
                 write_baseline(args.runs, args.write_baseline, args.which)
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
                 metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
                 print(compare_table(args.runs, args.baseline, args.which, metrics))
         elif args.command == "weights":
-            from .weights import format_cached_table, import_weights, list_cached
+            from mtl.models.weights import format_cached_table, import_weights, list_cached
 
             if args.action == "import":
                 print(f"imported to {import_weights(args.file)}")
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     finally:
         if args.command == "train":
-            from . import distributed
+            from mtl.core import distributed
 
             distributed.shutdown()
     return 0

@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from .data.registry import DATASETS
-from .encoders import ENCODERS
-from .errors import UserError
-from .heads import HEADS
-from .tasks import LOSSES, METRICS, TASK_TYPES
-from .weighting.base import WEIGHTINGS
+from mtl.data.registry import DATASETS
+from mtl.models.encoders import ENCODERS
+from mtl.core.errors import UserError
+from mtl.models.heads import HEADS
+from mtl.tasks.base import LOSSES, METRICS, TASK_TYPES
+from mtl.weighting.base import WEIGHTINGS
 
 __all__ = ["DATASETS", "ENCODERS", "HEADS", "LOSSES", "METRICS", "TASK_TYPES", "WEIGHTINGS", "import_modules"]
 

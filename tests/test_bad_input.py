@@ -27,18 +27,18 @@ import torch
 import yaml
 from PIL import Image
 
-import mtl.experiment  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
+import mtl.workflows.train  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
-from mtl.compare import load_baseline
-from mtl.config import build_config, load_config, parse_override
+from mtl.workflows.compare import load_baseline
+from mtl.config.load import build_config, load_config, parse_override
 from mtl.data.decoded import _decode_file
 from mtl.data.folder import folder
 from mtl.data.image_files import load_rgb
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
-from mtl.experiment import select_device
-from mtl.schema import Config
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.workflows.train import select_device
+from mtl.config.schema import Config
 
 WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn
 PER_CLASS = (4, 2)  # train, val images per class: 12 train and 6 val images

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from mtl.cli import main
-from mtl.compare import compare_table, delta_m, load_baseline, write_baseline
-from mtl.errors import UserError
+from mtl.workflows.compare import compare_table, delta_m, load_baseline, write_baseline
+from mtl.core.errors import UserError
 
 DIRECTIONS = {"seg": {"miou": True, "loss": False}, "depth": {"abs_err": False, "loss": False}}
 

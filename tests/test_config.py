@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from mtl.config import build_config, config_to_dict, dump_config, load_config, parse_override
-from mtl.errors import UserError
+from mtl.config.load import build_config, config_to_dict, dump_config, load_config, parse_override
+from mtl.core.errors import UserError
 
 
 def write(path, text):
@@ -142,7 +142,7 @@ def test_dump_round_trip(tmp_path):
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    from mtl.experiment import stage_configs
+    from mtl.workflows.train import stage_configs
 
     configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
     assert configs, "no configs shipped"

@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from mtl.cli import main
-from mtl.config import build_config, load_config
-from mtl.continual import continual_metrics, results_table
+from mtl.config.load import build_config, load_config
+from mtl.workflows.continual import continual_metrics, results_table
 from mtl.data import ClassSubset
 from mtl.data.tensor_dataset import TensorImageDataset
-from mtl.errors import UserError
-from mtl.experiment import stage_configs, train_from_file
+from mtl.core.errors import UserError
+from mtl.workflows.train import stage_configs, train_from_file
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -103,9 +103,9 @@ def test_progressive_config_runs_every_method(progressive_run):
 def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run, capsys):
     from test_inspection import totals
 
-    from mtl.evaluate import eval_command
-    from mtl.inspection import summary_command
-    from mtl.runs import load_model
+    from mtl.engine.evaluate import eval_command
+    from mtl.workflows.inspect import summary_command
+    from mtl.workflows.runs import load_model
 
     tmp_path, summary = progressive_run
     root = Path(summary["run_dir"])
@@ -173,8 +173,8 @@ def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
 def test_new_columns_start_from_pretrained_weights(tmp_path):
     """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
     pytest.importorskip("captcha")
-    from mtl.continual import ColumnLearner, prepare_sequence
-    from mtl.encoders import build_encoder
+    from mtl.workflows.continual import ColumnLearner, prepare_sequence
+    from mtl.models.encoders import build_encoder
 
     torch.manual_seed(5)
     saved = build_encoder("small_cnn", widths=[8, 8, 16, 16]).state_dict()

@@ -19,7 +19,7 @@ import captcha.image
 import mtl.data.captcha_chars as captcha_module
 from mtl.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_transforms, subset_per_class
 from mtl.data.tensor_dataset import TensorImageDataset
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

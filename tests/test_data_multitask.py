@@ -17,7 +17,7 @@ from mtl.data import captcha_text, dense_transforms, multi_fashion
 from mtl.data import scenes as scenes_module
 from mtl.data.mnist import read_idx
 from mtl.data.scenes import KINDS, SEG_CLASSES
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -472,8 +472,8 @@ def test_celeba_whole_batches_match_items_and_train(tmp_path):
     assert torch.allclose(flipped["image"][0], batch["image"][0].flip(-1), atol=1e-5)
     assert torch.equal(flipped["image"][1], batch["image"][1])
 
-    from mtl.config import build_config
-    from mtl.experiment import build_data, run
+    from mtl.config.load import build_config
+    from mtl.workflows.train import build_data, run
 
     raw = {"name": "celeba_tiny", "out_dir": str(tmp_path / "runs"), "data": {
                "name": "celeba", "root": str(tmp_path), "options": {"attributes": ["Smiling", "Male"], "image_size": 32},

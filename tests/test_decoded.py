@@ -13,7 +13,7 @@ from PIL import Image
 import mtl.data.decoded as decoded
 from mtl.data.decoded import DecodedImages, decode_images, decoded_key, resize_square
 from mtl.data.image_files import load_rgb
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 
 SIZE = 16
 CORRUPT = 6  # index of the file of random bytes in `image_files`

@@ -9,7 +9,7 @@ import torchvision.transforms.v2.functional as TF
 
 from mtl.data.device_augment import BatchAugment, box_theta, warp, warp_depth, warp_labels, warp_normals
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = x / 255: no normalisation to undo
 

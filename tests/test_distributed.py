@@ -12,7 +12,7 @@ import yaml
 
 from conftest import make_folder, tiny_config
 from mtl import cli
-from mtl import trainer as engine
+from mtl.engine import trainer as engine
 
 
 def _env():
@@ -27,7 +27,7 @@ def _env():
 # compares chaos (a rounding difference flips a ReLU, PCGrad or RLW amplify it).
 RECORD = """
 import torch
-from mtl import trainer as engine
+from mtl.engine import trainer as engine
 
 
 class Record(engine.Hook):
@@ -58,8 +58,8 @@ def recording(steps):
 """
 STEPS = RECORD + """
 import sys
-from mtl import distributed as dist
-from mtl.experiment import train_from_file
+from mtl.core import distributed as dist
+from mtl.workflows.train import train_from_file
 
 dist.init_from_env()  # what `mtl train` does, then one process group for every config in turn
 results = {}
@@ -160,7 +160,7 @@ WEIGHTS_AGREE = """
 import json, sys
 import torch
 import torch.distributed as tdist
-from mtl import distributed as dist
+from mtl.core import distributed as dist
 from mtl.weighting import build_weighting
 
 dist.init_from_env()
@@ -206,10 +206,10 @@ def test_weighting_state_agrees_across_processes(tmp_path):
 
 
 def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
-    from mtl import distributed
-    from mtl.config import build_config
-    from mtl.errors import UserError
-    from mtl.experiment import build_data
+    from mtl.core import distributed
+    from mtl.config.load import build_config
+    from mtl.core.errors import UserError
+    from mtl.workflows.train import build_data
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     cfg = build_config(tiny_config(make_folder(tmp_path / "d"), tmp_path / "r"), {})
@@ -222,10 +222,10 @@ def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
     matrices that process 0 writes alone) yields every item, for each kind of loader."""
     from test_multitask import scenes_config
 
-    from mtl import distributed
-    from mtl.config import build_config
-    from mtl.experiment import build_data, in_order
-    from mtl.features import FeatureBatches
+    from mtl.core import distributed
+    from mtl.config.load import build_config
+    from mtl.workflows.train import build_data, in_order
+    from mtl.engine.feature_cache import FeatureBatches
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 0)

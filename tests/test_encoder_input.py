@@ -8,8 +8,8 @@ import yaml
 
 from conftest import make_folder, tiny_config
 from mtl.cli import main
-from mtl.encoders import build_encoder, check_input_size, input_size_problem
-from mtl.errors import UserError
+from mtl.models.encoders import build_encoder, check_input_size, input_size_problem
+from mtl.core.errors import UserError
 from test_bad_input import refused
 
 

@@ -7,12 +7,12 @@ import torch
 import torchvision
 from torch import nn
 
-from mtl.config import build_config
-from mtl.encoders import ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map
-from mtl.errors import UserError
-from mtl.experiment import build_model
-from mtl.tasks import build_task
-from mtl.weights import fit_state_dict
+from mtl.config.load import build_config
+from mtl.models.encoders import ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_model
+from mtl.tasks.base import build_task
+from mtl.models.weights import fit_state_dict
 
 # (model, a torchvision parameter name the encoder keeps, one it must drop)
 TORCHVISION = [

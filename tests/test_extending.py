@@ -25,9 +25,9 @@ def test_the_documented_parts_train_from_a_config_that_names_them(tmp_path, monk
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # found via the cwd rule
     assert main(["train", "my_config.yaml", "train.progress=false"]) == 0
 
-    from mtl.encoders import ENCODERS
-    from mtl.heads import HEADS
-    from mtl.tasks import LOSSES, METRICS
+    from mtl.models.encoders import ENCODERS
+    from mtl.models.heads import HEADS
+    from mtl.tasks.base import LOSSES, METRICS
     from mtl.weighting.base import WEIGHTINGS
 
     for registry, name in [(ENCODERS, "tiny_convnet"), (HEADS, "cosine"), (LOSSES, "focal"),

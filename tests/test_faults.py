@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from conftest import make_folder, tiny_config
-from mtl.checkpoint import TEMP_SUFFIX, load_checkpoint, save_checkpoint
+from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint, save_checkpoint
 from mtl.cli import main
-from mtl.config import build_config
-from mtl.errors import UserError
-from mtl.experiment import run
-from mtl.tasks import Classification
+from mtl.config.load import build_config
+from mtl.core.errors import UserError
+from mtl.workflows.train import run
+from mtl.tasks.base import Classification
 
 
 def _slow_config(tmp_path, out):
@@ -117,7 +117,7 @@ def test_nonfinite_loss_can_skip_the_step(color_folder, tmp_path, monkeypatch):
 
 
 def test_out_of_gpu_memory_names_the_batch_size(color_folder, tmp_path, monkeypatch):
-    from mtl.model import TransferModel
+    from mtl.models.transfer import TransferModel
 
     def oom(self, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -167,7 +167,7 @@ CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 386
 
 @pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), MemoryError()], ids=["allocator", "MemoryError"])
 def test_out_of_cpu_memory_names_the_phase_and_batch_size(color_folder, tmp_path, monkeypatch, error):
-    from mtl.model import TransferModel
+    from mtl.models.transfer import TransferModel
 
     def oom(self, x):
         raise error
@@ -180,7 +180,7 @@ def test_out_of_cpu_memory_names_the_phase_and_batch_size(color_folder, tmp_path
 
 
 def test_out_of_memory_outside_a_phase_is_one_line(color_folder, tmp_path, monkeypatch, capsys):
-    from mtl import experiment
+    from mtl.workflows import train as experiment
 
     def oom(cfg):
         raise RuntimeError(f"Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback:\n{CPU_OOM}")
@@ -221,7 +221,7 @@ def _fd_path(fd):
 def _inject_full_disk(monkeypatch, where):
     """A full disk at one of the writes that a training run of 2 epochs makes, in the second epoch."""
     import tensorboard.compat.tensorflow_stub.io.gfile as gfile
-    from mtl import experiment
+    from mtl.workflows import train as experiment
 
     if where == "config":
         _fail_on_call(monkeypatch, experiment, "dump_config", 1, partial=lambda cfg, p: Path(p).write_text("name: ti"))
@@ -407,8 +407,8 @@ def test_a_read_only_run_directory_is_one_line_without_thread_tracebacks(color_f
 
 
 def test_sigterm_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(color_folder, tmp_path, monkeypatch):
-    from mtl.experiment import resume_run
-    from mtl.hooks import UnfreezeHook
+    from mtl.workflows.train import resume_run
+    from mtl.engine.hooks import UnfreezeHook
 
     def config(out):
         return build_config(tiny_config(color_folder, out, **{"train.epochs": 2, "train.deterministic": True,
@@ -520,8 +520,8 @@ def test_loader_workers_never_die_of_a_process_group_signal_even_while_starting(
     script.write_text(
         "import os, random, signal, threading, torch\n"
         "from torch.utils.data import TensorDataset\n"
-        "from mtl.experiment import SignalSafeLoader\n"
-        "from mtl.trainer import ignore_stop_signals\n"
+        "from mtl.workflows.train import SignalSafeLoader\n"
+        "from mtl.engine.trainer import ignore_stop_signals\n"
         "got, failed, trials = [], 0, 16\n"
         "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
         "for trial in range(trials):\n"

@@ -5,12 +5,12 @@ import yaml
 from torch import nn
 
 from conftest import make_folder, tiny_config
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
-from mtl.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
-from mtl.model import TransferModel
-from mtl.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
-from mtl.schema import OptimCfg, SchedCfg, UnfreezeCfg
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
+from mtl.models.transfer import TransferModel
+from mtl.engine.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
+from mtl.config.schema import OptimCfg, SchedCfg, UnfreezeCfg
 from test_bad_input import refused
 
 
@@ -108,7 +108,7 @@ def test_param_groups_lr_mult_and_no_decay():
 
 
 def test_unfreeze_adds_groups_that_follow_the_schedule():
-    from mtl.hooks import UnfreezeHook
+    from mtl.engine.hooks import UnfreezeHook
 
     model = resnet_model()
     apply_freeze(model.encoder, "all")

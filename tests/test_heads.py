@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
-from mtl.heads import HEADS
-from mtl.mtan import MTAN
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.models.heads import HEADS
+from mtl.models.mtan import MTAN
 
 torch.set_num_threads(1)
 

@@ -10,12 +10,12 @@ from torch import nn
 
 from conftest import make_folder, tiny_config
 from mtl.cli import main
-from mtl.config import build_config
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
-from mtl.experiment import run
-from mtl.inspection import features_command, summary_command, summary_table
-from mtl.runs import load_model
+from mtl.config.load import build_config
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.workflows.train import run
+from mtl.workflows.inspect import features_command, summary_command, summary_table
+from mtl.workflows.runs import load_model
 from test_progressive_model import OUT, make_net
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtl.checkpoint import load_checkpoint
+from mtl.core.checkpoint import load_checkpoint
 from mtl.cli import main
-from mtl.config import build_config, load_config
-from mtl.errors import UserError
-from mtl.experiment import build_experiment, resume_run, run
-from mtl.trainer import Trainer
+from mtl.config.load import build_config, load_config
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_experiment, resume_run, run
+from mtl.engine.trainer import Trainer
 from mtl.weighting import WEIGHTINGS
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -111,7 +111,7 @@ def test_representation_mode_with_equal_weights_matches_plain_backward(tmp_path)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
             trainer = Trainer(model, exp.tasks, {}, optimizer, None, epochs=1, device=exp.device, progress=False,
                               weighting=exp.weighting, grad_on="representation")
-            from mtl.trainer import _Meter
+            from mtl.engine.trainer import _Meter
             trainer.step(batch, _Meter(exp.tasks, exp.device), train=True)
         grads[mode] = [p.grad.clone() for p in model.encoder.parameters()]
     for a, b in zip(grads["representation"], grads["plain"]):
@@ -270,7 +270,7 @@ def test_nyuv2_config_builds_resnet50_aspp_on_npy_layout(tmp_path):
 @pytest.mark.parametrize("grad_on", ["params", "representation"])
 def test_gradient_methods_give_heads_the_weighted_sum_gradient(tmp_path, grad_on):
     """Heads get d(sum_t w_t loss_t)/d(head) from the per-task pass itself, with w the method's task weights."""
-    from mtl.trainer import _Meter
+    from mtl.engine.trainer import _Meter
 
     cfg = scenes_config(tmp_path, "weighting.name=mgda", f"weighting.grad_on={grad_on}", "tasks.normal=null", n=8, size=16)
     exp = build_experiment(cfg)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtl.config import build_config
-from mtl.errors import UserError
-from mtl.experiment import build_experiment, run
-from mtl.optim import build_optimizer
-from mtl.tasks import Classification
-from mtl.trainer import Trainer, _Meter
+from mtl.config.load import build_config
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_experiment, run
+from mtl.engine.optim import build_optimizer
+from mtl.tasks.base import Classification
+from mtl.engine.trainer import Trainer, _Meter
 
 torch.set_num_threads(1)
 

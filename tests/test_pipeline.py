@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtl.config import build_config
+from mtl.config.load import build_config
 from mtl.data.batches import DeviceBatches
-from mtl.errors import UserError
-from mtl.experiment import build_data, build_experiment, run
-from mtl.features import FeatureBatches, HeadsOnFeatures
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_data, build_experiment, run
+from mtl.engine.feature_cache import FeatureBatches, HeadsOnFeatures
 
 
 def cfg_of(folder, tmp_path, **overrides):
@@ -107,7 +107,7 @@ def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     from test_multitask import scenes_config
 
     from mtl.data.dense_transforms import hflip
-    from mtl.experiment import build_dataset
+    from mtl.workflows.train import build_dataset
 
     cfg = scenes_config(tmp_path)
     ds = build_dataset(cfg.data, "val", train=False)
@@ -185,7 +185,7 @@ def test_cached_features_train_the_same_heads_as_the_uncached_run(color_folder, 
 
 
 def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_set_order(color_folder, tmp_path):
-    from mtl.experiment import _speed_up
+    from mtl.workflows.train import _speed_up
 
     cfg = frozen(color_folder, tmp_path, **{"data.pipeline": "items"})
     exp = build_experiment(cfg)
@@ -204,7 +204,7 @@ def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_se
 def test_feature_views_cache_several_augmented_views(color_folder, tmp_path):
     cfg = frozen(color_folder, tmp_path, **{"data.augment": "random_resized_crop", "train.cache_features": "on",
                                             "train.feature_views": 2})
-    from mtl.experiment import _speed_up
+    from mtl.workflows.train import _speed_up
 
     exp = build_experiment(cfg)
     model, loaders = _speed_up(cfg, exp)
@@ -245,8 +245,8 @@ def test_channels_last_is_on_by_default_and_computes_the_same(color_folder, tmp_
 
 
 def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(color_folder, tmp_path):
-    from mtl.evaluate import eval_command
-    from mtl.runs import load_model
+    from mtl.engine.evaluate import eval_command
+    from mtl.workflows.runs import load_model
 
     summary = run(cfg_of(color_folder, tmp_path, **{"train.epochs": 2, "train.compile": True}), quiet=True)
     state = torch.load(f"{summary['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]

@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
-from mtl.config import build_config
-from mtl.experiment import build_dataset, run
-from mtl.runs import load_model
+from mtl.config.load import build_config
+from mtl.workflows.train import build_dataset, run
+from mtl.workflows.runs import load_model
 from test_multitask import scenes_config
 
 
@@ -117,7 +117,7 @@ def test_predict_multitask_writes_overlays_per_dense_task(scenes_run, tmp_path):
     # config's image_size 224): the predictions equal the model's on the data set's own tensors
     loaded = load_model(run_dir)
     assert loaded.input_size == [32, 32]
-    from mtl.config import dump_config
+    from mtl.config.load import dump_config
 
     dump_config(loaded.cfg, tmp_path / "scenes.yaml")  # from a config: the size of the data set's images
     assert load_model(tmp_path / "scenes.yaml", weights=False).input_size == [32, 32]
@@ -179,7 +179,7 @@ def test_eval_multitask_scores_every_task(scenes_run):
 
 
 def test_confusion_image_scales_to_many_classes():
-    from mtl.visualize import confusion_image, confusion_text
+    from mtl.engine.visualize import confusion_image, confusion_text
 
     small = confusion_image(torch.tensor([[3, 1], [0, 4]]), ["cat", "dog"], "title")
     assert small.dtype == torch.uint8 and small.shape[0] == 3

@@ -4,14 +4,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
-from mtl.heads import HEADS
-from mtl.optim import build_optimizer
-from mtl.progressive import ColumnView, LateralAdapter, LinearLateral, ProgressiveNet, split_stages
-from mtl.schema import OptimCfg
-from mtl.tasks import build_task
-from mtl.trainer import Trainer
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.models.heads import HEADS
+from mtl.engine.optim import build_optimizer
+from mtl.models.progressive import ColumnView, LateralAdapter, LinearLateral, ProgressiveNet, split_stages
+from mtl.config.schema import OptimCfg
+from mtl.tasks.base import build_task
+from mtl.engine.trainer import Trainer
 
 WIDTHS = [8, 16, 16, 32]
 OUT = {"a": 3, "b": 4, "c": 5}

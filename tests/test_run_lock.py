@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from conftest import make_folder, tiny_config
-from mtl.checkpoint import TEMP_SUFFIX, load_checkpoint
+from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint
 from mtl.cli import main
-from mtl.config import build_config
-from mtl.errors import UserError
-from mtl import experiment
-from mtl.experiment import new_run_dir, resume_run, run
-from mtl.rundir import check_not_in_use, lock_run_dir, make_run_dir
+from mtl.config.load import build_config
+from mtl.core.errors import UserError
+from mtl.workflows import train as experiment
+from mtl.workflows.train import new_run_dir, resume_run, run
+from mtl.core.rundir import check_not_in_use, lock_run_dir, make_run_dir
 
 
 def _env():
@@ -112,7 +112,7 @@ def test_a_checkpoint_write_killed_midway_leaves_a_temporary_that_the_next_start
     good = load_checkpoint(last)
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys\n"
-        "from mtl.checkpoint import atomic_write\n"
+        "from mtl.core.checkpoint import atomic_write\n"
         "def write(tmp):\n"
         "    with open(tmp, 'wb') as f:\n"
         "        f.write(b'PK' + bytes(100_000))\n"

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl.errors import UserError
-from mtl.tasks import TASK_TYPES, build_task, num_outputs_required, probabilities, task_options
+from mtl.core.errors import UserError
+from mtl.tasks.base import TASK_TYPES, build_task, num_outputs_required, probabilities, task_options
 
 torch.set_num_threads(1)
 

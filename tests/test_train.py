@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from conftest import tiny_config
-from mtl.checkpoint import load_checkpoint
+from mtl.core.checkpoint import load_checkpoint
 from mtl.cli import main
-from mtl.config import build_config
-from mtl.experiment import resume_run, run
+from mtl.config.load import build_config
+from mtl.workflows.train import resume_run, run
 
 
 def test_short_run_writes_artifacts_and_learns(color_folder, tmp_path):
@@ -50,7 +50,7 @@ def test_tensorboard_has_scalars_lr_images_and_hparams_in_run_dir(color_folder, 
 
 
 def test_best_checkpoint_is_restored_at_the_end(color_folder, tmp_path):
-    from mtl.experiment import build_experiment
+    from mtl.workflows.train import build_experiment
 
     cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 3}))
     summary = run(cfg, quiet=True)
@@ -75,7 +75,7 @@ def test_resume_equals_uninterrupted_run(color_folder, tmp_path):
     raw["train"]["epochs"] = 3
     part_cfg = build_config(raw)
     # stop after one epoch, then resume from the run directory
-    import mtl.trainer as trainer_mod
+    import mtl.engine.trainer as trainer_mod
     orig_fit = trainer_mod.Trainer.fit
 
     def fit_one_epoch(self):
@@ -103,7 +103,7 @@ def test_resume_equals_uninterrupted_run(color_folder, tmp_path):
 
 
 def test_class_count_mismatch_is_clear(color_folder, tmp_path):
-    from mtl.errors import UserError
+    from mtl.core.errors import UserError
 
     cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"tasks": {"label": {"num_classes": 5}}}))
     with pytest.raises(UserError, match="num_classes is 5 but the data has 3 classes"):
@@ -152,8 +152,8 @@ def test_console_script_runs_and_overrides(color_folder, tmp_path):
 
 
 def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, tmp_path, capsys):
-    from mtl.config import load_config
-    from mtl.experiment import train_from_file
+    from mtl.config.load import load_config
+    from mtl.workflows.train import train_from_file
 
     raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
     raw["stages"] = [{"name": "source"},
@@ -177,9 +177,9 @@ def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, t
 
 
 def test_stage_reference_to_a_later_stage_is_an_error(color_folder, tmp_path):
-    from mtl.config import load_config
-    from mtl.errors import UserError
-    from mtl.experiment import stage_configs
+    from mtl.config.load import load_config
+    from mtl.core.errors import UserError
+    from mtl.workflows.train import stage_configs
 
     raw = tiny_config(color_folder, tmp_path / "runs")
     raw["stages"] = [{"name": "a", "model": {"weights": "stage:b"}}, {"name": "b"}]

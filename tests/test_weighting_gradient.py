@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 from mtl.weighting import WEIGHTINGS, build_weighting
 from mtl.weighting import gradient as gw
 from mtl.weighting import solvers

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl.errors import UserError
+from mtl.core.errors import UserError
 from mtl.weighting.base import WEIGHTINGS, LossWeighting, build_weighting
 from mtl.weighting import loss as _loss  # noqa: F401  (registers the methods)
 

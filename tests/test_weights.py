@@ -10,9 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
-from mtl import weights as W
-from mtl.encoders import build_encoder
-from mtl.errors import UserError
+from mtl.models import weights as W
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
 
 MODEL = "mobilenet_v3_small"  # small and quick; its classifier.3 is the removed layer
 REAL_FILE = Path("/tmp/mnv2/mobilenet_v2-b0353104.pth")

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .decoded import decode_images
-from .device_augment import BatchAugment
-from .folder import ImageFolderDataset
-from .tensor_dataset import TensorImageDataset
+from mtl.data.decoded import decode_images
+from mtl.data.device_augment import BatchAugment
+from mtl.data.folder import ImageFolderDataset
+from mtl.data.tensor_dataset import TensorImageDataset
 
 
 @dataclass

@@ -12,12 +12,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from ..errors import UserError
-from .cache import cache_path, load_or_build
-from .captcha_chars import DEFAULT_CHARSET, seeded_captcha
-from .dense_transforms import normalize, random_shift
-from .registry import DATASETS, resolve_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.core.errors import UserError
+from mtl.data.cache import cache_path, load_or_build
+from mtl.data.captcha_chars import DEFAULT_CHARSET, seeded_captcha
+from mtl.data.dense_transforms import normalize, random_shift
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_ROOT = "data/captcha"
 _FORMAT = 1  # bump when the rendering code changes, to invalidate caches

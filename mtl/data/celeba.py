@@ -11,14 +11,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import UserError
-from .decoded import decode_images
-from .dense_batches import random_flips, to_device
-from .dense_transforms import normalize
-from .device_augment import BatchAugment, box_theta
-from .image_files import load_rgb
-from .registry import DATASETS, resolve_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.core.errors import UserError
+from mtl.data.decoded import decode_images
+from mtl.data.dense_batches import random_flips, to_device
+from mtl.data.dense_transforms import normalize
+from mtl.data.device_augment import BatchAugment, box_theta
+from mtl.data.image_files import load_rgb
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_ROOT = "data"
 IMAGE_FOLDER = "img_align_celeba"

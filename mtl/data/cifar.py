@@ -8,9 +8,9 @@ import torch
 import torchvision.datasets
 from torch import Tensor
 
-from ..errors import UserError
-from .registry import DATASETS, resolve_split
-from .tensor_dataset import TensorImageDataset
+from mtl.core.errors import UserError
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.tensor_dataset import TensorImageDataset
 
 DEFAULT_ROOT = "data"
 

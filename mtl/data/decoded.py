@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm import tqdm
 
-from ..errors import UserError
-from .image_files import to_rgb
+from mtl.core.errors import UserError
+from mtl.data.image_files import to_rgb
 
 _FORMAT_VERSION = 1  # bump when the decoding or the file layout changes: old files then get another key
 _RESAMPLE = Image.BILINEAR  # antialiased when shrinking (the filter widens with the scale)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .batches import _shares_exist
-from .dense_transforms import DENSE_KEYS, hflip
+from mtl.data.batches import _shares_exist
+from mtl.data.dense_transforms import DENSE_KEYS, hflip
 
 
 def can_gather(dataset: Dataset) -> bool:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UserError
-from .dense_transforms import unit_vectors
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, _augmentation
+from mtl.core.errors import UserError
+from mtl.data.dense_transforms import unit_vectors
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _augmentation
 
 __all__ = ["BatchAugment", "box_theta", "warp", "warp_depth", "warp_labels", "warp_normals"]
 

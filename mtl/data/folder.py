@@ -12,10 +12,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import UserError
-from .image_files import check_image, is_image_file, load_rgb
-from .registry import DATASETS, resolve_split
-from .transforms import default_transform
+from mtl.core.errors import UserError
+from mtl.data.image_files import check_image, is_image_file, load_rgb
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import default_transform
 
 _LAYOUT = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
 _SHOWN_PATHS = 3

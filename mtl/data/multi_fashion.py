@@ -12,13 +12,13 @@ import torchvision.datasets
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .cache import cache_path, load_or_build
-from .dense_batches import shift_batch, to_device
-from .dense_transforms import normalize, random_shift
-from .mnist import DEFAULT_ROOT, FASHION_MNIST_ROOT, _find, read_idx
-from .registry import DATASETS, resolve_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.core.errors import UserError
+from mtl.data.cache import cache_path, load_or_build
+from mtl.data.dense_batches import shift_batch, to_device
+from mtl.data.dense_transforms import normalize, random_shift
+from mtl.data.mnist import DEFAULT_ROOT, FASHION_MNIST_ROOT, _find, read_idx
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CANVAS = 36
 ITEM = 28

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .dense_transforms import normalize, random_hflip, random_scale_crop, resize
-from .registry import DATASETS, resolve_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.core.errors import UserError
+from mtl.data.dense_transforms import normalize, random_hflip, random_scale_crop, resize
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NYUV2_CLASSES = (
     "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from ..errors import UserError
-from ..registry import Registry
+from mtl.core.errors import UserError
+from mtl.core.registry import Registry
 
 DATASETS = Registry("dataset")
 

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .cache import cache_path, load_or_build
-from .dense_batches import flip_batch, random_flips, to_device
-from .dense_transforms import normalize, random_hflip, unit_vectors
-from .registry import DATASETS, resolve_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.core.errors import UserError
+from mtl.data.cache import cache_path, load_or_build
+from mtl.data.dense_batches import flip_batch, random_flips, to_device
+from mtl.data.dense_transforms import normalize, random_hflip, unit_vectors
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SEG_CLASSES = ("sky", "wall", "floor", "sphere", "box", "cylinder")
 KINDS = ("sphere", "box", "cylinder")

@@ -10,10 +10,10 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ..errors import UserError
-from .cache import cache_path, load_or_build
-from .registry import DATASETS, resolve_split
-from .tensor_dataset import TensorImageDataset
+from mtl.core.errors import UserError
+from mtl.data.cache import cache_path, load_or_build
+from mtl.data.registry import DATASETS, resolve_split
+from mtl.data.tensor_dataset import TensorImageDataset
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 DEFAULT_ROOT = "data/shapes"

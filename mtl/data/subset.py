@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..errors import UserError
+from mtl.core.errors import UserError
 
 
 class LabelledSubset(Subset):

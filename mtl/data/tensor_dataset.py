@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .transforms import default_transform
+from mtl.data.transforms import default_transform
 
 
 class TensorImageDataset(Dataset):

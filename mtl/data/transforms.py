@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
-from ..errors import UserError
+from mtl.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,7 +6,7 @@ from typing import Any, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..registry import Registry
+from mtl.core.registry import Registry
 
 WEIGHTINGS = Registry("weighting")
 
@@ -77,7 +77,7 @@ def build_weighting(name: str, tasks: Sequence[str], task_weights: Sequence[floa
     """A registered method; unknown options are a UserError naming the known ones."""
     import inspect
 
-    from ..errors import UserError
+    from mtl.core.errors import UserError
 
     cls = WEIGHTINGS.get(name)
     known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks", "task_weights")]

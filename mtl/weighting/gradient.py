@@ -17,9 +17,9 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from . import solvers
-from .base import WEIGHTINGS, GradientWeighting
+from mtl.core.errors import UserError
+from mtl.weighting import solvers
+from mtl.weighting.base import WEIGHTINGS, GradientWeighting
 
 def _combine(grads: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
     """``(G^T alpha, alpha)`` in float32 on the gradients' device (alpha may come from the host)."""

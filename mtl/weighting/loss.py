@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist
-from ..errors import UserError
-from .base import WEIGHTINGS, LossWeighting
+from mtl.core import distributed as dist
+from mtl.core.errors import UserError
+from mtl.weighting.base import WEIGHTINGS, LossWeighting
 
 
 def _is_train_step(losses: Tensor) -> bool:

@@ -17,28 +17,28 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .checkpoint import atomic_write, load_checkpoint, save_json
-from .compare import delta_m, load_baseline
-from .config import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
-from .data import DATASETS, ClassSubset, build_transforms, subset_per_class
-from . import distributed as dist
-from .data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store, loader_batch_size
-from .data.dense_batches import DenseBatches, can_gather
-from .data.device_augment import BatchAugment
-from .encoders import build_encoder, check_input_size
-from .errors import UserError
-from .freezing import L2SP, apply_freeze, check_unfreeze
-from .heads import HEADS
-from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
-from .features import FeatureBatches, HeadsOnFeatures, cache_features, feature_cache_blocker
-from .model import TransferModel
-from .runs import model_input_size, task_targets
-from .optim import build_optimizer, build_scheduler
-from .rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
-from .schema import Config, DataCfg, HeadCfg
-from .tasks import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
-from .trainer import Hook, Trainer, default_monitor, ignore_stop_signals, stop_signals_blocked
-from .weighting import Weighting, build_weighting
+from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
+from mtl.workflows.compare import delta_m, load_baseline
+from mtl.config.load import Sources, record_sources, build_config, config_to_dict, deep_merge, dump_config
+from mtl.data import DATASETS, ClassSubset, build_transforms, subset_per_class
+from mtl.core import distributed as dist
+from mtl.data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store, loader_batch_size
+from mtl.data.dense_batches import DenseBatches, can_gather
+from mtl.data.device_augment import BatchAugment
+from mtl.models.encoders import build_encoder, check_input_size
+from mtl.core.errors import UserError
+from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
+from mtl.models.heads import HEADS
+from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
+from mtl.engine.feature_cache import FeatureBatches, HeadsOnFeatures, cache_features, feature_cache_blocker
+from mtl.models.transfer import TransferModel
+from mtl.workflows.runs import model_input_size, task_targets
+from mtl.engine.optim import build_optimizer, build_scheduler
+from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
+from mtl.config.schema import Config, DataCfg, HeadCfg
+from mtl.tasks.base import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
+from mtl.engine.trainer import Hook, Trainer, default_monitor, ignore_stop_signals, stop_signals_blocked
+from mtl.weighting import Weighting, build_weighting
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -366,7 +366,7 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
     mtan = None
     feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
     if cfg.model.arch == "mtan":
-        from .mtan import MTAN
+        from mtl.models.mtan import MTAN
 
         if not feature_info:
             raise UserError(f"model.arch=mtan needs an encoder with stage features; {cfg.model.encoder} has none")
@@ -658,7 +658,7 @@ def stage_table(summaries: List[Dict[str, Any]]) -> str:
 
 def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
     """``mtl train``: a single run, or every stage of a staged config."""
-    from .config import load_config
+    from mtl.config.load import load_config
 
     raw, sources = load_config(path, overrides)
     import_config_modules(raw)
@@ -666,7 +666,7 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
     if top.continual.methods:
         if len(top.stages) < 2:
             raise UserError("continual.methods needs a task sequence: two or more stages, one task each")
-        from .continual import run_continual
+        from mtl.workflows.continual import run_continual
 
         if dist.world_size() > 1:
             raise UserError("continual runs (continual.methods) train one process; start them without torchrun")
@@ -679,7 +679,7 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
 
 def resume_run(run_dir: str) -> Dict[str, Any]:
     """Continue a run from ``<run_dir>/checkpoints/last.pt`` with its saved config."""
-    from .config import load_config
+    from mtl.config.load import load_config
 
     d = Path(run_dir)
     if not (d / "config.yaml").is_file():
@@ -700,7 +700,7 @@ def import_config_modules(raw: Dict[str, Any]) -> None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UserError(f"imports must be a list of module names or .py files, got {names!r}")
     if names:
-        from .plugins import import_modules
+        from mtl.plugins import import_modules
 
         import_modules(names)
 

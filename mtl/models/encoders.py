@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torchvision.models import MaxVit, VisionTransformer
 from torchvision.models.feature_extraction import DualGraphModule, create_feature_extractor
 
-from .errors import UserError
-from .registry import Registry
-from .weights import load_weights
+from mtl.core.errors import UserError
+from mtl.core.registry import Registry
+from mtl.models.weights import load_weights
 
 ENCODERS = Registry("encoder")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Dict, Iterator, TypeVar
 
-from .errors import UserError
+from mtl.core.errors import UserError
 
 T = TypeVar("T", bound=Callable[..., Any])
 

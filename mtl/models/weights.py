@@ -16,8 +16,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from .checkpoint import load_torch_file
-from .errors import UserError
+from mtl.core.checkpoint import load_torch_file
+from mtl.core.errors import UserError
 
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _HASH_PART = re.compile(r"-([0-9a-f]{6,64})\.[^.]+$")  # torchvision files: <name>-<sha256 prefix>.pth

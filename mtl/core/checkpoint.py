@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import numpy as np
 import torch
 
-from .errors import UserError
+from mtl.core.errors import UserError
 
 
 TEMP_SUFFIX = ".mtl-tmp"  # atomic_write's temporaries: .<name>.<random>.mtl-tmp beside the file they replace

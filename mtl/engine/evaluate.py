@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .tasks import Binary, Classification, Task
-from .trainer import _Meter
+from mtl.core.errors import UserError
+from mtl.tasks.base import Binary, Classification, Task
+from mtl.engine.trainer import _Meter
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _split_loader(cfg: Any, split: str, device: torch.device) -> tuple[Dict[str,
     ``build_data`` with both of its splits set to ``split``: no other split is listed or decoded (``split`` is
     built twice, as the unused training split too; in-memory decoded image stores are decoded twice).
     """
-    from .experiment import build_data
+    from mtl.workflows.train import build_data
 
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.data.train_split = eval_cfg.data.val_split = split
@@ -127,10 +127,10 @@ def eval_command(run: str, split: str = "val") -> str:
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.transforms.v2.functional import to_pil_image
 
-    from .checkpoint import save_json
-    from .experiment import select_device, use_amp
-    from .predict import open_run
-    from .visualize import confusion_image, confusion_text, text_table
+    from mtl.core.checkpoint import save_json
+    from mtl.workflows.train import select_device, use_amp
+    from mtl.workflows.predict import open_run
+    from mtl.engine.visualize import confusion_image, confusion_text, text_table
 
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", split or ""):
         raise UserError(f"--split must be a split name such as val, train or test, got {split!r}")

@@ -10,13 +10,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .config import build_config, load_config
-from .encoders import build_encoder
-from .errors import UserError
-from .freezing import apply_freeze
-from .schema import Config
-from .tasks import Task
+from mtl.core.checkpoint import load_checkpoint
+from mtl.config.load import build_config, load_config
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.models.freezing import apply_freeze
+from mtl.config.schema import Config
+from mtl.tasks.base import Task
 
 
 @dataclass
@@ -54,7 +54,7 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     From a config: ``weights=False`` builds the architecture only (no download); tasks whose class count the
     config does not give are completed from the training data set (listed, not decoded).
     """
-    from .experiment import build_dataset, build_model, build_tasks, import_config_modules
+    from mtl.workflows.train import build_dataset, build_model, build_tasks, import_config_modules
 
     path = Path(target)
     run = is_run_dir(path)
@@ -97,16 +97,16 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
 
 
 def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:
-    from .continual import as_sequence_stage
-    from .experiment import stage_configs
+    from mtl.workflows.continual import as_sequence_stage
+    from mtl.workflows.train import stage_configs
 
     return [as_sequence_stage(c) for c in stage_configs(raw, sources)]
 
 
 def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path) -> Loaded:
     """A continual config: the model of its first column method (else of its first method) after the last task."""
-    from .continual import stage_model
-    from .experiment import build_dataset, build_tasks
+    from mtl.workflows.continual import stage_model
+    from mtl.workflows.train import build_dataset, build_tasks
 
     configs = _sequence(raw, sources)
     tasks = [_tasks_from_config(c, build_dataset, build_tasks)[0][c.name] for c in configs]
@@ -120,8 +120,8 @@ def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path
 
 def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
     """``<root>/<method>/<task>``: the model ``method`` predicts ``task`` with, its checkpoint loaded."""
-    from .continual import stage_model
-    from .experiment import build_tasks, import_config_modules
+    from mtl.workflows.continual import stage_model
+    from mtl.workflows.train import build_tasks, import_config_modules
 
     root, method, task = path.parent.parent, state["method"], state["task"]
     if "sequence" not in state:
@@ -176,8 +176,8 @@ def model_input_size(loader: Any) -> List[int]:
 def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """One image file as the model's eval input: Resize + CenterCrop to (S, S) + normalise, as validation; with
     ``size`` (H, W) other than (S, S), a plain resize to it (data sets that render or size their own images)."""
-    from .data.image_files import load_rgb
-    from .data.transforms import build_transforms
+    from mtl.data.image_files import load_rgb
+    from mtl.data.transforms import build_transforms
 
     p = Path(path)
     if not p.is_file():

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, writing
-from .errors import UserError
-from .runs import Loaded, image_tensor, load_model
-from .tasks import Task, probabilities
+from mtl.core.checkpoint import atomic_write, writing
+from mtl.core.errors import UserError
+from mtl.workflows.runs import Loaded, image_tensor, load_model
+from mtl.tasks.base import Task, probabilities
 
 BATCH = 32
 GRID_IMAGES = 32
@@ -40,7 +40,7 @@ def open_run(run: str | os.PathLike) -> Loaded:
 
 def find_images(inputs: Sequence[str]) -> List[Path]:
     """Image files from files and folders (recursively, sorted); a folder without images is a UserError."""
-    from .data.image_files import is_image_file
+    from mtl.data.image_files import is_image_file
 
     files: List[Path] = []
     for item in inputs:
@@ -127,7 +127,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
     """Rows of predictions, the first ``GRID_IMAGES`` un-normalised inputs, and the skipped images' messages."""
     from torchvision.transforms.v2.functional import to_pil_image
 
-    from .visualize import dense_overlay
+    from mtl.engine.visualize import dense_overlay
 
     cfg, model = loaded.cfg, loaded.model
     mean = torch.tensor(cfg.data.mean)[:, None, None]
@@ -178,8 +178,8 @@ def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optiona
     """``mtl predict``: write predictions.csv, predictions.png (and overlays); return a table of the predictions."""
     from torchvision.transforms.v2.functional import to_pil_image
 
-    from .experiment import select_device
-    from .visualize import text_table, titled_grid
+    from mtl.workflows.train import select_device
+    from mtl.engine.visualize import text_table, titled_grid
 
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")

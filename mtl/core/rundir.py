@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Tuple
 
-from .checkpoint import NOT_WRITABLE, remove_temporaries, writing
-from .errors import UserError
+from mtl.core.checkpoint import NOT_WRITABLE, remove_temporaries, writing
+from mtl.core.errors import UserError
 
 LOCK_NAME = ".lock"
 

@@ -26,22 +26,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import atomic_write, save_json
-from .config import dump_config
-from .encoders import build_encoder
-from .errors import UserError
-from .experiment import (build_data, check_data_size, new_run_dir, parameter_counts, seed_everything, select_device,
-                         use_amp)
-from .freezing import apply_freeze
-from .heads import HEADS
-from .hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
-from .model import TransferModel
-from .optim import build_optimizer, build_scheduler
-from .progressive import ProgressiveNet
-from .runs import model_input_size, task_targets
-from .schema import CONTINUAL_METHODS, Config, HeadCfg
-from .tasks import Task
-from .trainer import Trainer
+from mtl.core.checkpoint import atomic_write, save_json
+from mtl.config.load import dump_config
+from mtl.models.encoders import build_encoder
+from mtl.core.errors import UserError
+from mtl.workflows.train import build_data, check_data_size, new_run_dir, parameter_counts, seed_everything, select_device, use_amp
+from mtl.models.freezing import apply_freeze
+from mtl.models.heads import HEADS
+from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
+from mtl.models.transfer import TransferModel
+from mtl.engine.optim import build_optimizer, build_scheduler
+from mtl.models.progressive import ProgressiveNet
+from mtl.workflows.runs import model_input_size, task_targets
+from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
+from mtl.tasks.base import Task
+from mtl.engine.trainer import Trainer
 
 
 @dataclass

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .data.batches import loader_batch_size
-from .errors import UserError
-from .model import TransferModel
+from mtl.core import distributed as dist
+from mtl.data.batches import loader_batch_size
+from mtl.core.errors import UserError
+from mtl.models.transfer import TransferModel
 
 
 def feature_cache_blocker(model: nn.Module, *, unfreezing: bool, augmenting: bool, mode: str) -> Optional[str]:

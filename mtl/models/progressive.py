@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import reduce
 from torch import Tensor, nn
 
-from .errors import UserError
-from .freezing import freeze_norm_stats
+from mtl.core.errors import UserError
+from mtl.models.freezing import freeze_norm_stats
 
 _RESNETS = r"resnet\d+|resnext.*|wide_resnet.*"
 SUPPORTED = "small_cnn, resnet*, resnext*, wide_resnet*"

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import load_yaml, yaml_problem
-from .errors import UserError
+from mtl.config.load import load_yaml, yaml_problem
+from mtl.core.errors import UserError
 
 Metrics = Mapping[str, Mapping[str, float]]  # {task: {metric: value}}
 

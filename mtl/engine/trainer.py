@@ -14,13 +14,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .checkpoint import rng_state, set_rng_state
-from .data.batches import loader_batch_size
-from .freezing import L2SP
-from .errors import UserError, out_of_memory
-from .tasks import Task
-from .weighting.base import Weighting
+from mtl.core import distributed as dist
+from mtl.core.checkpoint import rng_state, set_rng_state
+from mtl.data.batches import loader_batch_size
+from mtl.models.freezing import L2SP
+from mtl.core.errors import UserError, out_of_memory
+from mtl.tasks.base import Task
+from mtl.weighting.base import Weighting
 
 
 class Hook:
@@ -496,7 +496,7 @@ def _set_owned_grads(owned: Sequence[nn.Parameter], per_task: List[Tuple[Optiona
 
 
 def _default_weighting(tasks: Mapping[str, Task]) -> Weighting:
-    from .weighting import build_weighting
+    from mtl.weighting import build_weighting
 
     return build_weighting("static", list(tasks), [t.weight for t in tasks.values()])
 

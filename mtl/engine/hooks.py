@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, writing
-from .freezing import set_trainable
-from .optim import add_param_group, param_groups
-from .rundir import resume_hint
-from .schema import OptimCfg, UnfreezeCfg
-from .trainer import Hook, Trainer
+from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
+from mtl.models.freezing import set_trainable
+from mtl.engine.optim import add_param_group, param_groups
+from mtl.core.rundir import resume_hint
+from mtl.config.schema import OptimCfg, UnfreezeCfg
+from mtl.engine.trainer import Hook, Trainer
 
 
 class UnfreezeHook(Hook):
@@ -248,7 +248,7 @@ class TensorBoardHook(Hook):
         """The prediction grid of the first validation images and, per dense task, overlays of a few of them."""
         from torchvision.utils import make_grid
 
-        from .visualize import dense_overlay, prediction_grid
+        from mtl.engine.visualize import dense_overlay, prediction_grid
 
         grid_task = self._grid_task(trainer)
         dense = [t for t, task in trainer.tasks.items() if task.dense]
@@ -274,16 +274,16 @@ class TensorBoardHook(Hook):
     @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:
         """Confusion matrices of the best model on the validation set, one image per classification task."""
-        from .evaluate import confusion_tasks, evaluate
-        from .visualize import confusion_image
+        from mtl.engine.evaluate import confusion_tasks, evaluate
+        from mtl.engine.visualize import confusion_image
 
         if "val" not in trainer.loaders or not confusion_tasks(trainer.tasks):
             return
         best = Path(self.writer.log_dir) / "checkpoints" / "best.pt"
         if trainer.best["epoch"] not in (None, trainer.epoch) and best.exists():  # before CheckpointHook restores it
             trainer.model.load_state_dict(load_checkpoint(best)["model"])
-        from . import distributed as dist
-        from .experiment import in_order
+        from mtl.core import distributed as dist
+        from mtl.workflows.train import in_order
 
         loader = trainer.loaders["val"]
         if dist.world_size() > 1:  # process 0 alone scores the whole split, while the others wait

@@ -14,7 +14,7 @@ from einops import reduce
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import UserError
+from mtl.core.errors import UserError
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:

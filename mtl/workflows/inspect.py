@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .encoders import check_input_size
-from .errors import UserError
+from mtl.models.encoders import check_input_size
+from mtl.core.errors import UserError
 
 _MB = 1024.0 ** 2
 _BATCH = 2  # BatchNorm-safe even if a module were left in train mode
@@ -269,7 +269,7 @@ def summary_command(target: str, overrides: Sequence[str] = (), input: Optional[
                     depth: Optional[int] = None) -> str:
     """``mtl summary``: the layer table of the model a config builds (architecture only, no download) or of a
     run (its best checkpoint), under the config's ``model.freeze``."""
-    from .runs import load_model
+    from mtl.workflows.runs import load_model
 
     if depth is not None and depth < 0:
         raise UserError(f"--depth must be 0 or more, got {depth}")
@@ -348,7 +348,7 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     """
     from torchvision.utils import save_image
 
-    from .runs import image_tensor, load_model
+    from mtl.workflows.runs import image_tensor, load_model
 
     if not image or not Path(image).is_file():
         raise UserError(f"--image {image}: no such image file; give the path of a PNG or JPEG file")

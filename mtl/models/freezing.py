@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from mtl.core.errors import UserError
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
-from .registry import Registry
+from mtl.core.errors import UserError
+from mtl.core.registry import Registry
 
 TASK_TYPES = Registry("task type")
 LOSSES = Registry("loss")  # name -> fn(pred, target) -> scalar loss; named by tasks.<t>.loss

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from .errors import UserError
-from .registry import Registry
+from mtl.core.errors import UserError
+from mtl.core.registry import Registry
 
 HEADS = Registry("head")
 

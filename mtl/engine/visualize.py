@@ -73,7 +73,7 @@ def dense_overlay(task: object, output: Tensor, image: Tensor) -> Tensor:
     [0, 1]. Segmentation: palette colours blended 50% over the image; normals: (n + 1) / 2 as RGB; depth and
     other dense tasks: the colormap of the (first channel of the) prediction.
     """
-    from .tasks import Normals, Segmentation
+    from mtl.tasks.base import Normals, Segmentation
 
     output = output.detach().float().cpu()
     if isinstance(task, Segmentation):

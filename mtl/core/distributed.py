@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import UserError
+from mtl.core.errors import UserError
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
-from .freezing import eval_frozen
+from mtl.models.freezing import eval_frozen
 
 
 class TransferModel(nn.Module):

@@ -1,0 +1,1 @@
+"""The training engine: the trainer, its hooks, evaluation, optimizers, feature caching, pictures."""

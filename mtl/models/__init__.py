@@ -1,0 +1,1 @@
+"""Models: encoders and their weights, heads, MTAN, freezing, progressive networks, TransferModel."""

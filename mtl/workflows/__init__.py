@@ -1,0 +1,1 @@
+"""Workflows: a training run, stages, continual sequences, finished runs, comparisons."""
