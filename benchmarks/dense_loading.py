@@ -13,7 +13,7 @@ import torch
 
 from mtl.config.load import build_config, load_config
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_data
+from mtl.build.data import build_data
 
 
 def epoch_seconds(config: str, pipeline: str, device: torch.device) -> tuple[float, int]:

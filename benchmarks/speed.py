@@ -31,7 +31,9 @@ from PIL import Image
 from torch import nn
 
 from mtl.config.load import build_config
-from mtl.workflows.train import build_experiment, run, use_amp
+from mtl.build.experiment import build_experiment
+from mtl.workflows.train import run
+from mtl.core.runtime import use_amp
 
 GRADIENT_METHODS = ("mgda", "pcgrad", "cagrad", "nash_mtl")
 

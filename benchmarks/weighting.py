@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from mtl.workflows.compare import delta_m, run_directions, run_metrics
+from mtl.engine.monitor import delta_m
+from mtl.workflows.compare import run_directions, run_metrics
 from mtl.config.load import build_config, load_config
 from mtl.workflows.train import run
 

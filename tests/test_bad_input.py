@@ -30,14 +30,14 @@ from PIL import Image
 import mtl.workflows.train  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
-from mtl.workflows.compare import load_baseline
+from mtl.engine.monitor import load_baseline
 from mtl.config.load import build_config, load_config, parse_override
 from mtl.data.decoded import _decode_file
 from mtl.data.folder import folder
 from mtl.data.image_files import load_rgb
 from mtl.models.encoders import build_encoder
 from mtl.core.errors import UserError
-from mtl.workflows.train import select_device
+from mtl.core.runtime import select_device
 from mtl.config.schema import Config
 
 WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from mtl.cli import main
-from mtl.workflows.compare import compare_table, delta_m, load_baseline, write_baseline
+from mtl.workflows.compare import compare_table, write_baseline
+from mtl.engine.monitor import delta_m, load_baseline
 from mtl.core.errors import UserError
 
 DIRECTIONS = {"seg": {"miou": True, "loss": False}, "depth": {"abs_err": False, "loss": False}}

@@ -142,7 +142,7 @@ def test_dump_round_trip(tmp_path):
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    from mtl.workflows.train import stage_configs
+    from mtl.config.stages import stage_configs
 
     configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
     assert configs, "no configs shipped"

@@ -14,7 +14,8 @@ from mtl.workflows.continual import continual_metrics, results_table
 from mtl.data import ClassSubset
 from mtl.data.tensor_dataset import TensorImageDataset
 from mtl.core.errors import UserError
-from mtl.workflows.train import stage_configs, train_from_file
+from mtl.config.stages import stage_configs
+from mtl.workflows.stages import train_from_file
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -103,7 +104,7 @@ def test_progressive_config_runs_every_method(progressive_run):
 def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run, capsys):
     from test_inspection import totals
 
-    from mtl.engine.evaluate import eval_command
+    from mtl.workflows.evaluate import eval_command
     from mtl.workflows.inspect import summary_command
     from mtl.workflows.runs import load_model
 

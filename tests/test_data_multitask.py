@@ -473,7 +473,8 @@ def test_celeba_whole_batches_match_items_and_train(tmp_path):
     assert torch.equal(flipped["image"][1], batch["image"][1])
 
     from mtl.config.load import build_config
-    from mtl.workflows.train import build_data, run
+    from mtl.build.data import build_data
+    from mtl.workflows.train import run
 
     raw = {"name": "celeba_tiny", "out_dir": str(tmp_path / "runs"), "data": {
                "name": "celeba", "root": str(tmp_path), "options": {"attributes": ["Smiling", "Male"], "image_size": 32},

@@ -59,7 +59,7 @@ def recording(steps):
 STEPS = RECORD + """
 import sys
 from mtl.core import distributed as dist
-from mtl.workflows.train import train_from_file
+from mtl.workflows.stages import train_from_file
 
 dist.init_from_env()  # what `mtl train` does, then one process group for every config in turn
 results = {}
@@ -209,7 +209,7 @@ def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
     from mtl.core import distributed
     from mtl.config.load import build_config
     from mtl.core.errors import UserError
-    from mtl.workflows.train import build_data
+    from mtl.build.data import build_data
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     cfg = build_config(tiny_config(make_folder(tmp_path / "d"), tmp_path / "r"), {})
@@ -224,7 +224,8 @@ def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
 
     from mtl.core import distributed
     from mtl.config.load import build_config
-    from mtl.workflows.train import build_data, in_order
+    from mtl.build.data import build_data
+    from mtl.data.loaders import in_order
     from mtl.engine.feature_cache import FeatureBatches
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

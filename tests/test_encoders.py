@@ -10,7 +10,7 @@ from torch import nn
 from mtl.config.load import build_config
 from mtl.models.encoders import ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_model
+from mtl.build.model import build_model
 from mtl.tasks.base import build_task
 from mtl.models.weights import fit_state_dict
 

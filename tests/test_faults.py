@@ -520,8 +520,8 @@ def test_loader_workers_never_die_of_a_process_group_signal_even_while_starting(
     script.write_text(
         "import os, random, signal, threading, torch\n"
         "from torch.utils.data import TensorDataset\n"
-        "from mtl.workflows.train import SignalSafeLoader\n"
-        "from mtl.engine.trainer import ignore_stop_signals\n"
+        "from mtl.data.loaders import SignalSafeLoader\n"
+        "from mtl.core.runtime import ignore_stop_signals\n"
         "got, failed, trials = [], 0, 16\n"
         "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
         "for trial in range(trials):\n"

@@ -11,7 +11,8 @@ from mtl.core.checkpoint import load_checkpoint
 from mtl.cli import main
 from mtl.config.load import build_config, load_config
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_experiment, resume_run, run
+from mtl.build.experiment import build_experiment
+from mtl.workflows.train import resume_run, run
 from mtl.engine.trainer import Trainer
 from mtl.weighting import WEIGHTINGS
 

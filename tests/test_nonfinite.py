@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 from mtl.config.load import build_config
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_experiment, run
+from mtl.build.experiment import build_experiment
+from mtl.workflows.train import run
 from mtl.engine.optim import build_optimizer
 from mtl.tasks.base import Classification
 from mtl.engine.trainer import Trainer, _Meter

@@ -10,7 +10,9 @@ from conftest import tiny_config
 from mtl.config.load import build_config
 from mtl.data.batches import DeviceBatches
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_data, build_experiment, run
+from mtl.build.data import build_data
+from mtl.build.experiment import build_experiment
+from mtl.workflows.train import run
 from mtl.engine.feature_cache import FeatureBatches, HeadsOnFeatures
 
 
@@ -107,7 +109,7 @@ def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     from test_multitask import scenes_config
 
     from mtl.data.dense_transforms import hflip
-    from mtl.workflows.train import build_dataset
+    from mtl.build.data import build_dataset
 
     cfg = scenes_config(tmp_path)
     ds = build_dataset(cfg.data, "val", train=False)
@@ -185,7 +187,7 @@ def test_cached_features_train_the_same_heads_as_the_uncached_run(color_folder, 
 
 
 def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_set_order(color_folder, tmp_path):
-    from mtl.workflows.train import _speed_up
+    from mtl.build.experiment import _speed_up
 
     cfg = frozen(color_folder, tmp_path, **{"data.pipeline": "items"})
     exp = build_experiment(cfg)
@@ -204,7 +206,7 @@ def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_se
 def test_feature_views_cache_several_augmented_views(color_folder, tmp_path):
     cfg = frozen(color_folder, tmp_path, **{"data.augment": "random_resized_crop", "train.cache_features": "on",
                                             "train.feature_views": 2})
-    from mtl.workflows.train import _speed_up
+    from mtl.build.experiment import _speed_up
 
     exp = build_experiment(cfg)
     model, loaders = _speed_up(cfg, exp)
@@ -245,7 +247,7 @@ def test_channels_last_is_on_by_default_and_computes_the_same(color_folder, tmp_
 
 
 def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(color_folder, tmp_path):
-    from mtl.engine.evaluate import eval_command
+    from mtl.workflows.evaluate import eval_command
     from mtl.workflows.runs import load_model
 
     summary = run(cfg_of(color_folder, tmp_path, **{"train.epochs": 2, "train.compile": True}), quiet=True)

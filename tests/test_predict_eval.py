@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
 from mtl.config.load import build_config
-from mtl.workflows.train import build_dataset, run
+from mtl.build.data import build_dataset
+from mtl.workflows.train import run
 from mtl.workflows.runs import load_model
 from test_multitask import scenes_config
 

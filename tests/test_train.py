@@ -50,7 +50,7 @@ def test_tensorboard_has_scalars_lr_images_and_hparams_in_run_dir(color_folder, 
 
 
 def test_best_checkpoint_is_restored_at_the_end(color_folder, tmp_path):
-    from mtl.workflows.train import build_experiment
+    from mtl.build.experiment import build_experiment
 
     cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 3}))
     summary = run(cfg, quiet=True)
@@ -153,7 +153,7 @@ def test_console_script_runs_and_overrides(color_folder, tmp_path):
 
 def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, tmp_path, capsys):
     from mtl.config.load import load_config
-    from mtl.workflows.train import train_from_file
+    from mtl.workflows.stages import train_from_file
 
     raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
     raw["stages"] = [{"name": "source"},
@@ -179,7 +179,7 @@ def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, t
 def test_stage_reference_to_a_later_stage_is_an_error(color_folder, tmp_path):
     from mtl.config.load import load_config
     from mtl.core.errors import UserError
-    from mtl.workflows.train import stage_configs
+    from mtl.config.stages import stage_configs
 
     raw = tiny_config(color_folder, tmp_path / "runs")
     raw["stages"] = [{"name": "a", "model": {"weights": "stage:b"}}, {"name": "b"}]

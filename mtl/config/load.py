@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import yaml
 
-from mtl.core.errors import UserError
 from mtl.config.schema import Config
+from mtl.core.errors import UserError
 
 Sources = Dict[Tuple[str, ...], str]  # key path -> the file (or "command line") that set it
 

@@ -18,7 +18,6 @@ import torch
 
 from mtl.core.errors import UserError
 
-
 TEMP_SUFFIX = ".mtl-tmp"  # atomic_write's temporaries: .<name>.<random>.mtl-tmp beside the file they replace
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)

@@ -96,6 +96,11 @@ class DeviceBatches:
         self.target_names = target_names or ["label"]
         self.dataset, self.collate_fn = dataset, collate_fn
 
+    def in_order(self) -> "DeviceBatches":
+        """Every image in order, not sharded over processes (evaluation keeps no augmentation)."""
+        return DeviceBatches(self.store, self.augment, batch_size=self.batch_size, shuffle=False, device=self.device,
+                             generator=torch.Generator(), target_names=self.target_names)
+
     def __len__(self) -> int:
         return (len(self.store) + self.batch_size - 1) // self.batch_size
 

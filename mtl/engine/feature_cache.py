@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtl.core import distributed as dist
-from mtl.data.batches import loader_batch_size
 from mtl.core.errors import UserError
+from mtl.data.batches import loader_batch_size
 from mtl.models.transfer import TransferModel
 
 
@@ -98,6 +98,11 @@ class FeatureBatches:
         self.generator = generator if generator is not None else torch.Generator()
         self.dataset, self.collate_fn = dataset, collate_fn
         self.passes = 0
+
+    def in_order(self) -> "FeatureBatches":
+        """Every item in order, not sharded over processes."""
+        return FeatureBatches(self.views, self.targets, batch_size=self.batch_size, shuffle=False,
+                              dataset=self.dataset, collate_fn=self.collate_fn, shard=False)
 
     def __len__(self) -> int:
         return (self.views.shape[1] + self.batch_size - 1) // self.batch_size

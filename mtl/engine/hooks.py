@@ -11,14 +11,19 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
-from mtl.models.freezing import set_trainable
-from mtl.engine.optim import add_param_group, param_groups
-from mtl.core.rundir import resume_hint
 from mtl.config.schema import OptimCfg, UnfreezeCfg
+from mtl.core import distributed as dist
+from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
+from mtl.core.rundir import resume_hint
+from mtl.data.loaders import in_order
+from mtl.engine.evaluate import confusion_tasks, evaluate
+from mtl.engine.optim import add_param_group, param_groups
 from mtl.engine.trainer import Hook, Trainer
+from mtl.engine.visualize import confusion_image, dense_overlay, prediction_grid
+from mtl.models.freezing import set_trainable
 
 
 class UnfreezeHook(Hook):
@@ -246,9 +251,6 @@ class TensorBoardHook(Hook):
     @torch.no_grad()
     def _log_val_images(self, trainer: Trainer, step: int) -> None:
         """The prediction grid of the first validation images and, per dense task, overlays of a few of them."""
-        from torchvision.utils import make_grid
-
-        from mtl.engine.visualize import dense_overlay, prediction_grid
 
         grid_task = self._grid_task(trainer)
         dense = [t for t, task in trainer.tasks.items() if task.dense]
@@ -274,16 +276,12 @@ class TensorBoardHook(Hook):
     @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:
         """Confusion matrices of the best model on the validation set, one image per classification task."""
-        from mtl.engine.evaluate import confusion_tasks, evaluate
-        from mtl.engine.visualize import confusion_image
 
         if "val" not in trainer.loaders or not confusion_tasks(trainer.tasks):
             return
         best = Path(self.writer.log_dir) / "checkpoints" / "best.pt"
         if trainer.best["epoch"] not in (None, trainer.epoch) and best.exists():  # before CheckpointHook restores it
             trainer.model.load_state_dict(load_checkpoint(best)["model"])
-        from mtl.core import distributed as dist
-        from mtl.workflows.train import in_order
 
         loader = trainer.loaders["val"]
         if dist.world_size() > 1:  # process 0 alone scores the whole split, while the others wait

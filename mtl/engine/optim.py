@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from mtl.core.registry import Registry
 from mtl.config.schema import OptimCfg, SchedCfg
+from mtl.core.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("schedule")

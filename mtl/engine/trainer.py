@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from mtl.core import distributed as dist
 from mtl.core.checkpoint import rng_state, set_rng_state
-from mtl.data.batches import loader_batch_size
-from mtl.models.freezing import L2SP
 from mtl.core.errors import UserError, out_of_memory
+from mtl.data.batches import loader_batch_size
+from mtl.engine.monitor import default_monitor
+from mtl.models.freezing import L2SP
 from mtl.tasks.base import Task
+from mtl.weighting import build_weighting
 from mtl.weighting.base import Weighting
 
 
@@ -435,29 +437,6 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """SIGINT and SIGTERM held back in this thread during the block (they arrive when it ends). Processes forked in
-    it (DataLoader workers) start with them blocked, until ``ignore_stop_signals`` runs there."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of DataLoader workers: Ctrl-C and SIGTERM to the whole process group (what a terminal and a
-    scheduler send) leave them running, so that the main process can finish its step and save a checkpoint; they
-    end with it. A signal held back since the fork (``stop_signals_blocked``) is dropped."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # also replaces torch's worker handler, which dies on a foreign SIGTERM
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
 def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
                     owned: Sequence[Tensor] = ()) -> Tuple[Tensor, List[Tuple[Optional[Tensor], ...]]]:
     """Row t of the (T, D) float32 matrix: the flattened gradient of ``losses[t]`` w.r.t. ``inputs`` (zeros where
@@ -496,16 +475,8 @@ def _set_owned_grads(owned: Sequence[nn.Parameter], per_task: List[Tuple[Optiona
 
 
 def _default_weighting(tasks: Mapping[str, Task]) -> Weighting:
-    from mtl.weighting import build_weighting
 
     return build_weighting("static", list(tasks), [t.weight for t in tasks.values()])
-
-
-def default_monitor(phase_metrics: Mapping[str, Any]) -> float:
-    """Mean accuracy when every task has one, else the negated loss."""
-    if "acc" in phase_metrics:
-        return phase_metrics["acc"]
-    return -phase_metrics["loss"]
 
 
 def _postfix(result: Mapping[str, Any]) -> Dict[str, str]:

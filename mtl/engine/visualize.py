@@ -12,6 +12,8 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import to_image, to_pil_image
 from torchvision.utils import make_grid
 
+from mtl.tasks.base import Normals, Segmentation
+
 RGB = Tuple[int, int, int]
 _RIGHT, _WRONG, _PLAIN = (80, 220, 80), (240, 80, 80), (235, 235, 235)
 # viridis at 0, 1/4, 1/2, 3/4, 1: the depth colormap (dark = near, yellow = far)
@@ -73,7 +75,6 @@ def dense_overlay(task: object, output: Tensor, image: Tensor) -> Tensor:
     [0, 1]. Segmentation: palette colours blended 50% over the image; normals: (n + 1) / 2 as RGB; depth and
     other dense tasks: the colormap of the (first channel of the) prediction.
     """
-    from mtl.tasks.base import Normals, Segmentation
 
     output = output.detach().float().cpu()
     if isinstance(task, Segmentation):

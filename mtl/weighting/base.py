@@ -1,11 +1,13 @@
 """The weighting contract: how per-task losses (loss level) or per-task gradients (gradient level) become one update."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from mtl.core.errors import UserError
 from mtl.core.registry import Registry
 
 WEIGHTINGS = Registry("weighting")
@@ -75,9 +77,6 @@ class GradientWeighting(Weighting):
 def build_weighting(name: str, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
                     **options: Any) -> Weighting:
     """A registered method; unknown options are a UserError naming the known ones."""
-    import inspect
-
-    from mtl.core.errors import UserError
 
     cls = WEIGHTINGS.get(name)
     known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks", "task_weights")]

@@ -21,6 +21,7 @@ from mtl.core.errors import UserError
 from mtl.weighting import solvers
 from mtl.weighting.base import WEIGHTINGS, GradientWeighting
 
+
 def _combine(grads: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
     """``(G^T alpha, alpha)`` in float32 on the gradients' device (alpha may come from the host)."""
     alpha = alpha.to(grads.device, torch.float32, non_blocking=True)

@@ -26,21 +26,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from mtl.core.checkpoint import atomic_write, save_json
+from mtl.build.data import build_data
+from mtl.build.model import check_data_size, model_input_size, parameter_counts
+from mtl.build.tasks import task_targets
 from mtl.config.load import dump_config
-from mtl.models.encoders import build_encoder
+from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
+from mtl.core.checkpoint import atomic_write, save_json
 from mtl.core.errors import UserError
-from mtl.workflows.train import build_data, check_data_size, new_run_dir, parameter_counts, seed_everything, select_device, use_amp
+from mtl.core.runtime import seed_everything, select_device, use_amp
+from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
+from mtl.engine.optim import build_optimizer, build_scheduler
+from mtl.engine.trainer import Trainer
+from mtl.models.encoders import build_encoder
 from mtl.models.freezing import apply_freeze
 from mtl.models.heads import HEADS
-from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
-from mtl.models.transfer import TransferModel
-from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.models.progressive import ProgressiveNet
-from mtl.workflows.runs import model_input_size, task_targets
-from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
+from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
-from mtl.engine.trainer import Trainer
+from mtl.workflows.train import new_run_dir
 
 
 @dataclass

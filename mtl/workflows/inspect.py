@@ -22,37 +22,21 @@ import difflib
 import fnmatch
 import math
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.utils import make_grid, save_image
 
-from mtl.models.encoders import check_input_size
 from mtl.core.errors import UserError
+from mtl.core.runtime import evaluating
+from mtl.models.encoders import check_input_size
+from mtl.workflows.runs import image_tensor, load_model
 
 _MB = 1024.0 ** 2
 _BATCH = 2  # BatchNorm-safe even if a module were left in train mode
 _TILE = 32  # feature maps smaller than this (in pixels) are enlarged by an integer factor in the grids
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad; restores every module's own training flag afterwards (pre-order, through the
-    module's own ``train`` where it overrides it, so traced dual-graph encoders switch their graph back)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:  # parents before children: a parent's train() is corrected by its children after
-            if type(m).train is not nn.Module.train:
-                m.train(mode)
-            else:
-                m.training = mode
 
 
 def _device_dtype(model: nn.Module) -> Tuple[Optional[torch.device], torch.dtype]:
@@ -269,7 +253,6 @@ def summary_command(target: str, overrides: Sequence[str] = (), input: Optional[
                     depth: Optional[int] = None) -> str:
     """``mtl summary``: the layer table of the model a config builds (architecture only, no download) or of a
     run (its best checkpoint), under the config's ``model.freeze``."""
-    from mtl.workflows.runs import load_model
 
     if depth is not None and depth < 0:
         raise UserError(f"--depth must be 0 or more, got {depth}")
@@ -320,7 +303,6 @@ def select_modules(model: nn.Module, layers: str) -> List[str]:
 def feature_grid(fmap: Tensor, max_maps: int = 64) -> Tensor:
     """A (3, H', W') grid in [0, 1] of the first ``max_maps`` channels of ``fmap`` (C, h, w), each min-max
     normalised on its own; maps smaller than 32 pixels are enlarged by an integer factor (nearest)."""
-    from torchvision.utils import make_grid
 
     maps = fmap[:max_maps].detach().float().cpu().unsqueeze(1)  # (k, 1, h, w)
     lo = maps.amin(dim=(2, 3), keepdim=True)
@@ -346,9 +328,6 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     that runs several times gives its last call's output; selected modules with no 4-D output are skipped (a warning
     says how many).
     """
-    from torchvision.utils import save_image
-
-    from mtl.workflows.runs import image_tensor, load_model
 
     if not image or not Path(image).is_file():
         raise UserError(f"--image {image}: no such image file; give the path of a PNG or JPEG file")

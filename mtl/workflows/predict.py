@@ -16,12 +16,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from mtl.core.checkpoint import atomic_write, writing
 from mtl.core.errors import UserError
-from mtl.workflows.runs import Loaded, image_tensor, load_model
+from mtl.core.runtime import select_device
+from mtl.data.image_files import is_image_file
+from mtl.engine.visualize import dense_overlay, text_table, titled_grid
 from mtl.tasks.base import Task, probabilities
+from mtl.workflows.runs import Loaded, image_tensor, load_model
 
 BATCH = 32
 GRID_IMAGES = 32
@@ -40,7 +45,6 @@ def open_run(run: str | os.PathLike) -> Loaded:
 
 def find_images(inputs: Sequence[str]) -> List[Path]:
     """Image files from files and folders (recursively, sorted); a folder without images is a UserError."""
-    from mtl.data.image_files import is_image_file
 
     files: List[Path] = []
     for item in inputs:
@@ -61,7 +65,6 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
 
 
 def _extensions() -> str:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     return ", ".join(IMG_EXTENSIONS[:4]) + ", ..."
 
@@ -125,9 +128,6 @@ def _describe(task: Task, output: Tensor, topk: int) -> List[Tuple[Dict[str, str
 def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Path,
                    device: torch.device) -> Tuple[List[_Row], Optional[Tensor], List[str]]:
     """Rows of predictions, the first ``GRID_IMAGES`` un-normalised inputs, and the skipped images' messages."""
-    from torchvision.transforms.v2.functional import to_pil_image
-
-    from mtl.engine.visualize import dense_overlay
 
     cfg, model = loaded.cfg, loaded.model
     mean = torch.tensor(cfg.data.mean)[:, None, None]
@@ -176,10 +176,6 @@ def _has_probabilities(task: Task) -> bool:
 
 def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optional[str] = None) -> str:
     """``mtl predict``: write predictions.csv, predictions.png (and overlays); return a table of the predictions."""
-    from torchvision.transforms.v2.functional import to_pil_image
-
-    from mtl.workflows.train import select_device
-    from mtl.engine.visualize import text_table, titled_grid
 
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")

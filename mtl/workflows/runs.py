@@ -5,18 +5,27 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
-from mtl.core.checkpoint import load_checkpoint
+from mtl.build.data import build_dataset
+from mtl.build.model import build_model
+from mtl.build.tasks import _tasks_from_config, build_tasks
 from mtl.config.load import build_config, load_config
-from mtl.models.encoders import build_encoder
-from mtl.core.errors import UserError
-from mtl.models.freezing import apply_freeze
 from mtl.config.schema import Config
+from mtl.config.stages import stage_configs
+from mtl.core.checkpoint import load_checkpoint
+from mtl.core.errors import UserError
+from mtl.core.imports import import_config_modules
+from mtl.data.image_files import load_rgb
+from mtl.data.transforms import build_transforms
+from mtl.models.encoders import build_encoder
+from mtl.models.freezing import apply_freeze
 from mtl.tasks.base import Task
+from mtl.workflows.continual import as_sequence_stage, stage_model
 
 
 @dataclass
@@ -31,18 +40,6 @@ class Loaded:
     input_size: Optional[List[int]] = None  # (H, W) the run's model saw, for data sets that size their own images
 
 
-def task_targets(tasks: Dict[str, Task]) -> Dict[str, Dict[str, Any]]:
-    """What the data set declared for each task's target, saved in checkpoints so a run rebuilds without data."""
-    out = {}
-    for task in tasks.values():
-        n = len(task.classes) if task.classes else (task.out_dim if task.needs_num_classes else None)
-        info: Dict[str, Any] = {"type": task.type_name, "classes": list(task.classes)}
-        if n is not None:
-            info["num_classes" if task.type_name != "regression" else "num_outputs"] = n
-        out[task.target] = info
-    return out
-
-
 def is_run_dir(target: str | Path) -> bool:
     return Path(target).is_dir() and (Path(target) / "config.yaml").is_file()
 
@@ -54,7 +51,6 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     From a config: ``weights=False`` builds the architecture only (no download); tasks whose class count the
     config does not give are completed from the training data set (listed, not decoded).
     """
-    from mtl.workflows.train import build_dataset, build_model, build_tasks, import_config_modules
 
     path = Path(target)
     run = is_run_dir(path)
@@ -97,16 +93,12 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
 
 
 def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:
-    from mtl.workflows.continual import as_sequence_stage
-    from mtl.workflows.train import stage_configs
 
     return [as_sequence_stage(c) for c in stage_configs(raw, sources)]
 
 
 def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path) -> Loaded:
     """A continual config: the model of its first column method (else of its first method) after the last task."""
-    from mtl.workflows.continual import stage_model
-    from mtl.workflows.train import build_dataset, build_tasks
 
     configs = _sequence(raw, sources)
     tasks = [_tasks_from_config(c, build_dataset, build_tasks)[0][c.name] for c in configs]
@@ -120,8 +112,6 @@ def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path
 
 def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
     """``<root>/<method>/<task>``: the model ``method`` predicts ``task`` with, its checkpoint loaded."""
-    from mtl.workflows.continual import stage_model
-    from mtl.workflows.train import build_tasks, import_config_modules
 
     root, method, task = path.parent.parent, state["method"], state["task"]
     if "sequence" not in state:
@@ -150,34 +140,9 @@ def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) 
                         f"{' '.join(str(e).split())[:300]}") from None
 
 
-def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Tuple[Dict[str, Task], Optional[List[int]]]:
-    """The config's tasks, completed from the training data when it does not give every class count, and the
-    (H, W) of that data's images (None when no data was needed)."""
-    known = all(tc.num_classes is not None or tc.type in ("binary", "depth", "normals") for tc in cfg.tasks.values())
-    if known:
-        declared = {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
-                    for name, tc in cfg.tasks.items()}
-        return build_tasks(cfg, SimpleNamespace(targets=declared), []), None
-    try:
-        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
-    except UserError as e:
-        missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
-        raise UserError(f"{e}; or, to build the model without data, give the class count: "
-                        + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
-    size = list(train_ds[0]["image"].shape[-2:]) if len(train_ds) else None  # eval transform: the model's input
-    return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", []))), size
-
-
-def model_input_size(loader: Any) -> List[int]:
-    """(H, W) of the images ``loader`` feeds the model (its first item, collated)."""
-    return list(loader.collate_fn([loader.dataset[0]])["image"].shape[-2:])
-
-
 def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """One image file as the model's eval input: Resize + CenterCrop to (S, S) + normalise, as validation; with
     ``size`` (H, W) other than (S, S), a plain resize to it (data sets that render or size their own images)."""
-    from mtl.data.image_files import load_rgb
-    from mtl.data.transforms import build_transforms
 
     p = Path(path)
     if not p.is_file():
@@ -187,7 +152,6 @@ def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = 
     except Exception as e:  # PIL raises many types
         raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:160]}") from None
     if size is not None and list(size) != [cfg.data.image_size] * 2:
-        from torchvision.transforms import v2
 
         transform = v2.Compose([v2.ToImage(), v2.Resize(list(size), antialias=True), v2.RGB(),
                                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.data.mean, cfg.data.std)])

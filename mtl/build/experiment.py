@@ -1,0 +1,128 @@
+"""Everything a run needs, built from one config: data, tasks, model, weighting, the score that picks the best epoch,
+and the speed-ups (cached features, channels_last, compile)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtl.build.data import build_data
+from mtl.build.model import build_model, check_data_size, model_input_size, parameter_counts
+from mtl.config.schema import Config
+from mtl.core.errors import UserError
+from mtl.core.runtime import seed_everything, select_device, use_amp
+from mtl.data.loaders import in_order
+from mtl.engine.feature_cache import HeadsOnFeatures, cache_features, feature_cache_blocker
+from mtl.engine.monitor import default_monitor, delta_m, load_baseline
+from mtl.models.encoders import build_encoder
+from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
+from mtl.models.transfer import TransferModel
+from mtl.tasks.base import Task
+from mtl.weighting import Weighting, build_weighting
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built from one config."""
+
+    cfg: Config
+    model: TransferModel
+    tasks: Dict[str, Task]
+    datasets: Dict[str, Dataset]
+    loaders: Dict[str, DataLoader]
+    device: torch.device
+    generator: torch.Generator
+    weighting: Weighting
+    l2sp: Optional[L2SP] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+    input_size: List[int] = field(default_factory=list)  # (H, W) of the images the model sees
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    """Data sets, tasks (class counts checked against the data), model with weights and freezing, loaders."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    device = select_device(cfg.train.device)
+    tasks, datasets, loaders, generator, info = build_data(cfg, device)
+
+    encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
+    input_size = model_input_size(loaders.get("val", loaders["train"]))
+    check_data_size(cfg, encoder, input_size)
+    l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
+    apply_freeze(encoder, cfg.model.freeze)
+    check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
+    model = build_model(cfg, encoder, tasks).to(device)
+    if l2sp is not None:
+        l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
+    weighting = build_weighting(cfg.weighting.name, list(tasks), [t.weight for t in tasks.values()],
+                                **cfg.weighting.options).to(device)
+    weighting.seed = cfg.train.seed
+    frozen = not any(p.requires_grad for p in model.shared_parameters())
+    if weighting.gradient_level and frozen and not cfg.train.unfreeze:
+        raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
+                        f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)")
+    info["params"] = parameter_counts(model)
+    return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
+
+
+def build_monitor(cfg: Config, tasks: Dict[str, Task]) -> Callable[[Dict[str, Any]], float]:
+    """The score (higher is better) that ``train.monitor`` names, as a function of a phase's metrics."""
+    name = cfg.train.monitor
+    directions = {t: task.metric_directions for t, task in tasks.items()}
+    if cfg.train.baseline is not None:
+        load_baseline(cfg.train.baseline, directions)  # fail before training, not at the first epoch's end
+    if name == "auto":
+        if all("acc" in d for d in directions.values()):
+            return default_monitor
+        name = "delta_m" if cfg.train.baseline else "loss"
+    if name == "loss":
+        return lambda m: -m["loss"]
+    if name == "delta_m":
+        if not cfg.train.baseline:
+            raise UserError("train.monitor=delta_m needs train.baseline, a file of single-task results {task: {metric: value}}")
+        return lambda m: m["delta_m"]
+    task, _, metric = name.partition(".")
+    if task not in tasks or metric not in directions[task]:
+        known = [f"{t}.{k}" for t, d in directions.items() for k in d]
+        raise UserError(f"train.monitor {name!r} is not a task metric; use auto, loss, delta_m or one of: {', '.join(known)}")
+    sign = 1.0 if directions[task][metric] else -1.0
+    return lambda m: sign * m["tasks"][task][metric]
+
+
+def _delta_m_fn(cfg: Config, tasks: Dict[str, Task]) -> Optional[Callable[[Dict[str, Any]], float]]:
+    if cfg.train.baseline is None:
+        return None
+    directions = {t: task.metric_directions for t, task in tasks.items()}
+    base = load_baseline(cfg.train.baseline, directions)
+    return lambda m: delta_m(m["tasks"], base, directions)
+
+
+def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model and loaders to train: cached encoder features, channels_last and torch.compile as configured."""
+    t = cfg.train
+    model: nn.Module = exp.model
+    loaders: Dict[str, Any] = exp.loaders
+    has_conv = any(isinstance(m, nn.Conv2d) for m in exp.model.modules())
+    # auto = on, on CPUs too: 1.01x to 1.16x there, for rounding 1e-7 to 1e-6 further from float64 (benchmarks/README.md)
+    exp.info["channels_last"] = has_conv and t.channels_last != "off"
+    if exp.info["channels_last"]:
+        exp.model.to(memory_format=torch.channels_last)
+    blocker = feature_cache_blocker(exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none",
+                                    mode=t.cache_features)
+    if blocker is None and exp.l2sp is not None:
+        blocker = "optim.l2sp needs the encoder's weights in the loss"
+    if blocker is None:
+        views = t.feature_views if cfg.data.augment != "none" else 1
+        amp = use_amp(t.amp, exp.device)
+        loaders, seconds = cache_features(exp.model, exp.loaders, {s: in_order(l) for s, l in exp.loaders.items()},
+                                          views, exp.device, amp, exp.generator, t.seed)
+        model = HeadsOnFeatures(exp.model)
+        exp.info["pipeline"] += f"; encoder features cached once ({views} view{'s' if views > 1 else ''}, {seconds:.1f} s)"
+        exp.info["feature_cache_s"] = seconds
+    elif t.cache_features == "on":
+        raise UserError(f"train.cache_features is on, but the features cannot be cached: {blocker}")
+    if t.compile:
+        model.compile()
+    return model, loaders

@@ -1,0 +1,70 @@
+"""The model from the config: encoder, heads (through MTAN with ``model.arch: mtan``), input-size checks."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List
+
+from torch import nn
+
+from mtl.config.schema import Config, HeadCfg
+from mtl.core.errors import UserError
+from mtl.data import DATASETS
+from mtl.models.encoders import check_input_size
+from mtl.models.heads import HEADS
+from mtl.models.mtan import MTAN
+from mtl.models.transfer import TransferModel
+from mtl.tasks.base import Task
+
+
+def check_data_size(cfg: Config, encoder: nn.Module, input_size: List[int]) -> None:
+    """Refuse images (``input_size``: the (H, W) the data gives the model) that the encoder cannot take."""
+    height, width = input_size
+    if "augment" in inspect.signature(DATASETS.get(cfg.data.name)).parameters:  # sizes its own images
+        given = f"data set {cfg.data.name} gives {height}x{width} images (data.image_size does not apply to it)"
+        fix = "change the image size in data.options if the data set has one, or choose another model.encoder"
+    else:
+        given = f"data.image_size={cfg.data.image_size}"
+        fix = "change data.image_size, or choose another model.encoder"
+    check_input_size(encoder, height, width, given, fix)
+
+
+def parameter_counts(model: nn.Module) -> Dict[str, int]:
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": n_params, "trainable": n_train, "frozen": n_params - n_train}
+
+
+def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> TransferModel:
+    """Heads on the shared encoder (through MTAN attention with ``model.arch: mtan``)."""
+    mtan = None
+    feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
+    if cfg.model.arch == "mtan":
+
+        if not feature_info:
+            raise UserError(f"model.arch=mtan needs an encoder with stage features; {cfg.model.encoder} has none")
+        mtan = MTAN(feature_info, list(tasks))
+        in_dim = mtan.out_dim
+    elif cfg.model.arch != "hard":
+        raise UserError(f"model.arch must be hard or mtan, got {cfg.model.arch!r}")
+    heads = {}
+    for name, task in tasks.items():
+        head_cfg = cfg.tasks[name].head or HeadCfg(name="fpn" if task.dense else "linear")
+        options = dict(head_cfg.options)
+        if head_cfg.name == "linear" and mtan is None and not getattr(encoder, "classifier_bias", True):
+            options.setdefault("bias", False)  # as the torchvision classifier layer it replaces (maxvit_t's)
+        try:
+            head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
+                                            hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
+        except UserError as e:
+            raise UserError(f"tasks.{name}.head: {e}") from None
+        if getattr(head, "dense", False) != task.dense:
+            kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
+            raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
+                            f"not {head_cfg.name!r}")
+        heads[name] = head
+    return TransferModel(encoder, heads, mtan)
+
+
+def model_input_size(loader: Any) -> List[int]:
+    """(H, W) of the images ``loader`` feeds the model (its first item, collated)."""
+    return list(loader.collate_fn([loader.dataset[0]])["image"].shape[-2:])
