@@ -58,9 +58,13 @@ def dense_sample(h=6, w=8, seed=0):
     }
 
 
+SPECS = {"seg": {"type": "segmentation", "num_classes": 5}, "depth": {"type": "depth"}, "normal": {"type": "normals"},
+         "label": {"type": "classification", "num_classes": 4}}
+
+
 def test_hflip_flips_every_dense_target_and_negates_normal_x():
     sample = dense_sample()
-    flipped = dense_transforms.hflip(sample)
+    flipped = dense_transforms.hflip(sample, SPECS)
     for key in ("image", "seg", "depth"):
         assert torch.equal(flipped[key], sample[key].flip(-1))
     assert torch.equal(flipped["normal"][0], -sample["normal"][0].flip(-1))
@@ -68,22 +72,34 @@ def test_hflip_flips_every_dense_target_and_negates_normal_x():
     assert torch.equal(flipped["label"], sample["label"])
 
 
+def test_targets_move_by_their_declared_type_not_their_key():
+    sample = dense_sample()
+    renamed = {"image": sample["image"], "mask": sample["seg"], "z": sample["depth"], "n": sample["normal"]}
+    specs = {"mask": {"type": "segmentation", "num_classes": 5}, "z": {"type": "depth"}, "n": {"type": "normals"}}
+    flipped = dense_transforms.hflip(renamed, specs)
+    assert torch.equal(flipped["mask"], sample["seg"].flip(-1)) and torch.equal(flipped["z"], sample["depth"].flip(-1))
+    assert torch.equal(flipped["n"][0], -sample["normal"][0].flip(-1))
+    out = dense_transforms.resize(renamed, (3, 4), specs)
+    assert out["mask"].shape == (3, 4) and out["mask"].dtype == torch.long and out["n"].shape == (3, 3, 4)
+
+
 def test_resize_keeps_labels_and_unit_normals():
     sample = dense_sample()
-    out = dense_transforms.resize(sample, (3, 4))
+    out = dense_transforms.resize(sample, (3, 4), SPECS)
     assert out["image"].shape == (3, 3, 4) and out["seg"].shape == (3, 4) and out["depth"].shape == (1, 3, 4)
     assert out["seg"].dtype == torch.long and set(out["seg"].unique().tolist()) <= set(sample["seg"].unique().tolist())
     assert set(out["depth"].flatten().tolist()) <= set(sample["depth"].flatten().tolist())  # nearest: no blending
     norms = out["normal"].norm(dim=0)
     assert torch.allclose(norms[norms > 0], torch.ones(()), atol=1e-5)
-    up = dense_transforms.resize(sample, (12, 16))
+    up = dense_transforms.resize(sample, (12, 16), SPECS)
     assert up["normal"][:, :2, :2].abs().sum() == 0  # the invalid pixel stays invalid
 
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_random_scale_crop_rescales_depth(inverse):
     sample = dense_sample()
-    out = dense_transforms.random_scale_crop(sample, scales=(2.0,), inverse_depth=inverse)
+    specs = {**SPECS, "depth": {"type": "depth", "inverse": inverse}}
+    out = dense_transforms.random_scale_crop(sample, specs, scales=(2.0,))
     assert out["image"].shape == sample["image"].shape and out["seg"].shape == sample["seg"].shape
     values = set((sample["depth"] * (2.0 if inverse else 0.5)).flatten().tolist())
     assert set(out["depth"].flatten().tolist()) <= values
@@ -158,7 +174,7 @@ def test_scenes_augment_flips_image_and_targets_together(tmp_path, scene_set):
         plain, aug = scene_set[i], augmented[i]
         flipped = not torch.equal(aug["seg"], plain["seg"])
         flips += flipped
-        expected = dense_transforms.hflip(plain) if flipped else plain
+        expected = dense_transforms.hflip(plain, augmented.targets) if flipped else plain
         for key in ("image", "seg", "depth", "normal", "label"):
             assert torch.allclose(aug[key].float(), expected[key].float(), atol=1e-6), key
         if flipped:

@@ -21,7 +21,7 @@ from mtl.cli import main
 from mtl.config.load import build_config
 from mtl.core.errors import UserError
 from mtl.workflows.train import run
-from mtl.tasks.base import Classification
+from mtl.tasks.classification import Classification
 
 
 def _slow_config(tmp_path, out):

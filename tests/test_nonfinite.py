@@ -10,7 +10,7 @@ from mtl.core.errors import UserError
 from mtl.build.experiment import build_experiment
 from mtl.workflows.train import run
 from mtl.engine.optim import build_optimizer
-from mtl.tasks.base import Classification
+from mtl.tasks.classification import Classification
 from mtl.engine.trainer import Trainer, _Meter
 
 torch.set_num_threads(1)

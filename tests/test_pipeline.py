@@ -116,7 +116,7 @@ def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     rows, flip = torch.tensor([3, 0, 5, 1]), torch.tensor([True, False, True, False])
     batch = ds.gather(rows, torch.device("cpu"), {"flip": flip})
     for i, (row, f) in enumerate(zip(rows.tolist(), flip.tolist())):
-        item = hflip(ds[row]) if f else ds[row]
+        item = hflip(ds[row], ds.targets) if f else ds[row]
         for key in ("image", "seg", "depth", "normal", "label"):
             assert torch.equal(batch[key][i], item[key]), (key, i)
     assert not torch.equal(batch["seg"][0], ds[3]["seg"])  # the flip did something

@@ -266,3 +266,74 @@ def test_build_task_output_sizes_and_errors():
     task = build_task("a", type="classification", target="lbl", num_classes=3, weight=0.5, classes=["x", "y", "z"])
     assert (task.name, task.target, task.weight, task.classes, task.type_name) == ("a", "lbl", 0.5, ["x", "y", "z"],
                                                                                  "classification")
+
+
+# --- every registered type answers every question mtl asks about it (mtl/tasks/base.py, Task) --------------------
+
+
+def _item_target(task, gen, h=6, w=5):
+    """One item's target for ``task`` (dense: (C, H, W) or (H, W) labels; image-level: a scalar or vector)."""
+    _, _, batch_target = _example(task.type_name, gen, b=1)
+    if not task.dense:
+        return batch_target[0]
+    if task.type_name == "segmentation":
+        return torch.randint(-1, task.out_dim, (h, w), generator=gen)
+    return torch.rand(task.out_dim, h, w, generator=gen) + 0.5
+
+
+@pytest.mark.parametrize("type_", sorted(TASK_TYPES.names()))
+def test_every_task_type_answers_every_question(type_):
+    gen = torch.Generator().manual_seed(1)
+    cls = TASK_TYPES.get(type_)
+    task, pred, _ = _example(type_, gen)
+    # output size: a fixed one is what build_task gives and what num_classes may say
+    if cls.fixed_outputs is not None:
+        assert task.out_dim == cls.fixed_outputs and cls.accepts_num_classes(cls.fixed_outputs)
+    assert cls.outputs_key in ("num_classes", *task_options(type_), "num_outputs")
+    # probabilities: rows of a distribution (or per-label in [0, 1]) exactly for the types that claim them
+    if cls.has_probabilities:
+        p = task.probabilities(pred)
+        assert ((p >= 0) & (p <= 1)).all()
+        if type_ != "multilabel":
+            assert torch.allclose(p.sum(1), torch.ones_like(p.sum(1)), atol=1e-6)
+    else:
+        with pytest.raises(TypeError, match="no class probabilities"):
+            task.probabilities(pred)
+    if cls.confusion:
+        assert not cls.dense and task.confusion_classes() >= 2
+    if cls.dense:  # a picture of one prediction
+        picture = task.draw(pred[0], torch.rand(3, *pred.shape[-2:], generator=gen))
+        assert picture.shape == (3, *pred.shape[-2:]) and picture.min() >= 0 and picture.max() <= 1
+    # target geometry: mirroring twice, resizing to the same size, cropping the whole window, zooming by 1 change
+    # nothing; image-level targets never move
+    target = _item_target(task, gen)
+    size = tuple(target.shape[-2:]) if cls.dense else (6, 5)
+    assert torch.equal(cls.flip_target(cls.flip_target(target)), target)
+    assert torch.equal(cls.resize_target(target, size), target)
+    assert torch.equal(cls.crop_target(target, 0, 0, *size), target)
+    assert torch.equal(cls.zoom_target(target, 1.0, {"type": type_}), target)
+    if not cls.dense:
+        assert torch.equal(cls.flip_target(target), target) and torch.equal(cls.resize_target(target, (2, 3)), target)
+        assert torch.equal(cls.crop_target(target, 1, 1, 2, 2), target)
+    else:
+        assert cls.resize_target(target, (3, 4)).shape[-2:] == (3, 4)
+        assert cls.resize_target(target, (3, 4)).dtype == target.dtype
+        assert cls.crop_target(target, 1, 2, 3, 2).shape[-2:] == (3, 2)
+
+
+def test_task_type_geometry_by_hand():
+    seg = torch.tensor([[0, 1], [2, 3]])
+    assert torch.equal(TASK_TYPES.get("segmentation").flip_target(seg), torch.tensor([[1, 0], [3, 2]]))
+    assert torch.equal(TASK_TYPES.get("segmentation").resize_target(seg, (4, 4))[::2, ::2], seg)  # nearest
+    depth = torch.full((1, 2, 2), 4.0)
+    assert torch.equal(TASK_TYPES.get("depth").zoom_target(depth, 2.0, {"type": "depth"}), torch.full((1, 2, 2), 2.0))
+    assert torch.equal(TASK_TYPES.get("depth").zoom_target(depth, 2.0, {"type": "depth", "inverse": True}),
+                       torch.full((1, 2, 2), 8.0))
+    normal = torch.tensor([0.6, 0.0, 0.8]).view(3, 1, 1).expand(3, 1, 2).clone()
+    assert torch.equal(TASK_TYPES.get("normals").flip_target(normal)[0], torch.full((1, 2), -0.6))
+    binary = build_task("b", type="binary", target="y")
+    assert torch.allclose(binary.probabilities(torch.tensor([[0.0], [math.log(3)]])),
+                          torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    assert binary.confusion_classes() == 2
+    with pytest.raises(UserError, match="is binary but the data has 3 classes"):
+        TASK_TYPES.get("binary").check_data_classes("b", 3)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mtl.build.tasks import build_tasks
+from mtl.build.tasks import build_tasks, config_targets, dataset_targets
 from mtl.config.schema import Config, DataCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
@@ -77,7 +77,7 @@ def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dic
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = list(getattr(train_ds, "classes", []))
     skipped = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
-    tasks = build_tasks(cfg, train_ds, classes)
+    tasks = build_tasks(cfg, dataset_targets(train_ds))
     if cfg.data.labels_per_class:
         train_ds = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
     generator = torch.Generator()
@@ -174,3 +174,19 @@ def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_d
         "val": DenseBatches(val_ds, targets, batch_size=d.val_batch_size or d.batch_size, shuffle=False, augment=False,
                             device=device, collate_fn=collate_targets({t: task.target for t, task in tasks.items()}), **shard),
     }
+
+
+def tasks_from_config(cfg: Config) -> Tuple[Dict[str, Task], Optional[List[int]]]:
+    """The config's tasks, completed from the training data when the config does not give every output size, and
+    the (H, W) of that data's images (None when no data was needed)."""
+    declared = config_targets(cfg)
+    if declared is not None:
+        return build_tasks(cfg, declared), None
+    try:
+        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    except UserError as e:
+        missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
+        raise UserError(f"{e}; or, to build the model without data, give the class count: "
+                        + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
+    size = list(train_ds[0]["image"].shape[-2:]) if len(train_ds) else None  # eval transform: the model's input
+    return build_tasks(cfg, dataset_targets(train_ds)), size

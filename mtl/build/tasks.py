@@ -1,25 +1,30 @@
 """Tasks from the config and the target specs a data set (or a checkpoint) declares."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 from torch.utils.data import Dataset
 
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
-from mtl.tasks.base import LOSSES, METRICS, Task, add_custom_metrics, build_task, use_custom_loss
+from mtl.tasks.base import LOSSES, METRICS, TASK_TYPES, Task, add_custom_metrics, build_task, use_custom_loss
+
+TargetSpecs = Dict[str, Dict[str, Any]]  # target key -> {"type", "num_classes" (or the type's outputs_key), "classes"}
 
 
-def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str, Task]:
-    """Tasks of the config, completed and checked against what the data set provides.
+def dataset_targets(dataset: Dataset) -> TargetSpecs:
+    """The target specs a data set declares: its ``targets`` (multitask sets), or one ``label`` classification
+    target with its ``classes`` (single-label sets)."""
+    declared = dict(getattr(dataset, "targets", None) or {})
+    if declared:
+        return declared
+    classes = list(getattr(dataset, "classes", []))
+    return {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
 
-    Multitask data sets describe their targets (``targets``: key -> type, class count, class names);
-    single-label data sets have one ``label`` target whose classes are ``classes``.
-    """
-    declared: Dict[str, Dict[str, Any]] = dict(getattr(train_ds, "targets", None) or {})
-    if not declared:
-        declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
+
+def build_tasks(cfg: Config, declared: Mapping[str, Mapping[str, Any]]) -> Dict[str, Task]:
+    """Tasks of the config, completed and checked against the declared target specs (of a data set:
+    ``dataset_targets``; of a checkpoint: what ``task_targets`` saved; of a config alone: ``config_targets``)."""
     if cfg.weighting.name == "equal" and any(tc.weight != 1 for tc in cfg.tasks.values()):
         raise UserError("task weights are set but weighting.name is equal, which ignores them; "
                         "use weighting.name=static to weight the task losses")
@@ -31,15 +36,15 @@ def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str,
                             f"{', '.join(declared)}; set tasks.{name}.target to one of them")
         info = declared[target]
         type_ = tc.type or info.get("type", "classification")
-        n_data = info.get("num_classes", info.get("num_outputs"))
-        names = list(info.get("classes", []))
-        if tc.num_classes is not None and n_data and type_ != "binary" and tc.num_classes != n_data:
+        kind = TASK_TYPES.get(type_)
+        n_data = info.get("num_classes", info.get(kind.outputs_key))
+        names = list(info.get("classes") or [])
+        if tc.num_classes is not None and n_data and kind.fixed_outputs is None and tc.num_classes != n_data:
             shown = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
             raise UserError(f"tasks.{name}.num_classes is {tc.num_classes} but the data has {n_data} classes{shown}; "
                             f"fix num_classes or remove it")
         n = tc.num_classes if tc.num_classes is not None else n_data
-        if type_ == "binary" and n is not None and n != 2:
-            raise UserError(f"tasks.{name} is binary but the data has {n} classes; use type: classification")
+        kind.check_data_classes(name, n)
         options = dict(tc.options)
         custom_loss = tc.loss is not None and tc.loss in LOSSES
         if tc.loss is not None and not custom_loss:
@@ -66,31 +71,23 @@ def build_tasks(cfg: Config, train_ds: Dataset, classes: List[str]) -> Dict[str,
     return tasks
 
 
-def task_targets(tasks: Dict[str, Task]) -> Dict[str, Dict[str, Any]]:
+def task_targets(tasks: Mapping[str, Task]) -> TargetSpecs:
     """What the data set declared for each task's target, saved in checkpoints so a run rebuilds without data."""
     out = {}
     for task in tasks.values():
         n = len(task.classes) if task.classes else (task.out_dim if task.needs_num_classes else None)
         info: Dict[str, Any] = {"type": task.type_name, "classes": list(task.classes)}
         if n is not None:
-            info["num_classes" if task.type_name != "regression" else "num_outputs"] = n
+            info[task.outputs_key] = n
         out[task.target] = info
     return out
 
 
-def _tasks_from_config(cfg: Config, build_dataset: Any, build_tasks: Any) -> Tuple[Dict[str, Task], Optional[List[int]]]:
-    """The config's tasks, completed from the training data when it does not give every class count, and the
-    (H, W) of that data's images (None when no data was needed)."""
-    known = all(tc.num_classes is not None or tc.type in ("binary", "depth", "normals") for tc in cfg.tasks.values())
-    if known:
-        declared = {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
-                    for name, tc in cfg.tasks.items()}
-        return build_tasks(cfg, SimpleNamespace(targets=declared), []), None
-    try:
-        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
-    except UserError as e:
-        missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
-        raise UserError(f"{e}; or, to build the model without data, give the class count: "
-                        + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
-    size = list(train_ds[0]["image"].shape[-2:]) if len(train_ds) else None  # eval transform: the model's input
-    return build_tasks(cfg, train_ds, list(getattr(train_ds, "classes", []))), size
+def config_targets(cfg: Config) -> Optional[TargetSpecs]:
+    """The target specs a config gives alone (every task's output size known: ``num_classes``, or a type that fixes
+    it), so that its model builds without data; None when some task needs the data set's class count."""
+    if not all(tc.num_classes is not None or TASK_TYPES.get(tc.type or "classification").fixed_outputs is not None
+               for tc in cfg.tasks.values()):
+        return None
+    return {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
+            for name, tc in cfg.tasks.items()}

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mtl.data.batches import _shares_exist
-from mtl.data.dense_transforms import DENSE_KEYS, hflip
+from mtl.data.dense_transforms import Specs, hflip
 
 
 def can_gather(dataset: Dataset) -> bool:
@@ -81,12 +81,13 @@ def shift_batch(images: Tensor, top: Tensor, left: Tensor, max_shift: int) -> Te
     return rows.gather(3, xs[:, None, None, :].expand(b, c, h, w))
 
 
-def flip_batch(batch: Dict[str, Tensor], flip: Tensor) -> None:
-    """``dense_transforms.hflip``, in place, of the items of a batch where ``flip`` is true."""
+def flip_batch(batch: Dict[str, Tensor], flip: Tensor, specs: Specs) -> None:
+    """``dense_transforms.hflip``, in place, of the items of a batch where ``flip`` is true; ``specs``: the data
+    set's target specs (each target flips as its type says)."""
     if not bool(flip.any()):
         return
     idx = flip.nonzero().squeeze(1).to(batch["image"].device)
-    for key, value in hflip({k: batch[k][idx] for k in DENSE_KEYS if k in batch}).items():
+    for key, value in hflip({k: batch[k][idx] for k in ("image", *specs) if k in batch}, specs).items():
         batch[key][idx] = value
 
 

@@ -1,18 +1,21 @@
 """Joint augmentation and normalisation of an image and its dense targets (multitask data sets).
 
-A *sample* is a dict whose dense entries are recognised by key: ``image`` float (3,H,W) in [0, 1], ``seg``
-long (H,W) with -1 = ignore, ``depth`` float (1,H,W) with 0 = invalid, ``normal`` float (3,H,W) unit vectors
-with 0 = invalid. Other keys (image-level targets) pass through unchanged.
+A *sample* is a dict ``{"image": float (3,H,W) in [0, 1], <target key>: tensor, ...}``. Which entries are targets
+and how each moves with the image comes from the data set's target specs (its ``targets`` attribute, ``{key:
+{"type": ..., ...}}``): every geometric change asks the target's task type (``mtl.tasks``: ``flip_target``,
+``resize_target``, ``crop_target``, ``zoom_target``), never its key name. Image-level targets pass through.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DENSE_KEYS = ("image", "seg", "depth", "normal")
+from mtl.tasks.base import TASK_TYPES
+
+Specs = Mapping[str, Mapping[str, Any]]  # a data set's targets: key -> {"type": task type, ...}
 
 
 def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -22,70 +25,53 @@ def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     return (image - mean_t) / std_t
 
 
-def unit_vectors(x: Tensor, dim: int) -> Tensor:
-    """``F.normalize(x, dim=dim)`` (zero vectors stay zero), written out: torch's norm kernel is about 10x slower
-    on the CPU when reducing over a strided dimension such as the channels of a normal map."""
-    return x / (x * x).sum(dim, keepdim=True).sqrt().clamp_min(1e-12)
+def _targets(sample: Mapping[str, Tensor], specs: Specs):
+    """(key, task type class, spec) of every target in ``sample`` that the specs declare."""
+    return [(key, TASK_TYPES.get(spec["type"]), spec) for key, spec in specs.items() if key in sample]
 
 
-def hflip(sample: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Mirror every dense entry left-right; normals get their x component negated. Items (C,H,W) or batches."""
+def hflip(sample: dict[str, Tensor], specs: Specs) -> dict[str, Tensor]:
+    """Mirror the image and every target left-right, as their types say (normals negate x). Items or batches."""
     out = dict(sample)
-    for key in DENSE_KEYS:
-        if key in out:
-            out[key] = out[key].flip(-1)
-    if "normal" in out:
-        sign = torch.tensor([-1.0, 1.0, 1.0], dtype=out["normal"].dtype, device=out["normal"].device)
-        out["normal"] = out["normal"] * sign.view(3, 1, 1)
+    if "image" in out:
+        out["image"] = out["image"].flip(-1)
+    for key, kind, _ in _targets(out, specs):
+        out[key] = kind.flip_target(out[key])
     return out
 
 
-def random_hflip(sample: dict[str, Tensor], p: float = 0.5) -> dict[str, Tensor]:
+def random_hflip(sample: dict[str, Tensor], specs: Specs, p: float = 0.5) -> dict[str, Tensor]:
     """``hflip`` with probability ``p`` (torch's global RNG, like torchvision's random transforms)."""
-    return hflip(sample) if float(torch.rand(())) < p else sample
+    return hflip(sample, specs) if float(torch.rand(())) < p else sample
 
 
-def resize(sample: dict[str, Tensor], size: Sequence[int]) -> dict[str, Tensor]:
-    """Resize dense entries to ``size`` (h, w): image and normals bilinear (normals renormalised, invalid
-    pixels kept invalid), segmentation and depth nearest (no blending of labels or across depth edges)."""
+def resize(sample: dict[str, Tensor], size: Sequence[int], specs: Specs) -> dict[str, Tensor]:
+    """Resize the image (bilinear) and every target (as its type says: labels and depth nearest, normals
+    bilinear and renormalised) to ``size`` (h, w)."""
     size = (int(size[0]), int(size[1]))
     out = dict(sample)
     if "image" in out and tuple(out["image"].shape[-2:]) != size:
         out["image"] = _bilinear(out["image"], size).clamp_(0, 1)
-    if "seg" in out and tuple(out["seg"].shape[-2:]) != size:
-        out["seg"] = _nearest(out["seg"][None].float(), size)[0].long()
-    if "depth" in out and tuple(out["depth"].shape[-2:]) != size:
-        out["depth"] = _nearest(out["depth"], size)
-    if "normal" in out and tuple(out["normal"].shape[-2:]) != size:
-        normal = out["normal"]
-        valid = _nearest((normal.abs().sum(0, keepdim=True) > 0).float(), size)
-        out["normal"] = unit_vectors(_bilinear(normal, size), dim=0) * valid
+    for key, kind, _ in _targets(out, specs):
+        out[key] = kind.resize_target(out[key], size)
     return out
 
 
-def random_scale_crop(
-    sample: dict[str, Tensor], scales: Sequence[float] = (1.0, 1.2, 1.5), inverse_depth: bool = False
-) -> dict[str, Tensor]:
-    """Zoom in by a random factor of ``scales`` and crop a random window of the original size.
-
-    Depth is divided by the factor (the camera moved closer); with ``inverse_depth`` (disparity) it is
-    multiplied instead. Normals and labels keep their values.
-    """
+def random_scale_crop(sample: dict[str, Tensor], specs: Specs,
+                      scales: Sequence[float] = (1.0, 1.2, 1.5)) -> dict[str, Tensor]:
+    """Zoom in by a random factor of ``scales`` and crop a random window of the original size; each target's
+    values change as its type says (depth shrinks by the factor, inverse depth grows)."""
     scale = float(scales[int(torch.randint(len(scales), ()))])
     if scale == 1.0:
         return sample
     h, w = sample["image"].shape[-2:]
     big_h, big_w = round(h * scale), round(w * scale)
-    out = resize(sample, (big_h, big_w))
+    out = resize(sample, (big_h, big_w), specs)
     top, left = _randint(big_h - h), _randint(big_w - w)
-    for key in DENSE_KEYS:
-        if key in out:
-            out[key] = out[key][..., top : top + h, left : left + w]
-    if "depth" in out:
-        out["depth"] = out["depth"] * scale if inverse_depth else out["depth"] / scale
+    out["image"] = out["image"][..., top : top + h, left : left + w]
+    for key, kind, spec in _targets(out, specs):
+        out[key] = kind.zoom_target(kind.crop_target(out[key], top, left, h, w), scale, spec)
     return out
-
-
 def random_shift(image: Tensor, max_shift: int) -> Tensor:
     """Translate a (C,H,W) image by up to ``max_shift`` pixels each way, padding with its border pixels."""
     if max_shift <= 0:

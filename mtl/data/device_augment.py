@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtl.core.errors import UserError
-from mtl.data.dense_transforms import unit_vectors
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _augmentation
+from mtl.tasks.normals import unit_vectors
 
 __all__ = ["BatchAugment", "box_theta", "warp", "warp_depth", "warp_labels", "warp_normals"]
 

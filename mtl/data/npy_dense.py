@@ -55,7 +55,7 @@ class NpyDenseDataset(Dataset):
         self.mean, self.std = tuple(mean), tuple(std)
         self.targets: dict[str, dict] = {
             "seg": {"type": "segmentation", "num_classes": len(self.classes), "classes": list(self.classes)},
-            "depth": {"type": "depth"},
+            "depth": {"type": "depth", **({"inverse": True} if inverse_depth else {})},  # disparity: zooms inversely
         }
         if "normal" in subfolders:
             self.targets["normal"] = {"type": "normals"}
@@ -70,9 +70,9 @@ class NpyDenseDataset(Dataset):
         if "normal" in arrays:
             sample["normal"] = _channels_first(arrays["normal"]).float()
         if self.size is not None:
-            sample = resize(sample, self.size)
+            sample = resize(sample, self.size, self.targets)
         if self.augment:
-            sample = random_hflip(random_scale_crop(sample, SCALES, inverse_depth=self.inverse_depth))
+            sample = random_hflip(random_scale_crop(sample, self.targets, SCALES), self.targets)
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 

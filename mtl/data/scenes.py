@@ -20,9 +20,10 @@ from torch.utils.data import Dataset
 from mtl.core.errors import UserError
 from mtl.data.cache import cache_path, load_or_build
 from mtl.data.dense_batches import flip_batch, random_flips, to_device
-from mtl.data.dense_transforms import normalize, random_hflip, unit_vectors
+from mtl.data.dense_transforms import normalize, random_hflip
 from mtl.data.registry import DATASETS, resolve_split
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.tasks.normals import unit_vectors
 
 SEG_CLASSES = ("sky", "wall", "floor", "sphere", "box", "cylinder")
 KINDS = ("sphere", "box", "cylinder")
@@ -69,7 +70,7 @@ class SceneDataset(Dataset):
             "label": t["labels"][index].clone(),
         }
         if self.augment:
-            sample = random_hflip(sample)
+            sample = random_hflip(sample, self.targets)
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 
@@ -86,7 +87,7 @@ class SceneDataset(Dataset):
         batch = {"image": take("images").float() / 255, "seg": take("seg").long(), "depth": take("depth").float()[:, None],
                  "normal": unit_vectors(take("normal").float(), dim=1), "label": take("labels")}
         if params is not None:
-            flip_batch(batch, params["flip"])
+            flip_batch(batch, params["flip"], self.targets)
         batch["image"] = normalize(batch["image"], self.mean, self.std)
         return batch
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtl.engine.trainer import _Meter
-from mtl.tasks.base import Binary, Classification, Task
+from mtl.tasks.base import Task
 
 
 @dataclass
@@ -28,12 +28,8 @@ class Evaluation:
 
 
 def confusion_tasks(tasks: Mapping[str, Task]) -> List[str]:
-    """The tasks that get a confusion matrix: image-level classification (and binary) tasks."""
-    return [t for t, task in tasks.items() if isinstance(task, (Classification, Binary)) and not task.dense]
-
-
-def _num_classes(task: Task) -> int:
-    return 2 if isinstance(task, Binary) else task.out_dim
+    """The tasks whose type gets a confusion matrix (``Task.confusion``: image-level class predictions)."""
+    return [t for t, task in tasks.items() if task.confusion]
 
 
 @torch.no_grad()
@@ -48,7 +44,7 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
     The model's train/eval mode is restored afterwards.
     """
     names = confusion_tasks(tasks)
-    sizes = {t: _num_classes(tasks[t]) for t in names}
+    sizes = {t: tasks[t].confusion_classes() for t in names}
     confusion = {t: torch.zeros(n * n + 1, dtype=torch.long, device=device) for t, n in sizes.items()}  # + overflow
     meter = _Meter(tasks, device) if metrics else None
     total = 0

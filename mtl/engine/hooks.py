@@ -22,7 +22,7 @@ from mtl.data.loaders import in_order
 from mtl.engine.evaluate import confusion_tasks, evaluate
 from mtl.engine.optim import add_param_group, param_groups
 from mtl.engine.trainer import Hook, Trainer
-from mtl.engine.visualize import confusion_image, dense_overlay, prediction_grid
+from mtl.engine.visualize import confusion_image, prediction_grid
 from mtl.models.freezing import set_trainable
 
 
@@ -245,8 +245,8 @@ class TensorBoardHook(Hook):
 
     @staticmethod
     def _grid_task(trainer: Trainer) -> Optional[str]:
-        """The first image-level classification task (the grid labels images with its classes)."""
-        return next((t for t, task in trainer.tasks.items() if not task.dense and hasattr(task, "label_smoothing")), None)
+        """The first task with image-level class predictions (the grid labels images with its classes)."""
+        return next((t for t, task in trainer.tasks.items() if task.confusion), None)
 
     @torch.no_grad()
     def _log_val_images(self, trainer: Trainer, step: int) -> None:
@@ -270,7 +270,7 @@ class TensorBoardHook(Hook):
                                                                      self.classes.get(grid_task, [])), step)
         for t in dense:
             shown = range(min(self.n_overlays, len(images)))
-            overlays = [dense_overlay(trainer.tasks[t], outputs[t][i], images[i]) for i in shown]
+            overlays = [trainer.tasks[t].draw(outputs[t][i], images[i]) for i in shown]
             self.writer.add_image(f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step)
 
     @torch.no_grad()

@@ -2,7 +2,6 @@
 dense predictions, confusion matrices and plain-text tables. Drawn with PIL: matplotlib is not a dependency."""
 from __future__ import annotations
 
-import colorsys
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -12,12 +11,11 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import to_image, to_pil_image
 from torchvision.utils import make_grid
 
-from mtl.tasks.base import Normals, Segmentation
+from mtl.tasks.base import Task
+from mtl.tasks.drawing import colormap, palette  # noqa: F401  (their home before task types drew)
 
 RGB = Tuple[int, int, int]
 _RIGHT, _WRONG, _PLAIN = (80, 220, 80), (240, 80, 80), (235, 235, 235)
-# viridis at 0, 1/4, 1/2, 3/4, 1: the depth colormap (dark = near, yellow = far)
-_VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255.0
 
 
 def _class_name(classes: Sequence[str], i: int) -> str:
@@ -52,40 +50,10 @@ def prediction_grid(images: Tensor, preds: Tensor, targets: Tensor, classes: Seq
 # --------------------------------------------------------------------------- dense predictions
 
 
-def palette(n: int) -> Tensor:
-    """(n, 3) uint8 distinct colours: hues a golden ratio apart, alternating in brightness."""
-    colours = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95 if i % 2 == 0 else 0.7) for i in range(n)]
-    return (torch.tensor(colours).reshape(n, 3) * 255).round().to(torch.uint8)
-
-
-def colormap(values: Tensor) -> Tensor:
-    """(H, W) values -> (3, H, W) viridis colours in [0, 1], scaled from the map's minimum to its maximum."""
-    v = values.float()
-    lo, hi = v.min(), v.max()
-    v = (v - lo) / (hi - lo).clamp(min=1e-12) * (len(_VIRIDIS) - 1)
-    i = v.floor().long().clamp(0, len(_VIRIDIS) - 2)
-    frac = (v - i).unsqueeze(0)
-    return _VIRIDIS[i].permute(2, 0, 1) * (1 - frac) + _VIRIDIS[i + 1].permute(2, 0, 1) * frac
-
-
-def dense_overlay(task: object, output: Tensor, image: Tensor) -> Tensor:
-    """One dense prediction as a (3, H, W) picture in [0, 1].
-
-    ``output`` is the head's raw (C, H, W) output for one image, ``image`` the un-normalised input (3, H, W) in
-    [0, 1]. Segmentation: palette colours blended 50% over the image; normals: (n + 1) / 2 as RGB; depth and
-    other dense tasks: the colormap of the (first channel of the) prediction.
-    """
-
-    output = output.detach().float().cpu()
-    if isinstance(task, Segmentation):
-        if image.shape[-2:] != output.shape[-2:]:
-            image = F.interpolate(image[None].float(), size=output.shape[-2:], mode="bilinear", align_corners=False)[0]
-        colours = palette(output.shape[0])[output.argmax(0)].permute(2, 0, 1).float() / 255
-        return 0.5 * image.detach().float().cpu().clamp(0, 1) + 0.5 * colours
-    predicted = task.predict(output[None])[0]  # type: ignore[attr-defined]
-    if isinstance(task, Normals):
-        return ((predicted + 1) / 2).clamp(0, 1)
-    return colormap(predicted[0] if predicted.ndim == 3 else predicted)
+def dense_overlay(task: Task, output: Tensor, image: Tensor) -> Tensor:
+    """``task.draw(output, image)``: one dense prediction as a (3, H, W) picture (kept for code written before task
+    types drew their own predictions)."""
+    return task.draw(output, image)
 
 
 # --------------------------------------------------------------------------- confusion matrices

@@ -24,8 +24,8 @@ from mtl.core.checkpoint import atomic_write, writing
 from mtl.core.errors import UserError
 from mtl.core.runtime import select_device
 from mtl.data.image_files import is_image_file
-from mtl.engine.visualize import dense_overlay, text_table, titled_grid
-from mtl.tasks.base import Task, probabilities
+from mtl.engine.visualize import text_table, titled_grid
+from mtl.tasks.base import Task
 from mtl.workflows.runs import Loaded, image_tensor, load_model
 
 BATCH = 32
@@ -100,9 +100,7 @@ def _overlay_name(path: Path, task: str, used: set) -> str:
 def _describe(task: Task, output: Tensor, topk: int) -> List[Tuple[Dict[str, str], Dict[str, Any], str]]:
     """Per image of a batch: table cell, CSV columns and a grid title, for an image-level task."""
     t = task.name
-    try:
-        probs = probabilities(task, output.float())
-    except TypeError:  # no class probabilities: regression values
+    if not task.has_probabilities:  # regression values
         values = task.predict(output.float()).reshape(output.shape[0], -1).tolist()
         out = []
         for row in values:
@@ -110,6 +108,7 @@ def _describe(task: Task, output: Tensor, topk: int) -> List[Tuple[Dict[str, str
             text = " ".join(f"{v:.4g}" for v in row)
             out.append(({t: text}, cols, text))
         return out
+    probs = task.probabilities(output.float())
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=1)
     classes = list(task.classes)
@@ -133,7 +132,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
     mean = torch.tensor(cfg.data.mean)[:, None, None]
     std = torch.tensor(cfg.data.std)[:, None, None]
     image_tasks = [t for t, task in loaded.tasks.items() if not task.dense]
-    title_task = next((t for t in image_tasks if _has_probabilities(loaded.tasks[t])), image_tasks[0] if image_tasks else None)
+    title_task = next((t for t in image_tasks if loaded.tasks[t].has_probabilities), image_tasks[0] if image_tasks else None)
     rows: List[_Row] = []
     grid: List[Tensor] = []
     skipped: List[str] = []
@@ -151,7 +150,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
             if task.dense:
                 for i, row in enumerate(batch_rows):
                     name = _overlay_name(row.path, t, used)
-                    overlay = to_pil_image(dense_overlay(task, outputs[t][i], inputs[i]))
+                    overlay = to_pil_image(task.draw(outputs[t][i], inputs[i]))
                     atomic_write(out_dir / name, functools.partial(overlay.save, format="PNG"), OUT_HINT)
                     row.cells[t], row.csv[f"{t}_overlay"] = name, str(out_dir / name)
                 continue
@@ -164,14 +163,6 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
         grid += list(inputs[:max(GRID_IMAGES - len(grid), 0)])
     bar.close()
     return rows, torch.stack(grid) if grid else None, skipped
-
-
-def _has_probabilities(task: Task) -> bool:
-    try:
-        probabilities(task, torch.zeros(1, task.out_dim))
-        return True
-    except TypeError:
-        return False
 
 
 def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optional[str] = None) -> str:

@@ -4,16 +4,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from mtl.build.data import build_dataset
+from mtl.build.data import tasks_from_config
 from mtl.build.model import build_model
-from mtl.build.tasks import _tasks_from_config, build_tasks
+from mtl.build.tasks import build_tasks
 from mtl.config.load import build_config, load_config
 from mtl.config.schema import Config
 from mtl.config.stages import stage_configs
@@ -78,10 +77,10 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
         else:  # runs from before task targets were saved: the classes are enough for single-label runs
             classes = next(iter(state.get("classes", {}).values()), [])
             declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
-        tasks = build_tasks(cfg, SimpleNamespace(targets=declared), [])
+        tasks = build_tasks(cfg, declared)
         input_size = state.get("input_size")
     else:
-        tasks, input_size = _tasks_from_config(cfg, build_dataset, build_tasks)
+        tasks, input_size = tasks_from_config(cfg)
     encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights if (weights and not run) else None,
                             **cfg.model.encoder_options)
     apply_freeze(encoder, cfg.model.freeze)
@@ -101,7 +100,7 @@ def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path
     """A continual config: the model of its first column method (else of its first method) after the last task."""
 
     configs = _sequence(raw, sources)
-    tasks = [_tasks_from_config(c, build_dataset, build_tasks)[0][c.name] for c in configs]
+    tasks = [tasks_from_config(c)[0][c.name] for c in configs]
     method = next((m for m in top.continual.methods if m in ("progressive", "independent")), top.continual.methods[0])
     model = stage_model(method, top, configs, tasks, len(configs) - 1).eval()
     last = copy.deepcopy(configs[-1])
@@ -125,7 +124,7 @@ def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
     if task not in names:
         raise UserError(f"{path}: task {task!r} is not a stage of {root / 'config.yaml'} (stages: {', '.join(names)})")
     k = names.index(task)
-    tasks = [build_tasks(c, SimpleNamespace(targets=targets), [])[c.name]
+    tasks = [build_tasks(c, targets)[c.name]
              for c, targets in zip(configs[: k + 1], state["sequence"])]
     model = stage_model(method, top, configs, tasks, k)
     _load_state(model, state["model"], path)
