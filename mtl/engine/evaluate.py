@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mtl.core.runtime import evaluating
 from mtl.engine.trainer import _Meter
 from mtl.tasks.base import Task
 
@@ -41,16 +42,14 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
     Confusion matrices for ``confusion_tasks``; with ``metrics`` also every task's loss and metrics through the
     task metric API (``init_state``/``update``/``compute``), summed by the trainer's own meter as in its
     validation phase.
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards (``mtl.core.runtime.evaluating``).
     """
     names = confusion_tasks(tasks)
     sizes = {t: tasks[t].confusion_classes() for t in names}
     confusion = {t: torch.zeros(n * n + 1, dtype=torch.long, device=device) for t, n in sizes.items()}  # + overflow
     meter = _Meter(tasks, device) if metrics else None
     total = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
             x = batch["image"].to(device, non_blocking=True)
             if channels_last and x.ndim == 4:
@@ -69,8 +68,6 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
             if meter is not None:
                 losses = torch.stack([task.loss(outputs[t], targets[t]).detach() for t, task in tasks.items()])
                 meter.update(losses, outputs, targets, n)
-    finally:
-        model.train(was_training)
     result = Evaluation(size=total, confusion={t: c[:-1].view(sizes[t], sizes[t]).cpu() for t, c in confusion.items()})
     if meter is not None:
         phase = meter.result()

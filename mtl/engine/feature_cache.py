@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
+from mtl.core.runtime import evaluating
 from mtl.data.batches import loader_batch_size
 from mtl.models.transfer import TransferModel
 
@@ -66,17 +67,15 @@ class HeadsOnFeatures(nn.Module):
 def encode_all(model: TransferModel, loader: Iterable[Dict[str, Any]], device: torch.device, amp: bool = False,
                desc: str = "features") -> Tuple[Tensor, Dict[str, Tensor]]:
     """Pooled encoder features (N, D) float32 and the targets of every batch of ``loader``, in its order."""
-    was_training = model.training
-    model.eval()
     feats: List[Tensor] = []
     targets: Dict[str, List[Tensor]] = {}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(model.encode(x)["out"].float())
-        for t, y in batch["targets"].items():
-            targets.setdefault(t, []).append(y.to(device, non_blocking=True))
-    model.train(was_training)
+    with evaluating(model):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            x = batch["image"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                feats.append(model.encode(x)["out"].float())
+            for t, y in batch["targets"].items():
+                targets.setdefault(t, []).append(y.to(device, non_blocking=True))
     if not feats:
         raise UserError("the data set is empty: no features to cache")
     return torch.cat(feats), {t: torch.cat(ys) for t, ys in targets.items()}

@@ -18,6 +18,7 @@ from mtl.config.schema import OptimCfg, UnfreezeCfg
 from mtl.core import distributed as dist
 from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
 from mtl.core.rundir import resume_hint
+from mtl.core.runtime import evaluating
 from mtl.data.loaders import in_order
 from mtl.engine.evaluate import confusion_tasks, evaluate
 from mtl.engine.optim import add_param_group, param_groups
@@ -194,17 +195,15 @@ class TensorBoardHook(Hook):
         """The model graph (TensorBoard's Graphs tab), traced on one validation image in eval mode."""
         split = "val" if "val" in trainer.loaders else "train"
         self._load_images(trainer.loaders[split])
-        model, was_training = self.graph_model, self.graph_model.training
-        model.eval()  # tracing runs a forward pass: keep batch-norm statistics as they are
+        model = self.graph_model
         try:
             with warnings.catch_warnings():  # the tracer's notes on Python control flow concern only this picture
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=FutureWarning)  # add_graph's tracer
-                self.writer.add_graph(model, self._images[:1].to(trainer.device), use_strict_trace=False)
+                with evaluating(model):  # tracing runs a forward pass: keep batch-norm statistics
+                    self.writer.add_graph(model, self._images[:1].to(trainer.device), use_strict_trace=False)
         except Exception as e:  # tracing is best-effort: some models use Python control flow it cannot follow
             tqdm.write(f"warning: model graph not written to TensorBoard ({type(e).__name__}: {str(e).splitlines()[0]})")
-        finally:
-            model.train(was_training)
 
     def _load_images(self, loader: Any) -> None:
         """The first validation images and targets, straight from the data set (a loader iterator would consume
@@ -257,11 +256,8 @@ class TensorBoardHook(Hook):
         if grid_task is None and not dense:
             return
         self._load_images(trainer.loaders["val"])
-        was_training = trainer.model.training
-        trainer.model.eval()
-        with trainer.autocast():
+        with evaluating(trainer.model), trainer.autocast():
             outputs = trainer.model(self._images.to(trainer.device))
-        trainer.model.train(was_training)
         images = (self._images.float() * self.std[:, None, None] + self.mean[:, None, None]).clamp(0, 1)
         if grid_task is not None:
             task = trainer.tasks[grid_task]

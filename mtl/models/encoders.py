@@ -16,8 +16,7 @@ import difflib
 import functools
 import math
 import re
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torchvision
@@ -28,6 +27,7 @@ from torchvision.models.feature_extraction import DualGraphModule, create_featur
 
 from mtl.core.errors import UserError
 from mtl.core.registry import Registry
+from mtl.core.runtime import evaluating
 from mtl.models.weights import load_weights
 
 ENCODERS = Registry("encoder")
@@ -238,7 +238,7 @@ def _find_stages(model: nn.Module, size: tuple[int, int], head: str) -> tuple[st
 
     handles = [model.get_submodule(n).register_forward_hook(functools.partial(record, n)) for n in trunk]
     try:
-        with _evaluating(model):
+        with evaluating(model):
             model(_probe_input(model, size))
     finally:
         for h in handles:
@@ -264,7 +264,7 @@ def tokens_to_map(tokens: Tensor, grid: Tensor) -> Tensor:
 def probe_feature_info(encoder: nn.Module, size: int | tuple[int, int]) -> list[dict[str, Any]]:
     """Measure stage channels and reductions with one dry run on a (1, 3, size, size) or (1, 3, *size) input."""
     height = size if isinstance(size, int) else size[0]
-    with _evaluating(encoder):
+    with evaluating(encoder):
         features = encoder(_probe_input(encoder, size))
     return [{"name": k, "channels": v.shape[1], "reduction": _reduction(height, v.shape[-2])}
             for k, v in features.items() if k != "out"]
@@ -275,7 +275,7 @@ def smallest_input_size(encoder: nn.Module, start: int) -> int:
     1x1 (sizes above one that works are assumed to work too)."""
     def runs(size: int) -> bool:
         try:
-            with _evaluating(encoder):
+            with evaluating(encoder):
                 features = encoder(_probe_input(encoder, size))
         except Exception:  # noqa: BLE001 - whatever a model raises on a too small input, it does not run
             return False
@@ -323,20 +323,6 @@ def _probe_input(module: nn.Module, size: int | tuple[int, int]) -> Tensor:
     height, width = (size, size) if isinstance(size, int) else size
     return torch.zeros(1, 3, height, width, device=p.device if p is not None else None,
                        dtype=p.dtype if p is not None else None)
-
-
-@contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for a dry run; restores every submodule's own training flag afterwards."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(modes[module])  # through train() so a traced module switches its graph back
-        for m, mode in modes.items():
-            m.training = mode
 
 
 _NORMS = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(min(8, c), c), "none": lambda c: nn.Identity()}

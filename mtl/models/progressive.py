@@ -16,7 +16,6 @@ The maps h_i (lateral included) are what later columns read.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from itertools import chain
 from numbers import Real
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ from einops import reduce
 from torch import Tensor, nn
 
 from mtl.core.errors import UserError
+from mtl.core.runtime import evaluating
 from mtl.models.freezing import freeze_norm_stats
 
 _RESNETS = r"resnet\d+|resnext.*|wide_resnet.*"
@@ -353,26 +353,13 @@ def _count(params: Iterator[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
-@contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for a dry run; every submodule's own training flag is restored afterwards."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def _head_out_dim(task: str, head: nn.Module, in_dim: int) -> int:
     """The head's output width, by a dry run on a (2, in_dim) input."""
     p = next(chain(head.parameters(), head.buffers()), None)
     x = torch.zeros(2, in_dim, device=p.device if p is not None else None,
                     dtype=p.dtype if p is not None and p.is_floating_point() else None)
     try:
-        with _evaluating(head):
+        with evaluating(head):
             y = head(x)
     except Exception as e:  # noqa: BLE001 - any failure means the head does not fit the column
         raise UserError(f"progressive: the head of task {task!r} does not take (B, {in_dim}) pooled features: {e}") from None
