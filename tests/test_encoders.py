@@ -1,6 +1,7 @@
 """Encoder contract: stage maps + pooled "out", honest attributes, torchvision parameter names."""
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torchvision
 from torch import nn
 
 from mtl.config.load import build_config
-from mtl.models.encoders import ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map
+from mtl.models.encoders import (ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map,
+                                 torchvision_names)
 from mtl.core.errors import UserError
 from mtl.build.model import build_model
 from mtl.tasks.base import build_task
@@ -180,3 +182,53 @@ def test_maxvit_takes_exactly_the_size_it_is_built_for() -> None:
     assert input_size_problem(encoder, 224, 224) is None
     for size in (64, 256, 448):  # its attention grids are fixed when it is built
         assert input_size_problem(encoder, size, size) == "takes only 224x224 images"
+
+
+
+# One torchvision model per family (its smallest): building all 80 (each traced twice by torch.fx) takes minutes on
+# two cores. test_every_torchvision_family_is_checked fails when torchvision brings a family missing here.
+FAMILY_MEMBERS = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+                  "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+                  "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t",
+                  "swin_v2_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2")
+ON_CPU = ("regnet_x_400mf", "regnet_y_400mf")  # torchvision's regnet builders compute with tensors: no meta device
+
+
+def _family(name: str) -> str:
+    return re.match(r"[a-z]+(?:_v\d)?", name).group()
+
+
+def test_every_torchvision_family_is_checked() -> None:
+    assert set(FAMILY_MEMBERS) <= set(torchvision_names())
+    assert {_family(n) for n in torchvision_names()} == {_family(n) for n in FAMILY_MEMBERS}
+
+
+@pytest.mark.parametrize("name", ENCODERS.names() + list(FAMILY_MEMBERS))
+def test_encoder_keeps_the_contract(name: str) -> None:
+    """Every registered encoder and one torchvision model per family, built with weights=None: honest declared
+    attributes, and a batch of one at the smallest size it accepts gives {stage: (1, channels, h, w), ...,
+    "out": (1, out_dim)}. Registered encoders and ON_CPU compute on the CPU; the others are built and run on the
+    meta device (shapes, no compute)."""
+    device = "cpu" if name in ENCODERS or name in ON_CPU else "meta"
+    with torch.device(device):
+        encoder = build_encoder(name, weights=None)
+    assert isinstance(encoder.out_dim, int) and encoder.out_dim > 0
+    info = encoder.feature_info  # may be empty: stage maps are optional (maxvit_t has none)
+    assert isinstance(info, list) and all(set(f) == {"name", "channels", "reduction"} for f in info)
+    names = [f["name"] for f in info]
+    assert len(set(names)) == len(names) and "out" not in names
+    assert all(isinstance(f["channels"], int) and f["channels"] > 0 for f in info)
+    fixed = getattr(encoder, "fixed_input_size", None)
+    assert fixed is None or (len(fixed) == 2 and all(isinstance(side, int) for side in fixed))
+    assert isinstance(encoder.min_input_size, int) and encoder.min_input_size >= 1
+    size = tuple(fixed) if fixed is not None else (encoder.min_input_size,) * 2
+    assert input_size_problem(encoder, *size) is None
+
+    with torch.device(device), torch.no_grad():
+        features = encoder.eval()(torch.randn(1, 3, *size))
+    assert isinstance(features, dict)
+    assert features["out"].shape == (1, encoder.out_dim)
+    for f in info:
+        assert f["name"] in features, f["name"]
+        fmap = features[f["name"]]
+        assert fmap.dim() == 4 and fmap.shape[:2] == (1, f["channels"]), (f["name"], tuple(fmap.shape))

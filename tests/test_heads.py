@@ -1,12 +1,17 @@
-"""Heads (pooled and dense) and MTAN attention: shapes, gradients, options."""
+"""Heads (pooled, stage-map and dense) and MTAN attention: shapes, gradients, options, how the model calls them."""
 import pytest
 import torch
 from torch import nn
 
+from mtl.build.model import build_model
+from mtl.config.load import build_config
 from mtl.models.encoders import build_encoder
 from mtl.core.errors import UserError
-from mtl.models.heads import HEADS
+from mtl.models.heads import DENSE, FEATURES, HEAD_INPUTS, HEADS, POOLED, call_head, head_input
 from mtl.models.mtan import MTAN
+from mtl.models.progressive import ProgressiveNet
+from mtl.models.transfer import TransferModel
+from mtl.tasks.base import build_task
 
 torch.set_num_threads(1)
 
@@ -42,7 +47,7 @@ def test_dense_heads_shape_and_encoder_gradients(name, enc, request):
     encoder = request.getfixturevalue(enc)
     torch.manual_seed(0)
     h = head(name, encoder, **SMALL_OPTS[name])
-    assert h.dense is True
+    assert head_input(h) == DENSE
     encoder.zero_grad()
     x = torch.randn(2, 3, 64, 64)
     y = h(encoder(x), (64, 64))
@@ -112,11 +117,11 @@ def test_dense_head_needs_feature_info():
 
 def test_pooled_heads_unchanged():
     lin = HEADS.get("linear")(in_dim=8, out_dim=3, feature_info=None, hidden=512, dropout=0.0)
-    assert lin.dense is False and list(lin.state_dict()) == ["0.weight", "0.bias"]
+    assert head_input(lin) == POOLED and list(lin.state_dict()) == ["0.weight", "0.bias"]
     lin_drop = HEADS.get("linear")(in_dim=8, out_dim=3, dropout=0.2)
     assert list(lin_drop.state_dict()) == ["1.weight", "1.bias"]
     mlp = HEADS.get("mlp")(in_dim=8, out_dim=3, hidden=16)
-    assert mlp.dense is False and list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert head_input(mlp) == POOLED and list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
     assert isinstance(mlp, nn.Sequential) and mlp[2].p == 0.5
     x = torch.randn(4, 8)
     assert lin(x).shape == mlp(x).shape == (4, 3)
@@ -199,7 +204,7 @@ def test_grid_head_keeps_position():
     but to different inputs of the grid head's linear layer."""
     grid = HEADS.get("grid")(in_dim=4, out_dim=3, feature_info=[{"name": "s", "channels": 4, "reduction": 1}],
                              bins=[1, 4])
-    assert grid.takes_features and not grid.dense
+    assert head_input(grid) == FEATURES
     a, b = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
     a[..., :2], b[..., -2:] = 1.0, 1.0  # the same blob, left vs right
     assert torch.equal(a.mean((2, 3)), b.mean((2, 3)))
@@ -216,3 +221,113 @@ def test_grid_head_defaults_to_the_deepest_stage_and_checks_options(small_cnn):
                          ({"stage": "stage9"}, "unknown stage")]:
         with pytest.raises(UserError, match=message):
             head("grid", encoder, **bad)
+
+
+# ---------------------------------------------------------------------------------------------------- the convention
+FEATURE_INFO = [{"name": "s1", "channels": 8, "reduction": 2}, {"name": "s2", "channels": 16, "reduction": 4}]
+
+
+def _features(batch=2, size=32):
+    return {"s1": torch.randn(batch, 8, size // 2, size // 2), "s2": torch.randn(batch, 16, size // 4, size // 4),
+            "out": torch.randn(batch, 16)}
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_every_head_keeps_the_contract(name):
+    """Every registered head, built with the arguments build_model gives, declares how it is called and gives
+    (B, out_dim), or (B, out_dim, H, W) when dense, called that way."""
+    torch.manual_seed(0)
+    h = HEADS.get(name)(in_dim=16, out_dim=5, feature_info=FEATURE_INFO, hidden=8, dropout=0.1)
+    kind = head_input(h)
+    assert kind in HEAD_INPUTS
+    y = call_head(h, kind, _features(), (32, 32))
+    assert y.shape == ((2, 5, 32, 32) if kind == DENSE else (2, 5))
+
+
+class LegacyDense(nn.Module):
+    """A plugin head written before ``input``: ``dense = True``."""
+
+    dense = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 3, 1)
+
+    def forward(self, features, size):
+        return nn.functional.interpolate(self.conv(features["s2"]), size=tuple(size))
+
+
+class LegacyFeatures(nn.Module):
+    """A plugin head written before ``input``: ``takes_features = True``; its submodule is called ``input``."""
+
+    takes_features = True
+
+    def __init__(self):
+        super().__init__()
+        self.input = nn.Linear(8, 3)
+
+    def forward(self, features):
+        return self.input(features["s1"].mean((2, 3)))
+
+
+class LegacyBoth(LegacyDense):
+    takes_features = True  # dense wins, as it did before heads declared input
+
+
+class BadInput(nn.Linear):
+    input = "Dense"
+
+
+def test_heads_without_input_are_read_the_legacy_way():
+    assert head_input(LegacyDense()) == head_input(LegacyBoth()) == DENSE
+    assert head_input(LegacyFeatures()) == FEATURES  # the submodule named input is not a declaration
+    assert head_input(nn.Linear(16, 3)) == POOLED
+    named_input = nn.Sequential()
+    named_input.input = nn.Linear(16, 3)
+    assert head_input(named_input) == POOLED
+    declared = LegacyDense()
+    declared.input = POOLED  # a declaration (here on the instance) wins over the legacy attributes
+    assert head_input(declared) == POOLED
+
+
+def test_model_calls_each_head_as_it_declares():
+    """TransferModel reads every head's input once and calls built-in and legacy heads as before."""
+
+    class Features(nn.Module):
+        def forward(self, x):
+            return fixed
+
+    torch.manual_seed(0)
+    fixed = _features(batch=2, size=32)
+    heads = {"pooled": HEADS.get("mlp")(in_dim=16, out_dim=4, hidden=8), "plain": nn.Linear(16, 2),
+             "grid": HEADS.get("grid")(in_dim=16, out_dim=3, feature_info=FEATURE_INFO),
+             "fpn": HEADS.get("fpn")(in_dim=16, out_dim=5, feature_info=FEATURE_INFO, channels=8),
+             "legacy_dense": LegacyDense(), "legacy_features": LegacyFeatures()}
+    model = TransferModel(Features(), heads).eval()
+    assert model.head_inputs == {"pooled": POOLED, "plain": POOLED, "grid": FEATURES, "fpn": DENSE,
+                                 "legacy_dense": DENSE, "legacy_features": FEATURES}
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 32, 32))
+        assert torch.equal(out["pooled"], heads["pooled"](fixed["out"]))
+        assert torch.equal(out["plain"], heads["plain"](fixed["out"]))
+        assert torch.equal(out["grid"], heads["grid"](fixed))
+        assert torch.equal(out["fpn"], heads["fpn"](fixed, (32, 32)))
+        assert torch.equal(out["legacy_dense"], heads["legacy_dense"](fixed, (32, 32)))
+        assert torch.equal(out["legacy_features"], heads["legacy_features"](fixed))
+    assert list(model.state_dict()) == [f"heads.{t}.{k}" for t, h in heads.items() for k in h.state_dict()]
+
+
+def test_an_invalid_input_is_refused_when_the_model_is_built(monkeypatch):
+    message = r"head BadInput: input must be 'pooled', 'features' or 'dense', got 'Dense'; set the class attribute"
+    with pytest.raises(UserError, match=message):
+        head_input(BadInput(16, 3))
+    with pytest.raises(UserError, match=message):
+        TransferModel(build_encoder("small_cnn", widths=[8, 16]), {"label": BadInput(16, 3)})
+    monkeypatch.setitem(HEADS._entries, "bad_input", lambda *, in_dim, out_dim, **kwargs: BadInput(in_dim, out_dim))
+    cfg = build_config({"model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 16]}},
+                        "tasks": {"label": {"num_classes": 3, "head": {"name": "bad_input"}}}})
+    task = build_task("label", type="classification", target="label", num_classes=3, weight=1.0, classes=[])
+    with pytest.raises(UserError, match="tasks.label.head: " + message):
+        build_model(cfg, build_encoder("small_cnn", widths=[8, 16]), {"label": task})
+    with pytest.raises(UserError, match=message):
+        ProgressiveNet().add_column("label", BadInput(16, 3), build_encoder("small_cnn", widths=[8, 16]))

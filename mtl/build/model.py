@@ -10,7 +10,7 @@ from mtl.config.schema import Config, HeadCfg
 from mtl.core.errors import UserError
 from mtl.data import DATASETS
 from mtl.models.encoders import check_input_size
-from mtl.models.heads import HEADS
+from mtl.models.heads import DENSE, HEADS, head_input
 from mtl.models.mtan import MTAN
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
@@ -55,9 +55,10 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
         try:
             head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
                                             hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
+            dense = head_input(head) == DENSE
         except UserError as e:
             raise UserError(f"tasks.{name}.head: {e}") from None
-        if getattr(head, "dense", False) != task.dense:
+        if dense != task.dense:
             kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
             raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
                             f"not {head_cfg.name!r}")

@@ -19,6 +19,7 @@ from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import evaluating
 from mtl.data.batches import loader_batch_size
+from mtl.models.heads import POOLED, head_input
 from mtl.models.transfer import TransferModel
 
 
@@ -30,8 +31,7 @@ def feature_cache_blocker(model: nn.Module, *, unfreezing: bool, augmenting: boo
         return "the model is not one shared encoder with heads"
     if any(p.requires_grad for p in model.encoder.parameters()) or unfreezing:
         return "the encoder trains (set model.freeze=all without train.unfreeze)"
-    pooled = all(not getattr(h, "dense", False) and not getattr(h, "takes_features", False) for h in model.heads.values())
-    if not pooled:
+    if any(head_input(h) != POOLED for h in model.heads.values()):
         return "a head reads stage maps (only pooled heads train on cached features)"
     if mode == "auto" and augmenting:
         return "data.augment is on (set train.cache_features=on to cache train.feature_views augmented views)"

@@ -1,15 +1,17 @@
 """Task heads: decoders from the encoder's features to one task's output.
 
 Every builder takes ``in_dim, out_dim, feature_info, hidden, dropout, **options`` (unknown options are a UserError)
-and returns a module with ``dense: bool``. Pooled heads (``linear``, ``mlp``) map ``(B, in_dim) -> (B, out_dim)``;
-dense heads (``fpn``, ``aspp``) map ``(features: {stage: (B, C, h, w)}, size) -> (B, out_dim, *size)``. Image-level
-heads that need the stage maps rather than the pooled vector (``grid``) set ``takes_features = True`` and map
-``features -> (B, out_dim)``.
+and returns a module whose class declares ``input``: how the model calls it (``head_input`` reads the declaration,
+``call_head`` calls the head). ``"pooled"`` heads (``linear``, ``mlp``) map ``(B, in_dim) -> (B, out_dim)``;
+``"features"`` heads, image-level heads that need the stage maps rather than the pooled vector (``grid``), map
+``features: {stage: (B, C, h, w), ..., "out"} -> (B, out_dim)``; ``"dense"`` heads (``fpn``, ``aspp``) map
+``(features, size) -> (B, out_dim, *size)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,11 +25,39 @@ HEADS = Registry("head")
 
 NORMS = ("gn", "bn")
 
+POOLED, FEATURES, DENSE = "pooled", "features", "dense"
+HEAD_INPUTS = (POOLED, FEATURES, DENSE)
+
+
+def head_input(head: nn.Module) -> str:
+    """How ``head`` is called: POOLED, FEATURES or DENSE, as its ``input`` declares; the one place that reads it.
+
+    A head that declares no ``input`` (a plugin written before it) is read the legacy way, here only: ``dense = True``
+    is DENSE, else ``takes_features = True`` is FEATURES, else POOLED. ``input`` is read statically, so a submodule
+    named ``input`` (``self.input = nn.Linear(...)``) is not taken for a declaration.
+    """
+    declared = inspect.getattr_static(head, "input", None)
+    if declared is None:
+        if getattr(head, "dense", False):
+            return DENSE
+        return FEATURES if getattr(head, "takes_features", False) else POOLED
+    if not isinstance(declared, str) or declared not in HEAD_INPUTS:
+        raise UserError(f"head {type(head).__name__}: input must be 'pooled', 'features' or 'dense', got {declared!r}; "
+                        "set the class attribute input to one of them")
+    return declared
+
+
+def call_head(head: nn.Module, kind: str, features: Dict[str, Tensor], size: Tuple[int, int]) -> Tensor:
+    """``head``'s output for the encoder's ``features`` (dense outputs at ``size``), called as ``kind`` says."""
+    if kind == DENSE:
+        return head(features, size)
+    return head(features) if kind == FEATURES else head(features["out"])
+
 
 class PooledHead(nn.Sequential):
     """An nn.Sequential on the pooled features; parameter names are the plain Sequential's (``0.weight``...)."""
 
-    dense = False
+    input: ClassVar[str] = POOLED
 
 
 def check_options(head: str, options: dict[str, Any], known: Sequence[str]) -> None:
@@ -66,8 +96,7 @@ class GridHead(nn.Module):
     linear layer. For images where each output depends on where its object is (captcha characters, the left and right
     items of Multi-Fashion): global average pooling would give every such head the same, position-free vector."""
 
-    dense = False
-    takes_features = True
+    input: ClassVar[str] = FEATURES
 
     def __init__(self, stage: dict, out_dim: int, bins: tuple[int, int] = (2, 2), dropout: float = 0.0) -> None:
         super().__init__()
@@ -148,7 +177,7 @@ class FPNHead(nn.Module):
     """FPN decoder: 1x1 laterals, top-down nearest upsampling + add, 3x3 conv-norm-ReLU smoothing per level,
     all levels upsampled (bilinear) to the finest and summed, then dropout and a 1x1 classifier conv."""
 
-    dense = True
+    input: ClassVar[str] = DENSE
 
     def __init__(self, stages: list[dict], out_dim: int, channels: int = 128, norm: str = "gn",
                  dropout: float = 0.0) -> None:
@@ -193,7 +222,7 @@ class ASPPHead(nn.Module):
     batch) trains. The projection after it still normalises all branches together.
     """
 
-    dense = True
+    input: ClassVar[str] = DENSE
 
     def __init__(self, stage: dict, out_dim: int, channels: int = 256, rates: Sequence[int] = (6, 12, 18),
                  norm: str = "bn", dropout: float = 0.0) -> None:

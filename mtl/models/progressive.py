@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from mtl.core.errors import UserError
 from mtl.core.runtime import evaluating
 from mtl.models.freezing import freeze_norm_stats
+from mtl.models.heads import POOLED, head_input
 
 _RESNETS = r"resnet\d+|resnext.*|wide_resnet.*"
 SUPPORTED = "small_cnn, resnet*, resnext*, wide_resnet*"
@@ -222,7 +223,7 @@ class ProgressiveNet(nn.Module):
             raise UserError(f"progressive: task {task!r} already has a column; tasks: {', '.join(self.tasks)}")
         if not isinstance(head, nn.Module):
             raise UserError(f"progressive: the head of task {task!r} must be an nn.Module, got {type(head).__name__}")
-        if getattr(head, "dense", False) or getattr(head, "takes_features", False):
+        if head_input(head) != POOLED:
             raise UserError(f"progressive: task {task!r} needs a pooled head (e.g. linear or mlp), "
                             f"not {type(head).__name__}")
         if encoder is None:

@@ -7,13 +7,16 @@ from typing import Dict, Iterator, Optional, Tuple
 from torch import Tensor, nn
 
 from mtl.models.freezing import eval_frozen
+from mtl.models.heads import call_head, head_input
 
 
 class TransferModel(nn.Module):
     """``forward(x) -> {task: output}``: ``decode(encode(x))``.
 
-    Pooled heads see the encoder's pooled features (``"out"``), dense heads its stage maps and the input
-    size, heads with ``takes_features`` the stage maps. With ``mtan`` (task attention over the encoder's stages) each task sees its own attended features.
+    Each head is called as its ``input`` declares (``mtl.models.heads.head_input``, read once here): pooled heads
+    see the encoder's pooled features (``"out"``), "features" heads its whole dict of stage maps, dense heads that
+    dict and the input size. With ``mtan`` (task attention over the encoder's stages) each task sees its own attended
+    features.
     Frozen modules stay in eval mode in ``train()`` (see ``mtl.freezing.eval_frozen``): a frozen encoder computes
     the same features in training as in evaluation, and its normalisation statistics never change.
     """
@@ -23,6 +26,7 @@ class TransferModel(nn.Module):
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
         self.mtan = mtan
+        self.head_inputs: Dict[str, str] = {task: head_input(head) for task, head in self.heads.items()}
 
     def encode(self, x: Tensor) -> Dict[str, Tensor]:
         """The shared representation: stage maps and pooled ``"out"``."""
@@ -34,10 +38,7 @@ class TransferModel(nn.Module):
         outputs = {}
         for task, head in self.heads.items():
             f = per_task[task] if per_task is not None else features
-            if getattr(head, "dense", False):
-                outputs[task] = head(f, size)
-            else:
-                outputs[task] = head(f) if getattr(head, "takes_features", False) else head(f["out"])
+            outputs[task] = call_head(head, self.head_inputs[task], f, size)
         return outputs
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:

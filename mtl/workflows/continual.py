@@ -39,7 +39,7 @@ from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Trainer
 from mtl.models.encoders import build_encoder
 from mtl.models.freezing import apply_freeze
-from mtl.models.heads import HEADS
+from mtl.models.heads import HEADS, POOLED, head_input
 from mtl.models.progressive import ProgressiveNet
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
@@ -76,7 +76,7 @@ def _head(st: SequenceTask, in_dim: int) -> nn.Module:
         if "feature_info" in str(e):
             raise UserError(message) from None
         raise
-    if getattr(head, "dense", False) or getattr(head, "takes_features", False):
+    if head_input(head) != POOLED:
         raise UserError(message)
     return head
 
