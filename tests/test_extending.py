@@ -63,3 +63,50 @@ def test_config_imports_must_be_a_list_of_names(tmp_path, monkeypatch, capsys):
     (tmp_path / "c.yaml").write_text("imports: 3\nmodel: {encoder: small_cnn}\n")
     assert main(["train", "c.yaml"]) == 2
     assert "imports must be a list" in capsys.readouterr().err
+
+
+def _block(lang, first_line):
+    (found,) = [b for b in blocks(lang) if b.startswith(first_line)]
+    return found
+
+
+def test_the_documented_task_type_trains_and_reports_its_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("captcha")
+    (tmp_path / "my_task.py").write_text(_block("python", "# my_task.py"))
+    (tmp_path / "my_task_config.yaml").write_text(_block("yaml", "# my_task_config.yaml"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["train", "my_task_config.yaml", "train.progress=false"]) == 0
+    from mtl.tasks.base import TASK_TYPES
+
+    assert TASK_TYPES.get("ordinal").type_name == "ordinal"
+    (summary_path,) = (tmp_path / "runs" / "ordinal_demo").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    digit = summary["final"]["val"]["tasks"]["digit"]
+    assert set(digit) == {"loss", "acc", "mae"} and 0 <= digit["acc"] <= 1 and 0 <= digit["mae"] <= 9
+    assert summary["tasks"]["digit"] == {"type": "ordinal", "primary": "mae",
+                                         "directions": {"loss": False, "acc": True, "mae": False}}
+    import torch
+
+    state = torch.load(summary_path.parent / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert state["heads.digit.0.weight"].shape[0] == 10  # one logit per threshold of the ten digits
+
+
+def test_the_documented_command_runs_from_its_one_module_and_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("captcha")
+    import importlib.util
+
+    from mtl import cli
+
+    (tmp_path / "count.py").write_text(_block("python", "# mtl/commands/count.py"))
+    spec = importlib.util.spec_from_file_location("mtl.commands.count", tmp_path / "count.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mtl.commands.count", module)
+    spec.loader.exec_module(module)
+    line = eval(_block("python", '    ("count"').strip().rstrip(","))  # the doc's one line in COMMANDS
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, line])
+    (tmp_path / "my_config.yaml").write_text(_block("yaml", "# my_config.yaml"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["count", "my_config.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["train: 400 items", "val: 100 items"]
+    assert main(["count", "no_such.yaml"]) == 2 and "no_such.yaml" in capsys.readouterr().err

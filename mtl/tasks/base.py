@@ -23,19 +23,31 @@ from mtl.core.errors import UserError
 from mtl.core.registry import Registry
 from mtl.tasks.drawing import colormap
 
-TASK_TYPES = Registry("task type")
-LOSSES = Registry("loss")  # name -> fn(pred, target) -> scalar loss; named by tasks.<t>.loss
-METRICS = Registry("metric")  # name -> fn(pred, target) -> (sum, count) tensors; named by tasks.<t>.metrics
-F64 = torch.float64
 T = TypeVar("T", bound=type)
 
 
-def register(name: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        cls.type_name = name
-        return TASK_TYPES.register(name)(cls)
+class TaskTypes(Registry):
+    """Task types by name; registering a class also sets its ``type_name``."""
 
-    return deco
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        outer = super().register(name)
+
+        def deco(cls: T) -> T:
+            cls.type_name = name or cls.__name__
+            return outer(cls)
+
+        return deco
+
+
+TASK_TYPES = TaskTypes("task type")
+LOSSES = Registry("loss")  # name -> fn(pred, target) -> scalar loss; named by tasks.<t>.loss
+METRICS = Registry("metric")  # name -> fn(pred, target) -> (sum, count) tensors; named by tasks.<t>.metrics
+F64 = torch.float64
+
+
+def register(name: str) -> Callable[[T], T]:
+    """``@register("classification")``: ``TASK_TYPES.register`` (sets the class's ``type_name``)."""
+    return TASK_TYPES.register(name)
 
 
 def _counts(index: Tensor, size: int) -> Tensor:
