@@ -213,3 +213,35 @@ def test_weights_cli(tmp_path, monkeypatch, capsys):
     assert main(["weights", "list"]) == 0
     assert main(["weights", "import", str(tmp_path / "missing.pth")]) == 2
     assert "mtl: error:" in capsys.readouterr().err
+
+
+def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
+    """``Trainer(..., options)`` and ``Trainer(..., epochs=..., device=..., ...)`` (the keywords from before
+    TrainerOptions, still documented in docs/extending.md) set the same settings; a keyword given with ``options``
+    overrides that field, and an unknown keyword is a TypeError as before."""
+    from mtl.engine.trainer import Trainer, TrainerOptions
+    from mtl.tasks.base import build_task
+
+    model = torch.nn.Linear(3, 2)
+    tasks = {"label": build_task("label", type="classification", target="label", num_classes=2)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator, monitor = torch.Generator(), lambda m: -m["loss"]
+    settings = dict(epochs=3, device=torch.device("cpu"), amp=True, grad_clip=1.5, progress=False, seed=7,
+                    generator=generator, grad_on="representation", monitor=monitor, delta_m=monitor,
+                    channels_last=True, nonfinite="skip")
+    old = Trainer(model, tasks, {}, opt, None, **settings)
+    options = TrainerOptions(**settings)
+    new = Trainer(model, tasks, {}, opt, None, options)
+    assert vars(old.options) == vars(new.options) == settings
+    for name, value in settings.items():
+        assert getattr(old, name) is value and getattr(new, name) is value, name
+    new.epochs = 1  # attributes write through to the trainer's own copy of the options
+    assert new.options.epochs == 1 and options.epochs == 3
+    both = Trainer(model, tasks, {}, opt, options=options, epochs=5)
+    assert both.epochs == 5 and both.seed == 7 and options.epochs == 3
+    plain = Trainer(model, tasks, {}, opt, epochs=2, device="cpu")
+    assert plain.device == torch.device("cpu") and plain.monitor is not None and plain.scheduler is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        Trainer(model, tasks, {}, opt, None, epoch=3, device=torch.device("cpu"))
+    with pytest.raises(TypeError, match="epochs"):
+        Trainer(model, tasks, {}, opt, None, device=torch.device("cpu"))

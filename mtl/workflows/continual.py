@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mtl.build.data import build_data
 from mtl.build.model import check_data_size, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
+from mtl.build.training import trainer_options
 from mtl.config.load import dump_config
 from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
 from mtl.core.checkpoint import atomic_write, save_json
@@ -318,10 +319,8 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         if not quiet:
             hooks.append(ConsoleHook())
         started = time.perf_counter()
-        trainer = Trainer(model, {st.name: st.task}, st.loaders, optimizer, scheduler, epochs=cfg.train.epochs,
-                          device=device, amp=use_amp(cfg.train.amp, device), grad_clip=cfg.train.grad_clip,
-                          hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
-                          generator=st.generator)
+        options = trainer_options(cfg, device, st.generator, quiet=quiet)
+        trainer = Trainer(model, {st.name: st.task}, st.loaders, optimizer, scheduler, options, hooks=hooks)
         trainer.fit()
         times.append(time.perf_counter() - started)
         params.append(learner.added_parameters(k, st))

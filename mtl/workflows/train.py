@@ -11,6 +11,7 @@ import yaml
 
 from mtl.build.experiment import Experiment, _delta_m_fn, _speed_up, build_experiment, build_monitor
 from mtl.build.tasks import task_targets
+from mtl.build.training import trainer_options
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
@@ -18,7 +19,6 @@ from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
-from mtl.core.runtime import use_amp
 from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Hook, Trainer
@@ -94,12 +94,11 @@ def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: boo
         ]
     if not quiet and main_process:
         hooks.append(ConsoleHook())
-    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, epochs=cfg.train.epochs,
-                      device=exp.device, amp=use_amp(cfg.train.amp, exp.device), grad_clip=cfg.train.grad_clip,
-                      l2sp=exp.l2sp, hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
-                      generator=exp.generator, weighting=exp.weighting, grad_on=cfg.weighting.grad_on,
-                      monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
-                      nonfinite=cfg.train.nonfinite)
+    options = trainer_options(cfg, exp.device, exp.generator, quiet=quiet, grad_on=cfg.weighting.grad_on,
+                              monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
+                              nonfinite=cfg.train.nonfinite)
+    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, options, hooks=hooks,
+                      weighting=exp.weighting, l2sp=exp.l2sp)
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet and main_process:
