@@ -1,13 +1,17 @@
-"""What the trainer is given, from a config: its options."""
+"""What the trainer is given, from a config: its options and its hooks."""
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+from torch import nn
 
 from mtl.config.schema import Config
+from mtl.core import distributed as dist
 from mtl.core.runtime import use_amp
-from mtl.engine.trainer import TrainerOptions
+from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
+from mtl.engine.trainer import Hook, TrainerOptions
 
 
 def trainer_options(cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False,
@@ -17,3 +21,39 @@ def trainer_options(cfg: Config, device: torch.device, generator: torch.Generato
     return TrainerOptions(epochs=cfg.train.epochs, device=device, amp=use_amp(cfg.train.amp, device),
                           grad_clip=cfg.train.grad_clip, progress=cfg.train.progress and not quiet,
                           seed=cfg.train.seed, generator=generator, **more)
+
+
+def build_hooks(cfg: Config, run_dir: Path, *, classes: Mapping[str, List[str]], meta: Mapping[str, Any],
+                hparams: Optional[Mapping[str, Any]] = None, encoder: Optional[nn.Module] = None,
+                graph_model: Optional[nn.Module] = None, n_images: Optional[int] = None,
+                quiet: bool = False) -> List[Hook]:
+    """A run's hooks in the order they run.
+
+    mtl's own: ``UnfreezeHook`` (``train.unfreeze`` on ``encoder``; none without an encoder); on process 0 only,
+    ``MetricsFileHook``, ``TensorBoardHook`` (``hparams``, by default ``run_hparams(cfg)``; ``n_images`` grid images,
+    by default ``train.log_images``; ``graph_model``'s graph when ``train.log_graph``) and ``CheckpointHook`` (with
+    ``meta`` in every checkpoint); then ``ConsoleHook`` on process 0 unless ``quiet``.
+    """
+    hooks: List[Hook] = []
+    if encoder is not None:
+        hooks.append(UnfreezeHook(encoder, cfg.train.unfreeze, cfg.optim))
+    if dist.is_main():
+        hooks += [
+            MetricsFileHook(run_dir),
+            TensorBoardHook(run_dir, hparams=run_hparams(cfg) if hparams is None else hparams, classes=classes,
+                            mean=cfg.data.mean, std=cfg.data.std,
+                            n_images=cfg.train.log_images if n_images is None else n_images,
+                            log_every=cfg.weighting.log_every, graph_model=graph_model if cfg.train.log_graph else None),
+            CheckpointHook(run_dir, meta),
+        ]
+        if not quiet:
+            hooks.append(ConsoleHook())
+    return hooks
+
+
+def run_hparams(cfg: Config) -> Dict[str, Any]:
+    """What TensorBoard's hparams tab shows for a run of ``cfg``."""
+    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name,
+            "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze), "optimizer": cfg.optim.name,
+            "lr": cfg.optim.lr, "schedule": cfg.sched.name, "batch_size": cfg.data.batch_size,
+            "epochs": cfg.train.epochs, "data": cfg.data.name}

@@ -11,7 +11,7 @@ import yaml
 
 from mtl.build.experiment import Experiment, _delta_m_fn, _speed_up, build_experiment, build_monitor
 from mtl.build.tasks import task_targets
-from mtl.build.training import trainer_options
+from mtl.build.training import build_hooks, trainer_options
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
@@ -19,9 +19,8 @@ from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
-from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from mtl.engine.optim import build_optimizer, build_scheduler
-from mtl.engine.trainer import Hook, Trainer
+from mtl.engine.trainer import Trainer
 from mtl.tasks.base import Task
 
 
@@ -83,17 +82,8 @@ def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: boo
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
             "targets": task_targets(exp.tasks), "input_size": exp.input_size}
-    hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
-    if main_process:
-        hooks += [
-            MetricsFileHook(run_dir),
-            TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
-                            n_images=cfg.train.log_images, log_every=cfg.weighting.log_every,
-                            graph_model=exp.model if cfg.train.log_graph else None),
-            CheckpointHook(run_dir, meta),
-        ]
-    if not quiet and main_process:
-        hooks.append(ConsoleHook())
+    hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, encoder=exp.model.encoder, graph_model=exp.model,
+                        quiet=quiet)
     options = trainer_options(cfg, exp.device, exp.generator, quiet=quiet, grad_on=cfg.weighting.grad_on,
                               monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
                               nonfinite=cfg.train.nonfinite)
@@ -121,12 +111,6 @@ def _task_text(tasks: Mapping[str, Task]) -> str:
         task = next(iter(tasks.values()))
         return f"{len(task.classes)} classes" if task.classes else task.type_name
     return f"{len(tasks)} tasks (" + ", ".join(f"{t}: {task.type_name}" for t, task in tasks.items()) + ")"
-
-
-def _hparams(cfg: Config) -> Dict[str, Any]:
-    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name, "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze),
-            "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "schedule": cfg.sched.name,
-            "batch_size": cfg.data.batch_size, "epochs": cfg.train.epochs, "data": cfg.data.name}
 
 
 def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, history: List[Dict[str, Any]],
