@@ -11,6 +11,7 @@ from conftest import tiny_config
 from mtl.core.checkpoint import load_checkpoint
 from mtl.cli import main
 from mtl.config.load import build_config
+from mtl.plugins import HOOKS, Hook
 from mtl.workflows.train import resume_run, run
 
 
@@ -245,3 +246,68 @@ def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
         Trainer(model, tasks, {}, opt, None, epoch=3, device=torch.device("cpu"))
     with pytest.raises(TypeError, match="epochs"):
         Trainer(model, tasks, {}, opt, None, device=torch.device("cpu"))
+
+
+class RecordEpochs(Hook):
+    """A hook the tests register: after every epoch it records (tag, epoch, the trainer's hooks by class)."""
+
+    seen: list = []
+
+    def __init__(self, tag: str = "x") -> None:
+        self.tag = tag
+
+    def after_epoch(self, trainer, metrics):
+        RecordEpochs.seen.append((self.tag, metrics["epoch"], [type(h).__name__ for h in trainer.hooks]))
+
+
+def test_a_hook_named_in_the_config_runs_after_mtls_own(color_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(HOOKS._entries, "record_epochs", RecordEpochs)  # what @HOOKS.register("record_epochs") does
+    monkeypatch.setattr(RecordEpochs, "seen", [])
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
+    raw["train"]["hooks"] = ["record_epochs", {"name": "record_epochs", "options": {"tag": "b"}}]
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(cfg_path), "train.progress=false"]) == 0
+    own = ["UnfreezeHook", "MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook"]
+    hooks = own + ["RecordEpochs", "RecordEpochs"]
+    assert RecordEpochs.seen == [("x", 1, hooks), ("b", 1, hooks), ("x", 2, hooks), ("b", 2, hooks)]
+    (d,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert yaml.safe_load((d / "config.yaml").read_text())["train"]["hooks"] == [
+        {"name": "record_epochs", "options": {}}, {"name": "record_epochs", "options": {"tag": "b"}}]
+
+
+def needs_every(every: int) -> Hook:
+    return Hook()
+
+
+@pytest.mark.parametrize("hooks, words", [
+    ("[early_stoping]", "unknown hook 'early_stoping'. Did you mean early_stopping?"),
+    ("[{name: early_stopping, options: {patiense: 3}}]",
+     "train.hooks[0]: unknown option(s) patiense for hook 'early_stopping'; known: patience, min_delta"),
+    ("[early_stopping, {name: early_stopping, options: {patience: 0}}]",
+     "hook 'early_stopping': patience must be an integer >= 1, got 0"),
+    ("[needs_every]", "train.hooks[0]: hook 'needs_every' needs option(s) every"),
+    ("[not_a_hook]", "train.hooks[0]: hook 'not_a_hook' built a object, not a Hook"),
+    ("[{options: {patience: 3}}]", "missing required config value 'train.hooks.0.name'"),
+])
+def test_unknown_hooks_or_options_exit_2_with_one_line_and_no_run_directory(hooks, words, color_folder, tmp_path,
+                                                                             capsys, monkeypatch):
+    monkeypatch.setitem(HOOKS._entries, "needs_every", needs_every)
+    monkeypatch.setitem(HOOKS._entries, "not_a_hook", object)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
+    assert main(["train", str(cfg_path), f"train.hooks={hooks}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtl: error:") and words in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_early_stopping_ends_training_and_a_resumed_run_stays_ended(color_folder, tmp_path):
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 6})
+    raw["train"]["hooks"] = [{"name": "early_stopping", "options": {"patience": 1, "min_delta": 1.0}}]
+    summary = run(build_config(raw), quiet=True)  # no accuracy rises by more than 1: the second epoch is the last
+    assert summary["epochs"] == 2 and summary["final"]["epoch"] == 2
+    lines = (tmp_path / "runs" / "tiny").glob("*/metrics.jsonl")
+    assert [json.loads(x)["epoch"] for x in next(lines).read_text().splitlines()] == [1, 2]
+    again = resume_run(summary["run_dir"])
+    assert again["epochs"] == 2 and again["best"] == summary["best"]

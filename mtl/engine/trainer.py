@@ -165,6 +165,7 @@ class Trainer:
         self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(self.device)
         self.skipped_steps = 0
         self._stop_requested = False
+        self._end_requested = False
         self._partial: Optional[Dict[str, Any]] = None  # where an interrupted epoch resumes
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -180,7 +181,7 @@ class Trainer:
 
     def _fit(self) -> List[Dict[str, Any]]:
         self._call("before_train")
-        while self.epoch < self.epochs:
+        while self.epoch < self.epochs and not self._end_requested:
             self._call("before_epoch")
             start = time.perf_counter()
             metrics: Dict[str, Any] = {"epoch": self.epoch + 1}
@@ -358,6 +359,11 @@ class Trainer:
 
     def _trained_grads(self) -> List[Tensor]:
         return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def end_training(self) -> None:
+        """Train no further epoch: the loop ends after this epoch's hooks (before the first epoch when called from
+        ``before_train`` or ``on_resume``), and ``after_train`` runs as after the last epoch."""
+        self._end_requested = True
 
     def request_stop(self) -> None:
         """Stop after the current training step with a resumable checkpoint (what SIGINT/SIGTERM do)."""

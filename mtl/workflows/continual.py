@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mtl.build.data import build_data
 from mtl.build.model import check_data_size, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
-from mtl.build.training import build_hooks, trainer_options
+from mtl.build.training import build_hooks, config_hooks, trainer_options
 from mtl.config.load import dump_config
 from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
 from mtl.core.checkpoint import atomic_write, save_json
@@ -238,6 +238,7 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         if (cfg.model.weights or "").startswith("stage:"):
             raise UserError(f"stage {cfg.name!r}: weights {cfg.model.weights!r}: continual methods build their own "
                             "sequence; use null (random columns) or a pretrained weights name or file")
+        config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
         as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
         task = tasks[cfg.name]

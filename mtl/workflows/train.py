@@ -5,13 +5,13 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from mtl.build.experiment import Experiment, _delta_m_fn, _speed_up, build_experiment, build_monitor
 from mtl.build.tasks import task_targets
-from mtl.build.training import build_hooks, trainer_options
+from mtl.build.training import build_hooks, config_hooks, trainer_options
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
@@ -20,7 +20,7 @@ from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
 from mtl.engine.optim import build_optimizer, build_scheduler
-from mtl.engine.trainer import Trainer
+from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.base import Task
 
 
@@ -41,11 +41,12 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     started = time.perf_counter()
     exp = build_experiment(cfg)
     monitor, delta_m_fn = build_monitor(cfg, exp.tasks), _delta_m_fn(cfg, exp.tasks)  # refused before anything is written
+    named = config_hooks(cfg)  # likewise
     fresh = run_dir is None
     run_dir = new_run_dir(cfg) if fresh else Path(run_dir)
     lock = dist.on_main(lambda: _open_run_dir(cfg, run_dir, fresh, resume))
     try:
-        return _train(cfg, exp, run_dir, resume, quiet, monitor, delta_m_fn, started)
+        return _train(cfg, exp, run_dir, resume, quiet, monitor, delta_m_fn, named, started)
     finally:
         if lock is not None:
             lock.release()
@@ -71,7 +72,7 @@ def _open_run_dir(cfg: Config, run_dir: Path, fresh: bool, resume: bool) -> RunL
 
 def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: bool,
            monitor: Callable[[Dict[str, Any]], float], delta_m_fn: Optional[Callable[[Dict[str, Any]], float]],
-           started: float) -> Dict[str, Any]:
+           named: Sequence[Hook], started: float) -> Dict[str, Any]:
     main_process = dist.is_main()  # under torchrun only process 0 writes
     model, loaders = _speed_up(cfg, exp)
     optimizer = build_optimizer(exp.model, cfg.optim)
@@ -83,7 +84,7 @@ def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: boo
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
             "targets": task_targets(exp.tasks), "input_size": exp.input_size}
     hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, encoder=exp.model.encoder, graph_model=exp.model,
-                        quiet=quiet)
+                        quiet=quiet, named=named)
     options = trainer_options(cfg, exp.device, exp.generator, quiet=quiet, grad_on=cfg.weighting.grad_on,
                               monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
                               nonfinite=cfg.train.nonfinite)
