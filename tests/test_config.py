@@ -100,6 +100,17 @@ def test_head_shorthand_and_task_defaults(tmp_path):
     assert build_config(*load_config(write(tmp_path / "d.yaml", "tasks: {label: {}}\n"))).tasks["label"].head is None
 
 
+def test_hooks_are_names_or_name_and_options(tmp_path):
+    path = write(tmp_path / "c.yaml", "train: {hooks: [early_stopping, {name: mine, options: {every: 2}}]}\n")
+    hooks = build_config(*load_config(path)).train.hooks
+    assert [(h.name, h.options) for h in hooks] == [("early_stopping", {}), ("mine", {"every": 2})]
+    assert build_config(*load_config(path, ["train.hooks=[]"])).train.hooks == []
+    with pytest.raises(UserError, match=r"missing required config value 'train\.hooks\.0\.name'"):
+        build_config(*load_config(write(tmp_path / "d.yaml", "train: {hooks: [{options: {every: 2}}]}\n")))
+    with pytest.raises(UserError, match=r"'train\.hooks\.0\.options' .* must be a mapping"):
+        build_config(*load_config(write(tmp_path / "e.yaml", "train: {hooks: [{name: x, options: 3}]}\n")))
+
+
 @pytest.mark.parametrize("item", ["optim.lr", "=3", "a..b=1", "x=[1,"])
 def test_bad_override_syntax(item):
     with pytest.raises(UserError, match="bad override"):

@@ -171,6 +171,24 @@ def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
     assert "unknown lwf" in capsys.readouterr().err
 
 
+def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monkeypatch):
+    """After mtl's own hooks, as in a single run; an unknown one is refused before anything is written."""
+    pytest.importorskip("captcha")
+    from test_train import RecordEpochs
+
+    from mtl.plugins import HOOKS
+
+    monkeypatch.setitem(HOOKS._entries, "record_epochs", RecordEpochs)
+    monkeypatch.setattr(RecordEpochs, "seen", [])
+    with pytest.raises(UserError, match="unknown hook 'record_epoch'"):
+        train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.hooks=[record_epoch]"))
+    assert not (tmp_path / "runs").exists()
+    train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.epochs=1", "train.hooks=[record_epochs]",
+                                                             "continual.methods=[finetune, head_only]"))
+    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs"]
+    assert RecordEpochs.seen == [("x", 1, hooks)] * 6  # 2 methods x 3 tasks
+
+
 def test_new_columns_start_from_pretrained_weights(tmp_path):
     """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
     pytest.importorskip("captcha")

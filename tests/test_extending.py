@@ -1,4 +1,4 @@
-"""docs/extending.md, executed: its module registers five parts, its config names them, and training runs."""
+"""docs/extending.md, executed: its module registers six parts, its config names them, and training runs."""
 import json
 import re
 import sys
@@ -25,14 +25,16 @@ def test_the_documented_parts_train_from_a_config_that_names_them(tmp_path, monk
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # found via the cwd rule
     assert main(["train", "my_config.yaml", "train.progress=false"]) == 0
 
+    from mtl.engine.hooks import HOOKS
     from mtl.models.encoders import ENCODERS
     from mtl.models.heads import HEADS
     from mtl.tasks.base import LOSSES, METRICS
     from mtl.weighting.base import WEIGHTINGS
 
     for registry, name in [(ENCODERS, "tiny_convnet"), (HEADS, "cosine"), (LOSSES, "focal"),
-                           (METRICS, "error_rate"), (WEIGHTINGS, "inverse_loss")]:
+                           (METRICS, "error_rate"), (WEIGHTINGS, "inverse_loss"), (HOOKS, "grad_norms")]:
         assert name in registry, name
+    assert capsys.readouterr().out.count("mean gradient norm") == 5  # the hook, every 2 of the 10 epochs
     (summary_path,) = (tmp_path / "runs" / "my_parts_demo").glob("*/summary.json")
     summary = json.loads(summary_path.read_text())
     digit = summary["final"]["val"]["tasks"]["digit"]

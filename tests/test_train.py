@@ -11,6 +11,7 @@ from conftest import tiny_config
 from mtl.core.checkpoint import load_checkpoint
 from mtl.cli import main
 from mtl.config.load import build_config
+from mtl.plugins import HOOKS, Hook
 from mtl.workflows.train import resume_run, run
 
 
@@ -213,3 +214,100 @@ def test_weights_cli(tmp_path, monkeypatch, capsys):
     assert main(["weights", "list"]) == 0
     assert main(["weights", "import", str(tmp_path / "missing.pth")]) == 2
     assert "mtl: error:" in capsys.readouterr().err
+
+
+def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
+    """``Trainer(..., options)`` and ``Trainer(..., epochs=..., device=..., ...)`` (the keywords from before
+    TrainerOptions, still documented in docs/extending.md) set the same settings; a keyword given with ``options``
+    overrides that field, and an unknown keyword is a TypeError as before."""
+    from mtl.engine.trainer import Trainer, TrainerOptions
+    from mtl.tasks.base import build_task
+
+    model = torch.nn.Linear(3, 2)
+    tasks = {"label": build_task("label", type="classification", target="label", num_classes=2)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator, monitor = torch.Generator(), lambda m: -m["loss"]
+    settings = dict(epochs=3, device=torch.device("cpu"), amp=True, grad_clip=1.5, progress=False, seed=7,
+                    generator=generator, grad_on="representation", monitor=monitor, delta_m=monitor,
+                    channels_last=True, nonfinite="skip")
+    old = Trainer(model, tasks, {}, opt, None, **settings)
+    options = TrainerOptions(**settings)
+    new = Trainer(model, tasks, {}, opt, None, options)
+    assert vars(old.options) == vars(new.options) == settings
+    for name, value in settings.items():
+        assert getattr(old, name) is value and getattr(new, name) is value, name
+    new.epochs = 1  # attributes write through to the trainer's own copy of the options
+    assert new.options.epochs == 1 and options.epochs == 3
+    both = Trainer(model, tasks, {}, opt, options=options, epochs=5)
+    assert both.epochs == 5 and both.seed == 7 and options.epochs == 3
+    plain = Trainer(model, tasks, {}, opt, epochs=2, device="cpu")
+    assert plain.device == torch.device("cpu") and plain.monitor is not None and plain.scheduler is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        Trainer(model, tasks, {}, opt, None, epoch=3, device=torch.device("cpu"))
+    with pytest.raises(TypeError, match="epochs"):
+        Trainer(model, tasks, {}, opt, None, device=torch.device("cpu"))
+
+
+class RecordEpochs(Hook):
+    """A hook the tests register: after every epoch it records (tag, epoch, the trainer's hooks by class)."""
+
+    seen: list = []
+
+    def __init__(self, tag: str = "x") -> None:
+        self.tag = tag
+
+    def after_epoch(self, trainer, metrics):
+        RecordEpochs.seen.append((self.tag, metrics["epoch"], [type(h).__name__ for h in trainer.hooks]))
+
+
+def test_a_hook_named_in_the_config_runs_after_mtls_own(color_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(HOOKS._entries, "record_epochs", RecordEpochs)  # what @HOOKS.register("record_epochs") does
+    monkeypatch.setattr(RecordEpochs, "seen", [])
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
+    raw["train"]["hooks"] = ["record_epochs", {"name": "record_epochs", "options": {"tag": "b"}}]
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(cfg_path), "train.progress=false"]) == 0
+    own = ["UnfreezeHook", "MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook"]
+    hooks = own + ["RecordEpochs", "RecordEpochs"]
+    assert RecordEpochs.seen == [("x", 1, hooks), ("b", 1, hooks), ("x", 2, hooks), ("b", 2, hooks)]
+    (d,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert yaml.safe_load((d / "config.yaml").read_text())["train"]["hooks"] == [
+        {"name": "record_epochs", "options": {}}, {"name": "record_epochs", "options": {"tag": "b"}}]
+
+
+def needs_every(every: int) -> Hook:
+    return Hook()
+
+
+@pytest.mark.parametrize("hooks, words", [
+    ("[early_stoping]", "unknown hook 'early_stoping'. Did you mean early_stopping?"),
+    ("[{name: early_stopping, options: {patiense: 3}}]",
+     "train.hooks[0]: unknown option(s) patiense for hook 'early_stopping'; known: patience, min_delta"),
+    ("[early_stopping, {name: early_stopping, options: {patience: 0}}]",
+     "hook 'early_stopping': patience must be an integer >= 1, got 0"),
+    ("[needs_every]", "train.hooks[0]: hook 'needs_every' needs option(s) every"),
+    ("[not_a_hook]", "train.hooks[0]: hook 'not_a_hook' built a object, not a Hook"),
+    ("[{options: {patience: 3}}]", "missing required config value 'train.hooks.0.name'"),
+])
+def test_unknown_hooks_or_options_exit_2_with_one_line_and_no_run_directory(hooks, words, color_folder, tmp_path,
+                                                                             capsys, monkeypatch):
+    monkeypatch.setitem(HOOKS._entries, "needs_every", needs_every)
+    monkeypatch.setitem(HOOKS._entries, "not_a_hook", object)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
+    assert main(["train", str(cfg_path), f"train.hooks={hooks}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtl: error:") and words in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_early_stopping_ends_training_and_a_resumed_run_stays_ended(color_folder, tmp_path):
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 6})
+    raw["train"]["hooks"] = [{"name": "early_stopping", "options": {"patience": 1, "min_delta": 1.0}}]
+    summary = run(build_config(raw), quiet=True)  # no accuracy rises by more than 1: the second epoch is the last
+    assert summary["epochs"] == 2 and summary["final"]["epoch"] == 2
+    lines = (tmp_path / "runs" / "tiny").glob("*/metrics.jsonl")
+    assert [json.loads(x)["epoch"] for x in next(lines).read_text().splitlines()] == [1, 2]
+    again = resume_run(summary["run_dir"])
+    assert again["epochs"] == 2 and again["best"] == summary["best"]

@@ -172,6 +172,14 @@ class UnfreezeCfg:
 
 
 @dataclass
+class HookCfg:
+    """A trainer hook to add by name: mtl's own (early_stopping) or one a plugin registers in ``mtl.plugins.HOOKS``."""
+
+    name: str
+    options: Dict[str, Any] = field(default_factory=dict)  # the hook's keyword arguments, e.g. {patience: 3}
+
+
+@dataclass
 class TrainCfg:
     """The training loop."""
 
@@ -196,6 +204,12 @@ class TrainCfg:
     # auto: when data.augment is none | on (also with augmentation: feature_views fixed augmented views) | off
     cache_features: str = "auto"
     feature_views: int = 1  # cache_features on with augmentation: views per image, epoch e uses view e % views
+    # more hooks, each a registered name or {name, options}, e.g. [{name: early_stopping, options: {patience: 3}}].
+    # They run after mtl's own (unfreezing, metrics.jsonl, TensorBoard, checkpoints, console) and, unlike those
+    # writers, on every process under torchrun, so that a hook that changes training changes it everywhere (one that
+    # writes files checks mtl.core.distributed.is_main()); continual runs build them anew for each method and task.
+    # An unknown name or option is refused before anything is written
+    hooks: List[HookCfg] = field(default_factory=list)
 
     def check(self) -> str:
         if self.epochs < 1:

@@ -1,8 +1,10 @@
-"""Trainer hooks: unfreezing, checkpoints, metrics.jsonl, console lines, TensorBoard."""
+"""Trainer hooks: unfreezing, checkpoints, metrics.jsonl, console lines, TensorBoard, early stopping; and ``HOOKS``,
+the hooks a config may name in ``train.hooks``."""
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import threading
 import warnings
@@ -17,6 +19,8 @@ from tqdm.auto import tqdm
 from mtl.config.schema import OptimCfg, UnfreezeCfg
 from mtl.core import distributed as dist
 from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
+from mtl.core.errors import UserError
+from mtl.core.registry import Registry
 from mtl.core.rundir import resume_hint
 from mtl.core.runtime import evaluating
 from mtl.data.loaders import in_order
@@ -25,6 +29,48 @@ from mtl.engine.optim import add_param_group, param_groups
 from mtl.engine.trainer import Hook, Trainer
 from mtl.engine.visualize import confusion_image, prediction_grid
 from mtl.models.freezing import set_trainable
+
+# hooks that train.hooks may name: a Hook subclass or a function returning a Hook, called with the entry's options
+# as keyword arguments. mtl's own writers (below) need the run directory and are added by the build layer instead.
+HOOKS = Registry("hook")
+
+
+@HOOKS.register("early_stopping")
+class EarlyStoppingHook(Hook):
+    """Ends training once the score that picks the best epoch (``train.monitor``) has not risen by more than
+    ``min_delta`` above its best for ``patience`` epochs. The best checkpoint is restored as after the last epoch.
+    It reads the epoch history and keeps no state, so a resumed run that had already stopped ends at once."""
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise UserError(f"hook 'early_stopping': patience must be an integer >= 1, got {patience!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not 0 <= min_delta < math.inf:
+            raise UserError(f"hook 'early_stopping': min_delta must be a number >= 0, got {min_delta!r}")
+        self.patience, self.min_delta = patience, float(min_delta)
+
+    def stale_epochs(self, trainer: Trainer) -> int:
+        """Epochs since the score last rose by more than ``min_delta`` above the best before it."""
+        best, stale = -math.inf, 0
+        for m in trainer.history:
+            if m["score"] > best + self.min_delta:
+                best, stale = m["score"], 0
+            else:
+                stale += 1
+        return stale
+
+    def _check(self, trainer: Trainer) -> None:
+        if trainer.epoch < trainer.epochs and self.stale_epochs(trainer) >= self.patience:
+            trainer.end_training()
+            if dist.is_main():
+                by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+                tqdm.write(f"early stopping after epoch {trainer.epoch}: the score has not risen{by} for "
+                           f"{self.patience} epoch{'s' if self.patience > 1 else ''} (best epoch {trainer.best['epoch']})")
+
+    def on_resume(self, trainer: Trainer) -> None:
+        self._check(trainer)
+
+    def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
+        self._check(trainer)
 
 
 class UnfreezeHook(Hook):

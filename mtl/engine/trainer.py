@@ -7,6 +7,7 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -78,6 +79,50 @@ class _Meter:
         return out
 
 
+@dataclass
+class TrainerOptions:
+    """How the loop trains: plain settings, plus the two scoring functions and the shuffle generator.
+
+    ``monitor`` and ``delta_m`` are settings expressed as functions (``train.monitor`` and ``train.baseline``,
+    resolved against the tasks), so they live here; so does ``generator``, which the trainer re-seeds from
+    ``seed`` each epoch (the two together fix the shuffle order). What the loop trains with or acts through
+    (hooks, the weighting, the L2-SP penalty) stays a keyword argument of :class:`Trainer`.
+    """
+
+    epochs: int
+    device: torch.device
+    amp: bool = False  # bf16 autocast
+    grad_clip: Optional[float] = None  # max gradient norm; None: no clipping
+    progress: bool = True  # tqdm bars (process 0 only)
+    seed: int = 0
+    generator: Optional[torch.Generator] = None  # the train loader's shuffle generator, re-seeded each epoch
+    grad_on: str = "params"  # gradient-level weightings: params | representation
+    # phase metrics -> the score that picks the best epoch (higher is better); None: default_monitor (accuracy)
+    monitor: Optional[Callable[[Dict[str, Any]], float]] = None
+    delta_m: Optional[Callable[[Dict[str, Any]], float]] = None  # phase metrics -> delta_m % against baselines
+    channels_last: bool = False  # image batches go in NHWC, like the model's weights
+    nonfinite: str = "stop"  # a nan/inf loss: stop (UserError) | skip (no update) | off (no check)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, torch.device):  # "cpu", "cuda:0"
+            self.device = torch.device(self.device)
+        if self.monitor is None:
+            self.monitor = default_monitor
+        if self.grad_on not in ("params", "representation"):
+            raise ValueError(f"grad_on must be params or representation, got {self.grad_on!r}")
+        if self.nonfinite not in ("stop", "skip", "off"):
+            raise ValueError(f"nonfinite must be stop, skip or off, got {self.nonfinite!r}")
+
+
+_OPTION_NAMES = tuple(f.name for f in fields(TrainerOptions))
+
+
+def _option(name: str) -> property:
+    """``trainer.<name>``: reads and writes ``trainer.options.<name>``."""
+    return property(lambda self: getattr(self.options, name), lambda self, value: setattr(self.options, name, value),
+                    doc=f"``options.{name}``")
+
+
 class Trainer:
     """Trains ``model`` on ``loaders["train"]``, validates on ``loaders["val"]`` each epoch.
 
@@ -86,29 +131,41 @@ class Trainer:
     The task losses are combined by ``weighting`` (loss level) or, for gradient-level methods, their
     gradients w.r.t. the shared parameters (``grad_on="params"``) or the shared representation
     (``grad_on="representation"``: per-task gradients through the heads only, one backward through the encoder).
+
+    Settings come in ``options`` (:class:`TrainerOptions`) or, as before it existed, as keyword arguments named
+    like its fields (``Trainer(..., epochs=3, device=dev)``); a keyword given with ``options`` overrides that
+    field (``options`` itself is not changed). An unknown keyword is a TypeError. Each setting stays readable and
+    writable as an attribute: ``trainer.epochs`` is ``trainer.options.epochs``.
     """
 
+    epochs = _option("epochs")
+    device = _option("device")
+    amp = _option("amp")
+    grad_clip = _option("grad_clip")
+    progress = _option("progress")
+    seed = _option("seed")
+    generator = _option("generator")
+    grad_on = _option("grad_on")
+    monitor = _option("monitor")
+    delta_m = _option("delta_m")
+    channels_last = _option("channels_last")
+    nonfinite = _option("nonfinite")
+
     def __init__(self, model: nn.Module, tasks: Mapping[str, Task], loaders: Mapping[str, DataLoader],
-                 optimizer: torch.optim.Optimizer, scheduler: Any, *, epochs: int, device: torch.device,
-                 amp: bool = False, grad_clip: Optional[float] = None, l2sp: Optional[L2SP] = None,
-                 hooks: Sequence[Hook] = (), progress: bool = True, seed: int = 0,
-                 generator: Optional[torch.Generator] = None, weighting: Optional[Weighting] = None,
-                 grad_on: str = "params", monitor: Optional[Callable[[Dict[str, Any]], float]] = None,
-                 delta_m: Optional[Callable[[Dict[str, Any]], float]] = None, channels_last: bool = False,
-                 nonfinite: str = "stop") -> None:
+                 optimizer: torch.optim.Optimizer, scheduler: Any = None, options: Optional[TrainerOptions] = None,
+                 *, hooks: Sequence[Hook] = (), weighting: Optional[Weighting] = None, l2sp: Optional[L2SP] = None,
+                 **settings: Any) -> None:
+        unknown = [k for k in settings if k not in _OPTION_NAMES]
+        if unknown:
+            raise TypeError(f"Trainer() got an unexpected keyword argument {unknown[0]!r}")
+        self.options = replace(options, **settings) if options is not None else TrainerOptions(**settings)
         self.model, self.tasks, self.loaders = model, dict(tasks), dict(loaders)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.device, self.amp = epochs, device, amp
-        self.grad_clip, self.l2sp, self.hooks = grad_clip, l2sp, list(hooks)
-        self.progress, self.seed, self.generator = progress, seed, generator
-        self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(device)
-        self.grad_on = grad_on
-        self.monitor = monitor or default_monitor
-        self.delta_m = delta_m  # phase metrics -> delta_m % against single-task baselines
-        self.channels_last = channels_last  # image batches go in NHWC, like the model's weights
-        self.nonfinite = nonfinite  # a nan/inf loss: stop (UserError) | skip (no update) | off (no check)
+        self.l2sp, self.hooks = l2sp, list(hooks)
+        self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(self.device)
         self.skipped_steps = 0
         self._stop_requested = False
+        self._end_requested = False
         self._partial: Optional[Dict[str, Any]] = None  # where an interrupted epoch resumes
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -124,7 +181,7 @@ class Trainer:
 
     def _fit(self) -> List[Dict[str, Any]]:
         self._call("before_train")
-        while self.epoch < self.epochs:
+        while self.epoch < self.epochs and not self._end_requested:
             self._call("before_epoch")
             start = time.perf_counter()
             metrics: Dict[str, Any] = {"epoch": self.epoch + 1}
@@ -302,6 +359,11 @@ class Trainer:
 
     def _trained_grads(self) -> List[Tensor]:
         return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def end_training(self) -> None:
+        """Train no further epoch: the loop ends after this epoch's hooks (before the first epoch when called from
+        ``before_train`` or ``on_resume``), and ``after_train`` runs as after the last epoch."""
+        self._end_requested = True
 
     def request_stop(self) -> None:
         """Stop after the current training step with a resumable checkpoint (what SIGINT/SIGTERM do)."""

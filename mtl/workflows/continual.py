@@ -29,12 +29,12 @@ from torch.utils.tensorboard import SummaryWriter
 from mtl.build.data import build_data
 from mtl.build.model import check_data_size, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
+from mtl.build.training import build_hooks, config_hooks, trainer_options
 from mtl.config.load import dump_config
 from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
 from mtl.core.checkpoint import atomic_write, save_json
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
-from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook
 from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Trainer
 from mtl.models.encoders import build_encoder
@@ -238,6 +238,7 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         if (cfg.model.weights or "").startswith("stage:"):
             raise UserError(f"stage {cfg.name!r}: weights {cfg.model.weights!r}: continual methods build their own "
                             "sequence; use null (random columns) or a pretrained weights name or file")
+        config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
         as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
         task = tasks[cfg.name]
@@ -309,19 +310,13 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         run_dir.mkdir(parents=True)
         atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
         classes = {st.name: st.task.classes}
-        hooks = [MetricsFileHook(run_dir),
-                 TensorBoardHook(run_dir, hparams={"method": method, "task": st.name}, classes=classes,
-                                 mean=cfg.data.mean, std=cfg.data.std, n_images=0, log_every=cfg.weighting.log_every),
-                 CheckpointHook(run_dir, {"classes": classes, "method": method, "task": st.name,
-                                          "targets": task_targets({st.name: st.task}),
-                                          "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]]})]
-        if not quiet:
-            hooks.append(ConsoleHook())
+        meta = {"classes": classes, "method": method, "task": st.name, "targets": task_targets({st.name: st.task}),
+                "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]]}
+        hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, hparams={"method": method, "task": st.name},
+                            n_images=0, quiet=quiet)  # no unfreezing, no graph
         started = time.perf_counter()
-        trainer = Trainer(model, {st.name: st.task}, st.loaders, optimizer, scheduler, epochs=cfg.train.epochs,
-                          device=device, amp=use_amp(cfg.train.amp, device), grad_clip=cfg.train.grad_clip,
-                          hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
-                          generator=st.generator)
+        options = trainer_options(cfg, device, st.generator, quiet=quiet)
+        trainer = Trainer(model, {st.name: st.task}, st.loaders, optimizer, scheduler, options, hooks=hooks)
         trainer.fit()
         times.append(time.perf_counter() - started)
         params.append(learner.added_parameters(k, st))

@@ -5,12 +5,13 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from mtl.build.experiment import Experiment, _delta_m_fn, _speed_up, build_experiment, build_monitor
 from mtl.build.tasks import task_targets
+from mtl.build.training import build_hooks, config_hooks, trainer_options
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
@@ -18,8 +19,6 @@ from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
-from mtl.core.runtime import use_amp
-from mtl.engine.hooks import CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
 from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.base import Task
@@ -42,11 +41,12 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     started = time.perf_counter()
     exp = build_experiment(cfg)
     monitor, delta_m_fn = build_monitor(cfg, exp.tasks), _delta_m_fn(cfg, exp.tasks)  # refused before anything is written
+    named = config_hooks(cfg)  # likewise
     fresh = run_dir is None
     run_dir = new_run_dir(cfg) if fresh else Path(run_dir)
     lock = dist.on_main(lambda: _open_run_dir(cfg, run_dir, fresh, resume))
     try:
-        return _train(cfg, exp, run_dir, resume, quiet, monitor, delta_m_fn, started)
+        return _train(cfg, exp, run_dir, resume, quiet, monitor, delta_m_fn, named, started)
     finally:
         if lock is not None:
             lock.release()
@@ -72,7 +72,7 @@ def _open_run_dir(cfg: Config, run_dir: Path, fresh: bool, resume: bool) -> RunL
 
 def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: bool,
            monitor: Callable[[Dict[str, Any]], float], delta_m_fn: Optional[Callable[[Dict[str, Any]], float]],
-           started: float) -> Dict[str, Any]:
+           named: Sequence[Hook], started: float) -> Dict[str, Any]:
     main_process = dist.is_main()  # under torchrun only process 0 writes
     model, loaders = _speed_up(cfg, exp)
     optimizer = build_optimizer(exp.model, cfg.optim)
@@ -83,23 +83,13 @@ def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: boo
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
             "targets": task_targets(exp.tasks), "input_size": exp.input_size}
-    hooks: List[Hook] = [UnfreezeHook(exp.model.encoder, cfg.train.unfreeze, cfg.optim)]
-    if main_process:
-        hooks += [
-            MetricsFileHook(run_dir),
-            TensorBoardHook(run_dir, hparams=_hparams(cfg), classes=classes, mean=cfg.data.mean, std=cfg.data.std,
-                            n_images=cfg.train.log_images, log_every=cfg.weighting.log_every,
-                            graph_model=exp.model if cfg.train.log_graph else None),
-            CheckpointHook(run_dir, meta),
-        ]
-    if not quiet and main_process:
-        hooks.append(ConsoleHook())
-    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, epochs=cfg.train.epochs,
-                      device=exp.device, amp=use_amp(cfg.train.amp, exp.device), grad_clip=cfg.train.grad_clip,
-                      l2sp=exp.l2sp, hooks=hooks, progress=cfg.train.progress and not quiet, seed=cfg.train.seed,
-                      generator=exp.generator, weighting=exp.weighting, grad_on=cfg.weighting.grad_on,
-                      monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
-                      nonfinite=cfg.train.nonfinite)
+    hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, encoder=exp.model.encoder, graph_model=exp.model,
+                        quiet=quiet, named=named)
+    options = trainer_options(cfg, exp.device, exp.generator, quiet=quiet, grad_on=cfg.weighting.grad_on,
+                              monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
+                              nonfinite=cfg.train.nonfinite)
+    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, options, hooks=hooks,
+                      weighting=exp.weighting, l2sp=exp.l2sp)
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet and main_process:
@@ -122,12 +112,6 @@ def _task_text(tasks: Mapping[str, Task]) -> str:
         task = next(iter(tasks.values()))
         return f"{len(task.classes)} classes" if task.classes else task.type_name
     return f"{len(tasks)} tasks (" + ", ".join(f"{t}: {task.type_name}" for t, task in tasks.items()) + ")"
-
-
-def _hparams(cfg: Config) -> Dict[str, Any]:
-    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name, "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze),
-            "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "schedule": cfg.sched.name,
-            "batch_size": cfg.data.batch_size, "epochs": cfg.train.epochs, "data": cfg.data.name}
 
 
 def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, history: List[Dict[str, Any]],

@@ -1,0 +1,89 @@
+"""What the trainer is given, from a config: its options and its hooks (mtl's own, then those ``train.hooks`` names)."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mtl.config.schema import Config, HookCfg
+from mtl.core import distributed as dist
+from mtl.core.errors import UserError
+from mtl.core.runtime import use_amp
+from mtl.engine.hooks import HOOKS, CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
+from mtl.engine.trainer import Hook, TrainerOptions
+
+
+def trainer_options(cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False,
+                    **more: Any) -> TrainerOptions:
+    """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed) on
+    ``device``, with ``generator`` as the shuffle generator; ``more`` sets further fields (grad_on, monitor, ...)."""
+    return TrainerOptions(epochs=cfg.train.epochs, device=device, amp=use_amp(cfg.train.amp, device),
+                          grad_clip=cfg.train.grad_clip, progress=cfg.train.progress and not quiet,
+                          seed=cfg.train.seed, generator=generator, **more)
+
+
+def build_hooks(cfg: Config, run_dir: Path, *, classes: Mapping[str, List[str]], meta: Mapping[str, Any],
+                hparams: Optional[Mapping[str, Any]] = None, encoder: Optional[nn.Module] = None,
+                graph_model: Optional[nn.Module] = None, n_images: Optional[int] = None, quiet: bool = False,
+                named: Optional[Sequence[Hook]] = None) -> List[Hook]:
+    """A run's hooks in the order they run: mtl's own, then the ones ``train.hooks`` names.
+
+    mtl's own: ``UnfreezeHook`` (``train.unfreeze`` on ``encoder``; none without an encoder); on process 0 only,
+    ``MetricsFileHook``, ``TensorBoardHook`` (``hparams``, by default ``run_hparams(cfg)``; ``n_images`` grid images,
+    by default ``train.log_images``; ``graph_model``'s graph when ``train.log_graph``) and ``CheckpointHook`` (with
+    ``meta`` in every checkpoint); then ``ConsoleHook`` on process 0 unless ``quiet``. The named hooks run on every
+    process: ``named`` when they were built already (``config_hooks``), else built here.
+    """
+    hooks: List[Hook] = []
+    if encoder is not None:
+        hooks.append(UnfreezeHook(encoder, cfg.train.unfreeze, cfg.optim))
+    if dist.is_main():
+        hooks += [
+            MetricsFileHook(run_dir),
+            TensorBoardHook(run_dir, hparams=run_hparams(cfg) if hparams is None else hparams, classes=classes,
+                            mean=cfg.data.mean, std=cfg.data.std,
+                            n_images=cfg.train.log_images if n_images is None else n_images,
+                            log_every=cfg.weighting.log_every, graph_model=graph_model if cfg.train.log_graph else None),
+            CheckpointHook(run_dir, meta),
+        ]
+        if not quiet:
+            hooks.append(ConsoleHook())
+    hooks += config_hooks(cfg) if named is None else named
+    return hooks
+
+
+def config_hooks(cfg: Config) -> List[Hook]:
+    """The hooks ``train.hooks`` names, each built with its options. An unknown name is the registry's UserError
+    (with the close names); an unknown or missing option is one UserError line naming the options the hook takes."""
+    return [_config_hook(i, entry) for i, entry in enumerate(cfg.train.hooks)]
+
+
+def _config_hook(i: int, entry: HookCfg) -> Hook:
+    builder = HOOKS.get(entry.name)
+    params = list(inspect.signature(builder).parameters.values())
+    keywords = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    known = [p.name for p in keywords]
+    unknown = [k for k in entry.options if k not in known]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise UserError(f"train.hooks[{i}]: unknown option(s) {', '.join(unknown)} for hook {entry.name!r}; "
+                        f"known: {', '.join(known) or 'none'}")
+    missing = [p.name for p in keywords if p.default is p.empty and p.name not in entry.options]
+    if missing:
+        raise UserError(f"train.hooks[{i}]: hook {entry.name!r} needs option(s) {', '.join(missing)}; "
+                        f"give them as {{name: {entry.name}, options: {{{missing[0]}: ...}}}}")
+    hook = builder(**entry.options)
+    if not isinstance(hook, Hook):
+        raise UserError(f"train.hooks[{i}]: hook {entry.name!r} built a {type(hook).__name__}, not a Hook; register "
+                        f"a subclass of mtl.plugins.Hook (or a function that returns one)")
+    return hook
+
+
+def run_hparams(cfg: Config) -> Dict[str, Any]:
+    """What TensorBoard's hparams tab shows for a run of ``cfg``."""
+    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name,
+            "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze), "optimizer": cfg.optim.name,
+            "lr": cfg.optim.lr, "schedule": cfg.sched.name, "batch_size": cfg.data.batch_size,
+            "epochs": cfg.train.epochs, "data": cfg.data.name}
