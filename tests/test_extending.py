@@ -1,5 +1,7 @@
-"""docs/extending.md, executed: its module registers six parts, its config names them, and training runs."""
+"""docs/extending.md, executed: its module registers six parts and its config names them; its task type, command
+and workflow run as written."""
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -74,13 +76,14 @@ def _block(lang, first_line):
 
 def test_the_documented_task_type_trains_and_reports_its_metrics(tmp_path, monkeypatch):
     pytest.importorskip("captcha")
+    from mtl.tasks.base import TASK_TYPES
+
+    monkeypatch.setattr(TASK_TYPES, "_entries", dict(TASK_TYPES._entries))  # the doc's type is gone after this test
     (tmp_path / "my_task.py").write_text(_block("python", "# my_task.py"))
     (tmp_path / "my_task_config.yaml").write_text(_block("yaml", "# my_task_config.yaml"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert main(["train", "my_task_config.yaml", "train.progress=false"]) == 0
-    from mtl.tasks.base import TASK_TYPES
-
     assert TASK_TYPES.get("ordinal").type_name == "ordinal"
     (summary_path,) = (tmp_path / "runs" / "ordinal_demo").glob("*/summary.json")
     summary = json.loads(summary_path.read_text())
@@ -112,3 +115,37 @@ def test_the_documented_command_runs_from_its_one_module_and_one_line(tmp_path, 
     assert main(["count", "my_config.yaml"]) == 0
     assert capsys.readouterr().out.splitlines() == ["train: 400 items", "val: 100 items"]
     assert main(["count", "no_such.yaml"]) == 2 and "no_such.yaml" in capsys.readouterr().err
+
+
+def _load_as(name, path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_documented_workflow_and_its_command_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("captcha")
+    from mtl import cli
+
+    (tmp_path / "workflow.py").write_text(_block("python", "# mtl/workflows/lr_range.py"))
+    (tmp_path / "command.py").write_text(_block("python", "# mtl/commands/lr_range.py"))
+    _load_as("mtl.workflows.lr_range", tmp_path / "workflow.py", monkeypatch)
+    _load_as("mtl.commands.lr_range", tmp_path / "command.py", monkeypatch)
+    line = eval(_block("python", '    ("lr_range"').strip().rstrip(","))
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, line])
+    (tmp_path / "my_parts.py").write_text(_block("python", "# my_parts.py"))
+    (tmp_path / "my_config.yaml").write_text(_block("yaml", "# my_config.yaml"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["lr_range", "my_config.yaml", "--low", "1e-4", "--high", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["lr", "loss"] and len(rows) == 1 + 13  # 400 training digits in batches of 32
+    lrs = [float(r[0]) for r in rows[1:]]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1.0, rel=1e-3)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=2e-2)  # geometric growth (3 printed digits)
+    assert all(math.isfinite(float(r[1])) for r in rows[1:])

@@ -10,14 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.build.data import build_data
-from mtl.build.model import build_model, check_data_size, model_input_size, parameter_counts
+from mtl.build.model import build_model, check_data_size, config_encoder, model_input_size, parameter_counts
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
 from mtl.data.loaders import in_order
 from mtl.engine.feature_cache import HeadsOnFeatures, cache_features, feature_cache_blocker
 from mtl.engine.monitor import default_monitor, delta_m, load_baseline
-from mtl.models.encoders import build_encoder
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
@@ -47,7 +46,7 @@ def build_experiment(cfg: Config) -> Experiment:
     device = select_device(cfg.train.device)
     tasks, datasets, loaders, generator, info = build_data(cfg, device)
 
-    encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
+    encoder = config_encoder(cfg)
     input_size = model_input_size(loaders.get("val", loaders["train"]))
     check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None

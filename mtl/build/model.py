@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from mtl.config.schema import Config, HeadCfg
 from mtl.core.errors import UserError
 from mtl.data import DATASETS
-from mtl.models.encoders import check_input_size
+from mtl.models.encoders import build_encoder, check_input_size
 from mtl.models.heads import DENSE, HEADS, head_input
 from mtl.models.mtan import MTAN
 from mtl.models.transfer import TransferModel
@@ -46,24 +46,39 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
         in_dim = mtan.out_dim
     elif cfg.model.arch != "hard":
         raise UserError(f"model.arch must be hard or mtan, got {cfg.model.arch!r}")
-    heads = {}
-    for name, task in tasks.items():
-        head_cfg = cfg.tasks[name].head or HeadCfg(name="fpn" if task.dense else "linear")
-        options = dict(head_cfg.options)
-        if head_cfg.name == "linear" and mtan is None and not getattr(encoder, "classifier_bias", True):
-            options.setdefault("bias", False)  # as the torchvision classifier layer it replaces (maxvit_t's)
-        try:
-            head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
-                                            hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
-            dense = head_input(head) == DENSE
-        except UserError as e:
-            raise UserError(f"tasks.{name}.head: {e}") from None
-        if dense != task.dense:
-            kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
-            raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
-                            f"not {head_cfg.name!r}")
-        heads[name] = head
+    bias = mtan is None and getattr(encoder, "classifier_bias", True)
+    heads = {name: build_head(cfg, name, task, in_dim, feature_info, classifier_bias=bias)
+             for name, task in tasks.items()}
     return TransferModel(encoder, heads, mtan)
+
+
+def config_encoder(cfg: Config, weights: bool = True) -> nn.Module:
+    """The encoder ``model`` describes, with ``model.weights`` loaded (only its architecture when ``weights`` is
+    False)."""
+    return build_encoder(cfg.model.encoder, weights=cfg.model.weights if weights else None,
+                         **cfg.model.encoder_options)
+
+
+def build_head(cfg: Config, name: str, task: Task, in_dim: int, feature_info: Optional[List[dict]], *,
+               classifier_bias: bool = True) -> nn.Module:
+    """The head ``tasks.<name>.head`` describes for ``task`` (default: linear, or fpn for dense tasks), checked to
+    fit the task: a dense task needs a dense head and an image-level task an image-level one. ``classifier_bias``
+    False gives a linear head no bias, as the torchvision classifier layer it replaces (maxvit_t's)."""
+    head_cfg = cfg.tasks[name].head or HeadCfg(name="fpn" if task.dense else "linear")
+    options = dict(head_cfg.options)
+    if head_cfg.name == "linear" and not classifier_bias:
+        options.setdefault("bias", False)
+    try:
+        head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
+                                        hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
+        dense = head_input(head) == DENSE
+    except UserError as e:
+        raise UserError(f"tasks.{name}.head: {e}") from None
+    if dense != task.dense:
+        kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
+        raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
+                        f"not {head_cfg.name!r}")
+    return head
 
 
 def model_input_size(loader: Any) -> List[int]:

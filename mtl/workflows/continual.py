@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from mtl.build.data import build_data
-from mtl.build.model import check_data_size, model_input_size, parameter_counts
+from mtl.build.model import build_head, check_data_size, config_encoder, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
 from mtl.build.training import build_hooks, config_hooks, trainer_options
 from mtl.config.load import dump_config
@@ -35,11 +35,12 @@ from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
 from mtl.core.checkpoint import atomic_write, save_json
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
+from mtl.engine.evaluate import evaluate
 from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Trainer
 from mtl.models.encoders import build_encoder
 from mtl.models.freezing import apply_freeze
-from mtl.models.heads import HEADS, POOLED, head_input
+from mtl.models.heads import POOLED, head_input
 from mtl.models.progressive import ProgressiveNet
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
@@ -61,17 +62,11 @@ class SequenceTask:
         return self.cfg.name
 
 
-def _encoder(cfg: Config) -> nn.Module:
-    return build_encoder(cfg.model.encoder, weights=cfg.model.weights, **cfg.model.encoder_options)
-
-
 def _head(st: SequenceTask, in_dim: int) -> nn.Module:
     head_cfg = next(iter(st.cfg.tasks.values())).head or HeadCfg()
-    build = HEADS.get(head_cfg.name)
     message = f"stage {st.name!r}: continual methods need a pooled head (linear or mlp), not {head_cfg.name!r}"
     try:
-        head = build(in_dim=in_dim, out_dim=st.task.out_dim, feature_info=None, hidden=head_cfg.hidden,
-                     dropout=head_cfg.dropout, **head_cfg.options)
+        head = build_head(st.cfg, st.name, st.task, in_dim, feature_info=None)
     except UserError as e:
         if "feature_info" in str(e):
             raise UserError(message) from None
@@ -103,7 +98,7 @@ class ColumnLearner(Learner):
         self.device = device
 
     def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        encoder = _encoder(st.cfg)
+        encoder = config_encoder(st.cfg)
         self.net.add_column(st.name, _head(st, encoder.out_dim), encoder=encoder)
         self.net.to(self.device)
         return self.net.view(st.name)
@@ -126,7 +121,7 @@ class SharedEncoderLearner(Learner):
 
     def train_model(self, k: int, st: SequenceTask) -> nn.Module:
         if self.encoder is None:
-            self.encoder = _encoder(st.cfg).to(self.device)
+            self.encoder = config_encoder(st.cfg).to(self.device)
             apply_freeze(self.encoder, st.cfg.model.freeze)
         elif self.freeze_after_first:
             apply_freeze(self.encoder, "all")
@@ -149,21 +144,10 @@ def build_learner(method: str, top: Config, device: torch.device) -> Learner:
     return SharedEncoderLearner(method == "head_only", device)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, task_name: str, task: Task, loader: DataLoader, device: torch.device,
-             amp: bool = False) -> Dict[str, float]:
-    """The task's validation metrics for ``model`` (in eval mode; restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    state = task.init_state(device)
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["targets"][task_name].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)[task_name]
-        state = task.update(state, out.float(), y)
-    model.train(was_training)
-    return task.compute(state)
+def _accuracy(model: nn.Module, st: SequenceTask, device: torch.device, amp: bool) -> float:
+    """Validation accuracy of ``model`` on task ``st``: the one evaluation loop (``mtl.engine.evaluate``)."""
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None
+    return evaluate(model, st.loaders["val"], {st.name: st.task}, device, autocast=autocast).metrics[st.name]["acc"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -320,8 +304,7 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         trainer.fit()
         times.append(time.perf_counter() - started)
         params.append(learner.added_parameters(k, st))
-        row = [evaluate(learner.eval_model(j, sequence[j]), sequence[j].name, sequence[j].task,
-                        sequence[j].loaders["val"], device, use_amp(cfg.train.amp, device))["acc"]
+        row = [_accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, use_amp(cfg.train.amp, device))
                for j in range(k + 1)]
         R.append(row)
         for j, acc in enumerate(row):

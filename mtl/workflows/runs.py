@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from mtl.build.data import tasks_from_config
-from mtl.build.model import build_model
+from mtl.build.model import build_model, config_encoder
 from mtl.build.tasks import build_tasks
 from mtl.config.load import build_config, load_config
 from mtl.config.schema import Config
@@ -21,7 +21,6 @@ from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.data.image_files import load_rgb
 from mtl.data.transforms import build_transforms
-from mtl.models.encoders import build_encoder
 from mtl.models.freezing import apply_freeze
 from mtl.tasks.base import Task
 from mtl.workflows.continual import as_sequence_stage, stage_model
@@ -81,8 +80,7 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
         input_size = state.get("input_size")
     else:
         tasks, input_size = tasks_from_config(cfg)
-    encoder = build_encoder(cfg.model.encoder, weights=cfg.model.weights if (weights and not run) else None,
-                            **cfg.model.encoder_options)
+    encoder = config_encoder(cfg, weights=weights and not run)
     apply_freeze(encoder, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks)
     if state is not None:
