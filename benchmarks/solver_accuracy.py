@@ -5,7 +5,7 @@
     python benchmarks/solver_accuracy.py --timing         # milliseconds per call, T = 3, 10, 40
 
 For every case (T tasks, a kind of Jacobian: random / correlated / rank-deficient, a seed) the exact answer
-is computed once by brute force in float64 (``tests/exact_references.py``: every support enumerated), and
+is computed once by brute force in float64 (``tests/weighting/exact_references.py``: every support enumerated), and
 the method is run on the gradients times each global scale (1e-8, 1, 1e8). The agreement is the cosine
 between the method's direction and the reference (``exact_references.agreement``; a reference shorter than
 1e-3 of the largest gradient, as when the origin is in the hull, has no direction to compare: 1 if the
@@ -25,7 +25,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "weighting"))
 import exact_references as ref  # noqa: E402
 
 from mtl.weighting import build_weighting  # noqa: E402

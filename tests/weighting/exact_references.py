@@ -2,7 +2,7 @@
 
 Brute force in float64: every support (subset of tasks) is tried and the best feasible candidate kept. No
 iteration, no tolerance-driven search: a candidate is either feasible or not, and among feasible points the
-objective decides. Used by ``tests/test_weighting_exact.py`` and ``benchmarks/solver_accuracy.py``.
+objective decides. Used by ``tests/weighting/test_weighting_exact.py`` and ``benchmarks/solver_accuracy.py``.
 Each function takes the (T, D) gradients (any dtype) and works from their float64 Gram matrix.
 """
 from __future__ import annotations

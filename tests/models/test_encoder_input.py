@@ -23,7 +23,7 @@ def _encoder(name: str, device: str = "cpu"):
         return build_encoder(name)
 
 
-@pytest.mark.parametrize("name", ["vit_b_16", "vit_b_32"])  # maxvit_t: tests/test_encoders.py
+@pytest.mark.parametrize("name", ["vit_b_16", "vit_b_32"])  # maxvit_t: tests/models/test_encoders.py
 def test_fixed_size_encoders_take_exactly_their_size(name):
     encoder = _encoder(name, "meta")
     assert encoder.fixed_input_size == (224, 224) and encoder.min_input_size == 224

@@ -17,7 +17,7 @@ from mtl.core.errors import UserError
 from mtl.config.stages import stage_configs
 from mtl.workflows.stages import train_from_file
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def test_metrics_from_a_hand_made_matrix():

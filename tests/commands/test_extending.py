@@ -10,7 +10,7 @@ import pytest
 
 from mtl.cli import main
 
-DOC = Path(__file__).parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).parents[2] / "docs" / "extending.md"
 
 
 def blocks(lang):

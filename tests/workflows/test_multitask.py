@@ -16,7 +16,7 @@ from mtl.workflows.train import resume_run, run
 from mtl.engine.trainer import Trainer
 from mtl.weighting import WEIGHTINGS
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 GRADIENT = ("mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
 
 

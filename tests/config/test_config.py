@@ -155,7 +155,7 @@ def test_every_shipped_config_validates():
 
     from mtl.config.stages import stage_configs
 
-    configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    configs = sorted(Path(__file__).parents[2].glob("configs/*.yaml"))
     assert configs, "no configs shipped"
     for path in configs:
         raw, sources = load_config(path)

@@ -79,7 +79,7 @@ WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda"]
 def _config(root, weighting):
     """A tiny run; for a weighting, two tasks on the same labels, so that there is something to balance."""
     if weighting == "scenes":  # batched scenes: flips drawn for the global batch, each process takes its share
-        return {"_base_": str(Path(__file__).parents[1] / "configs" / "mtl_scenes.yaml"), "name": "tiny",
+        return {"_base_": str(Path(__file__).parents[2] / "configs" / "mtl_scenes.yaml"), "name": "tiny",
                 "data": {"root": str(root / "scenes"), "batch_size": 8,
                          "options": {"size": 32, "train_size": 24, "val_size": 8, "seed": 0}},
                 "model": {"encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}},

@@ -1,4 +1,4 @@
-"""Gradient methods against exact references computed here by brute force (tests/exact_references.py), over task
+"""Gradient methods against exact references computed here by brute force (tests/weighting/exact_references.py), over task
 counts, norm spreads up to 1e4, correlated and rank-deficient gradients and global scales from 1e-8 to 1e8; and
 each method's defining property (min norm, no conflict, the bargaining equation, CAGrad's optimality)."""
 import itertools

@@ -18,7 +18,7 @@ from mtl.workflows.inspect import features_command, summary_command, summary_tab
 from mtl.workflows.runs import load_model
 from test_progressive_model import OUT, make_net
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RESNET18_LAYER4 = 8_393_728  # torchvision resnet18's layer4
 
 
