@@ -1,10 +1,15 @@
 """Shared fixtures: small image folders the tests draw themselves."""
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# The tests mirror the package's folders and share helpers across them (``from test_bad_input import refused``):
+# every folder is importable whichever tests run.
+sys.path[:0] = [str(d) for d in sorted(Path(__file__).parent.iterdir()) if d.is_dir() and not d.name.startswith("_")]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 

@@ -14,7 +14,12 @@ from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import ignore_stop_signals
 from mtl.data import DATASETS, ClassSubset, build_transforms, subset_per_class
-from mtl.data.batches import DeviceBatches, StridedBatchSampler, default_cache_dir, image_store
+from mtl.data.batches import (
+    DeviceBatches,
+    StridedBatchSampler,
+    default_cache_dir,
+    image_store,
+)
 from mtl.data.dense_batches import DenseBatches, can_gather
 from mtl.data.device_augment import BatchAugment
 from mtl.data.loaders import SignalSafeLoader, collate_targets

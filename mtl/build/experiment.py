@@ -10,12 +10,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.build.data import build_data
-from mtl.build.model import build_model, check_data_size, config_encoder, model_input_size, parameter_counts
+from mtl.build.model import (
+    build_model,
+    check_data_size,
+    config_encoder,
+    model_input_size,
+    parameter_counts,
+)
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
 from mtl.data.loaders import in_order
-from mtl.engine.feature_cache import HeadsOnFeatures, cache_features, feature_cache_blocker
+from mtl.engine.feature_cache import (
+    HeadsOnFeatures,
+    cache_features,
+    feature_cache_blocker,
+)
 from mtl.engine.monitor import default_monitor, delta_m, load_baseline
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
 from mtl.models.transfer import TransferModel

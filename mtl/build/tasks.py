@@ -7,7 +7,15 @@ from torch.utils.data import Dataset
 
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
-from mtl.tasks.base import LOSSES, METRICS, TASK_TYPES, Task, add_custom_metrics, build_task, use_custom_loss
+from mtl.tasks.base import (
+    LOSSES,
+    METRICS,
+    TASK_TYPES,
+    Task,
+    add_custom_metrics,
+    build_task,
+    use_custom_loss,
+)
 
 TargetSpecs = Dict[str, Dict[str, Any]]  # target key -> {"type", "num_classes" (or the type's outputs_key), "classes"}
 

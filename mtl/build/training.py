@@ -12,8 +12,19 @@ from mtl.config.schema import Config, HookCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
-from mtl.engine.hooks import HOOKS, CheckpointHook, ConsoleHook, MetricsFileHook, TensorBoardHook, UnfreezeHook
-from mtl.engine.trainer import Hook, TrainerOptions
+from mtl.engine.hooks import (
+    HOOKS,
+    CheckpointHook,
+    ConsoleHook,
+    MetricsFileHook,
+    TensorBoardHook,
+    UnfreezeHook,
+)
+from mtl.engine.optim import build_optimizer, build_scheduler
+from mtl.engine.trainer import Hook, Trainer, TrainerOptions
+from mtl.models.freezing import L2SP
+from mtl.tasks.base import Task
+from mtl.weighting.base import Weighting
 
 
 def trainer_options(cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False,
@@ -87,3 +98,20 @@ def run_hparams(cfg: Config) -> Dict[str, Any]:
             "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze), "optimizer": cfg.optim.name,
             "lr": cfg.optim.lr, "schedule": cfg.sched.name, "batch_size": cfg.data.batch_size,
             "epochs": cfg.train.epochs, "data": cfg.data.name}
+
+
+def build_trainer(cfg: Config, model: nn.Module, tasks: Mapping[str, Task], loaders: Mapping[str, Any], *,
+                  device: torch.device, generator: torch.Generator, hooks: Sequence[Hook],
+                  optimized: Optional[nn.Module] = None, weighting: Optional[Weighting] = None,
+                  l2sp: Optional[L2SP] = None, quiet: bool = False, **options: Any) -> Trainer:
+    """The trainer of one run: ``cfg.optim`` over the parameters of ``optimized`` (the model whose weights train,
+    by default ``model``; a learnable weighting's parameters join at the base lr without decay), ``cfg.sched``
+    over the run's steps, the options of ``trainer_options`` (``options`` sets further fields) and ``hooks``."""
+    optimizer = build_optimizer(optimized if optimized is not None else model, cfg.optim)
+    if weighting is not None and any(True for _ in weighting.parameters()):  # learnable task weights (uncertainty)
+        optimizer.add_param_group({"params": list(weighting.parameters()), "lr": cfg.optim.lr,
+                                   "initial_lr": cfg.optim.lr, "weight_decay": 0.0, "lr_mult": 1.0, "name": "weighting"})
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]))
+    return Trainer(model, tasks, loaders, optimizer, scheduler, trainer_options(cfg, device, generator, quiet=quiet,
+                                                                                  **options),
+                   hooks=hooks, weighting=weighting, l2sp=l2sp)

@@ -29,7 +29,7 @@ MOVED: Dict[str, Tuple[str, ...]] = {
     "mtl.freezing": ("mtl.models.freezing",),
     "mtl.progressive": ("mtl.models.progressive",),
     "mtl.model": ("mtl.models.transfer",),
-    "mtl.trainer": ("mtl.engine.trainer", "mtl.core.runtime", "mtl.engine.monitor"),
+    "mtl.trainer": ("mtl.engine.trainer", "mtl.core.runtime", "mtl.engine.monitor", "mtl.engine.meter"),
     "mtl.hooks": ("mtl.engine.hooks",),
     "mtl.evaluate": ("mtl.engine.evaluate", "mtl.workflows.evaluate"),
     "mtl.optim": ("mtl.engine.optim",),

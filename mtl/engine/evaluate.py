@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+)
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtl.core.runtime import evaluating
-from mtl.engine.trainer import _Meter
+from mtl.engine.meter import Meter
 from mtl.tasks.base import Task
 
 
@@ -36,21 +45,24 @@ def confusion_tasks(tasks: Mapping[str, Task]) -> List[str]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mapping[str, Task], device: torch.device, *,
              autocast: Optional[Callable[[], ContextManager[Any]]] = None, channels_last: bool = False,
-             metrics: bool = True, progress: bool = False) -> Evaluation:
-    """One pass over ``loader`` (batches ``{"image", "targets": {task: y}}``) with ``model`` in eval mode.
+             metrics: bool = True, confusion: bool = True, reduce: bool = False, progress: Optional[bool] = False,
+             desc: str = "eval") -> Evaluation:
+    """One pass over ``loader`` (batches ``{"image", "targets": {task: y}}``) with ``model`` in eval mode: the one
+    evaluation loop, used by the trainer's validation phase, ``mtl eval``, the TensorBoard hook and continual runs.
 
-    Confusion matrices for ``confusion_tasks``; with ``metrics`` also every task's loss and metrics through the
-    task metric API (``init_state``/``update``/``compute``), summed by the trainer's own meter as in its
-    validation phase.
-    The model's train/eval mode is restored afterwards (``mtl.core.runtime.evaluating``).
+    With ``confusion``, confusion matrices for ``confusion_tasks``; with ``metrics``, every task's loss and metrics
+    through the task metric API (``init_state``/``update``/``compute``), summed by a ``Meter``; with ``reduce``
+    those sums are added up over torchrun's processes (each saw its share of the split). ``progress``: a bar
+    (None: only on a terminal). The model's train/eval mode is restored afterwards (``core.runtime.evaluating``).
     """
-    names = confusion_tasks(tasks)
+    names = confusion_tasks(tasks) if confusion else []
     sizes = {t: tasks[t].confusion_classes() for t in names}
     confusion = {t: torch.zeros(n * n + 1, dtype=torch.long, device=device) for t, n in sizes.items()}  # + overflow
-    meter = _Meter(tasks, device) if metrics else None
+    meter = Meter(tasks, device) if metrics else None
     total = 0
     with evaluating(model):
-        for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress,
+                          dynamic_ncols=True):
             x = batch["image"].to(device, non_blocking=True)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -70,6 +82,8 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
                 meter.update(losses, outputs, targets, n)
     result = Evaluation(size=total, confusion={t: c[:-1].view(sizes[t], sizes[t]).cpu() for t, c in confusion.items()})
     if meter is not None:
+        if reduce:
+            meter.all_reduce()
         phase = meter.result()
         result.metrics = phase.pop("tasks")
         result.overall = phase

@@ -8,7 +8,17 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +29,8 @@ from mtl.core import distributed as dist
 from mtl.core.checkpoint import rng_state, set_rng_state
 from mtl.core.errors import UserError, out_of_memory
 from mtl.data.batches import loader_batch_size
+from mtl.engine.evaluate import evaluate
+from mtl.engine.meter import Meter
 from mtl.engine.monitor import default_monitor
 from mtl.models.freezing import L2SP
 from mtl.tasks.base import Task
@@ -36,47 +48,6 @@ class Hook:
     def after_epoch(self, trainer: "Trainer", metrics: Dict[str, Any]) -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
     def on_interrupt(self, trainer: "Trainer", state: Dict[str, Any]) -> None: ...
-
-
-class _Meter:
-    """Running sums per task on the device (loss, metric state); one host sync per read."""
-
-    def __init__(self, tasks: Mapping[str, Task], device: torch.device) -> None:
-        self.tasks = tasks
-        self.loss = torch.zeros(len(tasks), device=device, dtype=torch.float64)
-        self.n = 0
-        self.states = {t: task.init_state(device) for t, task in tasks.items()}
-
-    def update(self, losses: Tensor, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], n: int) -> None:
-        self.loss += losses.detach().double() * n
-        self.n += n
-        for t, task in self.tasks.items():
-            self.states[t] = task.update(self.states[t], outputs[t].detach(), targets[t])
-
-    def all_reduce(self) -> None:
-        """Sum the running sums over processes (each saw its own share of the data)."""
-        if dist.world_size() == 1:
-            return
-        self.loss = dist.all_reduce_sum(self.loss)
-        self.n = int(dist.all_reduce_sum(torch.tensor(float(self.n), dtype=torch.float64, device=self.loss.device)))
-        self.states = {t: dist.all_reduce_sum(s) for t, s in self.states.items()}
-
-    def mean_losses(self) -> Tensor:
-        return (self.loss / max(self.n, 1)).float()
-
-    def result(self) -> Dict[str, Any]:
-        """``loss`` (sum of static-weighted task losses), ``acc`` (mean, when every task has one), ``tasks``."""
-        losses = (self.loss / max(self.n, 1)).tolist()
-        per = {}
-        for (t, task), loss in zip(self.tasks.items(), losses):
-            values = task.compute(self.states[t])
-            report = getattr(task, "report", None)
-            per[t] = {"loss": loss, **{k: v for k, v in values.items() if not report or k in report}}
-        out: Dict[str, Any] = {"loss": sum(self.tasks[t].weight * m["loss"] for t, m in per.items())}
-        if all("acc" in m for m in per.values()):
-            out["acc"] = sum(m["acc"] for m in per.values()) / len(per)
-        out["tasks"] = per
-        return out
 
 
 @dataclass
@@ -217,12 +188,21 @@ class Trainer:
                             + (", or train.amp=bf16)" if gpu else ")")) from None
 
     def run_phase(self, phase: str) -> Dict[str, Any]:
-        """One pass over ``loaders[phase]``; trains when phase is "train"."""
+        """One pass over ``loaders[phase]``: trains when phase is "train", else evaluates (``engine.evaluate``)."""
         train = phase == "train"
+        if not train:
+            ev = evaluate(self.model, self.loaders[phase], self.tasks, self.device, autocast=self.autocast,
+                          channels_last=self.channels_last, confusion=False, reduce=True,
+                          progress=None if self.progress and dist.is_main() else False,
+                          desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}")
+            result = {**ev.overall, "tasks": ev.metrics}
+            if self.delta_m is not None:
+                result["delta_m"] = self.delta_m(result)
+            return result
         self.model.train(train)
         if train and self.generator is not None:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
-        meter = _Meter(self.tasks, self.device)
+        meter = Meter(self.tasks, self.device)
         loader = self.loaders[phase]
         batches, done = iter(loader), 0
         if train and self._partial is not None:  # resume inside this epoch: same batches, same random draws
@@ -254,7 +234,7 @@ class Trainer:
             result["delta_m"] = self.delta_m(result)
         return result
 
-    def step(self, batch: Mapping[str, Any], meter: _Meter, train: bool) -> Dict[str, Tensor]:
+    def step(self, batch: Mapping[str, Any], meter: Meter, train: bool) -> Dict[str, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -375,7 +355,7 @@ class Trainer:
         flag = torch.tensor([float(self._stop_requested)], device=self.device)
         return bool(dist.all_reduce_sum(flag).item() > 0)  # every process stops at the same step
 
-    def _interrupt(self, step: int, meter: "_Meter") -> None:
+    def _interrupt(self, step: int, meter: Meter) -> None:
         state = self.state_dict()
         state["partial"] = {"step": step, "meter_loss": meter.loss.cpu(), "meter_n": meter.n,
                             "meter_states": {t: v.cpu() for t, v in meter.states.items()}, "rng": state["rng"]}
@@ -546,3 +526,6 @@ def _postfix(result: Mapping[str, Any]) -> Dict[str, str]:
     if "acc" in result:
         out["acc"] = f"{result['acc']:.3f}"
     return out
+
+
+_Meter = Meter  # its name before it had a module of its own

@@ -23,7 +23,10 @@ import torchvision
 from einops import rearrange, reduce
 from torch import Tensor, nn
 from torchvision.models import MaxVit, VisionTransformer
-from torchvision.models.feature_extraction import DualGraphModule, create_feature_extractor
+from torchvision.models.feature_extraction import (
+    DualGraphModule,
+    create_feature_extractor,
+)
 
 from mtl.core.errors import UserError
 from mtl.core.registry import Registry

@@ -27,17 +27,21 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from mtl.build.data import build_data
-from mtl.build.model import build_head, check_data_size, config_encoder, model_input_size, parameter_counts
+from mtl.build.model import (
+    build_head,
+    check_data_size,
+    config_encoder,
+    model_input_size,
+    parameter_counts,
+)
 from mtl.build.tasks import task_targets
-from mtl.build.training import build_hooks, config_hooks, trainer_options
+from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import dump_config
 from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
 from mtl.core.checkpoint import atomic_write, save_json
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
 from mtl.engine.evaluate import evaluate
-from mtl.engine.optim import build_optimizer, build_scheduler
-from mtl.engine.trainer import Trainer
 from mtl.models.encoders import build_encoder
 from mtl.models.freezing import apply_freeze
 from mtl.models.heads import POOLED, head_input
@@ -288,8 +292,6 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
             print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name} ===")
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = learner.train_model(k, st)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(st.loaders["train"]))
         run_dir = root / method / st.name
         run_dir.mkdir(parents=True)
         atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
@@ -299,9 +301,8 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, hparams={"method": method, "task": st.name},
                             n_images=0, quiet=quiet)  # no unfreezing, no graph
         started = time.perf_counter()
-        options = trainer_options(cfg, device, st.generator, quiet=quiet)
-        trainer = Trainer(model, {st.name: st.task}, st.loaders, optimizer, scheduler, options, hooks=hooks)
-        trainer.fit()
+        build_trainer(cfg, model, {st.name: st.task}, st.loaders, device=device, generator=st.generator, hooks=hooks,
+                      quiet=quiet).fit()
         times.append(time.perf_counter() - started)
         params.append(learner.added_parameters(k, st))
         row = [_accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, use_amp(cfg.train.amp, device))

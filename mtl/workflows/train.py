@@ -9,17 +9,29 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from mtl.build.experiment import Experiment, _delta_m_fn, _speed_up, build_experiment, build_monitor
+from mtl.build.experiment import (
+    Experiment,
+    _delta_m_fn,
+    _speed_up,
+    build_experiment,
+    build_monitor,
+)
 from mtl.build.tasks import task_targets
-from mtl.build.training import build_hooks, config_hooks, trainer_options
+from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
 from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
-from mtl.core.rundir import RunLock, check_not_in_use, lock_run_dir, make_run_dir, no_checkpoint_yet, resume_hint
-from mtl.engine.optim import build_optimizer, build_scheduler
+from mtl.core.rundir import (
+    RunLock,
+    check_not_in_use,
+    lock_run_dir,
+    make_run_dir,
+    no_checkpoint_yet,
+    resume_hint,
+)
 from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.base import Task
 
@@ -75,21 +87,15 @@ def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: boo
            named: Sequence[Hook], started: float) -> Dict[str, Any]:
     main_process = dist.is_main()  # under torchrun only process 0 writes
     model, loaders = _speed_up(cfg, exp)
-    optimizer = build_optimizer(exp.model, cfg.optim)
-    if any(True for _ in exp.weighting.parameters()):  # learnable task weights (uncertainty): no decay, base lr
-        optimizer.add_param_group({"params": list(exp.weighting.parameters()), "lr": cfg.optim.lr,
-                                   "initial_lr": cfg.optim.lr, "weight_decay": 0.0, "lr_mult": 1.0, "name": "weighting"})
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(exp.loaders["train"]))
     classes = {t: task.classes for t, task in exp.tasks.items()}
     meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
             "targets": task_targets(exp.tasks), "input_size": exp.input_size}
     hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, encoder=exp.model.encoder, graph_model=exp.model,
                         quiet=quiet, named=named)
-    options = trainer_options(cfg, exp.device, exp.generator, quiet=quiet, grad_on=cfg.weighting.grad_on,
-                              monitor=monitor, delta_m=delta_m_fn, channels_last=exp.info["channels_last"],
-                              nonfinite=cfg.train.nonfinite)
-    trainer = Trainer(model, exp.tasks, loaders, optimizer, scheduler, options, hooks=hooks,
-                      weighting=exp.weighting, l2sp=exp.l2sp)
+    trainer = build_trainer(cfg, model, exp.tasks, loaders, device=exp.device, generator=exp.generator, hooks=hooks,
+                            optimized=exp.model, weighting=exp.weighting, l2sp=exp.l2sp, quiet=quiet,
+                            grad_on=cfg.weighting.grad_on, monitor=monitor, delta_m=delta_m_fn,
+                            channels_last=exp.info["channels_last"], nonfinite=cfg.train.nonfinite)
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet and main_process:
