@@ -6,6 +6,7 @@ Uses the ants/bees-shaped folder that benchmarks/speed.py makes (run it once fir
     python benchmarks/channels_last.py [--size 112] [--rounds 2]
     python benchmarks/channels_last.py --accuracy
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,20 @@ from mtl.workflows.train import run
 
 
 def images_per_second(root: Path, size: int, channels_last: str, out: Path) -> float:
-    raw = {"name": "channels_last", "out_dir": str(out),
-           "data": {"name": "folder", "root": str(root), "image_size": size, "resize_size": round(size * 256 / 224),
-                    "batch_size": 32, "augment": "random_resized_crop"},
-           "model": {"encoder": "resnet18"},
-           "train": {"epochs": 3, "progress": False, "log_images": 0, "channels_last": channels_last}}
+    raw = {
+        "name": "channels_last",
+        "out_dir": str(out),
+        "data": {
+            "name": "folder",
+            "root": str(root),
+            "image_size": size,
+            "resize_size": round(size * 256 / 224),
+            "batch_size": 32,
+            "augment": "random_resized_crop",
+        },
+        "model": {"encoder": "resnet18"},
+        "train": {"epochs": 3, "progress": False, "log_images": 0, "channels_last": channels_last},
+    }
     summary = run(build_config(raw, {}), quiet=True)
     return summary["train_size"] / float(np.mean(summary["time"]["train_epoch_s"][1:]))
 

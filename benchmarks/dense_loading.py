@@ -4,6 +4,7 @@ Multi-Fashion, which needs Fashion-MNIST). Data only, no model; the pipelines al
 
     python benchmarks/dense_loading.py [--device cuda] [--rounds 2] [--config configs/mtl_scenes.yaml ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,9 @@ import time
 
 import torch
 
+from mtl.build.data import build_data
 from mtl.config.load import build_config, load_config
 from mtl.core.errors import UserError
-from mtl.build.data import build_data
 
 
 def epoch_seconds(config: str, pipeline: str, device: torch.device) -> tuple[float, int]:

@@ -15,6 +15,7 @@ Nash-MTL has no closed form: its row is the worst residual ``max |a_i (M a)_i - 
 equation (its weights are float32, so about 1e-7 is exact). Prints the worst value per method, kind and spread, at
 scale 1 and over all three scales.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def _gradvac_adjust(t: int) -> Callable:
     def vaccine(i: int, j: int, p: torch.Tensor, gj: torch.Tensor) -> torch.Tensor:
         phi, target = min(max(float(p @ gj / (p.norm() * gj.norm())), -1.0), 1.0), float(phi_hat[i, j])
         if phi < target:
-            p = p + gj * p.norm() * (target * (1 - phi ** 2) ** 0.5 - phi * (1 - target ** 2) ** 0.5) / (
-                gj.norm() * (1 - target ** 2) ** 0.5)
+            p = p + gj * p.norm() * (target * (1 - phi**2) ** 0.5 - phi * (1 - target**2) ** 0.5) / (
+                gj.norm() * (1 - target**2) ** 0.5
+            )
         phi_hat[i, j] = 0.5 * target + 0.5 * phi
         return p
 
@@ -80,8 +82,10 @@ def timing(dim: int, repeats: int = 20) -> None:
     """Median milliseconds per call of each method on (T, D) correlated gradients with a norm spread of 100."""
     methods = ["mgda", "cagrad", "upgrad", "aligned_mtl", "imtl_g", "nash_mtl", "pcgrad", "gradvac"]
     sizes = (3, 10, 40)
-    print(f"`python benchmarks/solver_accuracy.py --timing --dim {dim}`, {time.strftime('%Y-%m-%d')}, "
-          f"{torch.get_num_threads()} threads: median ms per call over {repeats} calls\n")
+    print(
+        f"`python benchmarks/solver_accuracy.py --timing --dim {dim}`, {time.strftime('%Y-%m-%d')}, "
+        f"{torch.get_num_threads()} threads: median ms per call over {repeats} calls\n"
+    )
     print("| method | " + " | ".join(f"T = {t}" for t in sizes) + " |\n|---|" + "---:|" * len(sizes))
     for name in methods:
         cells = []
@@ -139,9 +143,11 @@ def main(argv: List[str] | None = None) -> int:
                             for table in (worst, unit) if scale == 1.0 else (worst,):
                                 table["nash_mtl", kind][spread] = max(table["nash_mtl", kind].get(spread, 0.0), res)
         print(f"spread {spread:g} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    print(f"`python benchmarks/solver_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
-          f"{time.strftime('%Y-%m-%d')}: T = {lo}..{hi}, D = {args.dim:,}, kinds {', '.join(ref.KINDS)}, "
-          f"{args.seeds} seeds, scales {', '.join(f'{s:g}' for s in SCALES)}\n")
+    print(
+        f"`python benchmarks/solver_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
+        f"{time.strftime('%Y-%m-%d')}: T = {lo}..{hi}, D = {args.dim:,}, kinds {', '.join(ref.KINDS)}, "
+        f"{args.seeds} seeds, scales {', '.join(f'{s:g}' for s in SCALES)}\n"
+    )
     for title, table in (("at scale 1", unit), ("over the scales " + ", ".join(f"{s:g}" for s in SCALES), worst)):
         print(f"\n{title} (worst cosine; Nash-MTL: worst residual):\n")
         print("| method | gradients | " + " | ".join(f"spread {s:g}" for s in spreads) + " |")

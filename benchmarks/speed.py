@@ -12,6 +12,7 @@ On a JPEG folder shaped like the tutorial's ants/bees set (made here: 2 classes,
 and the ratios b/a, b/d, c/d. Then one training step per weighting method on the built-in multitask
 scenes, relative to equal weighting (gradient methods with grad_on=representation and params).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from mtl.config.load import build_config
 from mtl.build.experiment import build_experiment
-from mtl.workflows.train import run
+from mtl.config.load import build_config
 from mtl.core.runtime import use_amp
+from mtl.workflows.train import run
 
 GRADIENT_METHODS = ("mgda", "pcgrad", "cagrad", "nash_mtl")
 
@@ -73,11 +74,18 @@ def tutorial_loop(root: Path, size: int, device: torch.device, epochs: int, work
     """Images/s of the tutorial's training loop (epochs after the first), written as the tutorial writes it."""
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     data = datasets.ImageFolder(str(root / "train"), tf)
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=4, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
     model = torchvision.models.resnet18(num_classes=2).to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -99,14 +107,25 @@ def tutorial_loop(root: Path, size: int, device: torch.device, epochs: int, work
     return float(np.mean(rates[1:] if len(rates) > 1 else rates))
 
 
-def mtl_run(root: Path, size: int, epochs: int, batch: int, out: Path, data: Dict[str, Any] | None = None,
-            **model: Any) -> Tuple[float, float, Dict]:
+def mtl_run(
+    root: Path, size: int, epochs: int, batch: int, out: Path, data: Dict[str, Any] | None = None, **model: Any
+) -> Tuple[float, float, Dict]:
     """(images/s after the first epoch, images/s of the first, summary) of `mtl train` on the folder."""
-    raw = {"name": "speed", "out_dir": str(out),
-           "data": {"name": "folder", "root": str(root), "image_size": size, "resize_size": round(size * 256 / 224),
-                    "batch_size": batch, "augment": model.pop("augment", "random_resized_crop"), **(data or {})},
-           "model": {"encoder": "resnet18", **model},
-           "train": {"epochs": epochs, "progress": False, "log_images": 0}}
+    raw = {
+        "name": "speed",
+        "out_dir": str(out),
+        "data": {
+            "name": "folder",
+            "root": str(root),
+            "image_size": size,
+            "resize_size": round(size * 256 / 224),
+            "batch_size": batch,
+            "augment": model.pop("augment", "random_resized_crop"),
+            **(data or {}),
+        },
+        "model": {"encoder": "resnet18", **model},
+        "train": {"epochs": epochs, "progress": False, "log_images": 0},
+    }
     summary = run(build_config(raw, {}), quiet=True)
     times = summary["time"]["train_epoch_s"]
     n = summary["train_size"]
@@ -156,15 +175,25 @@ def weighting_steps(methods: List[str], size: int, steps: int, device: torch.dev
     raw.setdefault("tasks", {})["label"] = None  # 3 tasks: seg, depth, normal (as NYUv2)
     runs = []
     for method in methods:
-        for grad_on in (("representation", "params") if method in GRADIENT_METHODS else (None,)):
+        for grad_on in ("representation", "params") if method in GRADIENT_METHODS else (None,):
             r = copy.deepcopy(raw)
             r.setdefault("weighting", {})["name"] = method
             if grad_on:
                 r["weighting"]["grad_on"] = grad_on
             exp = build_experiment(build_config(r, sources))
-            trainer = Trainer(exp.model, exp.tasks, exp.loaders, build_optimizer(exp.model, exp.cfg.optim), None,
-                              epochs=1, device=exp.device, amp=use_amp("auto", exp.device), weighting=exp.weighting,
-                              grad_on=exp.cfg.weighting.grad_on, progress=False)
+            trainer = Trainer(
+                exp.model,
+                exp.tasks,
+                exp.loaders,
+                build_optimizer(exp.model, exp.cfg.optim),
+                None,
+                epochs=1,
+                device=exp.device,
+                amp=use_amp("auto", exp.device),
+                weighting=exp.weighting,
+                grad_on=exp.cfg.weighting.grad_on,
+                progress=False,
+            )
             exp.model.train()
             name = method + (f" [{grad_on}]" if grad_on else "")
             runs.append((name, trainer, next(iter(exp.loaders["train"])), _Meter(exp.tasks, exp.device), exp.device))
@@ -190,7 +219,9 @@ def weighting_steps(methods: List[str], size: int, steps: int, device: torch.dev
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="an image folder root/{train,val}/<class>/ (default: made)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="an image folder root/{train,val}/<class>/ (default: made)"
+    )
     parser.add_argument("--size", type=int, default=None, help="training resolution (default 224 on GPU, 64 on CPU)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4 on GPU, 3 on CPU)")
     parser.add_argument("--batch", type=int, default=None, help="mtl batch size (default 128 on GPU, 32 on CPU)")
@@ -233,22 +264,40 @@ def throughput(root: Path, size: int, epochs: int, batch: int, device: torch.dev
     b, b1, _ = mtl_run(root, size, epochs, batch, args.out, weights=None)
     rows.append((f"(b) mtl train, full fine-tune (batch {batch})", b, f"first epoch {b1:,.0f}/s", _peak(device)))
     _reset_peak(device)
-    bi, bi1, _ = mtl_run(root, size, epochs, batch, args.out, data={"pipeline": "items", "num_workers": args.workers},
-                         weights=None)
-    rows.append((f"(b') the same with data.pipeline=items (per-item PIL transforms, {args.workers} workers)", bi,
-                 f"first epoch {bi1:,.0f}/s", _peak(device)))
+    bi, bi1, _ = mtl_run(
+        root, size, epochs, batch, args.out, data={"pipeline": "items", "num_workers": args.workers}, weights=None
+    )
+    rows.append(
+        (
+            f"(b') the same with data.pipeline=items (per-item PIL transforms, {args.workers} workers)",
+            bi,
+            f"first epoch {bi1:,.0f}/s",
+            _peak(device),
+        )
+    )
     _reset_peak(device)
     c, c1, summary = mtl_run(root, size, epochs, batch, args.out, weights=None, freeze="all", augment="none")
     how = "features cached" if "feature_cache_s" in summary else "features NOT cached"
-    rows.append((f"(c) mtl train, frozen encoder, {how} (batch {batch})", c,
-                 f"first epoch incl. caching {c1:,.0f}/s", _peak(device)))
+    rows.append(
+        (
+            f"(c) mtl train, frozen encoder, {how} (batch {batch})",
+            c,
+            f"first epoch incl. caching {c1:,.0f}/s",
+            _peak(device),
+        )
+    )
     _reset_peak(device)
     d = compute_limit(size, batch, device, steps=20 if gpu else 5)
-    rows.append((f"(d) compute limit, full fine-tune (random tensors on {device.type}, batch {batch})", d, "", _peak(device)))
+    rows.append(
+        (f"(d) compute limit, full fine-tune (random tensors on {device.type}, batch {batch})", d, "", _peak(device))
+    )
     print("| run | images/s | note | peak GPU memory |\n|---|---:|---|---:|")
     for label, rate, note, peak in rows:
         print(f"| {label} | {rate:,.0f} | {note} | {peak} |")
-    print(f"\nb/a = {b / a:.2f}    b/b' = {b / bi:.2f}    b/d = {b / d:.2f}    c/d = {c / d:.2f}    c later epochs / c first epoch = {c / c1:.1f}")
+    print(
+        f"\nb/a = {b / a:.2f}    b/b' = {b / bi:.2f}    b/d = {b / d:.2f}    c/d = {c / d:.2f}    "
+        f"c later epochs / c first epoch = {c / c1:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Trains one single-task run per task (the baselines), then the multitask config o
 prints a Markdown table: final validation metrics per task, delta_m % against the baselines, and the
 mean training time per step with its ratio to equal weighting (same process, same machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from mtl.config.load import build_config, load_config
 from mtl.engine.monitor import delta_m
 from mtl.workflows.compare import run_directions, run_metrics
-from mtl.config.load import build_config, load_config
 from mtl.workflows.train import run
 
 
@@ -39,8 +40,11 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. train.epochs=5")
-    parser.add_argument("--methods", default="equal,uncertainty,dwa,pcgrad,mgda,cagrad",
-                        help="comma-separated weighting names (default: %(default)s)")
+    parser.add_argument(
+        "--methods",
+        default="equal,uncertainty,dwa,pcgrad,mgda,cagrad",
+        help="comma-separated weighting names (default: %(default)s)",
+    )
     parser.add_argument("--out", default="runs/bench_weighting", help="run directory root (default: %(default)s)")
     parser.add_argument("--skip-single", action="store_true", help="no single-task baselines (no delta_m)")
     parser.add_argument("--metrics", help="comma-separated metric names to show (delta_m always uses all)")
@@ -71,11 +75,17 @@ def main(argv: List[str] | None = None) -> int:
         rows.append((method, summary))
 
     shown = args.metrics.split(",") if args.metrics else None
-    columns = [(t, m) for t in tasks for m in (baseline.get(t) or run_metrics(rows[-1][1])[t])
-               if m != "loss" and (shown is None or m in shown)]
+    columns = [
+        (t, m)
+        for t in tasks
+        for m in (baseline.get(t) or run_metrics(rows[-1][1])[t])
+        if m != "loss" and (shown is None or m in shown)
+    ]
     equal = next((_step_s(s) for name, s in rows if name == "equal"), None)
-    print(f"`python benchmarks/weighting.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
-          f"{time.strftime('%Y-%m-%d')}, {_device(rows[0][1])}\n")
+    print(
+        f"`python benchmarks/weighting.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
+        f"{time.strftime('%Y-%m-%d')}, {_device(rows[0][1])}\n"
+    )
     header = ["run"] + [f"{t}.{m}" for t, m in columns] + ["Δm %", "s/step", "× equal"]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))

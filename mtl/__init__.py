@@ -1,4 +1,5 @@
 """mtl: transfer learning for PyTorch research (fine-tuning, multitask learning, progressive networks)."""
+
 from mtl.core import legacy
 from mtl.core.errors import UserError
 

@@ -1,4 +1,5 @@
 """The ``mtl`` command: ``train``, ``summary``, ``features``, ``predict``, ``eval``, ``compare``, ``weights``."""
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,18 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 # File-system errors that come from the paths a user gave or the machine's state, not from a bug.
-_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
-                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+_USER_ERRNOS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

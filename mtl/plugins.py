@@ -13,6 +13,7 @@
 
 See docs/extending.md for one example of each kind and the contracts they follow.
 """
+
 from __future__ import annotations
 
 from mtl.core.imports import import_modules
@@ -24,7 +25,15 @@ from mtl.models.heads import HEADS
 from mtl.tasks.base import LOSSES, METRICS, TASK_TYPES
 from mtl.weighting.base import WEIGHTINGS
 
-__all__ = ["DATASETS", "ENCODERS", "HEADS", "HOOKS", "LOSSES", "METRICS", "TASK_TYPES", "WEIGHTINGS", "Hook",
-           "import_modules"]
-
-
+__all__ = [
+    "DATASETS",
+    "ENCODERS",
+    "HEADS",
+    "HOOKS",
+    "LOSSES",
+    "METRICS",
+    "TASK_TYPES",
+    "WEIGHTINGS",
+    "Hook",
+    "import_modules",
+]

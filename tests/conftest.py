@@ -1,4 +1,5 @@
 """Shared fixtures: small image folders the tests draw themselves."""
+
 import sys
 from pathlib import Path
 
@@ -48,8 +49,16 @@ def tiny_config(root: Path, out: Path, **overrides) -> dict:
     cfg = {
         "name": "tiny",
         "out_dir": str(out),
-        "data": {"name": "folder", "root": str(root), "image_size": 32, "resize_size": 32, "batch_size": 8,
-                 "num_workers": 0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "data": {
+            "name": "folder",
+            "root": str(root),
+            "image_size": 32,
+            "resize_size": 32,
+            "batch_size": 8,
+            "num_workers": 0,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
         "model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 16, 16, 32]}},
         "optim": {"name": "adam", "lr": 0.01},
         "train": {"epochs": 3, "progress": False, "log_images": 4},

@@ -5,6 +5,7 @@ only ``data`` may import ``tasks`` (for target specs); imports inside functions 
 heavy third-party packages in ``LAZY`` and for ``mtl.cli`` loading command modules (``importlib``); and the
 module-level imports between mtl's modules form no cycle.
 """
+
 import ast
 import sys
 from pathlib import Path
@@ -68,8 +69,9 @@ def imports(path: Path):
                     target = child.module
                 for a in child.names:  # `from mtl.core import distributed`: the submodule is what is imported
                     sub = f"{target}.{a.name}"
-                    is_module = (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").exists() or \
-                        (PACKAGE.parent / Path(*sub.split(".")) / "__init__.py").exists()
+                    is_module = (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").exists() or (
+                        PACKAGE.parent / Path(*sub.split(".")) / "__init__.py"
+                    ).exists()
                     found.append((sub if is_module else target, child.lineno, inside))
             visit(child, nested)
 
@@ -93,12 +95,18 @@ def violations():
             if inside:
                 problems.append(f"{where} inside a function (mtl modules are imported at module level)")
             if layer_of(target) > layer_of(module):
-                problems.append(f"{where}: layer {LAYERS[layer_of(module)][0]} imports the higher layer "
-                                f"{LAYERS[layer_of(target)][0]}")
-            elif layer_of(target) == layer_of(module) == 2 and part_of(target) != part_of(module) \
-                    and (part_of(module), part_of(target)) != ("data", "tasks"):
-                problems.append(f"{where}: part {part_of(module)} imports part {part_of(target)} "
-                                f"(only data may import tasks)")
+                problems.append(
+                    f"{where}: layer {LAYERS[layer_of(module)][0]} imports the higher layer "
+                    f"{LAYERS[layer_of(target)][0]}"
+                )
+            elif (
+                layer_of(target) == layer_of(module) == 2
+                and part_of(target) != part_of(module)
+                and (part_of(module), part_of(target)) != ("data", "tasks")
+            ):
+                problems.append(
+                    f"{where}: part {part_of(module)} imports part {part_of(target)} (only data may import tasks)"
+                )
     return problems
 
 
@@ -115,7 +123,7 @@ def cycles():
             if nxt not in graph:
                 continue
             if state.get(nxt) == 1:
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -126,8 +134,11 @@ def cycles():
         if node not in state:
             visit(node)
     # a package's __init__ importing its own submodules is how packages re-export: not a cycle between modules
-    return [c for c in found if not all(_prefix_match(m, c[0].rpartition(".")[0] or c[0]) for m in c)
-            or len({m for m in c}) > 2]
+    return [
+        c
+        for c in found
+        if not all(_prefix_match(m, c[0].rpartition(".")[0] or c[0]) for m in c) or len({m for m in c}) > 2
+    ]
 
 
 def test_every_import_points_down():
@@ -140,8 +151,17 @@ def test_no_import_cycle():
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
-@pytest.mark.parametrize("module,layer", [("mtl.core.errors", "core"), ("mtl.config.schema", "config"),
-                                          ("mtl.data.scenes", "parts"), ("mtl.engine.trainer", "engine"),
-                                          ("mtl.plugins", "build"), ("mtl.cli", "commands"), ("mtl", "core")])
+@pytest.mark.parametrize(
+    "module,layer",
+    [
+        ("mtl.core.errors", "core"),
+        ("mtl.config.schema", "config"),
+        ("mtl.data.scenes", "parts"),
+        ("mtl.engine.trainer", "engine"),
+        ("mtl.plugins", "build"),
+        ("mtl.cli", "commands"),
+        ("mtl", "core"),
+    ],
+)
 def test_layer_names(module, layer):
     assert LAYERS[layer_of(module)][0] == layer

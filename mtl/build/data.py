@@ -1,4 +1,5 @@
 """Data sets and loaders from ``data`` config: the per-item path, decoded image stores, whole dense batches."""
+
 from __future__ import annotations
 
 import inspect
@@ -39,19 +40,35 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
     known = [p for p in params if p not in reserved]
     for key in cfg.options:
         if key not in known:
-            raise UserError(f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}")
+            raise UserError(
+                f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}"
+            )
     if "augment" in params:
-        dataset = builder(split=split, root=cfg.root, augment=train and cfg.augment != "none", mean=cfg.mean,
-                          std=cfg.std, **cfg.options)
+        dataset = builder(
+            split=split,
+            root=cfg.root,
+            augment=train and cfg.augment != "none",
+            mean=cfg.mean,
+            std=cfg.std,
+            **cfg.options,
+        )
     else:
-        transform = build_transforms(train=train, image_size=cfg.image_size, resize_size=cfg.resize_size,
-                                     mean=cfg.mean, std=cfg.std, augment=cfg.augment, crop_padding=cfg.crop_padding)
+        transform = build_transforms(
+            train=train,
+            image_size=cfg.image_size,
+            resize_size=cfg.resize_size,
+            mean=cfg.mean,
+            std=cfg.std,
+            augment=cfg.augment,
+            crop_padding=cfg.crop_padding,
+        )
         dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
     return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
 
 
-def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, DataLoader],
-                                                            torch.Generator, Dict[str, Any]]:
+def build_data(
+    cfg: Config, device: torch.device
+) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, DataLoader], torch.Generator, Dict[str, Any]]:
     """Tasks (class counts checked against the data), data sets, loaders, the shuffling generator, data info.
 
     Under torchrun, process 0 builds first (it may write caches that the others then read), and
@@ -60,8 +77,10 @@ def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict
     world = dist.world_size()
     for size in (cfg.data.batch_size, cfg.data.val_batch_size or cfg.data.batch_size):
         if size % world:
-            raise UserError(f"data.batch_size {size} does not split over {world} processes; under torchrun it is "
-                            f"the global batch, so use a multiple of {world}")
+            raise UserError(
+                f"data.batch_size {size} does not split over {world} processes; under torchrun it is "
+                f"the global batch, so use a multiple of {world}"
+            )
     if dist.is_main():
         try:
             built = _build_data(cfg, device)
@@ -76,8 +95,9 @@ def build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict
     return _build_data(cfg, device)
 
 
-def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, Any],
-                                                             torch.Generator, Dict[str, Any]]:
+def _build_data(
+    cfg: Config, device: torch.device
+) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, Any], torch.Generator, Dict[str, Any]]:
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = list(getattr(train_ds, "classes", []))
@@ -89,29 +109,45 @@ def _build_data(cfg: Config, device: torch.device) -> Tuple[Dict[str, Task], Dic
     info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds)}
     loaders = _batched_loaders(cfg, tasks, train_ds, val_ds, device, generator, info)
     if loaders is None:
-        common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
-                      worker_init_fn=ignore_stop_signals)
+        common = dict(
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            worker_init_fn=ignore_stop_signals,
+        )
         val_batch = cfg.data.val_batch_size or cfg.data.batch_size
         if dist.world_size() == 1:
             loaders = {
-                "train": SignalSafeLoader(train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator,
-                                          **common),
+                "train": SignalSafeLoader(
+                    train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common
+                ),
                 "val": SignalSafeLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
             }
         else:
             r, w = dist.rank(), dist.world_size()
             loaders = {
-                "train": SignalSafeLoader(train_ds, batch_sampler=StridedBatchSampler(
-                    len(train_ds), cfg.data.batch_size, True, generator, r, w), **common),
-                "val": SignalSafeLoader(val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None,
-                                                                                  r, w), **common),
+                "train": SignalSafeLoader(
+                    train_ds,
+                    batch_sampler=StridedBatchSampler(len(train_ds), cfg.data.batch_size, True, generator, r, w),
+                    **common,
+                ),
+                "val": SignalSafeLoader(
+                    val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None, r, w), **common
+                ),
             }
         info["pipeline"] = "per item"
     return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
 
 
-def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
-                     generator: torch.Generator, info: Dict[str, Any]) -> Optional[Dict[str, DeviceBatches]]:
+def _batched_loaders(
+    cfg: Config,
+    tasks: Dict[str, Task],
+    train_ds: Dataset,
+    val_ds: Dataset,
+    device: torch.device,
+    generator: torch.Generator,
+    info: Dict[str, Any],
+) -> Optional[Dict[str, DeviceBatches]]:
     """Device-augmented batches from decoded image stores (``data.pipeline``), or None for the per-item path."""
     d = cfg.data
     if d.pipeline == "items":
@@ -122,32 +158,60 @@ def _batched_loaders(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val
     stores = {}
     if targets == {"label"}:
         for split, ds in (("train", train_ds), ("val", val_ds)):
-            stores[split] = image_store(ds, cache_size=size, cache_dir=cache_dir,
-                                        budget_bytes=int(d.cache_budget_gb * 2**30), progress=cfg.train.progress)
+            stores[split] = image_store(
+                ds,
+                cache_size=size,
+                cache_dir=cache_dir,
+                budget_bytes=int(d.cache_budget_gb * 2**30),
+                progress=cfg.train.progress,
+            )
     if (not stores or any(s is None for s in stores.values())) and can_gather(train_ds) and can_gather(val_ds):
         return _dense_batches(cfg, tasks, train_ds, val_ds, device, generator, info)
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
-            raise UserError(f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
-                            f"cifar10/100, captcha_chars, shapes) or scenes, multi_fashion, celeba; {d.name!r} "
-                            f"with targets {', '.join(sorted(targets))} "
-                            f"has no image store; use data.pipeline=items or auto")
+            raise UserError(
+                f"data.pipeline=batched needs a single-label image data set (folder, fashion_mnist, mnist, "
+                f"cifar10/100, captcha_chars, shapes) or scenes, multi_fashion, celeba; {d.name!r} "
+                f"with targets {', '.join(sorted(targets))} "
+                f"has no image store; use data.pipeline=items or auto"
+            )
         return None
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
     names = list(tasks)
     shard = dict(rank=dist.rank(), world=dist.world_size())
     loaders = {
-        "train": DeviceBatches(stores["train"], BatchAugment(train=True, augment=d.augment, **kw),
-                               batch_size=d.batch_size, shuffle=True, device=device, generator=generator,
-                               target_names=names, dataset=train_ds, collate_fn=collate_targets({t: task.target for t, task in tasks.items()}), **shard),
-        "val": DeviceBatches(stores["val"], BatchAugment(train=False, augment="none", **kw),
-                             batch_size=d.val_batch_size or d.batch_size, shuffle=False, device=device,
-                             target_names=names, dataset=val_ds, collate_fn=collate_targets({t: task.target for t, task in tasks.items()}), **shard),
+        "train": DeviceBatches(
+            stores["train"],
+            BatchAugment(train=True, augment=d.augment, **kw),
+            batch_size=d.batch_size,
+            shuffle=True,
+            device=device,
+            generator=generator,
+            target_names=names,
+            dataset=train_ds,
+            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            **shard,
+        ),
+        "val": DeviceBatches(
+            stores["val"],
+            BatchAugment(train=False, augment="none", **kw),
+            batch_size=d.val_batch_size or d.batch_size,
+            shuffle=False,
+            device=device,
+            target_names=names,
+            dataset=val_ds,
+            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            **shard,
+        ),
     }
     nbytes = sum(s.nbytes for s in stores.values() if s.location == "memory")
     where = sorted({s.location for s in stores.values() if s.location != "memory"})
-    info["pipeline"] = ("batched on " + device.type + f", uint8 images {nbytes / 2**20:,.0f} MiB in memory"
-                        + (f" + memory-mapped {', '.join(where)}" if where else ""))
+    info["pipeline"] = (
+        "batched on "
+        + device.type
+        + f", uint8 images {nbytes / 2**20:,.0f} MiB in memory"
+        + (f" + memory-mapped {', '.join(where)}" if where else "")
+    )
     for split, st in stores.items():
         info[f"{split}_size"] = len(st)
         info["skipped_images"] += st.dropped
@@ -159,25 +223,55 @@ def _cache_dir(d: DataCfg) -> Optional[Path]:
     return Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir(d.root)
 
 
-def _dense_batches(cfg: Config, tasks: Dict[str, Task], train_ds: Dataset, val_ds: Dataset, device: torch.device,
-                   generator: torch.Generator, info: Dict[str, Any]) -> Dict[str, DenseBatches]:
+def _dense_batches(
+    cfg: Config,
+    tasks: Dict[str, Task],
+    train_ds: Dataset,
+    val_ds: Dataset,
+    device: torch.device,
+    generator: torch.Generator,
+    info: Dict[str, Any],
+) -> Dict[str, DenseBatches]:
     """Whole batches gathered by the data set itself (in-memory multitask sets), augmented on the device."""
     d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
     targets = {t: task.target for t, task in tasks.items()}
     info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
     if callable(getattr(train_ds, "prepare", None)):  # image files: decoded once first (celeba)
-        kw = dict(cache_size=d.cache_size, cache_dir=_cache_dir(d), budget_bytes=int(d.cache_budget_gb * 2**30),
-                  progress=cfg.train.progress)
+        kw = dict(
+            cache_size=d.cache_size,
+            cache_dir=_cache_dir(d),
+            budget_bytes=int(d.cache_budget_gb * 2**30),
+            progress=cfg.train.progress,
+        )
         where = {train_ds.prepare(**kw), val_ds.prepare(**kw)}
         mib = (train_ds.nbytes + val_ds.nbytes) / 2**20
-        info["pipeline"] = (f"batched on {device.type} (images decoded once: uint8 {mib:,.0f} MiB "
-                            + ("in memory" if where == {"memory"} else "memory-mapped") + ")")
+        info["pipeline"] = (
+            f"batched on {device.type} (images decoded once: uint8 {mib:,.0f} MiB "
+            + ("in memory" if where == {"memory"} else "memory-mapped")
+            + ")"
+        )
     return {
-        "train": DenseBatches(train_ds, targets, batch_size=d.batch_size, shuffle=True, device=device,
-                              augment=bool(getattr(train_ds, "augment", False)), generator=generator,
-                              collate_fn=collate_targets({t: task.target for t, task in tasks.items()}), **shard),
-        "val": DenseBatches(val_ds, targets, batch_size=d.val_batch_size or d.batch_size, shuffle=False, augment=False,
-                            device=device, collate_fn=collate_targets({t: task.target for t, task in tasks.items()}), **shard),
+        "train": DenseBatches(
+            train_ds,
+            targets,
+            batch_size=d.batch_size,
+            shuffle=True,
+            device=device,
+            augment=bool(getattr(train_ds, "augment", False)),
+            generator=generator,
+            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            **shard,
+        ),
+        "val": DenseBatches(
+            val_ds,
+            targets,
+            batch_size=d.val_batch_size or d.batch_size,
+            shuffle=False,
+            augment=False,
+            device=device,
+            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            **shard,
+        ),
     }
 
 
@@ -191,7 +285,9 @@ def tasks_from_config(cfg: Config) -> Tuple[Dict[str, Task], Optional[List[int]]
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
     except UserError as e:
         missing = [n for n, tc in cfg.tasks.items() if tc.num_classes is None] or ["label"]
-        raise UserError(f"{e}; or, to build the model without data, give the class count: "
-                        + " ".join(f"tasks.{n}.num_classes=N" for n in missing)) from None
+        raise UserError(
+            f"{e}; or, to build the model without data, give the class count: "
+            + " ".join(f"tasks.{n}.num_classes=N" for n in missing)
+        ) from None
     size = list(train_ds[0]["image"].shape[-2:]) if len(train_ds) else None  # eval transform: the model's input
     return build_tasks(cfg, dataset_targets(train_ds)), size

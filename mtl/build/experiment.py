@@ -1,5 +1,6 @@
 """Everything a run needs, built from one config: data, tasks, model, weighting, the score that picks the best epoch,
 and the speed-ups (cached features, channels_last, compile)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,13 +66,16 @@ def build_experiment(cfg: Config) -> Experiment:
     model = build_model(cfg, encoder, tasks).to(device)
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
-    weighting = build_weighting(cfg.weighting.name, list(tasks), [t.weight for t in tasks.values()],
-                                **cfg.weighting.options).to(device)
+    weighting = build_weighting(
+        cfg.weighting.name, list(tasks), [t.weight for t in tasks.values()], **cfg.weighting.options
+    ).to(device)
     weighting.seed = cfg.train.seed
     frozen = not any(p.requires_grad for p in model.shared_parameters())
     if weighting.gradient_level and frozen and not cfg.train.unfreeze:
-        raise UserError(f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
-                        f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)")
+        raise UserError(
+            f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
+            f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)"
+        )
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
 
@@ -90,12 +94,16 @@ def build_monitor(cfg: Config, tasks: Dict[str, Task]) -> Callable[[Dict[str, An
         return lambda m: -m["loss"]
     if name == "delta_m":
         if not cfg.train.baseline:
-            raise UserError("train.monitor=delta_m needs train.baseline, a file of single-task results {task: {metric: value}}")
+            raise UserError(
+                "train.monitor=delta_m needs train.baseline, a file of single-task results {task: {metric: value}}"
+            )
         return lambda m: m["delta_m"]
     task, _, metric = name.partition(".")
     if task not in tasks or metric not in directions[task]:
         known = [f"{t}.{k}" for t, d in directions.items() for k in d]
-        raise UserError(f"train.monitor {name!r} is not a task metric; use auto, loss, delta_m or one of: {', '.join(known)}")
+        raise UserError(
+            f"train.monitor {name!r} is not a task metric; use auto, loss, delta_m or one of: {', '.join(known)}"
+        )
     sign = 1.0 if directions[task][metric] else -1.0
     return lambda m: sign * m["tasks"][task][metric]
 
@@ -114,21 +122,33 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     model: nn.Module = exp.model
     loaders: Dict[str, Any] = exp.loaders
     has_conv = any(isinstance(m, nn.Conv2d) for m in exp.model.modules())
-    # auto = on, on CPUs too: 1.01x to 1.16x there, for rounding 1e-7 to 1e-6 further from float64 (benchmarks/README.md)
+    # auto = on, on CPUs too: 1.01x to 1.16x there, for rounding 1e-7 to 1e-6 further from float64
+    # (benchmarks/README.md)
     exp.info["channels_last"] = has_conv and t.channels_last != "off"
     if exp.info["channels_last"]:
         exp.model.to(memory_format=torch.channels_last)
-    blocker = feature_cache_blocker(exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none",
-                                    mode=t.cache_features)
+    blocker = feature_cache_blocker(
+        exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none", mode=t.cache_features
+    )
     if blocker is None and exp.l2sp is not None:
         blocker = "optim.l2sp needs the encoder's weights in the loss"
     if blocker is None:
         views = t.feature_views if cfg.data.augment != "none" else 1
         amp = use_amp(t.amp, exp.device)
-        loaders, seconds = cache_features(exp.model, exp.loaders, {s: in_order(l) for s, l in exp.loaders.items()},
-                                          views, exp.device, amp, exp.generator, t.seed)
+        loaders, seconds = cache_features(
+            exp.model,
+            exp.loaders,
+            {s: in_order(loader) for s, loader in exp.loaders.items()},
+            views,
+            exp.device,
+            amp,
+            exp.generator,
+            t.seed,
+        )
         model = HeadsOnFeatures(exp.model)
-        exp.info["pipeline"] += f"; encoder features cached once ({views} view{'s' if views > 1 else ''}, {seconds:.1f} s)"
+        exp.info["pipeline"] += (
+            f"; encoder features cached once ({views} view{'s' if views > 1 else ''}, {seconds:.1f} s)"
+        )
         exp.info["feature_cache_s"] = seconds
     elif t.cache_features == "on":
         raise UserError(f"train.cache_features is on, but the features cannot be cached: {blocker}")

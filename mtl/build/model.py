@@ -1,4 +1,5 @@
 """The model from the config: encoder, heads (through MTAN with ``model.arch: mtan``), input-size checks."""
+
 from __future__ import annotations
 
 import inspect
@@ -39,7 +40,6 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
     mtan = None
     feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
     if cfg.model.arch == "mtan":
-
         if not feature_info:
             raise UserError(f"model.arch=mtan needs an encoder with stage features; {cfg.model.encoder} has none")
         mtan = MTAN(feature_info, list(tasks))
@@ -47,20 +47,21 @@ def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> Tran
     elif cfg.model.arch != "hard":
         raise UserError(f"model.arch must be hard or mtan, got {cfg.model.arch!r}")
     bias = mtan is None and getattr(encoder, "classifier_bias", True)
-    heads = {name: build_head(cfg, name, task, in_dim, feature_info, classifier_bias=bias)
-             for name, task in tasks.items()}
+    heads = {
+        name: build_head(cfg, name, task, in_dim, feature_info, classifier_bias=bias) for name, task in tasks.items()
+    }
     return TransferModel(encoder, heads, mtan)
 
 
 def config_encoder(cfg: Config, weights: bool = True) -> nn.Module:
     """The encoder ``model`` describes, with ``model.weights`` loaded (only its architecture when ``weights`` is
     False)."""
-    return build_encoder(cfg.model.encoder, weights=cfg.model.weights if weights else None,
-                         **cfg.model.encoder_options)
+    return build_encoder(cfg.model.encoder, weights=cfg.model.weights if weights else None, **cfg.model.encoder_options)
 
 
-def build_head(cfg: Config, name: str, task: Task, in_dim: int, feature_info: Optional[List[dict]], *,
-               classifier_bias: bool = True) -> nn.Module:
+def build_head(
+    cfg: Config, name: str, task: Task, in_dim: int, feature_info: Optional[List[dict]], *, classifier_bias: bool = True
+) -> nn.Module:
     """The head ``tasks.<name>.head`` describes for ``task`` (default: linear, or fpn for dense tasks), checked to
     fit the task: a dense task needs a dense head and an image-level task an image-level one. ``classifier_bias``
     False gives a linear head no bias, as the torchvision classifier layer it replaces (maxvit_t's)."""
@@ -69,15 +70,20 @@ def build_head(cfg: Config, name: str, task: Task, in_dim: int, feature_info: Op
     if head_cfg.name == "linear" and not classifier_bias:
         options.setdefault("bias", False)
     try:
-        head = HEADS.get(head_cfg.name)(in_dim=in_dim, out_dim=task.out_dim, feature_info=feature_info,
-                                        hidden=head_cfg.hidden, dropout=head_cfg.dropout, **options)
+        head = HEADS.get(head_cfg.name)(
+            in_dim=in_dim,
+            out_dim=task.out_dim,
+            feature_info=feature_info,
+            hidden=head_cfg.hidden,
+            dropout=head_cfg.dropout,
+            **options,
+        )
         dense = head_input(head) == DENSE
     except UserError as e:
         raise UserError(f"tasks.{name}.head: {e}") from None
     if dense != task.dense:
         kind = "a dense (per-pixel) head such as fpn or aspp" if task.dense else "a pooled head such as linear or mlp"
-        raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, "
-                        f"not {head_cfg.name!r}")
+        raise UserError(f"tasks.{name} is a {type(task).__name__.lower()} task and needs {kind}, not {head_cfg.name!r}")
     return head
 
 

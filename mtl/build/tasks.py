@@ -1,4 +1,5 @@
 """Tasks from the config and the target specs a data set (or a checkpoint) declares."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
@@ -34,14 +35,18 @@ def build_tasks(cfg: Config, declared: Mapping[str, Mapping[str, Any]]) -> Dict[
     """Tasks of the config, completed and checked against the declared target specs (of a data set:
     ``dataset_targets``; of a checkpoint: what ``task_targets`` saved; of a config alone: ``config_targets``)."""
     if cfg.weighting.name == "equal" and any(tc.weight != 1 for tc in cfg.tasks.values()):
-        raise UserError("task weights are set but weighting.name is equal, which ignores them; "
-                        "use weighting.name=static to weight the task losses")
+        raise UserError(
+            "task weights are set but weighting.name is equal, which ignores them; "
+            "use weighting.name=static to weight the task losses"
+        )
     tasks: Dict[str, Task] = {}
     for name, tc in cfg.tasks.items():
         target = tc.target or (name if name in declared or len(declared) > 1 else "label")
         if target not in declared:
-            raise UserError(f"tasks.{name}: the data set {cfg.data.name!r} has no target {target!r}; it provides "
-                            f"{', '.join(declared)}; set tasks.{name}.target to one of them")
+            raise UserError(
+                f"tasks.{name}: the data set {cfg.data.name!r} has no target {target!r}; it provides "
+                f"{', '.join(declared)}; set tasks.{name}.target to one of them"
+            )
         info = declared[target]
         type_ = tc.type or info.get("type", "classification")
         kind = TASK_TYPES.get(type_)
@@ -49,8 +54,10 @@ def build_tasks(cfg: Config, declared: Mapping[str, Mapping[str, Any]]) -> Dict[
         names = list(info.get("classes") or [])
         if tc.num_classes is not None and n_data and kind.fixed_outputs is None and tc.num_classes != n_data:
             shown = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
-            raise UserError(f"tasks.{name}.num_classes is {tc.num_classes} but the data has {n_data} classes{shown}; "
-                            f"fix num_classes or remove it")
+            raise UserError(
+                f"tasks.{name}.num_classes is {tc.num_classes} but the data has {n_data} classes{shown}; "
+                f"fix num_classes or remove it"
+            )
         n = tc.num_classes if tc.num_classes is not None else n_data
         kind.check_data_classes(name, n)
         options = dict(tc.options)
@@ -60,7 +67,9 @@ def build_tasks(cfg: Config, declared: Mapping[str, Mapping[str, Any]]) -> Dict[
         if tc.label_smoothing:
             options["label_smoothing"] = tc.label_smoothing
         try:
-            task = build_task(name, type=type_, target=target, num_classes=n, weight=tc.weight, classes=names, **options)
+            task = build_task(
+                name, type=type_, target=target, num_classes=n, weight=tc.weight, classes=names, **options
+            )
         except UserError as e:
             raise UserError(f"tasks.{name}: {e}") from None
         task.type_name = type_
@@ -72,8 +81,10 @@ def build_tasks(cfg: Config, declared: Mapping[str, Mapping[str, Any]]) -> Dict[
         if tc.metrics:
             unknown = [m for m in tc.metrics if m not in task.metric_directions]
             if unknown:
-                raise UserError(f"tasks.{name}.metrics: unknown {', '.join(unknown)}; a {type_} task reports "
-                                f"{', '.join(k for k in task.metric_directions if k != 'loss')}")
+                raise UserError(
+                    f"tasks.{name}.metrics: unknown {', '.join(unknown)}; a {type_} task reports "
+                    f"{', '.join(k for k in task.metric_directions if k != 'loss')}"
+                )
             task.report = list(tc.metrics)
         tasks[name] = task
     return tasks
@@ -94,8 +105,12 @@ def task_targets(tasks: Mapping[str, Task]) -> TargetSpecs:
 def config_targets(cfg: Config) -> Optional[TargetSpecs]:
     """The target specs a config gives alone (every task's output size known: ``num_classes``, or a type that fixes
     it), so that its model builds without data; None when some task needs the data set's class count."""
-    if not all(tc.num_classes is not None or TASK_TYPES.get(tc.type or "classification").fixed_outputs is not None
-               for tc in cfg.tasks.values()):
+    if not all(
+        tc.num_classes is not None or TASK_TYPES.get(tc.type or "classification").fixed_outputs is not None
+        for tc in cfg.tasks.values()
+    ):
         return None
-    return {(tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
-            for name, tc in cfg.tasks.items()}
+    return {
+        (tc.target or name): {"type": tc.type or "classification", "num_classes": tc.num_classes}
+        for name, tc in cfg.tasks.items()
+    }

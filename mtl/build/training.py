@@ -1,4 +1,5 @@
 """What the trainer is given, from a config: its options and its hooks (mtl's own, then those ``train.hooks`` names)."""
+
 from __future__ import annotations
 
 import inspect
@@ -27,19 +28,36 @@ from mtl.tasks.base import Task
 from mtl.weighting.base import Weighting
 
 
-def trainer_options(cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False,
-                    **more: Any) -> TrainerOptions:
+def trainer_options(
+    cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False, **more: Any
+) -> TrainerOptions:
     """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed) on
     ``device``, with ``generator`` as the shuffle generator; ``more`` sets further fields (grad_on, monitor, ...)."""
-    return TrainerOptions(epochs=cfg.train.epochs, device=device, amp=use_amp(cfg.train.amp, device),
-                          grad_clip=cfg.train.grad_clip, progress=cfg.train.progress and not quiet,
-                          seed=cfg.train.seed, generator=generator, **more)
+    return TrainerOptions(
+        epochs=cfg.train.epochs,
+        device=device,
+        amp=use_amp(cfg.train.amp, device),
+        grad_clip=cfg.train.grad_clip,
+        progress=cfg.train.progress and not quiet,
+        seed=cfg.train.seed,
+        generator=generator,
+        **more,
+    )
 
 
-def build_hooks(cfg: Config, run_dir: Path, *, classes: Mapping[str, List[str]], meta: Mapping[str, Any],
-                hparams: Optional[Mapping[str, Any]] = None, encoder: Optional[nn.Module] = None,
-                graph_model: Optional[nn.Module] = None, n_images: Optional[int] = None, quiet: bool = False,
-                named: Optional[Sequence[Hook]] = None) -> List[Hook]:
+def build_hooks(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    classes: Mapping[str, List[str]],
+    meta: Mapping[str, Any],
+    hparams: Optional[Mapping[str, Any]] = None,
+    encoder: Optional[nn.Module] = None,
+    graph_model: Optional[nn.Module] = None,
+    n_images: Optional[int] = None,
+    quiet: bool = False,
+    named: Optional[Sequence[Hook]] = None,
+) -> List[Hook]:
     """A run's hooks in the order they run: mtl's own, then the ones ``train.hooks`` names.
 
     mtl's own: ``UnfreezeHook`` (``train.unfreeze`` on ``encoder``; none without an encoder); on process 0 only,
@@ -54,10 +72,16 @@ def build_hooks(cfg: Config, run_dir: Path, *, classes: Mapping[str, List[str]],
     if dist.is_main():
         hooks += [
             MetricsFileHook(run_dir),
-            TensorBoardHook(run_dir, hparams=run_hparams(cfg) if hparams is None else hparams, classes=classes,
-                            mean=cfg.data.mean, std=cfg.data.std,
-                            n_images=cfg.train.log_images if n_images is None else n_images,
-                            log_every=cfg.weighting.log_every, graph_model=graph_model if cfg.train.log_graph else None),
+            TensorBoardHook(
+                run_dir,
+                hparams=run_hparams(cfg) if hparams is None else hparams,
+                classes=classes,
+                mean=cfg.data.mean,
+                std=cfg.data.std,
+                n_images=cfg.train.log_images if n_images is None else n_images,
+                log_every=cfg.weighting.log_every,
+                graph_model=graph_model if cfg.train.log_graph else None,
+            ),
             CheckpointHook(run_dir, meta),
         ]
         if not quiet:
@@ -79,39 +103,81 @@ def _config_hook(i: int, entry: HookCfg) -> Hook:
     known = [p.name for p in keywords]
     unknown = [k for k in entry.options if k not in known]
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
-        raise UserError(f"train.hooks[{i}]: unknown option(s) {', '.join(unknown)} for hook {entry.name!r}; "
-                        f"known: {', '.join(known) or 'none'}")
+        raise UserError(
+            f"train.hooks[{i}]: unknown option(s) {', '.join(unknown)} for hook {entry.name!r}; "
+            f"known: {', '.join(known) or 'none'}"
+        )
     missing = [p.name for p in keywords if p.default is p.empty and p.name not in entry.options]
     if missing:
-        raise UserError(f"train.hooks[{i}]: hook {entry.name!r} needs option(s) {', '.join(missing)}; "
-                        f"give them as {{name: {entry.name}, options: {{{missing[0]}: ...}}}}")
+        raise UserError(
+            f"train.hooks[{i}]: hook {entry.name!r} needs option(s) {', '.join(missing)}; "
+            f"give them as {{name: {entry.name}, options: {{{missing[0]}: ...}}}}"
+        )
     hook = builder(**entry.options)
     if not isinstance(hook, Hook):
-        raise UserError(f"train.hooks[{i}]: hook {entry.name!r} built a {type(hook).__name__}, not a Hook; register "
-                        f"a subclass of mtl.plugins.Hook (or a function that returns one)")
+        raise UserError(
+            f"train.hooks[{i}]: hook {entry.name!r} built a {type(hook).__name__}, not a Hook; register "
+            f"a subclass of mtl.plugins.Hook (or a function that returns one)"
+        )
     return hook
 
 
 def run_hparams(cfg: Config) -> Dict[str, Any]:
     """What TensorBoard's hparams tab shows for a run of ``cfg``."""
-    return {"encoder": cfg.model.encoder, "arch": cfg.model.arch, "weighting": cfg.weighting.name,
-            "weights": str(cfg.model.weights), "freeze": str(cfg.model.freeze), "optimizer": cfg.optim.name,
-            "lr": cfg.optim.lr, "schedule": cfg.sched.name, "batch_size": cfg.data.batch_size,
-            "epochs": cfg.train.epochs, "data": cfg.data.name}
+    return {
+        "encoder": cfg.model.encoder,
+        "arch": cfg.model.arch,
+        "weighting": cfg.weighting.name,
+        "weights": str(cfg.model.weights),
+        "freeze": str(cfg.model.freeze),
+        "optimizer": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "schedule": cfg.sched.name,
+        "batch_size": cfg.data.batch_size,
+        "epochs": cfg.train.epochs,
+        "data": cfg.data.name,
+    }
 
 
-def build_trainer(cfg: Config, model: nn.Module, tasks: Mapping[str, Task], loaders: Mapping[str, Any], *,
-                  device: torch.device, generator: torch.Generator, hooks: Sequence[Hook],
-                  optimized: Optional[nn.Module] = None, weighting: Optional[Weighting] = None,
-                  l2sp: Optional[L2SP] = None, quiet: bool = False, **options: Any) -> Trainer:
+def build_trainer(
+    cfg: Config,
+    model: nn.Module,
+    tasks: Mapping[str, Task],
+    loaders: Mapping[str, Any],
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    hooks: Sequence[Hook],
+    optimized: Optional[nn.Module] = None,
+    weighting: Optional[Weighting] = None,
+    l2sp: Optional[L2SP] = None,
+    quiet: bool = False,
+    **options: Any,
+) -> Trainer:
     """The trainer of one run: ``cfg.optim`` over the parameters of ``optimized`` (the model whose weights train,
     by default ``model``; a learnable weighting's parameters join at the base lr without decay), ``cfg.sched``
     over the run's steps, the options of ``trainer_options`` (``options`` sets further fields) and ``hooks``."""
     optimizer = build_optimizer(optimized if optimized is not None else model, cfg.optim)
     if weighting is not None and any(True for _ in weighting.parameters()):  # learnable task weights (uncertainty)
-        optimizer.add_param_group({"params": list(weighting.parameters()), "lr": cfg.optim.lr,
-                                   "initial_lr": cfg.optim.lr, "weight_decay": 0.0, "lr_mult": 1.0, "name": "weighting"})
+        optimizer.add_param_group(
+            {
+                "params": list(weighting.parameters()),
+                "lr": cfg.optim.lr,
+                "initial_lr": cfg.optim.lr,
+                "weight_decay": 0.0,
+                "lr_mult": 1.0,
+                "name": "weighting",
+            }
+        )
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]))
-    return Trainer(model, tasks, loaders, optimizer, scheduler, trainer_options(cfg, device, generator, quiet=quiet,
-                                                                                  **options),
-                   hooks=hooks, weighting=weighting, l2sp=l2sp)
+    return Trainer(
+        model,
+        tasks,
+        loaders,
+        optimizer,
+        scheduler,
+        trainer_options(cfg, device, generator, quiet=quiet, **options),
+        hooks=hooks,
+        weighting=weighting,
+        l2sp=l2sp,
+    )

@@ -2,11 +2,18 @@
 
 ``mtl.cli`` lists them in ``COMMANDS`` and imports only the one that runs. Printing happens here, nowhere below.
 """
+
 import argparse
 
 
 def add_import_option(parser: argparse.ArgumentParser) -> None:
     """``--import MODULE`` (repeatable): the user's modules that register parts, imported before the command runs."""
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import a module that registers your own encoders, heads, losses, metrics or "
-                             "weighting methods (repeatable; also the config key imports)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers your own encoders, heads, losses, metrics or "
+        "weighting methods (repeatable; also the config key imports)",
+    )

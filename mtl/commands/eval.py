@@ -1,4 +1,5 @@
 """``mtl eval``: metrics and confusion matrices of a run's best checkpoint on one split."""
+
 import argparse
 
 from mtl.commands import add_import_option

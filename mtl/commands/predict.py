@@ -1,4 +1,5 @@
 """``mtl predict``: a trained run's predictions for image files and folders."""
+
 import argparse
 
 from mtl.commands import add_import_option

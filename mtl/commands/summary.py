@@ -1,4 +1,5 @@
 """``mtl summary``: the layer table of the model a config (or a run) builds."""
+
 import argparse
 
 from mtl.commands import add_import_option

@@ -1,4 +1,5 @@
 """``mtl train``: one run, every stage of a staged config, or a continual sequence; or resume a run."""
+
 import argparse
 
 from mtl.commands import add_import_option
@@ -10,7 +11,9 @@ from mtl.workflows.train import resume_run
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Train from a YAML config; key=value arguments override config keys."
-    parser.add_argument("config", nargs="?", help="a config file, e.g. configs/quickstart.yaml or runs/x/<time>/config.yaml")
+    parser.add_argument(
+        "config", nargs="?", help="a config file, e.g. configs/quickstart.yaml or runs/x/<time>/config.yaml"
+    )
     parser.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     add_import_option(parser)

@@ -1,4 +1,5 @@
 """``mtl weights import|list``: torchvision weight files for offline use."""
+
 import argparse
 
 from mtl.models.weights import format_cached_table, import_weights, list_cached

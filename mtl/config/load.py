@@ -7,6 +7,7 @@ own keys last. ``key.sub=value`` overrides from the command line are parsed as Y
 result is validated against the dataclasses in :mod:`mtl.schema`: unknown keys, wrong types and
 missing values are :class:`UserError` naming the key, the file that set it and the closest known keys.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,10 @@ class _ConfigLoader(yaml.SafeLoader):
 
 # YAML 1.1 (PyYAML) needs "1.0e-3"; the YAML 1.2 form below is how learning rates are usually written.
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(text: str, prefix: Sequence[str] = ()) -> Any:
@@ -76,9 +79,12 @@ def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node, prefix: Tupl
                     earlier = first.setdefault(key, key_node)
                 if earlier is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {'.'.join(path + (str(key),))!r} is given twice (also on line "
+                        None,
+                        None,
+                        f"key {'.'.join(path + (str(key),))!r} is given twice (also on line "
                         f"{earlier.start_mark.line + 1}), and YAML would silently keep only the later value; keep one",
-                        key_node.start_mark)
+                        key_node.start_mark,
+                    )
                 stack.append((value_node, path + (str(key),)))
 
 
@@ -125,8 +131,10 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
         hint = f"; did you mean {inside}?" if os.path.isfile(inside) else "; give a YAML file"
         raise UserError(f"config {path}{where} is a directory, not a config file{hint}") from None
     except PermissionError:
-        raise UserError(f"cannot read config {path}{where}: permission denied; make it (and its folders) readable "
-                        f"or copy it somewhere readable") from None
+        raise UserError(
+            f"cannot read config {path}{where}: permission denied; make it (and its folders) readable "
+            f"or copy it somewhere readable"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot read config {path}{where}: {e.strerror or e}") from None
     except UnicodeDecodeError:
@@ -139,8 +147,10 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
         raise UserError(f"cannot parse config {path}{where}: it is nested too deeply") from None
     _check_shape(data, f"config {path}{where}")
     if data is None:
-        raise UserError(f"config {path}{where} is empty (no settings in it); write the settings there, "
-                        f"e.g. starting from a copy of configs/quickstart.yaml")
+        raise UserError(
+            f"config {path}{where} is empty (no settings in it); write the settings there, "
+            f"e.g. starting from a copy of configs/quickstart.yaml"
+        )
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a mapping of keys to values, not a {type(data).__name__}")
     bases = data.pop("_base_", None) or []
@@ -202,14 +212,17 @@ def _check_shape(data: Any, what: str) -> None:
         if key in sizes:
             return sizes[key]
         if key in open_:
-            raise UserError(f"{what} contains itself through a YAML alias (a *name inside its own &name); "
-                            f"remove that alias")
+            raise UserError(
+                f"{what} contains itself through a YAML alias (a *name inside its own &name); remove that alias"
+            )
         open_.add(key)
         total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
         open_.discard(key)
         if total > _MAX_VALUES:
-            raise UserError(f"{what} expands to more than {_MAX_VALUES:,} values through its YAML aliases; "
-                            f"write the values out instead")
+            raise UserError(
+                f"{what} expands to more than {_MAX_VALUES:,} values through its YAML aliases; "
+                f"write the values out instead"
+            )
         sizes[key] = total
         return total
 
@@ -227,8 +240,15 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
     if context:
-        text += f" ({context}" + (f" from line {context_mark.line + 1}, column {context_mark.column + 1}"
-                                  if context_mark is not None and context_mark.line != mark.line else "") + ")"
+        text += (
+            f" ({context}"
+            + (
+                f" from line {context_mark.line + 1}, column {context_mark.column + 1}"
+                if context_mark is not None and context_mark.line != mark.line
+                else ""
+            )
+            + ")"
+        )
     return " ".join(text.split())
 
 
@@ -328,7 +348,9 @@ def _convert_dataclass(cls: Any, value: Mapping[str, Any], path: Tuple[str, ...]
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(fields)}"
-            raise UserError(f"unknown config key {_name(path + (str(key),))!r}{_where(path + (str(key),), sources)}{hint}")
+            raise UserError(
+                f"unknown config key {_name(path + (str(key),))!r}{_where(path + (str(key),), sources)}{hint}"
+            )
     kwargs = {}
     for name, f in fields.items():
         if name in value:
@@ -352,13 +374,16 @@ def _check_bounds(value: Any, metadata: Mapping[str, Any], path: Tuple[str, ...]
     limits = metadata.get("bounds")
     if not limits or value is None:
         return
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    items = (
+        value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    )
     tests = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
     for key, v in items:
         if not all(tests[op](v, bound) for op, bound in limits.items()):
             where = path + (str(key),) if key is not None else path
-            need = " and ".join(f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}"
-                                for op, bound in limits.items())
+            need = " and ".join(
+                f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}" for op, bound in limits.items()
+            )
             note = f" ({metadata['note']})" if metadata.get("note") else ""
             raise UserError(f"config key {_name(where)!r}{_where(where, sources)} must be {need}{note}, got {v!r}")
 

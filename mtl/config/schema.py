@@ -1,4 +1,5 @@
 """Every config key, its type and its default. ``mtl.config`` validates YAML against these classes."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,16 @@ DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
-def bounded(default: Any = MISSING, *, factory: Any = MISSING, ge: Optional[float] = None, gt: Optional[float] = None,
-            le: Optional[float] = None, lt: Optional[float] = None, note: str = "") -> Any:
+def bounded(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+    note: str = "",
+) -> Any:
     """A number field (or list or mapping of numbers) that the config loader checks against these bounds; a
     value outside them is refused naming the key. ``note`` ends that message, e.g. what null means instead."""
     limits = {op: v for op, v in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if v is not None}
@@ -25,8 +34,10 @@ def bounded(default: Any = MISSING, *, factory: Any = MISSING, ge: Optional[floa
 def name_problem(name: str) -> str:
     """Why ``name`` cannot be the folder that a run (or stage) writes into below its parent, or ""."""
     if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        return (f"name must be a plain folder name (no /, \\, not empty, . or ..), got {name!r}: runs go to "
-                f"<out_dir>/<name>/<time>; to write somewhere else set out_dir")
+        return (
+            f"name must be a plain folder name (no /, \\, not empty, . or ..), got {name!r}: runs go to "
+            f"<out_dir>/<name>/<time>; to write somewhere else set out_dir"
+        )
     return ""
 
 
@@ -55,7 +66,9 @@ class DataCfg:
     # and celeba (images and targets gathered and augmented in batches) | batched | items (per item)
     pipeline: str = "auto"
     cache_size: Optional[int] = None  # side of the square each decoded image is stored at; null: 4/3 * resize_size
-    cache_budget_gb: float = bounded(8.0, ge=0)  # decoded images above this go to a memory-mapped file instead of memory
+    cache_budget_gb: float = bounded(
+        8.0, ge=0
+    )  # decoded images above this go to a memory-mapped file instead of memory
     cache_dir: Optional[str] = None  # where that file goes; null: <data.root>/.mtl_cache
 
     def check(self) -> str:
@@ -81,7 +94,9 @@ class HeadCfg:
     name: str = "linear"  # pooled: linear | mlp; dense (input-resolution maps): fpn | aspp
     hidden: int = bounded(512, ge=1)  # mlp only
     dropout: float = bounded(0.0, ge=0, lt=1)
-    options: Dict[str, Any] = field(default_factory=dict)  # head-specific, e.g. fpn {channels: 128}, aspp {rates: [6, 12, 18]}
+    options: Dict[str, Any] = field(
+        default_factory=dict
+    )  # head-specific, e.g. fpn {channels: 128}, aspp {rates: [6, 12, 18]}
 
 
 @dataclass
@@ -92,7 +107,9 @@ class TaskCfg:
     # null: the type the data set declares for the target (classification for single-label data sets)
     type: Optional[str] = None
     target: Optional[str] = None  # item key of the target; null: the task's name (``label`` for single-label data)
-    num_classes: Optional[int] = bounded(None, ge=1)  # classes (or regression outputs); inferred from the data, checked when set
+    num_classes: Optional[int] = bounded(
+        None, ge=1
+    )  # classes (or regression outputs); inferred from the data, checked when set
     head: Optional[HeadCfg] = None  # null: linear for image-level tasks, fpn for dense ones
     weight: float = bounded(1.0, ge=0)  # used by weighting static (and as pre-weights by methods that take them)
     loss: Optional[str] = None  # task types with a choice of loss, e.g. regression mse | l1 | smooth_l1
@@ -241,7 +258,9 @@ class ContinualCfg:
     # encoder trained on the first task only, then frozen; a new head per task). Empty: stages run one by one.
     methods: List[str] = field(default_factory=list)
     alpha: float = 0.1  # initial value of the learned scale on each lateral connection
-    adapter_channels: Optional[int] = bounded(None, ge=1)  # 1x1 reduction width of the conv laterals; null: the new column's width
+    adapter_channels: Optional[int] = bounded(
+        None, ge=1
+    )  # 1x1 reduction width of the conv laterals; null: the new column's width
 
     def check(self) -> str:
         unknown = [m for m in self.methods if m not in CONTINUAL_METHODS]

@@ -1,4 +1,5 @@
 """Staged configs: one validated config per stage of a config's ``stages`` list."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -25,5 +26,8 @@ def stage_configs(raw: Dict[str, Any], sources: Sources) -> List[Config]:
     for cfg in configs:
         w = cfg.model.weights or ""
         if w.startswith("stage:") and w[6:] not in names[: names.index(cfg.name)]:
-            raise UserError(f"stage {cfg.name!r}: weights {w!r} names no earlier stage; earlier: {', '.join(names[:names.index(cfg.name)]) or 'none'}")
+            raise UserError(
+                f"stage {cfg.name!r}: weights {w!r} names no earlier stage; "
+                f"earlier: {', '.join(names[: names.index(cfg.name)]) or 'none'}"
+            )
     return configs

@@ -1,4 +1,5 @@
 """Atomic, safe checkpoint and JSON writes; safe loads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,10 +42,14 @@ def writing(path: str | Path, then: Hint = "") -> Iterator[None]:
         then = then() if callable(then) else then
         then = f"; {then}" if then else ""
         if e.errno in NO_SPACE:
-            raise UserError(f"no space left on device writing {path}; free space there or write elsewhere{then} "
-                            f"(files written before are intact)") from None
-        raise UserError(f"cannot write {e.filename or path}: {(e.strerror or 'not writable').lower()}; make that "
-                        f"folder writable or write elsewhere{then}") from None
+            raise UserError(
+                f"no space left on device writing {path}; free space there or write elsewhere{then} "
+                f"(files written before are intact)"
+            ) from None
+        raise UserError(
+            f"cannot write {e.filename or path}: {(e.strerror or 'not writable').lower()}; make that "
+            f"folder writable or write elsewhere{then}"
+        ) from None
 
 
 def _disk_error(err: Optional[BaseException]) -> Optional[OSError]:
@@ -139,14 +144,18 @@ def _load_problem(err: Exception, head: bytes) -> str:
     # torch words a refused global two ways: "Unsupported global: GLOBAL x.Y ..." and "unsupported GLOBAL x.y whose ..."
     refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
     if refused:
-        return (f"it holds a pickled Python object ({refused.group(1)}) that safe loading (weights_only) refuses; "
-                f"save a state dict instead: torch.save(model.state_dict(), path)")
+        return (
+            f"it holds a pickled Python object ({refused.group(1)}) that safe loading (weights_only) refuses; "
+            f"save a state dict instead: torch.save(model.state_dict(), path)"
+        )
     operand = re.search(r"Unsupported operand (\d+)", text)
     opcode = _PICKLE_OPCODES.get(int(operand.group(1))) if operand else None
     if opcode:  # a real pickle instruction that safe loading does not allow (an unknown byte is damage, below)
-        return (f"it holds a pickled Python object that safe loading (weights_only) refuses (pickle instruction "
-                f"{opcode}, which torch.save does not write); save a state dict instead: "
-                f"torch.save(model.state_dict(), path)")
+        return (
+            f"it holds a pickled Python object that safe loading (weights_only) refuses (pickle instruction "
+            f"{opcode}, which torch.save does not write); save a state dict instead: "
+            f"torch.save(model.state_dict(), path)"
+        )
     if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive; old files are a pickle
         return "it is not a PyTorch file (torch.save writes a zip archive); give a file written by torch.save"
     unpickler = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)

@@ -2,6 +2,7 @@
 
 Outside ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) every helper is a no-op for one process.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ def all_reduce_mean_(tensors: Iterable[Optional[Tensor]]) -> None:
         offset = 0
         for t in group:
             n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
+            t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
 
 

@@ -1,4 +1,5 @@
 """Importing the user's own modules (plugins) by name or file."""
+
 from __future__ import annotations
 
 import importlib
@@ -34,8 +35,10 @@ def import_modules(names: Iterable[str]) -> None:
         except UserError:
             raise
         except ModuleNotFoundError as e:
-            raise UserError(f"cannot import plugin module {name!r} ({e}); check the name, run mtl from the folder "
-                            f"that holds it, or add that folder to PYTHONPATH") from None
+            raise UserError(
+                f"cannot import plugin module {name!r} ({e}); check the name, run mtl from the folder "
+                f"that holds it, or add that folder to PYTHONPATH"
+            ) from None
         except ValueError as e:  # e.g. registering a name twice
             raise UserError(f"plugin module {name!r}: {e}") from None
         _imported.add(name)

@@ -5,6 +5,7 @@ plugins and scripts written for them keep working.
 those names (``mtl.engine.trainer``, ``mtl.engine.hooks``, ...). The objects are the same: ``mtl.trainer.Hook is
 mtl.engine.hooks.Hook``. New code imports from the new paths.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,9 +37,18 @@ MOVED: Dict[str, Tuple[str, ...]] = {
     "mtl.features": ("mtl.engine.feature_cache",),
     "mtl.visualize": ("mtl.engine.visualize", "mtl.tasks.drawing"),
     "mtl.compare": ("mtl.workflows.compare", "mtl.engine.monitor"),
-    "mtl.experiment": ("mtl.workflows.train", "mtl.workflows.stages", "mtl.build.experiment", "mtl.build.data",
-                       "mtl.build.tasks", "mtl.build.model", "mtl.core.runtime", "mtl.core.imports", "mtl.data.loaders",
-                       "mtl.config.stages"),
+    "mtl.experiment": (
+        "mtl.workflows.train",
+        "mtl.workflows.stages",
+        "mtl.build.experiment",
+        "mtl.build.data",
+        "mtl.build.tasks",
+        "mtl.build.model",
+        "mtl.core.runtime",
+        "mtl.core.imports",
+        "mtl.data.loaders",
+        "mtl.config.stages",
+    ),
     "mtl.continual": ("mtl.workflows.continual",),
     "mtl.runs": ("mtl.workflows.runs", "mtl.build.tasks", "mtl.build.data", "mtl.build.model"),
     "mtl.predict": ("mtl.workflows.predict",),

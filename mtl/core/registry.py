@@ -1,4 +1,5 @@
 """A small name -> builder registry, one per kind of part (encoders, heads, datasets, ...)."""
+
 from __future__ import annotations
 
 import difflib

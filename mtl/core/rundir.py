@@ -1,4 +1,5 @@
 """Run directories: created atomically, locked by the one process that writes them, cleared of stray temporaries."""
+
 from __future__ import annotations
 
 import fcntl
@@ -51,8 +52,10 @@ def lock_run_dir(run_dir: Path, wait_s: float = 1.0) -> RunLock:
         except OSError as e:
             if e.errno not in NOT_WRITABLE:
                 raise
-            raise UserError(f"cannot write in run directory {run_dir} ({e.strerror.lower()}); make it writable, or copy "
-                            f"it somewhere writable and resume the copy: mtl train --resume <copy>") from None
+            raise UserError(
+                f"cannot write in run directory {run_dir} ({e.strerror.lower()}); make it writable, or copy "
+                f"it somewhere writable and resume the copy: mtl train --resume <copy>"
+            ) from None
     deadline = time.monotonic() + wait_s  # check_not_in_use() takes the lock for a moment: that is no writer
     while True:
         try:
@@ -65,8 +68,11 @@ def lock_run_dir(run_dir: Path, wait_s: float = 1.0) -> RunLock:
                 raise UserError(_in_use(run_dir, holder)) from None
             time.sleep(0.05)
         except OSError as e:  # a file system without locks: train unguarded rather than not at all
-            warnings.warn(f"cannot lock {path} ({e.strerror or e}); nothing stops a second process from writing "
-                          f"this run at the same time", stacklevel=2)
+            warnings.warn(
+                f"cannot lock {path} ({e.strerror or e}); nothing stops a second process from writing "
+                f"this run at the same time",
+                stacklevel=2,
+            )
             break
     lock = RunLock(run_dir, fd)
     try:
@@ -108,9 +114,15 @@ def _holder(fd: int) -> Tuple[str, str]:
 
 def _in_use(run_dir: Path, holder: Tuple[str, str]) -> str:
     pid, host = holder
-    who = f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") if pid else "another process"
-    return (f"{run_dir} is in use: {who} is training it and holds {run_dir / LOCK_NAME}; wait for that run to end, "
-            f"or stop it (kill -TERM {pid or '<pid>'}) and then resume it")
+    who = (
+        f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+        if pid
+        else "another process"
+    )
+    return (
+        f"{run_dir} is in use: {who} is training it and holds {run_dir / LOCK_NAME}; wait for that run to end, "
+        f"or stop it (kill -TERM {pid or '<pid>'}) and then resume it"
+    )
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -121,6 +133,7 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def no_checkpoint_yet(run_dir: Path) -> str:
-    return (f"{run_dir} has no checkpoint yet (killed in its first epoch?), so there is nothing to resume; start it "
-            f"again with mtl train {run_dir / 'config.yaml'}")
-
+    return (
+        f"{run_dir} has no checkpoint yet (killed in its first epoch?), so there is nothing to resume; start it "
+        f"again with mtl train {run_dir / 'config.yaml'}"
+    )

@@ -1,5 +1,6 @@
 """Run-time choices every layer needs: seeding, the device, bf16 autocast, eval mode for a block, and the stop
 signals (Ctrl-C, SIGTERM) that loader workers leave to the main process."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,10 +38,14 @@ def select_device(name: str) -> torch.device:
         raise UserError(f"train.device is {name!r} but no CUDA GPU is available; use train.device=auto or cpu")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                        f"numbered from 0; use cuda:0 ... or train.device=auto")
+        raise UserError(
+            f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"numbered from 0; use cuda:0 ... or train.device=auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is 'mps' but no Apple-silicon GPU (MPS) is available; use train.device=auto or cpu")
+        raise UserError(
+            "train.device is 'mps' but no Apple-silicon GPU (MPS) is available; use train.device=auto or cpu"
+        )
     return device
 
 

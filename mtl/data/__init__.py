@@ -1,4 +1,5 @@
 """Data sets (items are dicts of tensors), their registry, transforms and class-balanced subsets."""
+
 from mtl.data import (  # noqa: F401,E501  (registers them)
     captcha_chars,
     captcha_text,
@@ -20,4 +21,12 @@ from mtl.data.transforms import (
     build_transforms,
 )
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "ClassSubset", "build_transforms", "subset_per_class"]
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ClassSubset",
+    "build_transforms",
+    "subset_per_class",
+]

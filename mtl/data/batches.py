@@ -5,6 +5,7 @@ image at a time on the CPU. Here every image is decoded once (``decoded.py``, or
 tensor data sets), a batch is one indexing of the store, and cropping, flipping and normalisation happen
 for the whole batch in one ``grid_sample`` on the training device (``device_augment.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ class ImageStore:
         return self.images.numel() * self.images.element_size()
 
 
-def image_store(dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path], budget_bytes: int,
-                progress: bool = True) -> Optional[ImageStore]:
+def image_store(
+    dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path], budget_bytes: int, progress: bool = True
+) -> Optional[ImageStore]:
     """The store behind a single-label data set (through subsets), or None when it has none (per-item path)."""
     labels = getattr(dataset, "labels", None)
     chain: List[List[int]] = []
@@ -58,8 +60,9 @@ def image_store(dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path],
         images = base.images if base.images.ndim == 4 else base.images.unsqueeze(1)
         sizes, location, n = None, "memory", len(images)
     elif isinstance(base, ImageFolderDataset):
-        decoded = decode_images([p for p, _ in base.samples], cache_size, cache_dir=cache_dir,
-                                budget_bytes=budget_bytes, progress=progress)
+        decoded = decode_images(
+            [p for p, _ in base.samples], cache_size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress
+        )
         images, sizes, location, n = decoded.images, decoded.sizes, decoded.location, len(decoded.images)
         failed = set(decoded.failed)
     else:
@@ -85,10 +88,21 @@ class DeviceBatches:
     current one trains. ``dataset`` and ``collate_fn`` are kept for code that reads single items (image grids).
     """
 
-    def __init__(self, store: ImageStore, augment: BatchAugment, *, batch_size: int, shuffle: bool,
-                 device: torch.device, generator: Optional[torch.Generator] = None,
-                 target_names: Optional[List[str]] = None, dataset: Optional[Dataset] = None,
-                 collate_fn: Optional[Callable[[List[Any]], Any]] = None, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        store: ImageStore,
+        augment: BatchAugment,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        device: torch.device,
+        generator: Optional[torch.Generator] = None,
+        target_names: Optional[List[str]] = None,
+        dataset: Optional[Dataset] = None,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.store, self.augment = store, augment
         self.rank, self.world = rank, world  # under torchrun: every process takes every world-th item of a batch
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
@@ -98,8 +112,15 @@ class DeviceBatches:
 
     def in_order(self) -> "DeviceBatches":
         """Every image in order, not sharded over processes (evaluation keeps no augmentation)."""
-        return DeviceBatches(self.store, self.augment, batch_size=self.batch_size, shuffle=False, device=self.device,
-                             generator=torch.Generator(), target_names=self.target_names)
+        return DeviceBatches(
+            self.store,
+            self.augment,
+            batch_size=self.batch_size,
+            shuffle=False,
+            device=self.device,
+            generator=torch.Generator(),
+            target_names=self.target_names,
+        )
 
     def __len__(self) -> int:
         return (len(self.store) + self.batch_size - 1) // self.batch_size
@@ -122,9 +143,11 @@ class DeviceBatches:
         labels = self.store.labels[positions]
         if self.device.type == "cuda":
             images, labels, theta = images.pin_memory(), labels.pin_memory(), theta.pin_memory()
-        return {"images": images.to(self.device, non_blocking=True),
-                "labels": labels.to(self.device, non_blocking=True),
-                "theta": theta.to(self.device, non_blocking=True)}
+        return {
+            "images": images.to(self.device, non_blocking=True),
+            "labels": labels.to(self.device, non_blocking=True),
+            "theta": theta.to(self.device, non_blocking=True),
+        }
 
     def _batch(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         image = self.augment(raw["images"], theta=raw["theta"])
@@ -182,8 +205,9 @@ class StridedBatchSampler:
     """Index batches for the per-item loader: global batches of ``batch_size`` (shuffled by ``generator``),
     of which this process takes every ``world``-th item from ``rank`` on (torchrun)."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator],
-                 rank: int, world: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator], rank: int, world: int
+    ) -> None:
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.generator, self.rank, self.world = generator, rank, world
 
@@ -193,7 +217,7 @@ class StridedBatchSampler:
     def __iter__(self) -> Iterator[List[int]]:
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         for chunk in _shares_exist(order.split(self.batch_size), self.shuffle, self.rank, self.world):
-            yield chunk[self.rank::self.world].tolist()
+            yield chunk[self.rank :: self.world].tolist()
 
 
 def default_cache_dir(root: Optional[str]) -> Optional[Path]:

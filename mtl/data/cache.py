@@ -1,4 +1,5 @@
 """An on-disk cache for generated tensors, keyed by everything that determines them."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """``captcha_chars``: single characters rendered offline by the ``captcha`` package, deterministic per seed."""
+
 from __future__ import annotations
 
 import random

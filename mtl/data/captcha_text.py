@@ -1,4 +1,5 @@
 """``captcha``: whole captcha texts rendered by the ``captcha`` package, one classification target per position."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """``celeba``: CelebA face attributes through torchvision, one binary task per attribute (or one multilabel)."""
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,9 @@ class CelebADataset(Dataset):
             self.targets = {"attrs": {"type": "multilabel", "num_classes": len(names), "classes": list(names)}}
             self.classes = list(names)
         self._store: Any = None  # decoded images, for whole batches (``prepare``)
-        self._geometry = BatchAugment(train=False, augment="none", image_size=image_size, resize_size=image_size,
-                                      mean=mean, std=std)  # Resize + CenterCrop + normalise, as __getitem__
+        self._geometry = BatchAugment(
+            train=False, augment="none", image_size=image_size, resize_size=image_size, mean=mean, std=std
+        )  # Resize + CenterCrop + normalise, as __getitem__
 
     def __len__(self) -> int:
         return len(self.files)
@@ -89,17 +91,24 @@ class CelebADataset(Dataset):
             item["attrs"] = self.attrs[index].float()
         return item
 
-
     # ---- whole batches (mtl/data/dense_batches.py): images decoded once, resized, cropped and flipped on the device
-    def prepare(self, *, cache_size: int | None = None, cache_dir: str | os.PathLike | None = None,
-                budget_bytes: int = 4 << 30, progress: bool = True) -> str:
+    def prepare(
+        self,
+        *,
+        cache_size: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        budget_bytes: int = 4 << 30,
+        progress: bool = True,
+    ) -> str:
         """Decode every image once into a uint8 store (``decoded.py``); returns "memory" or the mapped file."""
         if self._store is None:
             size = cache_size or round(self.image_size * 4 / 3)
             store = decode_images(self.files, size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress)
             if store.failed:
-                raise UserError(f"cannot read CelebA image {self.files[store.failed[0]]} ({len(store.failed)} in all); "
-                                "extract the images again")
+                raise UserError(
+                    f"cannot read CelebA image {self.files[store.failed[0]]} ({len(store.failed)} in all); "
+                    "extract the images again"
+                )
             self._store = store
         return self._store.location
 
@@ -161,27 +170,36 @@ def celeba(
                 f"could not download CelebA into {root_dir / 'celeba'} ({err}); check the network and that gdown is "
                 f"installed, or place the files as {_LAYOUT}"
             ) from None
-        raise UserError(f"CelebA not found in {root_dir}: {_missing(root_dir)}; expected {_LAYOUT} "
-                        f"(or set data.options.download=true, needs network and gdown)") from None
+        raise UserError(
+            f"CelebA not found in {root_dir}: {_missing(root_dir)}; expected {_LAYOUT} "
+            f"(or set data.options.download=true, needs network and gdown)"
+        ) from None
     except Exception as err:  # download and parse errors come in many types
         action = "download" if download else "read"
-        raise UserError(f"could not {action} CelebA in {root_dir / 'celeba'} ({type(err).__name__}: {err}); "
-                        f"place the files as {_LAYOUT}") from None
+        raise UserError(
+            f"could not {action} CelebA in {root_dir / 'celeba'} ({type(err).__name__}: {err}); "
+            f"place the files as {_LAYOUT}"
+        ) from None
     if dataset.attr.shape[0] != len(dataset.filename) or partition.data.shape != (len(dataset.filename), 1):
-        raise UserError(f"{root_dir / 'celeba' / 'list_eval_partition.txt'} and {TEXT_FILES[0]} do not list the "
-                        f"same images; get both files again")
+        raise UserError(
+            f"{root_dir / 'celeba' / 'list_eval_partition.txt'} and {TEXT_FILES[0]} do not list the "
+            f"same images; get both files again"
+        )
     rows = (partition.data[:, 0] == _PARTITIONS[split]).nonzero()[:, 0]
     if len(rows) == 0:
         raise UserError(f"CelebA split {split!r} has no images in {root_dir / 'celeba' / 'list_eval_partition.txt'}")
     known = [name for name in dataset.attr_names if name]
     if dataset.attr.shape[1] != len(known):
-        raise UserError(f"{root_dir / 'celeba' / TEXT_FILES[0]} names {len(known)} attributes but has "
-                        f"{dataset.attr.shape[1]} values per image; get it again")
+        raise UserError(
+            f"{root_dir / 'celeba' / TEXT_FILES[0]} names {len(known)} attributes but has "
+            f"{dataset.attr.shape[1]} values per image; get it again"
+        )
     names = list(known if attributes is None else attributes)
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise UserError(f"unknown CelebA attribute(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from: {', '.join(known)}")
+        raise UserError(
+            f"unknown CelebA attribute(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(known)}"
+        )
     columns = [known.index(name) for name in names]
     folder = root_dir / "celeba" / IMAGE_FOLDER
     files = [str(folder / dataset.filename[i]) for i in rows.tolist()]

@@ -1,4 +1,5 @@
 """``cifar10`` and ``cifar100``: torchvision's loaders, held as one uint8 tensor."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Image files decoded once into a uint8 store of fixed squares, in memory or in a memory-mapped ``.npy`` file."""
+
 from __future__ import annotations
 
 import errno
@@ -111,8 +112,10 @@ def _memory_mapped(
         f"the decoded images need {needed / _GB:.2f} GB, more than the memory budget of {budget_bytes / _GB:.2f} GB"
     )
     if cache_dir is None:
-        raise UserError(f"{too_big}, and no cache folder is set for a memory-mapped file; "
-                        f"raise data.cache_budget_gb or set data.cache_dir to a writable folder")
+        raise UserError(
+            f"{too_big}, and no cache folder is set for a memory-mapped file; "
+            f"raise data.cache_budget_gb or set data.cache_dir to a writable folder"
+        )
     folder = Path(cache_dir).expanduser()
     key = decoded_key(paths, size)
     stem = f"decoded-{size}px-{key[:16]}"
@@ -128,8 +131,10 @@ def _memory_mapped(
         os.close(fd)
     except OSError as err:
         why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or err
-        raise UserError(f"{too_big}, and the cache folder {folder} is not writable ({why}); "
-                        f"raise data.cache_budget_gb or set data.cache_dir to a writable folder") from None
+        raise UserError(
+            f"{too_big}, and the cache folder {folder} is not writable ({why}); "
+            f"raise data.cache_budget_gb or set data.cache_dir to a writable folder"
+        ) from None
     try:
         store = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         _reserve(tmp_data, folder, needed)
@@ -163,9 +168,7 @@ def _map(path: Path) -> Tensor:
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
-def _fill(
-    paths: list[str], size: int, store: np.ndarray, sizes: np.ndarray, progress: bool, threads: int
-) -> list[int]:
+def _fill(paths: list[str], size: int, store: np.ndarray, sizes: np.ndarray, progress: bool, threads: int) -> list[int]:
     """Decode ``paths[i]`` into ``store[i]`` and its (H, W) into ``sizes[i]`` in threads; return the failed indices."""
 
     def one(i: int) -> bool:
@@ -223,8 +226,10 @@ def _reserve(path: str, folder: Path, needed: int) -> None:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"not enough disk space in {folder} for the {needed / _GB:.2f} GB of decoded images; "
-                            f"free space there, set data.cache_dir elsewhere or raise data.cache_budget_gb") from None
+            raise UserError(
+                f"not enough disk space in {folder} for the {needed / _GB:.2f} GB of decoded images; "
+                f"free space there, set data.cache_dir elsewhere or raise data.cache_budget_gb"
+            ) from None
         # the file system cannot preallocate (EOPNOTSUPP, EINVAL, ...): write rows without the reservation
     finally:
         os.close(fd)
@@ -246,4 +251,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-

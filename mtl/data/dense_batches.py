@@ -10,6 +10,7 @@ A data set takes part by offering two methods:
 - optionally ``prepare(cache_size=, cache_dir=, budget_bytes=, progress=)``, called once before training
   (celeba decodes its files there).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -34,9 +35,20 @@ class DenseBatches:
     ``collate_fn`` is kept for code that reads single items.
     """
 
-    def __init__(self, dataset: Dataset, targets: Dict[str, str], *, batch_size: int, shuffle: bool, augment: bool,
-                 device: torch.device, generator: Optional[torch.Generator] = None,
-                 collate_fn: Optional[Callable[[List[Any]], Any]] = None, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        targets: Dict[str, str],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        device: torch.device,
+        generator: Optional[torch.Generator] = None,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.dataset, self.targets = dataset, dict(targets)
         self.batch_size, self.shuffle, self.augment, self.device = batch_size, shuffle, augment, device
         self.generator = generator if generator is not None else torch.Generator()
@@ -48,8 +60,15 @@ class DenseBatches:
 
     def in_order(self) -> "DenseBatches":
         """Every item in order, not sharded over processes; its augmentation, if any, kept (cached feature views)."""
-        return DenseBatches(self.dataset, self.targets, batch_size=self.batch_size, shuffle=False,
-                            augment=self.augment, device=self.device, collate_fn=self.collate_fn)
+        return DenseBatches(
+            self.dataset,
+            self.targets,
+            batch_size=self.batch_size,
+            shuffle=False,
+            augment=self.augment,
+            device=self.device,
+            collate_fn=self.collate_fn,
+        )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         n = len(self.dataset)
@@ -59,8 +78,8 @@ class DenseBatches:
         for rows in _shares_exist(order.split(self.batch_size), self.shuffle, self.rank, self.world):
             params = self.dataset.draw(len(rows), self.generator) if self.augment else None
             if self.world > 1:
-                rows = rows[self.rank::self.world]
-                params = {k: v[self.rank::self.world] for k, v in params.items()} if params is not None else None
+                rows = rows[self.rank :: self.world]
+                params = {k: v[self.rank :: self.world] for k, v in params.items()} if params is not None else None
             items = self.dataset.gather(rows, self.device, params)
             yield {"image": items["image"], "targets": {t: items[key] for t, key in self.targets.items()}}
 
@@ -75,8 +94,8 @@ def shift_batch(images: Tensor, top: Tensor, left: Tensor, max_shift: int) -> Te
     item b is cut from its border-replicated padding at (top[b], left[b])."""
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="replicate")
-    ys = (top.to(images.device)[:, None] + torch.arange(h, device=images.device))  # (B, h)
-    xs = (left.to(images.device)[:, None] + torch.arange(w, device=images.device))  # (B, w)
+    ys = top.to(images.device)[:, None] + torch.arange(h, device=images.device)  # (B, h)
+    xs = left.to(images.device)[:, None] + torch.arange(w, device=images.device)  # (B, w)
     rows = padded.gather(2, ys[:, None, :, None].expand(b, c, h, padded.shape[-1]))
     return rows.gather(3, xs[:, None, None, :].expand(b, c, h, w))
 

@@ -5,6 +5,7 @@ and how each moves with the image comes from the data set's target specs (its ``
 {"type": ..., ...}}``): every geometric change asks the target's task type (``mtl.tasks``: ``flip_target``,
 ``resize_target``, ``crop_target``, ``zoom_target``), never its key name. Image-level targets pass through.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -57,8 +58,9 @@ def resize(sample: dict[str, Tensor], size: Sequence[int], specs: Specs) -> dict
     return out
 
 
-def random_scale_crop(sample: dict[str, Tensor], specs: Specs,
-                      scales: Sequence[float] = (1.0, 1.2, 1.5)) -> dict[str, Tensor]:
+def random_scale_crop(
+    sample: dict[str, Tensor], specs: Specs, scales: Sequence[float] = (1.0, 1.2, 1.5)
+) -> dict[str, Tensor]:
     """Zoom in by a random factor of ``scales`` and crop a random window of the original size; each target's
     values change as its type says (depth shrinks by the factor, inverse depth grows)."""
     scale = float(scales[int(torch.randint(len(scales), ()))])
@@ -72,6 +74,8 @@ def random_scale_crop(sample: dict[str, Tensor], specs: Specs,
     for key, kind, spec in _targets(out, specs):
         out[key] = kind.zoom_target(kind.crop_target(out[key], top, left, h, w), scale, spec)
     return out
+
+
 def random_shift(image: Tensor, max_shift: int) -> Tensor:
     """Translate a (C,H,W) image by up to ``max_shift`` pixels each way, padding with its border pixels."""
     if max_shift <= 0:

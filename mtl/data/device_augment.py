@@ -12,6 +12,7 @@ left + (k + 0.5) * width / S - 0.5, the same positions as torchvision's crop + b
 
 Deviation from torchvision: sampling does not antialias when it shrinks the image (``antialias=False``).
 """
+
 from __future__ import annotations
 
 import math
@@ -166,8 +167,10 @@ def box_theta(boxes: Tensor, sizes: Tensor, flip: Tensor) -> Tensor:
         raise UserError(f"boxes must be (B, 4) = (top, left, height, width), got shape {tuple(boxes.shape)}")
     height, width = _check_sizes(sizes)
     if len(height) != len(boxes) or torch.as_tensor(flip).numel() != len(boxes):
-        raise UserError(f"boxes, sizes and flip must have the same length, got {len(boxes)}, {len(height)}, "
-                        f"{torch.as_tensor(flip).numel()}")
+        raise UserError(
+            f"boxes, sizes and flip must have the same length, got {len(boxes)}, {len(height)}, "
+            f"{torch.as_tensor(flip).numel()}"
+        )
     top, left, h, w = boxes.detach().cpu().to(torch.float64).unbind(1)
     sign = 1.0 - 2.0 * torch.as_tensor(flip).cpu().reshape(-1).to(torch.float64)
     theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float64)

@@ -1,4 +1,5 @@
 """The ``folder`` data set: images in ``root/<split>/<class>/`` as in the PyTorch ants/bees tutorial."""
+
 from __future__ import annotations
 
 import os
@@ -149,16 +150,21 @@ def _list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
         class_dir = os.path.join(folder, name)
         real = os.path.realpath(class_dir)
         if split_real == real or split_real.startswith(real.rstrip(os.sep) + os.sep):
-            raise UserError(f"class folder {class_dir} is a link to {real}, which holds {folder} itself; "
-                            f"link it to that class's images only")
+            raise UserError(
+                f"class folder {class_dir} is a link to {real}, which holds {folder} itself; "
+                f"link it to that class's images only"
+            )
         for root, dirs, files in sorted(os.walk(class_dir)):  # os.walk does not descend into symlinked folders
             links += [os.path.join(root, d) for d in sorted(dirs) if os.path.islink(os.path.join(root, d))]
             samples += [(path, index) for path in (os.path.join(root, f) for f in sorted(files)) if is_image_file(path)]
     if links:
         shown = ", ".join(links[:_SHOWN_PATHS]) + (", ..." if len(links) > _SHOWN_PATHS else "")
-        warnings.warn(f"did not search {len(links)} symlinked folder(s) inside class folders of {folder}: {shown}; "
-                      f"images are listed from real subfolders only (link the image files or the whole class folder "
-                      f"instead)", stacklevel=2)
+        warnings.warn(
+            f"did not search {len(links)} symlinked folder(s) inside class folders of {folder}: {shown}; "
+            f"images are listed from real subfolders only (link the image files or the whole class folder "
+            f"instead)",
+            stacklevel=2,
+        )
     _check_no_empty_class(folder, classes, samples)
     return samples
 

@@ -1,4 +1,5 @@
 """Reading image files with PIL: any mode to RGB, and a cheap check that a file decodes."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Loaders of the per-item path, and every loader's split in a fixed order."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
@@ -21,9 +22,11 @@ class SignalSafeLoader(DataLoader):
 def collate_targets(targets: Dict[str, str]) -> Callable[[List[Dict[str, Any]]], Dict[str, Any]]:
     """A collate function: items ``{"image", key: ...}`` -> ``{"image", "targets": {task: batch[key]}}`` for
     ``targets`` {task: item key}."""
+
     def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
         batch = default_collate(items)
         return {"image": batch["image"], "targets": {t: batch[key] for t, key in targets.items()}}
+
     return collate
 
 
@@ -33,6 +36,12 @@ def in_order(loader: Any) -> Any:
     A DataLoader gets a new one over its data set; mtl's batched loaders give their own ``in_order()``."""
     if not isinstance(loader, DataLoader):  # mtl's batched loaders (device, dense, cached features) know how
         return loader.in_order()
-    return SignalSafeLoader(loader.dataset, batch_size=loader_batch_size(loader), shuffle=False,
-                            num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
-                            worker_init_fn=ignore_stop_signals)
+    return SignalSafeLoader(
+        loader.dataset,
+        batch_size=loader_batch_size(loader),
+        shuffle=False,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
+        worker_init_fn=ignore_stop_signals,
+    )

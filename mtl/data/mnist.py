@@ -1,4 +1,5 @@
 """``mnist`` and ``fashion_mnist``: IDX files read straight into one uint8 tensor."""
+
 from __future__ import annotations
 
 import functools

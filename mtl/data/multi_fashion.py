@@ -1,5 +1,6 @@
 """``multi_fashion``: Multi-Fashion (Lin et al. 2019, after Sener & Koltun's MultiMNIST), two Fashion-MNIST items
 overlaid in one 36x36 image, the ``left`` one shifted up-left and the ``right`` one down-right."""
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,11 @@ class MultiFashionDataset(Dataset):
         image = to_device(self.images[rows], device).float().div(255).expand(-1, 3, -1, -1)
         if params is not None:
             image = shift_batch(image, params["top"], params["left"], _AUGMENT_SHIFT)
-        return {"image": normalize(image, self.mean, self.std), "left": self.left[rows].to(device),
-                "right": self.right[rows].to(device)}
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "left": self.left[rows].to(device),
+            "right": self.right[rows].to(device),
+        }
 
 
 @DATASETS.register("multi_fashion")
@@ -93,7 +97,9 @@ def multi_fashion(
     train from the train files, val (= test) from t10k. Built tensors are cached in ``cache_dir``."""
     split = resolve_split("multi_fashion", split, ("train", "val"), {"test": "val"})
     if transform is not None:
-        raise UserError("data set 'multi_fashion' normalises and augments itself; pass augment/mean/std, not a transform")
+        raise UserError(
+            "data set 'multi_fashion' normalises and augments itself; pass augment/mean/std, not a transform"
+        )
     count = train_size if split == "train" else val_size
     if count < 1:
         raise UserError(f"multi_fashion needs train_size and val_size >= 1, got {count}")
@@ -155,7 +161,12 @@ def _source_files(root: Path, split: str) -> list[Path]:
 
 def _read(paths: list[Path]) -> tuple[Tensor, Tensor]:
     images, labels = (read_idx(p) for p in paths)
-    if images.dtype != torch.uint8 or images.shape[1:] != (ITEM, ITEM) or labels.ndim != 1 or len(images) != len(labels):
+    if (
+        images.dtype != torch.uint8
+        or images.shape[1:] != (ITEM, ITEM)
+        or labels.ndim != 1
+        or len(images) != len(labels)
+    ):
         raise UserError(
             f"{paths[0]} and {paths[1]} do not hold Fashion-MNIST data: images {tuple(images.shape)} {images.dtype}, "
             f"labels {tuple(labels.shape)}"

@@ -5,6 +5,7 @@ Layout: ``root/{train,val}/image/{i}.npy`` (float H x W x 3 in [0, 1]), ``label*
 mtan's Cityscapes has ``label_7`` and ``label_19`` folders and inverse depth (disparity); LibMTL's repack
 names its 7-class folder ``label``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -138,7 +139,9 @@ def _open(
         raise UserError(f"data set {name!r} needs data.root: the preprocessed folder laid out as {layout}")
     folder = Path(root).expanduser() / split
     if not folder.parent.is_dir():
-        raise UserError(f"{name} data root {folder.parent} does not exist; set data.root to a folder laid out as {layout}")
+        raise UserError(
+            f"{name} data root {folder.parent} does not exist; set data.root to a folder laid out as {layout}"
+        )
     if not folder.is_dir():
         raise UserError(f"{name}: split folder {folder} is missing; data.root must be laid out as {layout}")
     counts: dict[str, list[str]] = {}

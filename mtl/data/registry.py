@@ -1,4 +1,5 @@
 """The data set registry and the split names every builder accepts."""
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping

@@ -6,6 +6,7 @@ analytically for all pixels at once, the nearest hit wins, and Lambert + Phong s
 (plus soft blob shadows on the floor) gives the image shading cues consistent with the geometry. Objects get
 random colours, so their kind must be told from shape and shading, not colour.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,11 +82,17 @@ class SceneDataset(Dataset):
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where
         ``params["flip"]``."""
+
         def take(key: str) -> Tensor:
             return to_device(self.tensors[key][rows], device)
 
-        batch = {"image": take("images").float() / 255, "seg": take("seg").long(), "depth": take("depth").float()[:, None],
-                 "normal": unit_vectors(take("normal").float(), dim=1), "label": take("labels")}
+        batch = {
+            "image": take("images").float() / 255,
+            "seg": take("seg").long(),
+            "depth": take("depth").float()[:, None],
+            "normal": unit_vectors(take("normal").float(), dim=1),
+            "label": take("labels"),
+        }
         if params is not None:
             flip_batch(batch, params["flip"], self.targets)
         batch["image"] = normalize(batch["image"], self.mean, self.std)

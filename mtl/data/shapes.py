@@ -1,4 +1,5 @@
 """``shapes``: procedurally drawn filled shapes of random size, position, rotation and colours."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Class-balanced, seeded subsets of labelled data sets (few-shot / low-data experiments)."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence, Union
@@ -65,10 +66,14 @@ class ClassSubset(Dataset):
         for c in classes:
             if isinstance(c, str):
                 if c not in names:
-                    raise UserError(f"data.classes: no class {c!r}; the data set has {', '.join(names[:20]) or 'no class names'}")
+                    raise UserError(
+                        f"data.classes: no class {c!r}; the data set has {', '.join(names[:20]) or 'no class names'}"
+                    )
                 c = names.index(c)
             if not 0 <= c < n:
-                raise UserError(f"data.classes: class index {c} is out of range; the data set has {n} classes (0..{n - 1})")
+                raise UserError(
+                    f"data.classes: class index {c} is out of range; the data set has {n} classes (0..{n - 1})"
+                )
             chosen.append(c)
         if len(set(chosen)) != len(chosen) or not chosen:
             raise UserError(f"data.classes must list distinct classes, got {list(classes)}")

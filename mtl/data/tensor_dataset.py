@@ -1,4 +1,5 @@
 """A data set held in memory as one uint8 image tensor plus integer labels."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence

@@ -1,4 +1,5 @@
 """Image transforms: the ImageNet-style train/eval pipelines of the PyTorch transfer-learning tutorial."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -3,6 +3,7 @@
 Shared by ``mtl eval`` (``mtl.workflows.evaluate``) and the TensorBoard hook, which logs the validation confusion
 matrices at the end of training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,10 +44,20 @@ def confusion_tasks(tasks: Mapping[str, Task]) -> List[str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mapping[str, Task], device: torch.device, *,
-             autocast: Optional[Callable[[], ContextManager[Any]]] = None, channels_last: bool = False,
-             metrics: bool = True, confusion: bool = True, reduce: bool = False, progress: Optional[bool] = False,
-             desc: str = "eval") -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    tasks: Mapping[str, Task],
+    device: torch.device,
+    *,
+    autocast: Optional[Callable[[], ContextManager[Any]]] = None,
+    channels_last: bool = False,
+    metrics: bool = True,
+    confusion: bool = True,
+    reduce: bool = False,
+    progress: Optional[bool] = False,
+    desc: str = "eval",
+) -> Evaluation:
     """One pass over ``loader`` (batches ``{"image", "targets": {task: y}}``) with ``model`` in eval mode: the one
     evaluation loop, used by the trainer's validation phase, ``mtl eval``, the TensorBoard hook and continual runs.
 
@@ -61,8 +72,14 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
     meter = Meter(tasks, device) if metrics else None
     total = 0
     with evaluating(model):
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress,
-                          dynamic_ncols=True):
+        for batch in tqdm(
+            loader,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            disable=None if progress is None else not progress,
+            dynamic_ncols=True,
+        ):
             x = batch["image"].to(device, non_blocking=True)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -91,5 +108,3 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]], tasks: Mappi
 
 
 # --------------------------------------------------------------------------- mtl eval
-
-

@@ -6,6 +6,7 @@ heads train on them: the "pipeline" of the reference tutorials, where a pretrain
 the input of the new model. With augmentation, ``feature_views`` augmented views are cached and epoch e
 uses view ``e % feature_views``.
 """
+
 from __future__ import annotations
 
 import time
@@ -64,8 +65,13 @@ class HeadsOnFeatures(nn.Module):
 
 
 @torch.no_grad()
-def encode_all(model: TransferModel, loader: Iterable[Dict[str, Any]], device: torch.device, amp: bool = False,
-               desc: str = "features") -> Tuple[Tensor, Dict[str, Tensor]]:
+def encode_all(
+    model: TransferModel,
+    loader: Iterable[Dict[str, Any]],
+    device: torch.device,
+    amp: bool = False,
+    desc: str = "features",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Pooled encoder features (N, D) float32 and the targets of every batch of ``loader``, in its order."""
     feats: List[Tensor] = []
     targets: Dict[str, List[Tensor]] = {}
@@ -88,9 +94,18 @@ class FeatureBatches:
     ``dataset`` and ``collate_fn`` of the image loader are kept for code that reads single images.
     """
 
-    def __init__(self, views: Tensor, targets: Dict[str, Tensor], *, batch_size: int, shuffle: bool,
-                 generator: Optional[torch.Generator] = None, dataset: Any = None, collate_fn: Any = None,
-                 shard: bool = True) -> None:
+    def __init__(
+        self,
+        views: Tensor,
+        targets: Dict[str, Tensor],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        generator: Optional[torch.Generator] = None,
+        dataset: Any = None,
+        collate_fn: Any = None,
+        shard: bool = True,
+    ) -> None:
         self.views, self.targets = views, targets  # (V, N, D), {task: (N, ...)}
         self.shard = shard  # under torchrun, yield this process's share of each batch
         self.batch_size, self.shuffle = batch_size, shuffle
@@ -100,8 +115,15 @@ class FeatureBatches:
 
     def in_order(self) -> "FeatureBatches":
         """Every item in order, not sharded over processes."""
-        return FeatureBatches(self.views, self.targets, batch_size=self.batch_size, shuffle=False,
-                              dataset=self.dataset, collate_fn=self.collate_fn, shard=False)
+        return FeatureBatches(
+            self.views,
+            self.targets,
+            batch_size=self.batch_size,
+            shuffle=False,
+            dataset=self.dataset,
+            collate_fn=self.collate_fn,
+            shard=False,
+        )
 
     def __len__(self) -> int:
         return (self.views.shape[1] + self.batch_size - 1) // self.batch_size
@@ -121,9 +143,16 @@ class FeatureBatches:
             yield {"image": features[chunk], "targets": {t: y[chunk] for t, y in self.targets.items()}}
 
 
-def cache_features(model: TransferModel, loaders: Mapping[str, Any], extraction: Mapping[str, Any],
-                   views: int, device: torch.device, amp: bool, generator: torch.Generator,
-                   seed: int) -> Tuple[Dict[str, FeatureBatches], float]:
+def cache_features(
+    model: TransferModel,
+    loaders: Mapping[str, Any],
+    extraction: Mapping[str, Any],
+    views: int,
+    device: torch.device,
+    amp: bool,
+    generator: torch.Generator,
+    seed: int,
+) -> Tuple[Dict[str, FeatureBatches], float]:
     """Feature loaders replacing ``loaders`` and the seconds spent computing them.
 
     ``extraction[split]`` iterates the split in a fixed order with its own transforms; the train split is read
@@ -139,13 +168,19 @@ def cache_features(model: TransferModel, loaders: Mapping[str, Any], extraction:
             rng = getattr(extraction[split], "generator", None)
             if rng is not None:
                 rng.manual_seed(seed * 1000 + v)
-            feats, targets = encode_all(model, extraction[split], device, amp, desc=f"{split} features {v + 1}/{n_views}")
+            feats, targets = encode_all(
+                model, extraction[split], device, amp, desc=f"{split} features {v + 1}/{n_views}"
+            )
             stacked.append(feats)
-        out[split] = FeatureBatches(torch.stack(stacked), targets, batch_size=loader_batch_size(loader),
-                                    shuffle=split == "train", generator=generator if split == "train" else None,
-                                    dataset=getattr(loader, "dataset", None), collate_fn=getattr(loader, "collate_fn", None))
+        out[split] = FeatureBatches(
+            torch.stack(stacked),
+            targets,
+            batch_size=loader_batch_size(loader),
+            shuffle=split == "train",
+            generator=generator if split == "train" else None,
+            dataset=getattr(loader, "dataset", None),
+            collate_fn=getattr(loader, "collate_fn", None),
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - started
-
-

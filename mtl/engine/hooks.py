@@ -1,5 +1,6 @@
 """Trainer hooks: unfreezing, checkpoints, metrics.jsonl, console lines, TensorBoard, early stopping; and ``HOOKS``,
 the hooks a config may name in ``train.hooks``."""
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,10 @@ class EarlyStoppingHook(Hook):
             trainer.end_training()
             if dist.is_main():
                 by = f" by more than {self.min_delta:g}" if self.min_delta else ""
-                tqdm.write(f"early stopping after epoch {trainer.epoch}: the score has not risen{by} for "
-                           f"{self.patience} epoch{'s' if self.patience > 1 else ''} (best epoch {trainer.best['epoch']})")
+                tqdm.write(
+                    f"early stopping after epoch {trainer.epoch}: the score has not risen{by} for "
+                    f"{self.patience} epoch{'s' if self.patience > 1 else ''} (best epoch {trainer.best['epoch']})"
+                )
 
     def on_resume(self, trainer: Trainer) -> None:
         self._check(trainer)
@@ -76,7 +79,9 @@ class EarlyStoppingHook(Hook):
 class UnfreezeHook(Hook):
     """At the start of each configured epoch, unfreeze modules and add them to the optimizer."""
 
-    def __init__(self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder") -> None:
+    def __init__(
+        self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder"
+    ) -> None:
         self.encoder, self.events, self.optim_cfg, self.prefix = encoder, list(events), optim_cfg, prefix
         self.applied: set = set()
 
@@ -111,15 +116,20 @@ class CheckpointHook(Hook):
 
     def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
         if metrics["is_best"]:
-            save_checkpoint({"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
-                            self.dir / "best.pt", self.then)
+            save_checkpoint(
+                {"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
+                self.dir / "best.pt",
+                self.then,
+            )
         save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt", self.then)
 
     def on_interrupt(self, trainer: Trainer, state: Dict[str, Any]) -> None:
         save_checkpoint({**state, **self.meta}, self.dir / "last.pt", self.then)
         step = state["partial"]["step"]
-        tqdm.write(f"saved {self.dir / 'last.pt'} (epoch {trainer.epoch + 1}, step {step}); continue with: "
-                   f"mtl train --resume {self.dir.parent}")
+        tqdm.write(
+            f"saved {self.dir / 'last.pt'} (epoch {trainer.epoch + 1}, step {step}); continue with: "
+            f"mtl train --resume {self.dir.parent}"
+        )
 
     def after_train(self, trainer: Trainer) -> None:
         best = self.dir / "best.pt"
@@ -149,7 +159,7 @@ class MetricsFileHook(Hook):
                 size = os.fstat(fd).st_size
                 try:
                     while line:
-                        line = line[os.write(fd, line):]
+                        line = line[os.write(fd, line) :]
                 except BaseException:
                     os.ftruncate(fd, size)
                     raise
@@ -202,10 +212,12 @@ def _quiet_event_writer_threads() -> None:
 
 def _writes_events(method: Callable) -> Callable:
     """A TensorBoardHook method that writes events: a full disk or a read-only folder is one UserError line."""
+
     @functools.wraps(method)
     def wrapper(self: "TensorBoardHook", *args: Any) -> Any:
         with writing(self.events, self.then):
             return method(self, *args)
+
     return wrapper
 
 
@@ -213,9 +225,18 @@ class TensorBoardHook(Hook):
     """Loss/accuracy per phase, lr per group, a grid of validation predictions and overlays of dense predictions
     each epoch; validation confusion matrices of the best model and hparams at the end."""
 
-    def __init__(self, run_dir: Path, *, hparams: Mapping[str, Any], classes: Mapping[str, List[str]],
-                 mean: Sequence[float], std: Sequence[float], n_images: int = 16, log_every: int = 10,
-                 graph_model: Optional[nn.Module] = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        hparams: Mapping[str, Any],
+        classes: Mapping[str, List[str]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        n_images: int = 16,
+        log_every: int = 10,
+        graph_model: Optional[nn.Module] = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         _quiet_event_writer_threads()
@@ -245,11 +266,15 @@ class TensorBoardHook(Hook):
         try:
             with warnings.catch_warnings():  # the tracer's notes on Python control flow concern only this picture
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=FutureWarning)  # add_graph's tracer
+                warnings.filterwarnings(
+                    "ignore", message=".*torch.jit.trace", category=FutureWarning
+                )  # add_graph's tracer
                 with evaluating(model):  # tracing runs a forward pass: keep batch-norm statistics
                     self.writer.add_graph(model, self._images[:1].to(trainer.device), use_strict_trace=False)
         except Exception as e:  # tracing is best-effort: some models use Python control flow it cannot follow
-            tqdm.write(f"warning: model graph not written to TensorBoard ({type(e).__name__}: {str(e).splitlines()[0]})")
+            tqdm.write(
+                f"warning: model graph not written to TensorBoard ({type(e).__name__}: {str(e).splitlines()[0]})"
+            )
 
     def _load_images(self, loader: Any) -> None:
         """The first validation images and targets, straight from the data set (a loader iterator would consume
@@ -308,12 +333,17 @@ class TensorBoardHook(Hook):
         if grid_task is not None:
             task = trainer.tasks[grid_task]
             preds = task.predict(outputs[grid_task].float()).cpu()
-            self.writer.add_image("val/predictions", prediction_grid(images, preds, self._targets[grid_task],
-                                                                     self.classes.get(grid_task, [])), step)
+            self.writer.add_image(
+                "val/predictions",
+                prediction_grid(images, preds, self._targets[grid_task], self.classes.get(grid_task, [])),
+                step,
+            )
         for t in dense:
             shown = range(min(self.n_overlays, len(images)))
             overlays = [trainer.tasks[t].draw(outputs[t][i], images[i]) for i in shown]
-            self.writer.add_image(f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step)
+            self.writer.add_image(
+                f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step
+            )
 
     @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:
@@ -328,12 +358,20 @@ class TensorBoardHook(Hook):
         loader = trainer.loaders["val"]
         if dist.world_size() > 1:  # process 0 alone scores the whole split, while the others wait
             loader = in_order(loader)
-        result = evaluate(trainer.model, loader, trainer.tasks, trainer.device,
-                          autocast=trainer.autocast, channels_last=trainer.channels_last, metrics=False)
+        result = evaluate(
+            trainer.model,
+            loader,
+            trainer.tasks,
+            trainer.device,
+            autocast=trainer.autocast,
+            channels_last=trainer.channels_last,
+            metrics=False,
+        )
         for t, matrix in result.confusion.items():
             title = f"{t} (val, best epoch {trainer.best['epoch']}): rows true, columns predicted"
-            self.writer.add_image(f"val/confusion_{t}", confusion_image(matrix, self.classes.get(t, []), title),
-                                  trainer.epoch)
+            self.writer.add_image(
+                f"val/confusion_{t}", confusion_image(matrix, self.classes.get(t, []), title), trainer.epoch
+            )
 
     @_writes_events
     def after_train(self, trainer: Trainer) -> None:
@@ -342,7 +380,10 @@ class TensorBoardHook(Hook):
         self._log_confusions(trainer)
         final = trainer.history[-1] if trainer.history else {}
         phase = "val" if "val" in final else "train"
-        metrics = {"hparam/best_score": trainer.best["score"], "hparam/final_loss": final.get(phase, {}).get("loss", 0.0)}
+        metrics = {
+            "hparam/best_score": trainer.best["score"],
+            "hparam/final_loss": final.get(phase, {}).get("loss", 0.0),
+        }
         if "acc" in final.get(phase, {}):
             metrics["hparam/final_acc"] = final[phase]["acc"]
         if "delta_m" in final.get(phase, {}):

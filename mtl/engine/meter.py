@@ -1,4 +1,5 @@
 """The running sums of a phase: per-task losses and metric states on the device, one host read per result."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping

@@ -7,6 +7,7 @@ Delta-m (Maninis et al. 2019; the flat mean over metrics used by nash-mtl and Li
 over the K (task, metric) pairs of the baseline file, with M the run's value, B the baseline's and
 l_k = 1 when lower is better for metric k (errors, losses). Positive means better than the baselines.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,14 +31,20 @@ def delta_m(metrics: Metrics, baseline: Metrics, directions: Mapping[str, Mappin
     return 100.0 * sum(terms) / len(terms)
 
 
-def load_baseline(path: str | Path, directions: Mapping[str, Mapping[str, bool]] | None = None) -> Dict[str, Dict[str, float]]:
+def load_baseline(
+    path: str | Path, directions: Mapping[str, Mapping[str, bool]] | None = None
+) -> Dict[str, Dict[str, float]]:
     """A YAML/JSON file ``{task: {metric: value}}``, checked against the tasks' metrics when given."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"baseline file {path} is a directory, not a file; give the YAML file written by "
-                        f"`mtl compare RUN ... --write-baseline FILE`")
+        raise UserError(
+            f"baseline file {path} is a directory, not a file; give the YAML file written by "
+            f"`mtl compare RUN ... --write-baseline FILE`"
+        )
     if not path.is_file():
-        raise UserError(f"baseline file {path} does not exist; write one with `mtl compare RUN ... --write-baseline {path}`")
+        raise UserError(
+            f"baseline file {path} does not exist; write one with `mtl compare RUN ... --write-baseline {path}`"
+        )
     try:
         data = load_yaml(path.read_text())  # as configs: 1e-3 is a number, a metric given twice is an error
     except yaml.YAMLError as e:
@@ -53,10 +60,14 @@ def load_baseline(path: str | Path, directions: Mapping[str, Mapping[str, bool]]
                 raise UserError(f"baseline file {path}: {task}.{metric} must be a non-zero number, got {value!r}")
             if directions is not None:
                 if task not in directions:
-                    raise UserError(f"baseline file {path} names task {task!r}, which the run lacks; tasks: {', '.join(directions)}")
+                    raise UserError(
+                        f"baseline file {path} names task {task!r}, which the run lacks; tasks: {', '.join(directions)}"
+                    )
                 if metric not in directions[task]:
-                    raise UserError(f"baseline file {path}: task {task} has no metric {metric!r}; "
-                                    f"known: {', '.join(directions[task])}")
+                    raise UserError(
+                        f"baseline file {path}: task {task} has no metric {metric!r}; "
+                        f"known: {', '.join(directions[task])}"
+                    )
         out[str(task)] = {str(m): float(v) for m, v in values.items()}
     return out
 

@@ -1,4 +1,5 @@
 """Optimizers, parameter groups and learning-rate schedules."""
+
 from __future__ import annotations
 
 import inspect
@@ -47,8 +48,9 @@ def lr_mult_of(name: str, lr_mult: Dict[str, float]) -> float:
     return best[1]
 
 
-def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimCfg,
-                 extra_mult: float = 1.0) -> List[Dict[str, Any]]:
+def param_groups(
+    named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimCfg, extra_mult: float = 1.0
+) -> List[Dict[str, Any]]:
     """Group trainable parameters by (lr multiplier, weight decay); norms and biases get no decay."""
     groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
     for name, p in named_params:
@@ -56,10 +58,17 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimCfg
             continue
         mult = lr_mult_of(name, cfg.lr_mult) * extra_mult
         decay = 0.0 if (cfg.no_decay_norm_bias and p.ndim <= 1) else cfg.weight_decay
-        group = groups.setdefault((mult, decay), {
-            "params": [], "lr": cfg.lr * mult, "initial_lr": cfg.lr * mult, "weight_decay": decay,
-            "lr_mult": mult, "name": f"lr x{mult:g}" + (", no decay" if decay == 0 and cfg.weight_decay else ""),
-        })
+        group = groups.setdefault(
+            (mult, decay),
+            {
+                "params": [],
+                "lr": cfg.lr * mult,
+                "initial_lr": cfg.lr * mult,
+                "weight_decay": decay,
+                "lr_mult": mult,
+                "name": f"lr x{mult:g}" + (", no decay" if decay == 0 and cfg.weight_decay else ""),
+            },
+        )
         group["params"].append(p)
     return list(groups.values())
 
@@ -120,8 +129,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedCfg, epochs: int
     return LambdaLR(optimizer, lr_factor(cfg, epochs, max(steps_per_epoch, 1)))
 
 
-def add_param_group(optimizer: torch.optim.Optimizer, scheduler: Optional[LambdaLR],
-                    groups: List[Dict[str, Any]]) -> None:
+def add_param_group(
+    optimizer: torch.optim.Optimizer, scheduler: Optional[LambdaLR], groups: List[Dict[str, Any]]
+) -> None:
     """Add groups mid-run so that they follow the scheduler from its current step on."""
     for group in groups:
         base = group["initial_lr"]

@@ -1,4 +1,5 @@
 """One training loop for every feature: train/val phases, AMP, hooks, resume."""
+
 from __future__ import annotations
 
 import contextlib
@@ -90,8 +91,11 @@ _OPTION_NAMES = tuple(f.name for f in fields(TrainerOptions))
 
 def _option(name: str) -> property:
     """``trainer.<name>``: reads and writes ``trainer.options.<name>``."""
-    return property(lambda self: getattr(self.options, name), lambda self, value: setattr(self.options, name, value),
-                    doc=f"``options.{name}``")
+    return property(
+        lambda self: getattr(self.options, name),
+        lambda self, value: setattr(self.options, name, value),
+        doc=f"``options.{name}``",
+    )
 
 
 class Trainer:
@@ -122,10 +126,20 @@ class Trainer:
     channels_last = _option("channels_last")
     nonfinite = _option("nonfinite")
 
-    def __init__(self, model: nn.Module, tasks: Mapping[str, Task], loaders: Mapping[str, DataLoader],
-                 optimizer: torch.optim.Optimizer, scheduler: Any = None, options: Optional[TrainerOptions] = None,
-                 *, hooks: Sequence[Hook] = (), weighting: Optional[Weighting] = None, l2sp: Optional[L2SP] = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Mapping[str, Task],
+        loaders: Mapping[str, DataLoader],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        options: Optional[TrainerOptions] = None,
+        *,
+        hooks: Sequence[Hook] = (),
+        weighting: Optional[Weighting] = None,
+        l2sp: Optional[L2SP] = None,
+        **settings: Any,
+    ) -> None:
         unknown = [k for k in settings if k not in _OPTION_NAMES]
         if unknown:
             raise TypeError(f"Trainer() got an unexpected keyword argument {unknown[0]!r}")
@@ -183,18 +197,27 @@ class Trainer:
             size = loader_batch_size(self.loaders[phase])
             key = "data.batch_size" if phase == "train" else "data.val_batch_size"
             gpu = isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
-            raise UserError(f"out of {'GPU' if gpu else 'CPU'} memory in the {phase} phase at batch size {size}; try "
-                            f"{key}={max(size // 2, 1)} (or a smaller data.image_size"
-                            + (", or train.amp=bf16)" if gpu else ")")) from None
+            raise UserError(
+                f"out of {'GPU' if gpu else 'CPU'} memory in the {phase} phase at batch size {size}; try "
+                f"{key}={max(size // 2, 1)} (or a smaller data.image_size" + (", or train.amp=bf16)" if gpu else ")")
+            ) from None
 
     def run_phase(self, phase: str) -> Dict[str, Any]:
         """One pass over ``loaders[phase]``: trains when phase is "train", else evaluates (``engine.evaluate``)."""
         train = phase == "train"
         if not train:
-            ev = evaluate(self.model, self.loaders[phase], self.tasks, self.device, autocast=self.autocast,
-                          channels_last=self.channels_last, confusion=False, reduce=True,
-                          progress=None if self.progress and dist.is_main() else False,
-                          desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}")
+            ev = evaluate(
+                self.model,
+                self.loaders[phase],
+                self.tasks,
+                self.device,
+                autocast=self.autocast,
+                channels_last=self.channels_last,
+                confusion=False,
+                reduce=True,
+                progress=None if self.progress and dist.is_main() else False,
+                desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
+            )
             result = {**ev.overall, "tasks": ev.metrics}
             if self.delta_m is not None:
                 result["delta_m"] = self.delta_m(result)
@@ -213,8 +236,15 @@ class Trainer:
             meter.loss, meter.n = partial["meter_loss"].to(self.device), partial["meter_n"]
             meter.states = {t: v.to(self.device) for t, v in partial["meter_states"].items()}
             set_rng_state(partial["rng"])
-        bar = tqdm(batches, total=len(loader), initial=done, desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
-                   leave=False, disable=None if self.progress and dist.is_main() else True, dynamic_ncols=True)
+        bar = tqdm(
+            batches,
+            total=len(loader),
+            initial=done,
+            desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=None if self.progress and dist.is_main() else True,
+            dynamic_ncols=True,
+        )
         with torch.set_grad_enabled(train):
             for i, batch in enumerate(bar, start=done):
                 losses = self.step(batch, meter, train)
@@ -279,7 +309,9 @@ class Trainer:
                 self._restore(saved)
                 return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
             if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip
+                )
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -287,8 +319,9 @@ class Trainer:
         meter.update(local, outputs, targets, x.shape[0])
         return dict(zip(self.tasks, losses.detach()))
 
-    def _finite(self, losses: Optional[Tensor], task_grads_bad: Optional[Tensor] = None,
-                grads: Sequence[Tensor] = ()) -> bool:
+    def _finite(
+        self, losses: Optional[Tensor], task_grads_bad: Optional[Tensor] = None, grads: Sequence[Tensor] = ()
+    ) -> bool:
         """True when the step may go on. A nan/inf loss, task gradient (``task_grads_bad``: (T,) bool) or combined
         gradient (``grads``) skips the step (False) or stops the run (UserError), by ``train.nonfinite``; ``off``
         checks nothing. One host read; under torchrun every process takes the same decision."""
@@ -296,22 +329,32 @@ class Trainer:
             return True
         t = len(self.tasks)
         device = self.device
-        flags = torch.cat([
-            ~torch.isfinite(losses.detach()) if losses is not None else torch.zeros(t, dtype=torch.bool, device=device),
-            task_grads_bad.to(device) if task_grads_bad is not None else torch.zeros(t, dtype=torch.bool, device=device),
-            torch.stack([~torch.isfinite(g).all() for g in grads]).any().view(1) if grads else
-            torch.zeros(1, dtype=torch.bool, device=device)])
+        flags = torch.cat(
+            [
+                ~torch.isfinite(losses.detach())
+                if losses is not None
+                else torch.zeros(t, dtype=torch.bool, device=device),
+                task_grads_bad.to(device)
+                if task_grads_bad is not None
+                else torch.zeros(t, dtype=torch.bool, device=device),
+                torch.stack([~torch.isfinite(g).all() for g in grads]).any().view(1)
+                if grads
+                else torch.zeros(1, dtype=torch.bool, device=device),
+            ]
+        )
         if dist.world_size() > 1:
             flags = dist.all_reduce_sum(flags.float()) > 0
         flags = flags.tolist()
         if not any(flags):
             return True
-        bad_loss, bad_grad = flags[:t], flags[t:2 * t]
+        bad_loss, bad_grad = flags[:t], flags[t : 2 * t]
         where = f"at epoch {self.epoch + 1}, step {self.global_step + 1}"
         if any(bad_loss):
             what = "loss"
             names = [n for n, b in zip(self.tasks, bad_loss) if b]
-            detail = f"non-finite loss ({', '.join(f'{v:g}' for v in losses.detach().tolist())}) in task {', '.join(names)}"
+            detail = (
+                f"non-finite loss ({', '.join(f'{v:g}' for v in losses.detach().tolist())}) in task {', '.join(names)}"
+            )
         elif any(bad_grad):
             what = "gradient"
             names = [n for n, b in zip(self.tasks, bad_grad) if b]
@@ -324,12 +367,15 @@ class Trainer:
             tqdm.write(f"{detail} {where}: step skipped ({self.skipped_steps} so far)")
             return False
         hint = "set train.grad_clip" if what == "loss" else "check the loss for operations without a gradient at 0"
-        raise UserError(f"{detail} {where}; the last good checkpoint is kept; lower optim.lr, {hint}, "
-                        f"or train.nonfinite=skip")
+        raise UserError(
+            f"{detail} {where}; the last good checkpoint is kept; lower optim.lr, {hint}, or train.nonfinite=skip"
+        )
 
     def _snapshot(self) -> Dict[str, Any]:
-        return {"weighting": copy.deepcopy(self.weighting.state_dict()),
-                "buffers": [b.detach().clone() for b in self.model.buffers()]}
+        return {
+            "weighting": copy.deepcopy(self.weighting.state_dict()),
+            "buffers": [b.detach().clone() for b in self.model.buffers()],
+        }
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         self.weighting.load_state_dict(saved["weighting"])
@@ -357,8 +403,13 @@ class Trainer:
 
     def _interrupt(self, step: int, meter: Meter) -> None:
         state = self.state_dict()
-        state["partial"] = {"step": step, "meter_loss": meter.loss.cpu(), "meter_n": meter.n,
-                            "meter_states": {t: v.cpu() for t, v in meter.states.items()}, "rng": state["rng"]}
+        state["partial"] = {
+            "step": step,
+            "meter_loss": meter.loss.cpu(),
+            "meter_n": meter.n,
+            "meter_states": {t: v.cpu() for t, v in meter.states.items()},
+            "rng": state["rng"],
+        }
         self._call("on_interrupt", state)
         raise KeyboardInterrupt
 
@@ -376,8 +427,10 @@ class Trainer:
     def _parameter_backward(self, losses: List[Tensor]) -> bool:
         shared = self._shared()
         if not shared:
-            raise UserError("gradient-level weighting needs trainable shared (encoder) parameters, but the encoder "
-                            "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder")
+            raise UserError(
+                "gradient-level weighting needs trainable shared (encoder) parameters, but the encoder "
+                "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder"
+            )
         owned = self._owned()
         grads, owned_grads = _task_gradients(losses, shared, owned)
         dist.all_reduce_mean_([grads, *(g for per_task in owned_grads for g in per_task)])
@@ -388,18 +441,21 @@ class Trainer:
         offset = 0
         for p in shared:
             n = p.numel()
-            p.grad = d[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = d[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
         if self.l2sp is not None:
             self.l2sp.penalty().backward()
         return True
 
-    def _representation_backward(self, losses: List[Tensor], features: Dict[str, Tensor],
-                                 rep: Dict[str, Tensor]) -> bool:
+    def _representation_backward(
+        self, losses: List[Tensor], features: Dict[str, Tensor], rep: Dict[str, Tensor]
+    ) -> bool:
         keys = [k for k, v in features.items() if v.requires_grad]
         if not keys:
-            raise UserError("weighting.grad_on=representation needs a trainable encoder, but it is frozen; "
-                            "use a loss-level weighting or unfreeze the encoder")
+            raise UserError(
+                "weighting.grad_on=representation needs a trainable encoder, but it is frozen; "
+                "use a loss-level weighting or unfreeze the encoder"
+            )
         owned = self._owned()
         grads, owned_grads = _task_gradients(losses, [rep[k] for k in keys], owned)
         if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
@@ -409,11 +465,13 @@ class Trainer:
         chunks, offset = [], 0
         for k in keys:
             n = rep[k].numel()
-            chunks.append(d[offset:offset + n].view_as(rep[k]).to(features[k].dtype))
+            chunks.append(d[offset : offset + n].view_as(rep[k]).to(features[k].dtype))
             offset += n
         extra = self.l2sp.penalty() if self.l2sp is not None else None
-        torch.autograd.backward([features[k] for k in keys] + ([extra] if extra is not None else []),
-                                chunks + ([torch.ones_like(extra)] if extra is not None else []))
+        torch.autograd.backward(
+            [features[k] for k in keys] + ([extra] if extra is not None else []),
+            chunks + ([torch.ones_like(extra)] if extra is not None else []),
+        )
         return True
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -468,8 +526,10 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
             raise KeyboardInterrupt
         trainer.request_stop()
         if dist.is_main():  # under torchrun every process gets the signal; one line says it
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
-                       f"(Ctrl-C again to stop at once)")
+            tqdm.write(
+                f"{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
+                f"(Ctrl-C again to stop at once)"
+            )
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -479,8 +539,9 @@ def _stop_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
-                    owned: Sequence[Tensor] = ()) -> Tuple[Tensor, List[Tuple[Optional[Tensor], ...]]]:
+def _task_gradients(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], owned: Sequence[Tensor] = ()
+) -> Tuple[Tensor, List[Tuple[Optional[Tensor], ...]]]:
     """Row t of the (T, D) float32 matrix: the flattened gradient of ``losses[t]`` w.r.t. ``inputs`` (zeros where
     unused); and each task's gradients w.r.t. ``owned`` (task-owned parameters, None where unused), from the same
     backward pass, so that no head is differentiated twice."""
@@ -488,9 +549,12 @@ def _task_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor],
     last = len(losses) - 1
     for t in range(last + 1):
         grads = torch.autograd.grad(losses[t], [*inputs, *owned], retain_graph=t < last, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).float()
-                               for g, x in zip(grads, inputs)]))
-        owned_grads.append(grads[len(inputs):])
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(x)).reshape(-1).float() for g, x in zip(grads, inputs)]
+            )
+        )
+        owned_grads.append(grads[len(inputs) :])
     return torch.stack(rows), owned_grads
 
 

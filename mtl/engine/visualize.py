@@ -1,5 +1,6 @@
 """Pictures and tables for people: titled prediction grids (as the tutorials' ``visualize_model``), overlays of
 dense predictions, confusion matrices and plain-text tables. Drawn with PIL: matplotlib is not a dependency."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -22,8 +23,9 @@ def _class_name(classes: Sequence[str], i: int) -> str:
     return classes[i] if 0 <= i < len(classes) else str(i)
 
 
-def titled_grid(images: Tensor, titles: Sequence[str], colours: Optional[Sequence[RGB]] = None,
-                min_size: int = 96) -> Tensor:
+def titled_grid(
+    images: Tensor, titles: Sequence[str], colours: Optional[Sequence[RGB]] = None, min_size: int = 96
+) -> Tensor:
     """(N, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, each tile with a title bar."""
     if images.shape[-1] < min_size:
         images = F.interpolate(images, scale_factor=min_size / images.shape[-1], mode="nearest")
@@ -37,12 +39,16 @@ def titled_grid(images: Tensor, titles: Sequence[str], colours: Optional[Sequenc
     return make_grid(torch.stack(tiles), nrow=min(8, len(tiles)), padding=2)
 
 
-def prediction_grid(images: Tensor, preds: Tensor, targets: Tensor, classes: Sequence[str], min_size: int = 96) -> Tensor:
+def prediction_grid(
+    images: Tensor, preds: Tensor, targets: Tensor, classes: Sequence[str], min_size: int = 96
+) -> Tensor:
     """(N, 3, H, W) images in [0, 1] -> one (3, H', W') grid; green title if right, red if wrong."""
     titles, colours = [], []
     for p, t in zip(preds.tolist(), targets.tolist()):
         right = p == t
-        titles.append(_class_name(classes, p) if right else f"{_class_name(classes, p)} (true {_class_name(classes, t)})")
+        titles.append(
+            _class_name(classes, p) if right else f"{_class_name(classes, p)} (true {_class_name(classes, t)})"
+        )
         colours.append(_RIGHT if right else _WRONG)
     return titled_grid(images, titles, colours, min_size)
 
@@ -103,8 +109,12 @@ def confusion_image(matrix: Tensor, classes: Sequence[str], title: str = "") -> 
             text = str(int(counts[i, j]))
             if cell >= 18 and probe.textlength(text, font=font) <= cell - 2:
                 tw = draw.textlength(text, font=font)
-                draw.text((box[0] + (cell - tw) / 2, box[1] + (cell - 11) / 2), text, font=font,
-                          fill=(255, 255, 255) if f > 0.5 else (30, 30, 30))
+                draw.text(
+                    (box[0] + (cell - tw) / 2, box[1] + (cell - 11) / 2),
+                    text,
+                    font=font,
+                    fill=(255, 255, 255) if f > 0.5 else (30, 30, 30),
+                )
     return to_image(img)
 
 
@@ -120,6 +130,8 @@ def text_table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Rows of cells (the first is the header) as aligned plain text; columns in ``right`` are right-aligned."""
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(len(r) for r in rows))]
     right = set(right)
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ Torchvision classifiers are turned into encoders with torch.fx (``create_feature
 layer becomes ``nn.Identity`` and its output is returned as "out", so parameter and buffer names stay exactly
 torchvision's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,10 @@ def build_encoder(name: str, *, weights: str | None = None, **kwargs: Any) -> nn
     else:
         close = difflib.get_close_matches(name, encoder_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown encoder {name!r}.{hint} Built-in: {', '.join(ENCODERS.names())}; "
-                        f"or any torchvision classifier ({len(torchvision_names())} names, e.g. resnet18).")
+        raise UserError(
+            f"unknown encoder {name!r}.{hint} Built-in: {', '.join(ENCODERS.names())}; "
+            f"or any torchvision classifier ({len(torchvision_names())} names, e.g. resnet18)."
+        )
     if weights is not None:
         load_weights(encoder, name, weights)
     return encoder
@@ -104,12 +107,30 @@ def stage_nodes(name: str) -> tuple[str, ...] | None:
 class TorchvisionEncoder(DualGraphModule):
     """A torchvision classifier traced by torch.fx into an encoder; parameter names stay torchvision's."""
 
-    _COPIED_ATTRS = ("name", "out_dim", "fixed_input_size", "removed_modules", "classifier_bias", "notes",
-                     "_probe_size", "_feature_info", "_min_input_size")
+    _COPIED_ATTRS = (
+        "name",
+        "out_dim",
+        "fixed_input_size",
+        "removed_modules",
+        "classifier_bias",
+        "notes",
+        "_probe_size",
+        "_feature_info",
+        "_min_input_size",
+    )
 
-    def __init__(self, traced: DualGraphModule, *, name: str, out_dim: int, fixed_input_size: tuple[int, int] | None,
-                 removed_modules: tuple[str, ...], classifier_bias: bool, notes: tuple[str, ...],
-                 probe_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        traced: DualGraphModule,
+        *,
+        name: str,
+        out_dim: int,
+        fixed_input_size: tuple[int, int] | None,
+        removed_modules: tuple[str, ...],
+        classifier_bias: bool,
+        notes: tuple[str, ...],
+        probe_size: tuple[int, int],
+    ) -> None:
         super().__init__(traced, traced.train_graph, traced.eval_graph, class_name=f"{name}_encoder")
         self.name = name
         self.out_dim = out_dim
@@ -174,21 +195,38 @@ def torchvision_encoder(name: str, **kwargs: Any) -> TorchvisionEncoder:
     return_nodes = {node: node for node in stages} | {out_node: "out"}
     # Modules that own buffers are called, not traced through: fx would copy what they compute from a buffer into
     # an anonymous constant (maxvit's relative_position_index), and torchvision's state dicts would not load.
-    traced = create_feature_extractor(model, return_nodes=return_nodes, suppress_diff_warning=True,
-                                      tracer_kwargs={"leaf_modules": _buffer_owners(model)})
+    traced = create_feature_extractor(
+        model,
+        return_nodes=return_nodes,
+        suppress_diff_warning=True,
+        tracer_kwargs={"leaf_modules": _buffer_owners(model)},
+    )
     if "encoder" in stages and name.startswith("vit_"):
         for graph in (traced.train_graph, traced.eval_graph):
             _tokens_as_map(graph, "encoder", grid="conv_proj")
     notes = ()
     if name in _AUX_HEADS:
         plural = "s" if len(_AUX_HEADS[name]) > 1 else ""
-        transform = ("transform_input=True, as torchvision builds it for its ImageNet weights: inputs normalised with "
-                     "ImageNet's mean and std are re-normalised to [-1, 1] inside the model" if kwargs["transform_input"]
-                     else "transform_input=False (set in model.encoder_options)")
-        notes = (f"{name} is built without its auxiliary classifier{plural} ({', '.join(_AUX_HEADS[name])}) for "
-                 f"every model.weights, and with {transform}",)
-    return TorchvisionEncoder(traced, name=name, out_dim=out_dim, fixed_input_size=fixed, removed_modules=removed,
-                              classifier_bias=bias, notes=notes, probe_size=probe_size)
+        transform = (
+            "transform_input=True, as torchvision builds it for its ImageNet weights: inputs normalised with "
+            "ImageNet's mean and std are re-normalised to [-1, 1] inside the model"
+            if kwargs["transform_input"]
+            else "transform_input=False (set in model.encoder_options)"
+        )
+        notes = (
+            f"{name} is built without its auxiliary classifier{plural} ({', '.join(_AUX_HEADS[name])}) for "
+            f"every model.weights, and with {transform}",
+        )
+    return TorchvisionEncoder(
+        traced,
+        name=name,
+        out_dim=out_dim,
+        fixed_input_size=fixed,
+        removed_modules=removed,
+        classifier_bias=bias,
+        notes=notes,
+        probe_size=probe_size,
+    )
 
 
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
@@ -205,8 +243,14 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
 
 def _buffer_owners(model: nn.Module) -> list[type]:
     """Module types outside torch.nn that own buffers themselves (torch.nn modules are fx leaves already)."""
-    return sorted({type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn")
-                   and any(True for _ in m.buffers(recurse=False))}, key=lambda t: t.__qualname__)
+    return sorted(
+        {
+            type(m)
+            for m in model.modules()
+            if not type(m).__module__.startswith("torch.nn") and any(True for _ in m.buffers(recurse=False))
+        },
+        key=lambda t: t.__qualname__,
+    )
 
 
 def _drop_classifier(model: nn.Module, name: str) -> tuple[str, int, str, bool]:
@@ -228,13 +272,21 @@ def _find_stages(model: nn.Module, size: tuple[int, int], head: str) -> tuple[st
     """For unknown families: the last trunk block producing a map at each reduction >= 4 (the same along both
     sides), by a dry run on a (1, 3, *size) input."""
     trunk = [n for n, _ in model.named_children() if n != head]
-    trunk += [f"{n}.{c}" for n, m in model.named_children() if n != head and isinstance(m, nn.Sequential)
-              for c, _ in m.named_children()]
+    trunk += [
+        f"{n}.{c}"
+        for n, m in model.named_children()
+        if n != head and isinstance(m, nn.Sequential)
+        for c, _ in m.named_children()
+    ]
     last: dict[int, str] = {}
 
     def record(name: str, module: nn.Module, args: Any, out: Any) -> None:
-        if (isinstance(out, Tensor) and out.dim() == 4 and 2 <= out.shape[-2] < size[0]
-                and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))):
+        if (
+            isinstance(out, Tensor)
+            and out.dim() == 4
+            and 2 <= out.shape[-2] < size[0]
+            and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+        ):
             reduction = _reduction(size[0], out.shape[-2])
             if reduction >= 4 and reduction == _reduction(size[1], out.shape[-1]):
                 last[reduction] = name
@@ -269,13 +321,17 @@ def probe_feature_info(encoder: nn.Module, size: int | tuple[int, int]) -> list[
     height = size if isinstance(size, int) else size[0]
     with evaluating(encoder):
         features = encoder(_probe_input(encoder, size))
-    return [{"name": k, "channels": v.shape[1], "reduction": _reduction(height, v.shape[-2])}
-            for k, v in features.items() if k != "out"]
+    return [
+        {"name": k, "channels": v.shape[1], "reduction": _reduction(height, v.shape[-2])}
+        for k, v in features.items()
+        if k != "out"
+    ]
 
 
 def smallest_input_size(encoder: nn.Module, start: int) -> int:
     """The smallest side >= ``start`` on which a dry run of ``encoder`` works and gives every stage map at least
     1x1 (sizes above one that works are assumed to work too)."""
+
     def runs(size: int) -> bool:
         try:
             with evaluating(encoder):
@@ -287,8 +343,10 @@ def smallest_input_size(encoder: nn.Module, start: int) -> int:
     failed, size = start - 1, max(start, 1)
     while not runs(size):
         if size >= _LARGEST_SEARCHED:
-            raise UserError(f"encoder {getattr(encoder, 'name', type(encoder).__name__)} runs on no square input "
-                            f"from {start} to {_LARGEST_SEARCHED} pixels a side")
+            raise UserError(
+                f"encoder {getattr(encoder, 'name', type(encoder).__name__)} runs on no square input "
+                f"from {start} to {_LARGEST_SEARCHED} pixels a side"
+            )
         failed, size = size, min(2 * size, _LARGEST_SEARCHED)
     while size - failed > 1:  # failed does not run, size runs
         middle = (failed + size) // 2
@@ -324,16 +382,18 @@ def _reduction(size: int, side: int) -> int:
 def _probe_input(module: nn.Module, size: int | tuple[int, int]) -> Tensor:
     p = next(module.parameters(), None)
     height, width = (size, size) if isinstance(size, int) else size
-    return torch.zeros(1, 3, height, width, device=p.device if p is not None else None,
-                       dtype=p.dtype if p is not None else None)
+    return torch.zeros(
+        1, 3, height, width, device=p.device if p is not None else None, dtype=p.dtype if p is not None else None
+    )
 
 
 _NORMS = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(min(8, c), c), "none": lambda c: nn.Identity()}
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=norm == "none"), _NORMS[norm](c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=norm == "none"), _NORMS[norm](c_out), nn.ReLU(inplace=True)
+    )
 
 
 @ENCODERS.register("small_cnn")
@@ -344,8 +404,9 @@ class SmallCNN(nn.Module):
     into, e.g. over torchrun processes) or ``none``.
     """
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), blocks: int = 2, in_channels: int = 3,
-                 norm: str = "batch") -> None:
+    def __init__(
+        self, widths: Sequence[int] = (32, 64, 128, 256), blocks: int = 2, in_channels: int = 3, norm: str = "batch"
+    ) -> None:
         super().__init__()
         widths = list(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
@@ -358,8 +419,9 @@ class SmallCNN(nn.Module):
         self.out_dim = widths[-1]
         self.min_input_size = 2 ** len(widths)  # every stage map at least 1x1
         self.fixed_input_size = None
-        self.feature_info = [{"name": f"stage{i}", "channels": w, "reduction": 2 ** i}
-                             for i, w in enumerate(widths, start=1)]
+        self.feature_info = [
+            {"name": f"stage{i}", "channels": w, "reduction": 2**i} for i, w in enumerate(widths, start=1)
+        ]
         self.removed_modules: tuple[str, ...] = ()
         c_in = in_channels
         for info in self.feature_info:

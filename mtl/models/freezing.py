@@ -4,6 +4,7 @@ Names in freeze specs are relative to the encoder and follow torchvision's modul
 (``layer4``, ``features.18``). A pattern matches a parameter when it equals the parameter's name,
 is a dotted prefix of it (``layer4`` matches ``layer4.0.conv1.weight``), or matches it as a glob.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,8 +33,9 @@ def _select(names: Sequence[str], patterns: Iterable[str], what: str) -> List[st
             modules = sorted({n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)})
             close = difflib.get_close_matches(str(pattern), modules, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise UserError(f"{what} pattern {pattern!r} matches no encoder parameter; {hint}"
-                            f"top-level modules: {', '.join(tops)}")
+            raise UserError(
+                f"{what} pattern {pattern!r} matches no encoder parameter; {hint}top-level modules: {', '.join(tops)}"
+            )
         chosen += hit
     return [n for n in names if n in set(chosen)]
 
@@ -53,12 +55,12 @@ def frozen_names(encoder: nn.Module, spec: Any) -> List[str]:
     if isinstance(spec, list):
         return _select(names, spec, "model.freeze")
     if isinstance(spec, dict) and len(spec) == 1:
-        (kind, value), = spec.items()
+        ((kind, value),) = spec.items()
         if kind in ("until", "from") and isinstance(value, str):
             hit = [i for i, n in enumerate(names) if matches(n, value)]
             if not hit:
                 _select(names, [value], f"model.freeze.{kind}")
-            return names[: hit[-1] + 1] if kind == "until" else names[hit[0]:]
+            return names[: hit[-1] + 1] if kind == "until" else names[hit[0] :]
         if kind in ("freeze", "train") and isinstance(value, list):
             picked = _select(names, value, f"model.freeze.{kind}")
             return picked if kind == "freeze" else [n for n in names if n not in set(picked)]
@@ -95,8 +97,10 @@ def check_unfreeze(encoder: nn.Module, events: Sequence[Any], epochs: int, freez
     for i in sorted(range(len(events)), key=lambda i: events[i].epoch):
         event, where = events[i], f"train.unfreeze[{i}]"
         if not 0 <= event.epoch < epochs:
-            raise UserError(f"{where}: epoch {event.epoch} never starts: epochs count from 0 and train.epochs is "
-                            f"{epochs}, so give an epoch from 0 to {epochs - 1} (or raise train.epochs)")
+            raise UserError(
+                f"{where}: epoch {event.epoch} never starts: epochs count from 0 and train.epochs is "
+                f"{epochs}, so give an epoch from 0 to {epochs - 1} (or raise train.epochs)"
+            )
         if not event.modules:
             raise UserError(f"{where}: modules is empty; name the encoder modules to unfreeze, e.g. [layer4]")
         hits = {}
@@ -104,10 +108,15 @@ def check_unfreeze(encoder: nn.Module, events: Sequence[Any], epochs: int, freez
             hit = _select(names, [pattern], f"{where}.modules")
             if all(n in freed for n in hit):
                 j, epoch = freed[hit[0]]
-                why = (f"train.unfreeze[{j}] unfreezes it at epoch {epoch}" if j >= 0 else
-                       f"model.freeze {freeze!r} leaves it trainable")
-                raise UserError(f"{where}: {pattern!r} already trains at epoch {event.epoch} ({why}), so unfreezing "
-                                f"it would change nothing; remove it, or freeze it with model.freeze")
+                why = (
+                    f"train.unfreeze[{j}] unfreezes it at epoch {epoch}"
+                    if j >= 0
+                    else f"model.freeze {freeze!r} leaves it trainable"
+                )
+                raise UserError(
+                    f"{where}: {pattern!r} already trains at epoch {event.epoch} ({why}), so unfreezing "
+                    f"it would change nothing; remove it, or freeze it with model.freeze"
+                )
             hits.update({n: (i, event.epoch) for n in hit if n not in freed})
         freed.update(hits)
 
@@ -117,6 +126,7 @@ def eval_frozen(model: nn.Module, encoder: nn.Module | None = None) -> None:
     no stochastic depth, no change to normalisation statistics): every module of ``model`` that has parameters,
     all of them frozen; and the parameter-free modules of ``encoder`` registered before its first trainable
     parameter (the dropout or pooling of a frozen prefix)."""
+
     def visit(module: nn.Module) -> Tuple[bool, bool]:
         own = [p.requires_grad for p in module.parameters(recurse=False)]
         has, trains = bool(own), any(own)

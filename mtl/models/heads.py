@@ -7,6 +7,7 @@ and returns a module whose class declares ``input``: how the model calls it (``h
 ``features: {stage: (B, C, h, w), ..., "out"} -> (B, out_dim)``; ``"dense"`` heads (``fpn``, ``aspp``) map
 ``(features, size) -> (B, out_dim, *size)``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,10 @@ def head_input(head: nn.Module) -> str:
             return DENSE
         return FEATURES if getattr(head, "takes_features", False) else POOLED
     if not isinstance(declared, str) or declared not in HEAD_INPUTS:
-        raise UserError(f"head {type(head).__name__}: input must be 'pooled', 'features' or 'dense', got {declared!r}; "
-                        "set the class attribute input to one of them")
+        raise UserError(
+            f"head {type(head).__name__}: input must be 'pooled', 'features' or 'dense', got {declared!r}; "
+            "set the class attribute input to one of them"
+        )
     return declared
 
 
@@ -69,8 +72,15 @@ def check_options(head: str, options: dict[str, Any], known: Sequence[str]) -> N
 
 
 @HEADS.register("linear")
-def linear_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 0,
-                dropout: float = 0.0, **options: Any) -> nn.Module:
+def linear_head(
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None = None,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
     """A single linear layer, optionally after dropout (the tutorials' replaced ``fc``); ``hidden`` is unused.
 
     Option ``bias`` (default true; false where the encoder's own torchvision classifier layer has none, maxvit_t).
@@ -84,8 +94,15 @@ def linear_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = 
 
 
 @HEADS.register("mlp")
-def mlp_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 512,
-             dropout: float = 0.5, **options: Any) -> nn.Module:
+def mlp_head(
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None = None,
+    hidden: int = 512,
+    dropout: float = 0.5,
+    **options: Any,
+) -> nn.Module:
     """Linear -> ReLU -> Dropout -> Linear."""
     check_options("mlp", options, ())
     return PooledHead(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
@@ -102,16 +119,26 @@ class GridHead(nn.Module):
         super().__init__()
         self.stage_name = stage["name"]
         self.pool = nn.AdaptiveAvgPool2d(tuple(bins))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-                                nn.Linear(stage["channels"] * bins[0] * bins[1], out_dim))
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            nn.Linear(stage["channels"] * bins[0] * bins[1], out_dim),
+        )
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return self.fc(self.pool(features[self.stage_name]))
 
 
 @HEADS.register("grid")
-def grid_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 0,
-              dropout: float = 0.0, **options: Any) -> nn.Module:
+def grid_head(
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None = None,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
     """Grid-pooled linear head (see GridHead). ``hidden`` is unused.
 
     Options: ``bins`` ([rows, cols], or one number for a square grid; default [2, 2]; [1, 8] for a line of text),
@@ -141,8 +168,9 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
 
 
 def conv_norm_relu(c_in: int, c_out: int, kernel: int, norm: str) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), norm_layer(norm, c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), norm_layer(norm, c_out), nn.ReLU(inplace=True)
+    )
 
 
 def _stages(head: str, feature_info: list[dict] | None, stages: Sequence[str] | None) -> list[dict]:
@@ -156,8 +184,9 @@ def _stages(head: str, feature_info: list[dict] | None, stages: Sequence[str] | 
         raise UserError(f"head {head!r}: stages must be a non-empty list of stage names from {', '.join(names)}")
     unknown = [s for s in stages if s not in names]
     if unknown:
-        raise UserError(f"head {head!r}: unknown stage(s) {', '.join(map(str, unknown))}; "
-                        f"the encoder has {', '.join(names)}")
+        raise UserError(
+            f"head {head!r}: unknown stage(s) {', '.join(map(str, unknown))}; the encoder has {', '.join(names)}"
+        )
     return [info for info in feature_info if info["name"] in stages]
 
 
@@ -179,8 +208,9 @@ class FPNHead(nn.Module):
 
     input: ClassVar[str] = DENSE
 
-    def __init__(self, stages: list[dict], out_dim: int, channels: int = 128, norm: str = "gn",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, stages: list[dict], out_dim: int, channels: int = 128, norm: str = "gn", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.stage_names = [info["name"] for info in stages]
         self.lateral = nn.ModuleList(nn.Conv2d(info["channels"], channels, 1) for info in stages)
@@ -194,15 +224,23 @@ class FPNHead(nn.Module):
             laterals[i] = laterals[i] + F.interpolate(laterals[i + 1], size=laterals[i].shape[-2:], mode="nearest")
         levels = [smooth(x) for smooth, x in zip(self.smooth, laterals)]
         finest = levels[0].shape[-2:]
-        fused = torch.stack([levels[0]] + [F.interpolate(x, size=finest, mode="bilinear", align_corners=False)
-                                           for x in levels[1:]]).sum(0)
+        fused = torch.stack(
+            [levels[0]] + [F.interpolate(x, size=finest, mode="bilinear", align_corners=False) for x in levels[1:]]
+        ).sum(0)
         logits = self.classifier(self.dropout(fused))
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 @HEADS.register("fpn")
-def fpn_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 0,
-             dropout: float = 0.0, **options: Any) -> nn.Module:
+def fpn_head(
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None = None,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
     """FPN decoder over the encoder stages (see FPNHead). ``hidden`` is unused.
 
     Options: ``channels`` (128, decoder width), ``stages`` (stage names, default all), ``norm`` ("gn" default, or "bn").
@@ -224,8 +262,15 @@ class ASPPHead(nn.Module):
 
     input: ClassVar[str] = DENSE
 
-    def __init__(self, stage: dict, out_dim: int, channels: int = 256, rates: Sequence[int] = (6, 12, 18),
-                 norm: str = "bn", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        stage: dict,
+        out_dim: int,
+        channels: int = 256,
+        rates: Sequence[int] = (6, 12, 18),
+        norm: str = "bn",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.stage_name = stage["name"]
         aspp = ASPP(stage["channels"], list(rates), out_channels=channels)
@@ -245,8 +290,15 @@ class ASPPHead(nn.Module):
 
 
 @HEADS.register("aspp")
-def aspp_head(*, in_dim: int, out_dim: int, feature_info: list[dict] | None = None, hidden: int = 0,
-              dropout: float = 0.0, **options: Any) -> nn.Module:
+def aspp_head(
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None = None,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
     """DeepLabV3 ASPP decoder on the deepest stage (see ASPPHead). ``hidden`` is unused.
 
     Options: ``channels`` (256), ``rates`` ([6, 12, 18]: the paper's rates at output stride 16; double them at output

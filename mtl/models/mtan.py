@@ -5,6 +5,7 @@ For task t and stage j with shared map u_j, the attended map is  a_j * u_j  with
 conv1x1-BN, f_j a 3x3 conv-BN-ReLU to stage j's channels followed by adaptive max pooling to stage j's size
 (the identity where reductions repeat, as in dilated encoders). Every module here belongs to one task.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
@@ -30,8 +31,9 @@ class StageAttention(nn.Module):
         self.bring = None
         if prev_channels is not None:
             self.bring = nn.Sequential(*_conv_bn(prev_channels, channels, 3), nn.ReLU(inplace=True))
-        self.gate = nn.Sequential(*_conv_bn(c_in, channels, 1), nn.ReLU(inplace=True), *_conv_bn(channels, channels, 1),
-                                  nn.Sigmoid())
+        self.gate = nn.Sequential(
+            *_conv_bn(c_in, channels, 1), nn.ReLU(inplace=True), *_conv_bn(channels, channels, 1), nn.Sigmoid()
+        )
 
     def forward(self, u: Tensor, prev: Tensor | None) -> Tensor:
         if self.bring is None:
@@ -48,8 +50,9 @@ class MTAN(nn.Module):
     ``out_dim`` is the last chosen stage's channels; ``feature_info`` is the encoder's.
     """
 
-    def __init__(self, feature_info: Sequence[dict[str, Any]], tasks: Sequence[str],
-                 stages: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, feature_info: Sequence[dict[str, Any]], tasks: Sequence[str], stages: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         names = [info["name"] for info in feature_info]
         if not names:
@@ -59,8 +62,9 @@ class MTAN(nn.Module):
         if stages is not None:
             unknown = [s for s in stages if s not in names]
             if isinstance(stages, str) or not stages or unknown:
-                raise UserError(f"MTAN stages must be a non-empty list of stage names from {', '.join(names)}, "
-                                f"got {stages!r}")
+                raise UserError(
+                    f"MTAN stages must be a non-empty list of stage names from {', '.join(names)}, got {stages!r}"
+                )
         self.feature_info = list(feature_info)
         chosen = [info for info in feature_info if stages is None or info["name"] in stages]
         self.stage_names = [info["name"] for info in chosen]

@@ -13,6 +13,7 @@ Layout of column k (k >= 1), for stages 0..n-1 of the split encoder::
 
 The maps h_i (lateral included) are what later columns read.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,8 +85,10 @@ def _split_graph(encoder: torch.fx.GraphModule, names: Sequence[str]) -> List[Tu
         for n in sorted(needed, key=order.__getitem__):
             outside = [a.name for a in n.all_input_nodes if a not in needed and a is not boundary]
             if outside:
-                raise UserError(f"encoder {encoder.name!r}: stage {name} reads {', '.join(outside)} from before "
-                                "the previous stage's output; it cannot be split into stages")
+                raise UserError(
+                    f"encoder {encoder.name!r}: stage {name} reads {', '.join(outside)} from before "
+                    "the previous stage's output; it cannot be split into stages"
+                )
             env[n] = g.node_copy(n, env.__getitem__)
         g.output(env[end])
         stages.append((name, torch.fx.GraphModule(encoder, g, class_name=f"{encoder.name}_{name}")))
@@ -134,9 +137,17 @@ class Column(nn.Module):
     for column 0 or without laterals), ``head`` (pooled head on the averaged last stage) and ``head_lateral``
     (LinearLateral, or None). ``forward(x, previous)`` gives ``{stage name: map, "out": pooled}``."""
 
-    def __init__(self, task: str, stages: Sequence[Tuple[str, nn.Module]], feature_info: Sequence[Dict[str, Any]],
-                 head: nn.Module, head_out_dim: int, previous: int = 0, alpha: float = 0.1,
-                 adapter_channels: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        task: str,
+        stages: Sequence[Tuple[str, nn.Module]],
+        feature_info: Sequence[Dict[str, Any]],
+        head: nn.Module,
+        head_out_dim: int,
+        previous: int = 0,
+        alpha: float = 0.1,
+        adapter_channels: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.task = task
         self.stage_names = [name for name, _ in stages]
@@ -149,8 +160,15 @@ class Column(nn.Module):
             info = self.feature_info
             for i in range(1, len(info)):
                 stride = max(1, info[i]["reduction"] // info[i - 1]["reduction"])
-                self.laterals.append(LateralAdapter(previous * info[i - 1]["channels"], info[i]["channels"],
-                                                    adapter_channels or info[i - 1]["channels"], stride, alpha))
+                self.laterals.append(
+                    LateralAdapter(
+                        previous * info[i - 1]["channels"],
+                        info[i]["channels"],
+                        adapter_channels or info[i - 1]["channels"],
+                        stride,
+                        alpha,
+                    )
+                )
             last = info[-1]["channels"]
             self.head_lateral = LinearLateral(previous * last, head_out_dim, adapter_channels or last, alpha)
 
@@ -190,8 +208,13 @@ class ProgressiveNet(nn.Module):
     and the last stage's channels for the head lateral).
     """
 
-    def __init__(self, encoder_fn: Optional[Callable[[], nn.Module]] = None, alpha: float = 0.1,
-                 lateral: bool = True, adapter_channels: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        encoder_fn: Optional[Callable[[], nn.Module]] = None,
+        alpha: float = 0.1,
+        lateral: bool = True,
+        adapter_channels: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if encoder_fn is not None and not callable(encoder_fn):
             raise UserError(f"progressive: encoder_fn must be callable or None, got {encoder_fn!r}")
@@ -199,9 +222,12 @@ class ProgressiveNet(nn.Module):
             raise UserError(f"progressive: alpha must be a number, got {alpha!r}")
         if not isinstance(lateral, bool):
             raise UserError(f"progressive: lateral must be true or false, got {lateral!r}")
-        if adapter_channels is not None and (isinstance(adapter_channels, bool) or not isinstance(adapter_channels, int)
-                                             or adapter_channels < 1):
-            raise UserError(f"progressive: adapter_channels must be a positive integer or null, got {adapter_channels!r}")
+        if adapter_channels is not None and (
+            isinstance(adapter_channels, bool) or not isinstance(adapter_channels, int) or adapter_channels < 1
+        ):
+            raise UserError(
+                f"progressive: adapter_channels must be a positive integer or null, got {adapter_channels!r}"
+            )
         self.encoder_fn = encoder_fn
         self.alpha = float(alpha)
         self.lateral = lateral
@@ -224,26 +250,38 @@ class ProgressiveNet(nn.Module):
         if not isinstance(head, nn.Module):
             raise UserError(f"progressive: the head of task {task!r} must be an nn.Module, got {type(head).__name__}")
         if head_input(head) != POOLED:
-            raise UserError(f"progressive: task {task!r} needs a pooled head (e.g. linear or mlp), "
-                            f"not {type(head).__name__}")
+            raise UserError(
+                f"progressive: task {task!r} needs a pooled head (e.g. linear or mlp), not {type(head).__name__}"
+            )
         if encoder is None:
             if self.encoder_fn is None:
-                raise UserError(f"progressive: add_column({task!r}) needs an encoder; pass encoder= or give "
-                                "ProgressiveNet an encoder_fn")
+                raise UserError(
+                    f"progressive: add_column({task!r}) needs an encoder; pass encoder= or give "
+                    "ProgressiveNet an encoder_fn"
+                )
             encoder = self.encoder_fn()
         stages = split_stages(encoder)
         info = [dict(i) for i in encoder.feature_info]
         if self.columns:
             self._check_like_first(task, info)
         in_dim = info[-1]["channels"]
-        column = Column(task, stages, info, head, _head_out_dim(task, head, in_dim),
-                        previous=len(self.columns) if self.lateral else 0, alpha=self.alpha,
-                        adapter_channels=self.adapter_channels)
+        column = Column(
+            task,
+            stages,
+            info,
+            head,
+            _head_out_dim(task, head, in_dim),
+            previous=len(self.columns) if self.lateral else 0,
+            alpha=self.alpha,
+            adapter_channels=self.adapter_channels,
+        )
         if self.columns:
             old = {id(p) for p in self.parameters()}
             if any(id(p) in old for p in column.parameters()):
-                raise UserError(f"progressive: the encoder or head of task {task!r} is already used by another column; "
-                                "give each column its own")
+                raise UserError(
+                    f"progressive: the encoder or head of task {task!r} is already used by another column; "
+                    "give each column its own"
+                )
             for c in self.columns:
                 c.requires_grad_(False)
             column.to(next(chain(self.columns[0].parameters(), self.columns[0].buffers())).device)
@@ -258,9 +296,11 @@ class ProgressiveNet(nn.Module):
             return [(s["channels"], s["reduction"]) for s in i]
 
         if shape(info) != shape(first.feature_info):
-            raise UserError(f"progressive: the encoder of task {task!r} has stages (channels, reduction) "
-                            f"{shape(info)} but column {first.task!r} has {shape(first.feature_info)}; "
-                            "every column needs the same architecture")
+            raise UserError(
+                f"progressive: the encoder of task {task!r} has stages (channels, reduction) "
+                f"{shape(info)} but column {first.task!r} has {shape(first.feature_info)}; "
+                "every column needs the same architecture"
+            )
 
     def index(self, task: Optional[str]) -> int:
         """The column index of ``task``; UserError for a missing or unknown task."""
@@ -291,10 +331,14 @@ class ProgressiveNet(nn.Module):
         """Parameter counts of ``task``'s column: stages, laterals (conv and head laterals with their alphas),
         head and total."""
         column = self.columns[self.index(task)]
-        laterals = chain(column.laterals.parameters(),
-                         column.head_lateral.parameters() if column.head_lateral is not None else ())
-        counts = {"stages": _count(column.stages.parameters()), "laterals": _count(laterals),
-                  "head": _count(column.head.parameters())}
+        laterals = chain(
+            column.laterals.parameters(), column.head_lateral.parameters() if column.head_lateral is not None else ()
+        )
+        counts = {
+            "stages": _count(column.stages.parameters()),
+            "laterals": _count(laterals),
+            "head": _count(column.head.parameters()),
+        }
         counts["total"] = _count(column.parameters())
         return counts
 
@@ -357,14 +401,22 @@ def _count(params: Iterator[nn.Parameter]) -> int:
 def _head_out_dim(task: str, head: nn.Module, in_dim: int) -> int:
     """The head's output width, by a dry run on a (2, in_dim) input."""
     p = next(chain(head.parameters(), head.buffers()), None)
-    x = torch.zeros(2, in_dim, device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    x = torch.zeros(
+        2,
+        in_dim,
+        device=p.device if p is not None else None,
+        dtype=p.dtype if p is not None and p.is_floating_point() else None,
+    )
     try:
         with evaluating(head):
             y = head(x)
     except Exception as e:  # noqa: BLE001 - any failure means the head does not fit the column
-        raise UserError(f"progressive: the head of task {task!r} does not take (B, {in_dim}) pooled features: {e}") from None
+        raise UserError(
+            f"progressive: the head of task {task!r} does not take (B, {in_dim}) pooled features: {e}"
+        ) from None
     if not isinstance(y, Tensor) or y.dim() != 2:
-        raise UserError(f"progressive: the head of task {task!r} must map (B, {in_dim}) to (B, out_dim), "
-                        f"got {getattr(y, 'shape', type(y).__name__)}")
+        raise UserError(
+            f"progressive: the head of task {task!r} must map (B, {in_dim}) to (B, out_dim), "
+            f"got {getattr(y, 'shape', type(y).__name__)}"
+        )
     return int(y.shape[1])

@@ -1,4 +1,5 @@
 """The model every feature trains: a shared encoder feeding one head per task."""
+
 from __future__ import annotations
 
 from itertools import chain

@@ -1,4 +1,5 @@
 """Loading encoder weights: torchvision weights (cached or downloaded), weight files, and earlier mtl runs."""
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,7 @@ _LEGACY_DENSENET_KEY = re.compile(r"(.*denselayer\d+\.(?:norm|relu|conv))\.([12]
 def load_weights(encoder: nn.Module, model_name: str, spec: str) -> None:
     """Load ``spec`` into ``encoder``: a torchvision weights name, a file path, or ``run:<dir>``."""
     if spec.startswith("run:"):
-        path = run_checkpoint(spec[len("run:"):])
+        path = run_checkpoint(spec[len("run:") :])
         state = read_state_dict(path)
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
         path = Path(spec).expanduser()
@@ -52,12 +53,15 @@ def torchvision_weights(model_name: str, name: str) -> WeightsEnum:
     try:
         enum = torchvision.models.get_model_weights(model_name)
     except (ValueError, KeyError):
-        raise UserError(f"weights {name!r}: no such file, and {model_name} has no torchvision weights; "
-                        "use a file path or run:<dir>") from None
+        raise UserError(
+            f"weights {name!r}: no such file, and {model_name} has no torchvision weights; use a file path or run:<dir>"
+        ) from None
     key = name.removeprefix(f"{enum.__name__}.")
     if key not in enum.__members__:
-        raise UserError(f"unknown weights {name!r} for {model_name} (and no such file); torchvision has: "
-                        f"{', '.join(enum.__members__)}; or give a file path or run:<dir>")
+        raise UserError(
+            f"unknown weights {name!r} for {model_name} (and no such file); torchvision has: "
+            f"{', '.join(enum.__members__)}; or give a file path or run:<dir>"
+        )
     return enum.__members__[key]
 
 
@@ -86,7 +90,8 @@ def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor
         raise UserError(
             f"could not download {weights} for {model_name} from {weights.url} ({_one_line(e)}), and the file was "
             f"not found at {path}. Alternatives: obtain the file some other way and run `mtl weights import FILE`; "
-            f"or set `weights: path/to/file.pth`, `weights: run:runs/...`, or `weights: null`{also}") from None
+            f"or set `weights: path/to/file.pth`, `weights: run:runs/...`, or `weights: null`{also}"
+        ) from None
     return state, path
 
 
@@ -103,15 +108,21 @@ def run_checkpoint(run_dir: str | Path) -> Path:
         found = sorted(root.glob("*/checkpoints/best.pt"))
     except (FileNotFoundError, NotADirectoryError):
         if root.is_file():
-            raise UserError(f"run:{run_dir}: {root} is a file, not a run directory; for a weights file "
-                            f"write model.weights={run_dir} (without run:)") from None
+            raise UserError(
+                f"run:{run_dir}: {root} is a file, not a run directory; for a weights file "
+                f"write model.weights={run_dir} (without run:)"
+            ) from None
         raise UserError(f"run:{run_dir}: no such run directory") from None
     except PermissionError as e:
-        raise UserError(f"run:{run_dir}: permission denied reading {e.filename or root}; "
-                        f"make the run directory readable (chmod -R u+rX) or copy it somewhere readable") from None
+        raise UserError(
+            f"run:{run_dir}: permission denied reading {e.filename or root}; "
+            f"make the run directory readable (chmod -R u+rX) or copy it somewhere readable"
+        ) from None
     if not found:
-        raise UserError(f"run:{run_dir}: neither {root / 'checkpoints' / 'best.pt'} nor any "
-                        f"{root / '*' / 'checkpoints' / 'best.pt'} exists")
+        raise UserError(
+            f"run:{run_dir}: neither {root / 'checkpoints' / 'best.pt'} nor any "
+            f"{root / '*' / 'checkpoints' / 'best.pt'} exists"
+        )
     return found[-1]
 
 
@@ -145,11 +156,20 @@ def fit_state_dict(encoder: nn.Module, state: Mapping[str, Tensor], *, source: s
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    problems = [_some(keys, singular, plural) for keys, singular, plural in (
-        (missing, "missing key", "missing keys"), (unexpected, "unexpected key", "unexpected keys"),
-        (mismatched, "shape mismatch", "shape mismatches")) if keys]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = [
+        _some(keys, singular, plural)
+        for keys, singular, plural in (
+            (missing, "missing key", "missing keys"),
+            (unexpected, "unexpected key", "unexpected keys"),
+            (mismatched, "shape mismatch", "shape mismatches"),
+        )
+        if keys
+    ]
     if problems:
         raise UserError(f"weights {source} do not fit encoder {model_name}: {'; '.join(problems)}")
     encoder.load_state_dict(state)
@@ -203,7 +223,9 @@ def import_weights(path: str | Path) -> Path:
     """Copy a torchvision weights file (recognised by its SHA-256, whatever its name) into the cache."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise UserError(f"{path} is a directory; give the weights file itself, e.g. mtl weights import {path}/<name>.pth")
+        raise UserError(
+            f"{path} is a directory; give the weights file itself, e.g. mtl weights import {path}/<name>.pth"
+        )
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
@@ -215,8 +237,10 @@ def import_weights(path: str | Path) -> Path:
         if match and digest.startswith(match.group(1)):
             break
     else:
-        raise UserError(f"{path} (sha256 {digest[:12]}...) matches no torchvision weights file; "
-                        f"use it directly with `weights: {path}`")
+        raise UserError(
+            f"{path} (sha256 {digest[:12]}...) matches no torchvision weights file; "
+            f"use it directly with `weights: {path}`"
+        )
     dest = cache_dir() / file_name
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{file_name}.", suffix=".part")
@@ -239,9 +263,15 @@ def list_cached() -> list[dict[str, Any]]:
     rows = []
     for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
         entries = known.get(path.name, [])
-        rows.append({"file": path.name, "path": str(path), "size": path.stat().st_size,
-                     "models": sorted({model for model, _ in entries}),
-                     "weights": sorted({weights for _, weights in entries})})
+        rows.append(
+            {
+                "file": path.name,
+                "path": str(path),
+                "size": path.stat().st_size,
+                "models": sorted({model for model, _ in entries}),
+                "weights": sorted({weights for _, weights in entries}),
+            }
+        )
     return rows
 
 
@@ -250,8 +280,16 @@ def format_cached_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return f"no weights cached in {cache_dir()}"
     table = [("FILE", "SIZE", "WEIGHTS", "MODELS")]
-    table += [(r["file"], f"{r['size'] / 2**20:.1f} MB", ", ".join(r["weights"]) or "(not recognised)",
-               ", ".join(r["models"])) for r in rows]
+    table += [
+        (
+            r["file"],
+            f"{r['size'] / 2**20:.1f} MB",
+            ", ".join(r["weights"]) or "(not recognised)",
+            ", ".join(r["models"]),
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
-    return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3]).rstrip()
-                     for row in table)
+    return "\n".join(
+        ("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3]).rstrip() for row in table
+    )

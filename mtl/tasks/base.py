@@ -9,6 +9,7 @@ Metrics are accumulated on the device: ``init_state`` gives a fixed-size float64
 ``update`` adds one batch to it (no host sync, so it can run every step and be all-reduced under DDP)
 and ``compute`` turns the epoch's sums into plain floats.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -168,7 +169,7 @@ class Task:
     @classmethod
     def crop_target(cls, target: Tensor, top: int, left: int, height: int, width: int) -> Tensor:
         """The target of the image's window at (top, left) of size (height, width)."""
-        return target[..., top:top + height, left:left + width] if cls.dense else target
+        return target[..., top : top + height, left : left + width] if cls.dense else target
 
     @classmethod
     def zoom_target(cls, target: Tensor, scale: float, spec: Mapping[str, Any]) -> Tensor:
@@ -204,8 +205,16 @@ def num_outputs_required(type: str) -> bool:
     return TASK_TYPES.get(type).needs_num_classes
 
 
-def build_task(name: str, *, type: str, target: str, num_classes: Optional[int] = None, weight: float = 1.0,
-               classes: Optional[List[str]] = None, **options: Any) -> Task:
+def build_task(
+    name: str,
+    *,
+    type: str,
+    target: str,
+    num_classes: Optional[int] = None,
+    weight: float = 1.0,
+    classes: Optional[List[str]] = None,
+    **options: Any,
+) -> Task:
     """Build a task of a registered type with the output size that type needs: ``fixed_outputs`` when the type
     fixes it (binary 1, depth 1, normals 3), else ``num_classes`` (or the type's ``outputs_key`` option, e.g. a
     regression's ``num_outputs``; default 1 unless ``needs_num_classes``)."""
@@ -220,7 +229,9 @@ def build_task(name: str, *, type: str, target: str, num_classes: Optional[int] 
     if unknown:
         takes = f"it takes {', '.join(known)}" if known else "it takes none"
         raise UserError(f"unknown option(s) {', '.join(unknown)} for a {type} task; {takes}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     if cls.fixed_outputs is not None:
         out_dim = cls.fixed_outputs
@@ -254,15 +265,19 @@ def add_custom_metrics(task: Task, names: List[str]) -> None:
     """
     fns = [(n, METRICS.get(n)) for n in names]
     base_size, base_update, base_compute = task.state_size(), task.update, task.compute
-    task.metric_directions = {**task.metric_directions,
-                              **{n: bool(getattr(fn, "higher_is_better", True)) for n, fn in fns}}
+    task.metric_directions = {
+        **task.metric_directions,
+        **{n: bool(getattr(fn, "higher_is_better", True)) for n, fn in fns},
+    }
 
     def state_size() -> int:
         return base_size + 2 * len(fns)
 
     def update(state: Tensor, pred: Tensor, target: Tensor) -> Tensor:
-        extra = [torch.stack([torch.as_tensor(v, dtype=F64, device=pred.device).reshape(())
-                              for v in fn(pred, target)]) for _, fn in fns]
+        extra = [
+            torch.stack([torch.as_tensor(v, dtype=F64, device=pred.device).reshape(()) for v in fn(pred, target)])
+            for _, fn in fns
+        ]
         return torch.cat([base_update(state[:base_size], pred, target), state[base_size:] + torch.cat(extra)])
 
     def compute(state: Tensor) -> Dict[str, float]:

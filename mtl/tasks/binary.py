@@ -1,4 +1,5 @@
 """Two classes from one logit (the cats-vs-dogs recipe)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

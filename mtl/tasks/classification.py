@@ -1,4 +1,5 @@
 """Image-level classification: softmax over the classes, cross-entropy."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Per-pixel depth: L1 on valid pixels, absolute and relative errors."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

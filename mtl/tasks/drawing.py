@@ -1,4 +1,5 @@
 """Drawing primitives of dense predictions: distinct class colours and a depth colormap."""
+
 from __future__ import annotations
 
 import colorsys

@@ -1,4 +1,5 @@
 """Independent labels per image: sigmoid per label, binary cross-entropy, mean AP."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,13 @@ class Multilabel(Task):
     pos_weight: Optional[List[float]] = None
 
     needs_num_classes: ClassVar[bool] = True
-    metric_directions: ClassVar[Dict[str, bool]] = {"loss": False, "acc": True, "f1_micro": True,
-                                                    "f1_macro": True, "map": True}
+    metric_directions: ClassVar[Dict[str, bool]] = {
+        "loss": False,
+        "acc": True,
+        "f1_micro": True,
+        "f1_macro": True,
+        "map": True,
+    }
     primary: ClassVar[str] = "map"
     has_probabilities: ClassVar[bool] = True
     ap_bins: ClassVar[int] = 400
@@ -76,14 +82,16 @@ class Multilabel(Task):
         k, bins = self.out_dim, self.ap_bins
         state = state.detach().cpu()
         n, correct = state[:2].tolist()
-        tp, fp, fn = state[2:2 + 3 * k].view(3, k)
-        hist = state[2 + 3 * k:].view(k, 2, bins).flip(-1)  # highest scores first
+        tp, fp, fn = state[2 : 2 + 3 * k].view(3, k)
+        hist = state[2 + 3 * k :].view(k, 2, bins).flip(-1)  # highest scores first
         f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
         occurs = (tp + fp + fn) > 0
-        return {"acc": _div(correct, n),
-                "f1_micro": _div(2 * tp.sum().item(), (2 * tp + fp + fn).sum().item()),
-                "f1_macro": f1[occurs].mean().item() if occurs.any() else 0.0,
-                "map": _mean_ap(hist[:, 1], hist[:, 0])}
+        return {
+            "acc": _div(correct, n),
+            "f1_micro": _div(2 * tp.sum().item(), (2 * tp + fp + fn).sum().item()),
+            "f1_macro": f1[occurs].mean().item() if occurs.any() else 0.0,
+            "map": _mean_ap(hist[:, 1], hist[:, 0]),
+        }
 
     def probabilities(self, pred: Tensor) -> Tensor:
         return torch.sigmoid(pred.float())

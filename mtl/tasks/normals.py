@@ -1,4 +1,5 @@
 """Surface normals per pixel: 1 - cosine, angular-error histogram."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,14 @@ class Normals(Task):
     """
 
     dense: ClassVar[bool] = True
-    metric_directions: ClassVar[Dict[str, bool]] = {"loss": False, "mean_angle": False, "median_angle": False,
-                                                    "within_11.25": True, "within_22.5": True, "within_30": True}
+    metric_directions: ClassVar[Dict[str, bool]] = {
+        "loss": False,
+        "mean_angle": False,
+        "median_angle": False,
+        "within_11.25": True,
+        "within_22.5": True,
+        "within_30": True,
+    }
     primary: ClassVar[str] = "mean_angle"
     bin_deg: ClassVar[float] = 0.25
     thresholds: ClassVar[tuple] = (11.25, 22.5, 30.0)

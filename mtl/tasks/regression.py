@@ -1,4 +1,5 @@
 """Real-valued outputs per image: mse, l1 or smooth-l1."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,11 @@ class Regression(Task):
     primary: ClassVar[str] = "mae"
     outputs_key: ClassVar[str] = "num_outputs"
     option_fields: ClassVar[Dict[str, str]] = {"loss": "loss_fn"}  # a field "loss" would shadow the method
-    losses: ClassVar[Dict[str, Callable[..., Tensor]]] = {"mse": F.mse_loss, "l1": F.l1_loss,
-                                                          "smooth_l1": F.smooth_l1_loss}
+    losses: ClassVar[Dict[str, Callable[..., Tensor]]] = {
+        "mse": F.mse_loss,
+        "l1": F.l1_loss,
+        "smooth_l1": F.smooth_l1_loss,
+    }
 
     def __post_init__(self) -> None:
         if self.loss_fn not in self.losses:

@@ -1,4 +1,5 @@
 """Per-pixel classes: a confusion matrix gives mIoU and pixel accuracy."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Segmentation(Task):
         return pred.argmax(dim=1)
 
     def state_size(self) -> int:
-        return self.out_dim ** 2  # confusion[target, prediction]
+        return self.out_dim**2  # confusion[target, prediction]
 
     def update(self, state: Tensor, pred: Tensor, target: Tensor) -> Tensor:
         c = self.out_dim
@@ -55,8 +56,10 @@ class Segmentation(Task):
         hits = cm.diagonal()
         union = cm.sum(0) + cm.sum(1) - hits
         present = union > 0
-        return {"miou": (hits[present] / union[present]).mean().item() if present.any() else 0.0,
-                "pixel_acc": _div(hits.sum().item(), cm.sum().item())}
+        return {
+            "miou": (hits[present] / union[present]).mean().item() if present.any() else 0.0,
+            "pixel_acc": _div(hits.sum().item(), cm.sum().item()),
+        }
 
     def probabilities(self, pred: Tensor) -> Tensor:
         return pred.float().softmax(dim=1)

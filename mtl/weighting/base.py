@@ -1,4 +1,5 @@
 """The weighting contract: how per-task losses (loss level) or per-task gradients (gradient level) become one update."""
+
 from __future__ import annotations
 
 import inspect
@@ -26,7 +27,9 @@ class Weighting(nn.Module):
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        self.register_buffer("task_weights", torch.tensor(list(task_weights or [1.0] * len(self.tasks)), dtype=torch.float32))
+        self.register_buffer(
+            "task_weights", torch.tensor(list(task_weights or [1.0] * len(self.tasks)), dtype=torch.float32)
+        )
         self.register_buffer("last_weights", torch.ones(len(self.tasks)))
         self.seed = 0  # the run's seed (train.seed), set by the experiment
         self._draws = 0  # random draws so far; checkpointed, so a resumed run draws what it would have
@@ -74,13 +77,16 @@ class GradientWeighting(Weighting):
         raise NotImplementedError
 
 
-def build_weighting(name: str, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                    **options: Any) -> Weighting:
+def build_weighting(
+    name: str, tasks: Sequence[str], task_weights: Sequence[float] | None = None, **options: Any
+) -> Weighting:
     """A registered method; unknown options are a UserError naming the known ones."""
 
     cls = WEIGHTINGS.get(name)
     known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks", "task_weights")]
     for key in options:
         if key not in known:
-            raise UserError(f"unknown option weighting.options.{key} for weighting {name!r}; known: {', '.join(known) or 'none'}")
+            raise UserError(
+                f"unknown option weighting.options.{key} for weighting {name!r}; known: {', '.join(known) or 'none'}"
+            )
     return cls(tasks, task_weights, **options)

@@ -9,6 +9,7 @@ host once per step and solve their T x T problem there exactly (see solvers.py).
 gradients' global scale. ``task_weights`` are used as preference weights by ``aligned_mtl`` and ``upgrad``
 and ignored by the other methods.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,12 +61,15 @@ class MGDA(GradientWeighting):
 
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 normalization: str = "none") -> None:
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, normalization: str = "none"
+    ) -> None:
         super().__init__(tasks, task_weights)
         if normalization not in self.NORMALIZATIONS:
-            raise UserError(f"weighting.options.normalization for mgda must be one of "
-                            f"{', '.join(self.NORMALIZATIONS)}, got {normalization!r}")
+            raise UserError(
+                f"weighting.options.normalization for mgda must be one of "
+                f"{', '.join(self.NORMALIZATIONS)}, got {normalization!r}"
+            )
         self.normalization = normalization
 
     @torch.no_grad()
@@ -119,8 +123,7 @@ class GradVac(GradientWeighting):
     ``phi_hat <- (1 - beta) phi_hat + beta phi``. ``d = sum_i g_i'``, ``w = 1``.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 beta: float = 0.5) -> None:
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, beta: float = 0.5) -> None:
         super().__init__(tasks, task_weights)
         if not 0.0 < beta <= 1.0:
             raise UserError(f"weighting.options.beta must be in (0, 1] for gradvac, got {beta}")
@@ -167,8 +170,9 @@ class CAGrad(GradientWeighting):
     gradient, as in the official code).
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 c: float = 0.4, rescale: int = 1) -> None:
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, c: float = 0.4, rescale: int = 1
+    ) -> None:
         super().__init__(tasks, task_weights)
         if not c >= 0 or c == float("inf"):
             raise UserError(f"weighting.options.c must be a number >= 0 for cagrad, got {c}")
@@ -184,9 +188,9 @@ class CAGrad(GradientWeighting):
         ww = solvers.cagrad_weights(m, self.c)
         gw_sq = float(ww @ m @ ww)
         # |g0| / |g_w| is scale-free, so the host's normalised M gives it; |g0|^2 = 1^T M 1 / T^2
-        lam = self.c * math.sqrt(max(float(m.mean()), 0.0) / gw_sq) if gw_sq > solvers.ORIGIN ** 2 else 0.0
+        lam = self.c * math.sqrt(max(float(m.mean()), 0.0) / gw_sq) if gw_sq > solvers.ORIGIN**2 else 0.0
         d = g.mean(0) + _combine(g, ww * lam)[0]
-        d = d / {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        d = d / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         w = torch.ones(t, device=g.device)
         self.last_weights.copy_(w)
         return d, w
@@ -233,8 +237,9 @@ class NashMTL(GradientWeighting):
     unsolvable (``g_1 = -g_2``); a tiny ridge keeps the answer finite then.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 normalize_gram: bool = False) -> None:
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, normalize_gram: bool = False
+    ) -> None:
         super().__init__(tasks, task_weights)
         self.normalize_gram = bool(normalize_gram)
 
@@ -272,7 +277,8 @@ class AlignedMTL(GradientWeighting):
 
 
 def aligned_matrix(m: Tensor) -> Tensor:
-    """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues), CPU float64."""
+    """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues), CPU
+    float64."""
     t = m.shape[0]
     lam, vec = torch.linalg.eigh(solvers.host(m))
     keep = lam > max(float(lam.max()), 0.0) * t * solvers.RANK_TOL

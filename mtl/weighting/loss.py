@@ -4,6 +4,7 @@ Convention for every method here: ``last_weights[t]`` is the effective weight of
 returned total, i.e. ``d total / d L_t`` at this step (detached). Methods only advance their running state
 (GradNorm, FAMO) on training steps, i.e. when grad is enabled and ``losses`` requires grad.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -65,8 +66,9 @@ class DWA(LossWeighting):
     to :meth:`end_epoch`; ones until two epochs have been seen.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 temperature: float = 2.0) -> None:
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, temperature: float = 2.0
+    ) -> None:
         super().__init__(tasks, task_weights)
         if temperature <= 0:
             raise UserError(f"weighting.options.temperature must be > 0 for dwa, got {temperature}")
@@ -102,8 +104,9 @@ class GradNorm(LossWeighting):
     renormalised to sum to T. The total uses the weights from before the update.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 alpha: float = 1.5, lr: float = 0.025) -> None:
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, alpha: float = 1.5, lr: float = 0.025
+    ) -> None:
         super().__init__(tasks, task_weights)
         self.alpha = float(alpha)
         self.lr = float(lr)
@@ -115,8 +118,10 @@ class GradNorm(LossWeighting):
     def _last_weight(shared: Sequence[Tensor]) -> Tensor:
         params = list(shared)
         if not params:
-            raise UserError("GradNorm needs trainable shared parameters (the encoder is frozen or empty); "
-                            "unfreeze part of the encoder or use another weighting")
+            raise UserError(
+                "GradNorm needs trainable shared parameters (the encoder is frozen or empty); "
+                "unfreeze part of the encoder or use another weighting"
+            )
         matrices = [p for p in params if p.ndim >= 2]
         return (matrices or params)[-1]
 
@@ -174,8 +179,7 @@ class GeometricMean(LossWeighting):
     Computed as ``exp(mean(log(max(L, eps))))``. Its gradient weights are ``total / (T * L_t)``.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 eps: float = 1e-8) -> None:
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, eps: float = 1e-8) -> None:
         super().__init__(tasks, task_weights)
         self.eps = float(eps)
 
@@ -202,15 +206,23 @@ class FAMO(LossWeighting):
     and current losses, and the first step makes no update.
     """
 
-    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None,
-                 gamma: float = 1e-3, lr: float = 0.025, min_losses: float | Sequence[float] = 0.0,
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        gamma: float = 1e-3,
+        lr: float = 0.025,
+        min_losses: float | Sequence[float] = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(tasks, task_weights)
         self.gamma, self.lr, self.eps = float(gamma), float(lr), float(eps)
         self.betas = (0.9, 0.999)
         mins = torch.as_tensor(min_losses, dtype=torch.float32)
         if mins.ndim > 1 or (mins.ndim == 1 and mins.numel() != self.num_tasks):
-            raise UserError(f"weighting.options.min_losses for famo must be a number or a list of {self.num_tasks} numbers")
+            raise UserError(
+                f"weighting.options.min_losses for famo must be a number or a list of {self.num_tasks} numbers"
+            )
         self.register_buffer("min_losses", mins.expand(self.num_tasks).clone())
         self.register_buffer("logits", torch.zeros(self.num_tasks))
         self.register_buffer("prev_losses", torch.ones(self.num_tasks))
@@ -230,8 +242,8 @@ class FAMO(LossWeighting):
         step = self.adam_step + 1
         exp_avg = beta1 * self.exp_avg + (1 - beta1) * grad
         exp_avg_sq = beta2 * self.exp_avg_sq + (1 - beta2) * grad * grad
-        denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + 1e-8
-        logits = self.logits - self.lr * (exp_avg / (1 - beta1 ** step)) / denom
+        denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + 1e-8
+        logits = self.logits - self.lr * (exp_avg / (1 - beta1**step)) / denom
         keep = self.has_prev
         self.logits.copy_(torch.where(keep, logits, self.logits))
         self.exp_avg.copy_(torch.where(keep, exp_avg, self.exp_avg))

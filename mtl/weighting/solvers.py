@@ -7,6 +7,7 @@ holding to rounding instead of after a fixed number of iterations that badly sca
 Every solver first divides M by its largest diagonal entry, so that its answer does not depend on the
 gradients' global scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from torch import Tensor
 
 TINY = 1e-300  # below every meaningful squared gradient norm in float64
 RANK_TOL = 1e-12  # eigenvalues of M below T * RANK_TOL * max eigenvalue are zero: the float32 gradients' rounding
-CHUNK = 1 << 20
-ORIGIN = 1e-6  # a combination of the gradients shorter than this (times the longest) is the origin, at float32 precision  # columns of G turned into float64 at a time
+CHUNK = 1 << 20  # columns of G turned into float64 at a time
+# a combination of the gradients shorter than this (times the longest) is the origin, at float32 precision
+ORIGIN = 1e-6
 
 
 def gram(grads: Tensor) -> Tensor:
@@ -26,7 +28,7 @@ def gram(grads: Tensor) -> Tensor:
     t, d = grads.shape
     m = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
     for start in range(0, d, CHUNK):
-        g = grads[:, start:start + CHUNK].double()
+        g = grads[:, start : start + CHUNK].double()
         m.addmm_(g, g.T)
     return m
 
@@ -158,7 +160,7 @@ def cagrad_weights(m: Tensor, c: float) -> Tensor:
         return w
     if c >= 1:  # F >= (r - |g0|) |g_w| >= 0: the minimum is 0, at the origin when the hull holds it
         a = active_set_qp(m, torch.zeros(1, t, dtype=m.dtype), simplex=True)[0]
-        if float(a @ m @ a) <= ORIGIN ** 2:
+        if float(a @ m @ a) <= ORIGIN**2:
             return a
     value = _cagrad_objective(m, b, r, w)
     for _ in range(100):
@@ -215,8 +217,9 @@ def _cagrad_on_support(m: Tensor, b: Tensor, r: float, support: Tensor) -> Optio
             continue
         grad = b + (r / s) * (m @ w)  # F's gradient: equal on the support, no smaller off it at the minimiser
         level = float(w @ grad)
-        if bool((grad[~support] >= level - 1e-10 * float(grad.abs().max())).all()) and \
-                float((grad[support] - level).abs().max()) <= 1e-8 * float(grad.abs().max()):
+        if bool((grad[~support] >= level - 1e-10 * float(grad.abs().max())).all()) and float(
+            (grad[support] - level).abs().max()
+        ) <= 1e-8 * float(grad.abs().max()):
             return w
     return None
 

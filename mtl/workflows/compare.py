@@ -1,4 +1,5 @@
 """The ``mtl compare`` table of runs (delta-m and baseline files: ``mtl.engine.monitor``)."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ def run_directions(summary: Mapping[str, Any]) -> Dict[str, Dict[str, bool]]:
     return {t: dict(info.get("directions", {})) for t, info in (summary.get("tasks") or {}).items()}
 
 
-def compare_table(paths: Sequence[str], baseline: Optional[str] = None, which: str = "final",
-                  metrics: Optional[Sequence[str]] = None) -> str:
+def compare_table(
+    paths: Sequence[str], baseline: Optional[str] = None, which: str = "final", metrics: Optional[Sequence[str]] = None
+) -> str:
     """A Markdown table: one row per run, one column per task metric, and delta_m with a baseline."""
     rows = find_runs(paths)
     columns: List[Tuple[str, str]] = []
@@ -57,7 +59,9 @@ def compare_table(paths: Sequence[str], baseline: Optional[str] = None, which: s
                     columns.append((task, metric))
     unknown = [m for m in metrics or [] if m not in reported]
     if unknown:
-        raise UserError(f"--metrics: no run reports {', '.join(unknown)}; the runs report {', '.join(reported) or 'none'}")
+        raise UserError(
+            f"--metrics: no run reports {', '.join(unknown)}; the runs report {', '.join(reported) or 'none'}"
+        )
     base = load_baseline(baseline) if baseline else None
     header = ["run", "weighting"] + [f"{t}.{m}" for t, m in columns] + (["Δm %"] if base else [])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
@@ -90,6 +94,7 @@ def write_baseline(paths: Sequence[str], out: str | Path, which: str = "final") 
             source[task] = label
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# single-task baselines for delta_m: {task: {metric: value}}\n"
-                   + yaml.safe_dump(baseline, sort_keys=False))
+    out.write_text(
+        "# single-task baselines for delta_m: {task: {metric: value}}\n" + yaml.safe_dump(baseline, sort_keys=False)
+    )
     return baseline

@@ -13,6 +13,7 @@ FWT needs ``independent`` among the methods. Methods: ``progressive`` (Rusu et a
 ``finetune`` (one encoder trained through the sequence, one head per task) and ``head_only`` (the encoder
 trained on the first task, then frozen; a new head per task).
 """
+
 from __future__ import annotations
 
 import copy
@@ -221,11 +222,15 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
     sequence = []
     for cfg in configs:
         if len(cfg.tasks) != 1:
-            raise UserError(f"stage {cfg.name!r}: a continual stage trains one task, but it has {len(cfg.tasks)} "
-                            f"({', '.join(cfg.tasks)}); set the others to null")
+            raise UserError(
+                f"stage {cfg.name!r}: a continual stage trains one task, but it has {len(cfg.tasks)} "
+                f"({', '.join(cfg.tasks)}); set the others to null"
+            )
         if (cfg.model.weights or "").startswith("stage:"):
-            raise UserError(f"stage {cfg.name!r}: weights {cfg.model.weights!r}: continual methods build their own "
-                            "sequence; use null (random columns) or a pretrained weights name or file")
+            raise UserError(
+                f"stage {cfg.name!r}: weights {cfg.model.weights!r}: continual methods build their own "
+                "sequence; use null (random columns) or a pretrained weights name or file"
+            )
         config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
         as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
@@ -236,8 +241,10 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         _head(sequence[-1], in_dim=8)  # refuse a dense or stage-map head before anything trains
     encoders = {(c.model.encoder, str(c.model.encoder_options)) for c in configs}
     if len(encoders) > 1:
-        raise UserError("continual stages must share one encoder architecture (model.encoder and encoder_options), "
-                        "since later columns read earlier ones")
+        raise UserError(
+            "continual stages must share one encoder architecture (model.encoder and encoder_options), "
+            "since later columns read earlier ones"
+        )
     with torch.random.fork_rng(devices=[]):  # the random initialisation leaves the training's draws as they were
         architecture = build_encoder(configs[0].model.encoder, **configs[0].model.encoder_options)
     for st in sequence:  # images the encoder cannot take are refused before anything is written
@@ -256,8 +263,10 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     order = sorted(methods, key=lambda m: m != "independent")  # the FWT reference first
     results: Dict[str, Dict[str, Any]] = {}
     if not quiet:
-        print(f"run {root}  |  continual: {', '.join(methods)} on {len(names)} tasks ({', '.join(names)})  |  "
-              f"{top.model.encoder}  |  device {device}")
+        print(
+            f"run {root}  |  continual: {', '.join(methods)} on {len(names)} tasks ({', '.join(names)})  |  "
+            f"{top.model.encoder}  |  device {device}"
+        )
     with SummaryWriter(str(root)) as tb:
         for method in order:
             results[method] = _run_method(method, top, sequence, device, root, tb, quiet)
@@ -269,8 +278,10 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
                     tb.add_scalar(f"continual/{key}/{method}", results[method][key], len(names))
     results = {m: results[m] for m in methods}
     table = results_table(names, results)
-    matrices = "\n\n".join(f"R for {m} (rows: after training on; columns: evaluated on)\n\n{matrix_table(names, r['R'])}"
-                           for m, r in results.items())
+    matrices = "\n\n".join(
+        f"R for {m} (rows: after training on; columns: evaluated on)\n\n{matrix_table(names, r['R'])}"
+        for m, r in results.items()
+    )
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table + "\n\n" + matrices + "\n"))
     summary = {"run_dir": str(root), "tasks": names, "methods": results}
     save_json(summary, root / "summary.json")
@@ -280,8 +291,9 @@ def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Di
     return summary
 
 
-def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: torch.device, root: Path,
-                tb: Any, quiet: bool) -> Dict[str, Any]:
+def _run_method(
+    method: str, top: Config, sequence: List[SequenceTask], device: torch.device, root: Path, tb: Any, quiet: bool
+) -> Dict[str, Any]:
     seed_everything(top.train.seed, top.train.deterministic)
     learner = build_learner(method, top, device)
     R: List[List[float]] = []
@@ -296,21 +308,38 @@ def _run_method(method: str, top: Config, sequence: List[SequenceTask], device: 
         run_dir.mkdir(parents=True)
         atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
         classes = {st.name: st.task.classes}
-        meta = {"classes": classes, "method": method, "task": st.name, "targets": task_targets({st.name: st.task}),
-                "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]]}
-        hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, hparams={"method": method, "task": st.name},
-                            n_images=0, quiet=quiet)  # no unfreezing, no graph
+        meta = {
+            "classes": classes,
+            "method": method,
+            "task": st.name,
+            "targets": task_targets({st.name: st.task}),
+            "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]],
+        }
+        hooks = build_hooks(
+            cfg,
+            run_dir,
+            classes=classes,
+            meta=meta,
+            hparams={"method": method, "task": st.name},
+            n_images=0,
+            quiet=quiet,
+        )  # no unfreezing, no graph
         started = time.perf_counter()
-        build_trainer(cfg, model, {st.name: st.task}, st.loaders, device=device, generator=st.generator, hooks=hooks,
-                      quiet=quiet).fit()
+        build_trainer(
+            cfg, model, {st.name: st.task}, st.loaders, device=device, generator=st.generator, hooks=hooks, quiet=quiet
+        ).fit()
         times.append(time.perf_counter() - started)
         params.append(learner.added_parameters(k, st))
-        row = [_accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, use_amp(cfg.train.amp, device))
-               for j in range(k + 1)]
+        row = [
+            _accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, use_amp(cfg.train.amp, device))
+            for j in range(k + 1)
+        ]
         R.append(row)
         for j, acc in enumerate(row):
             tb.add_scalar(f"R/{method}/{sequence[j].name}", acc, k + 1)
         tb.add_scalar(f"average_acc/{method}", sum(row) / len(row), k + 1)
-        save_json({"method": method, "task": st.name, "R_row": row, "params": parameter_counts(model),
-                   "time_s": times[-1]}, run_dir / "summary.json")
+        save_json(
+            {"method": method, "task": st.name, "R_row": row, "params": parameter_counts(model), "time_s": times[-1]},
+            run_dir / "summary.json",
+        )
     return {"R": R, "params_per_task": params, "time_s": times}

@@ -1,4 +1,5 @@
 """``mtl eval``: every task's metrics and the confusion matrices of a run's best checkpoint on one split."""
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,10 @@ def _check_classes(run_classes: Mapping[str, List[str]], data_tasks: Mapping[str
     for t, task in data_tasks.items():
         saved = list(run_classes.get(t) or [])
         if saved and task.classes and list(task.classes) != saved:
-            raise UserError(f"the classes of task {t} in split {split!r} ({', '.join(task.classes[:8])}) differ from the "
-                            f"run's ({', '.join(saved[:8])}); the checkpoint cannot be scored on this data")
+            raise UserError(
+                f"the classes of task {t} in split {split!r} ({', '.join(task.classes[:8])}) differ from the "
+                f"run's ({', '.join(saved[:8])}); the checkpoint cannot be scored on this data"
+            )
 
 
 def _best_epoch(run_dir: Path) -> int:
@@ -54,7 +57,6 @@ def eval_command(run: str, split: str = "val") -> str:
     """Score ``run``'s best checkpoint on ``split``; write ``eval/<split>/`` and TensorBoard; return a report."""
     from torch.utils.tensorboard import SummaryWriter
 
-
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", split or ""):
         raise UserError(f"--split must be a split name such as val, train or test, got {split!r}")
     loaded = open_run(run)
@@ -66,18 +68,31 @@ def eval_command(run: str, split: str = "val") -> str:
     _check_classes(loaded.classes, data_tasks, split)
     amp = use_amp(cfg.train.amp, device)
     model = loaded.model.to(device)
-    result = evaluate(model, loader, loaded.tasks, device,
-                      autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None,
-                      progress=len(loader) > 1)
+    result = evaluate(
+        model,
+        loader,
+        loaded.tasks,
+        device,
+        autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None,
+        progress=len(loader) > 1,
+    )
     if result.size == 0:
         raise UserError(f"split {split!r} of {run_dir} has no images to evaluate")
 
     out_dir = run_dir / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: Dict[str, Any] = {"run_dir": str(run_dir), "split": split, "data_split": data_split, "size": result.size,
-                              "checkpoint": "checkpoints/best.pt", **result.overall, "tasks": result.metrics}
-    report["confusion"] = {t: {"classes": _names(loaded.tasks[t], c.shape[0]), "matrix": c.tolist()}
-                           for t, c in result.confusion.items()}
+    report: Dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "split": split,
+        "data_split": data_split,
+        "size": result.size,
+        "checkpoint": "checkpoints/best.pt",
+        **result.overall,
+        "tasks": result.metrics,
+    }
+    report["confusion"] = {
+        t: {"classes": _names(loaded.tasks[t], c.shape[0]), "matrix": c.tolist()} for t, c in result.confusion.items()
+    }
     step = _best_epoch(run_dir)
     writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=f".eval_{split}")
     written = [out_dir / "metrics.json"]
@@ -86,7 +101,9 @@ def eval_command(run: str, split: str = "val") -> str:
             for metric, value in values.items():
                 writer.add_scalar(f"eval/{split}/{t}/{metric}", value, step)
         for t, c in result.confusion.items():
-            image = confusion_image(c, report["confusion"][t]["classes"], f"{t} on {split}: rows true, columns predicted")
+            image = confusion_image(
+                c, report["confusion"][t]["classes"], f"{t} on {split}: rows true, columns predicted"
+            )
             to_pil_image(image).save(out_dir / f"confusion_{t}.png")
             written.append(out_dir / f"confusion_{t}.png")
             writer.add_image(f"eval/{split}/confusion_{t}", image, step)
@@ -100,8 +117,11 @@ def eval_command(run: str, split: str = "val") -> str:
     if "acc" in report and len(result.metrics) > 1:
         lines.append(f"mean acc {report['acc']:.4f}")
     for t, c in result.confusion.items():
-        lines += ["", f"confusion matrix of {t} (rows: true class, columns: predicted)",
-                  confusion_text(c, report["confusion"][t]["classes"])]
+        lines += [
+            "",
+            f"confusion matrix of {t} (rows: true class, columns: predicted)",
+            confusion_text(c, report["confusion"][t]["classes"]),
+        ]
     lines += ["", f"wrote {', '.join(str(p) for p in written)}; TensorBoard eval/{split}/* in {run_dir}"]
     return "\n".join(lines)
 

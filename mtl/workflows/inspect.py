@@ -16,6 +16,7 @@ Totals count every parameter once. Sizes follow torchsummary: 4 bytes per value,
 forward/backward pass size is ``2 x`` (outputs and their gradients) the sum of the output elements of every
 listed-at-full-depth module call, which over-counts modules whose output is also their parent's (an estimate).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -34,7 +35,7 @@ from mtl.core.runtime import evaluating
 from mtl.models.encoders import check_input_size
 from mtl.workflows.runs import image_tensor, load_model
 
-_MB = 1024.0 ** 2
+_MB = 1024.0**2
 _BATCH = 2  # BatchNorm-safe even if a module were left in train mode
 _TILE = 32  # feature maps smaller than this (in pixels) are enlarged by an integer factor in the grids
 
@@ -117,6 +118,7 @@ def _record_calls(model: nn.Module, names: Sequence[str], run: Callable[[], Any]
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             calls.append((name, output))
+
         return record
 
     try:
@@ -159,8 +161,12 @@ def parse_input(text: Optional[str], image_size: int) -> Tuple[int, ...]:
     return shape
 
 
-def summary_table(model: nn.Module, input_shape: Sequence[int], forward: Optional[Callable[[Tensor], Any]] = None,
-                  depth: Optional[int] = None) -> str:
+def summary_table(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    forward: Optional[Callable[[Tensor], Any]] = None,
+    depth: Optional[int] = None,
+) -> str:
     """A torchsummary-style table of ``model`` for one input of shape ``input_shape`` (C, H, W).
 
     ``forward(x)`` runs the model (default ``model(x)``), e.g. ``lambda x: net(x, task="b")`` for a
@@ -175,8 +181,11 @@ def summary_table(model: nn.Module, input_shape: Sequence[int], forward: Optiona
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
     # Rows at full depth: modules that own parameters or are leaves (the root only if it owns parameters).
-    full = [n for n, m in modules.items()
-            if list(m.parameters(recurse=False)) or (n and not any(True for _ in m.children()))]
+    full = [
+        n
+        for n, m in modules.items()
+        if list(m.parameters(recurse=False)) or (n and not any(True for _ in m.children()))
+    ]
     full_set = set(full)
     if depth is None:
         rows = full
@@ -196,8 +205,10 @@ def summary_table(model: nn.Module, input_shape: Sequence[int], forward: Optiona
     try:
         calls = _record_calls(model, hooked, run)
     except (RuntimeError, ValueError) as e:  # the input shape does not fit the model
-        raise UserError(f"the model cannot run on an input of shape {list(shape)}: "
-                        f"{' '.join(str(e).split())[:200]}; try another --input") from None
+        raise UserError(
+            f"the model cannot run on an input of shape {list(shape)}: "
+            f"{' '.join(str(e).split())[:200]}; try another --input"
+        ) from None
 
     first: Dict[str, Any] = {}
     count: Dict[str, int] = {}
@@ -218,8 +229,9 @@ def summary_table(model: nn.Module, input_shape: Sequence[int], forward: Optiona
             _, out = _fallback_output(name, module, calls)
             text = format_output(out) if out is not None else "--"
         n_params = sum(p.numel() for p in own)
-        table.append((name or "(root)", type(module).__name__, text,
-                      f"{n_params:,}" if own or n_params else "0", _status(own)))
+        table.append(
+            (name or "(root)", type(module).__name__, text, f"{n_params:,}" if own or n_params else "0", _status(own))
+        )
 
     params = _unique(model.parameters())
     total = sum(p.numel() for p in params)
@@ -232,25 +244,37 @@ def summary_table(model: nn.Module, input_shape: Sequence[int], forward: Optiona
     header = ("Layer (name)", "Type", "Output Shape", "Param #", "Trains")
     widths = [max(len(header[i]), *(len(r[i]) for r in table)) if table else len(header[i]) for i in range(5)]
     line_width = sum(widths) + 2 * 4
-    fmt = lambda r: "  ".join((r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
-                               r[3].rjust(widths[3]), r[4].ljust(widths[4]))).rstrip()
+
+    def fmt(r: Sequence[str]) -> str:
+        cells = (
+            r[0].ljust(widths[0]),
+            r[1].ljust(widths[1]),
+            r[2].rjust(widths[2]),
+            r[3].rjust(widths[3]),
+            r[4].ljust(widths[4]),
+        )
+        return "  ".join(cells).rstrip()
+
     lines = ["-" * line_width, fmt(header), "=" * line_width]
     lines += [fmt(r) for r in table]
-    lines += ["=" * line_width,
-              f"Total params: {total:,}",
-              f"Trainable params: {trainable:,}",
-              f"Non-trainable params: {total - trainable:,}",
-              "-" * line_width,
-              f"Input size (MB): {input_mb:.2f}",
-              f"Forward/backward pass size (MB): {pass_mb:.2f}",
-              f"Params size (MB): {params_mb:.2f}",
-              f"Estimated Total Size (MB): {input_mb + pass_mb + params_mb:.2f}",
-              "-" * line_width]
+    lines += [
+        "=" * line_width,
+        f"Total params: {total:,}",
+        f"Trainable params: {trainable:,}",
+        f"Non-trainable params: {total - trainable:,}",
+        "-" * line_width,
+        f"Input size (MB): {input_mb:.2f}",
+        f"Forward/backward pass size (MB): {pass_mb:.2f}",
+        f"Params size (MB): {params_mb:.2f}",
+        f"Estimated Total Size (MB): {input_mb + pass_mb + params_mb:.2f}",
+        "-" * line_width,
+    ]
     return "\n".join(lines)
 
 
-def summary_command(target: str, overrides: Sequence[str] = (), input: Optional[str] = None,
-                    depth: Optional[int] = None) -> str:
+def summary_command(
+    target: str, overrides: Sequence[str] = (), input: Optional[str] = None, depth: Optional[int] = None
+) -> str:
     """``mtl summary``: the layer table of the model a config builds (architecture only, no download) or of a
     run (its best checkpoint), under the config's ``model.freeze``."""
 
@@ -263,13 +287,19 @@ def summary_command(target: str, overrides: Sequence[str] = (), input: Optional[
         shape = (shape[0], *loaded.input_size)
     encoder = getattr(model, "encoder", None)
     if encoder is not None:
-        given = (f"--input {input}" if input is not None else
-                 f"data.image_size={cfg.data.image_size} (the default --input)" if loaded.input_size is None else
-                 f"the data set's {shape[1]}x{shape[2]} images (the default --input)")
+        given = (
+            f"--input {input}"
+            if input is not None
+            else f"data.image_size={cfg.data.image_size} (the default --input)"
+            if loaded.input_size is None
+            else f"the data set's {shape[1]}x{shape[2]} images (the default --input)"
+        )
         check_input_size(encoder, shape[1], shape[2], given, "give another --input (C,H,W)")
     source = f"run {loaded.run_dir}" if loaded.run_dir is not None else f"config {target}"
-    title = (f"{cfg.name}: encoder {cfg.model.encoder}, tasks {', '.join(loaded.tasks)}, "
-             f"freeze {cfg.model.freeze!r} ({source}), input {list(shape)}")
+    title = (
+        f"{cfg.name}: encoder {cfg.model.encoder}, tasks {', '.join(loaded.tasks)}, "
+        f"freeze {cfg.model.freeze!r} ({source}), input {list(shape)}"
+    )
     notes = [f"note: {note}" for note in getattr(encoder, "notes", ())]
     return "\n".join([title, *notes, summary_table(model, shape, depth=depth)])
 
@@ -292,10 +322,15 @@ def select_modules(model: nn.Module, layers: str) -> List[str]:
             hit = [n for n in modules if n == token or fnmatch.fnmatchcase(n, token)]
         if not hit:
             close = difflib.get_close_matches(token, list(modules), n=4, cutoff=0.5)
-            hint = (f"close names: {', '.join(close)}" if close else
-                    f"top-level modules: {', '.join(sorted({n.split('.')[0] for n in modules}))}")
-            raise UserError(f"--layers: {token!r} names no module of the model; {hint} "
-                            "(names as in model.named_modules(), e.g. encoder.layer1.0.conv1; globs like encoder.*)")
+            hint = (
+                f"close names: {', '.join(close)}"
+                if close
+                else f"top-level modules: {', '.join(sorted({n.split('.')[0] for n in modules}))}"
+            )
+            raise UserError(
+                f"--layers: {token!r} names no module of the model; {hint} "
+                "(names as in model.named_modules(), e.g. encoder.layer1.0.conv1; globs like encoder.*)"
+            )
         chosen.update(hit)
     return [n for n in modules if n in chosen]
 
@@ -319,8 +354,14 @@ def _safe_filename(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def features_command(target: str, overrides: Sequence[str] = (), image: str = "", layers: str = "conv",
-                     out: Optional[str] = None, max_maps: int = 64) -> List[Path]:
+def features_command(
+    target: str,
+    overrides: Sequence[str] = (),
+    image: str = "",
+    layers: str = "conv",
+    out: Optional[str] = None,
+    max_maps: int = 64,
+) -> List[Path]:
     """``mtl features``: one PNG grid of feature maps per selected module with a 4-D output, for one image.
 
     Files ``<index>_<module name>.png`` (index in forward order) in ``out`` (default ``<run>/features`` for a run,
@@ -337,8 +378,13 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     model, cfg = loaded.model, loaded.cfg
     x = image_tensor(image, cfg, loaded.input_size)
     if getattr(model, "encoder", None) is not None:
-        check_input_size(model.encoder, x.shape[-2], x.shape[-1], f"the model's {x.shape[-2]}x{x.shape[-1]} input",
-                         "change data.image_size (or the data set's own image size in data.options)")
+        check_input_size(
+            model.encoder,
+            x.shape[-2],
+            x.shape[-1],
+            f"the model's {x.shape[-2]}x{x.shape[-1]} input",
+            "change data.image_size (or the data set's own image size in data.options)",
+        )
     names = select_modules(model, layers)
     modules = dict(model.named_modules())
     # Hook the selected modules and what runs inside them (for containers that a traced graph never calls).
@@ -368,8 +414,11 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
     # Forward order; a container standing in for the module that ran last inside it comes after that module.
     picked.sort(key=lambda item: (item[0], item[1] not in last, -_depth(item[1])))
 
-    folder = Path(out) if out else (loaded.run_dir / "features" if loaded.run_dir is not None
-                                    else Path(cfg.out_dir) / "features" / cfg.name)
+    folder = (
+        Path(out)
+        if out
+        else (loaded.run_dir / "features" if loaded.run_dir is not None else Path(cfg.out_dir) / "features" / cfg.name)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     width = max(2, len(str(len(picked) - 1)))
     paths = []
@@ -381,6 +430,8 @@ def features_command(target: str, overrides: Sequence[str] = (), image: str = ""
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"features: skipped {len(skipped)} selected module(s) without a 4-D feature map output: {shown}")
     if not paths:
-        raise UserError(f"--layers {layers!r}: none of the {len(names)} selected modules gives a 4-D feature map; "
-                        "choose convolutions or blocks, e.g. --layers conv")
+        raise UserError(
+            f"--layers {layers!r}: none of the {len(names)} selected modules gives a 4-D feature map; "
+            "choose convolutions or blocks, e.g. --layers conv"
+        )
     return paths

@@ -4,6 +4,7 @@ Image-level tasks with classes give their top-k classes with probabilities (soft
 multilabel tasks), regression tasks their values, dense tasks (segmentation, depth, normals) one overlay PNG
 per image. Writes ``predictions.csv`` and an annotated grid ``predictions.png`` to the output folder.
 """
+
 from __future__ import annotations
 
 import csv
@@ -124,23 +125,26 @@ def _describe(task: Task, output: Tensor, topk: int) -> List[Tuple[Dict[str, str
 
 
 @torch.no_grad()
-def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Path,
-                   device: torch.device) -> Tuple[List[_Row], Optional[Tensor], List[str]]:
+def predict_images(
+    loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Path, device: torch.device
+) -> Tuple[List[_Row], Optional[Tensor], List[str]]:
     """Rows of predictions, the first ``GRID_IMAGES`` un-normalised inputs, and the skipped images' messages."""
 
     cfg, model = loaded.cfg, loaded.model
     mean = torch.tensor(cfg.data.mean)[:, None, None]
     std = torch.tensor(cfg.data.std)[:, None, None]
     image_tasks = [t for t, task in loaded.tasks.items() if not task.dense]
-    title_task = next((t for t in image_tasks if loaded.tasks[t].has_probabilities), image_tasks[0] if image_tasks else None)
+    title_task = next(
+        (t for t in image_tasks if loaded.tasks[t].has_probabilities), image_tasks[0] if image_tasks else None
+    )
     rows: List[_Row] = []
     grid: List[Tensor] = []
     skipped: List[str] = []
     used: set = set()
     bar = tqdm(total=len(files), unit="img", desc="predict", leave=False, disable=len(files) <= BATCH)
     for start in range(0, len(files), BATCH):
-        paths, x = _load_batch(files[start:start + BATCH], loaded, skipped)
-        bar.update(len(files[start:start + BATCH]))
+        paths, x = _load_batch(files[start : start + BATCH], loaded, skipped)
+        bar.update(len(files[start : start + BATCH]))
         if x is None:
             continue
         outputs = {t: o.float().cpu() for t, o in model(x.to(device)).items()}
@@ -160,7 +164,7 @@ def predict_images(loaded: Loaded, files: Sequence[Path], topk: int, out_dir: Pa
                 if t == title_task:
                     row.title = title
         rows += batch_rows
-        grid += list(inputs[:max(GRID_IMAGES - len(grid), 0)])
+        grid += list(inputs[: max(GRID_IMAGES - len(grid), 0)])
     bar.close()
     return rows, torch.stack(grid) if grid else None, skipped
 
@@ -194,12 +198,15 @@ def predict_command(run: str, inputs: Sequence[str], topk: int = 3, out: Optiona
 
     atomic_write(out_dir / "predictions.csv", write_csv, OUT_HINT)
     if grid is not None:
-        image = titled_grid(grid, [row.title for row in rows[:len(grid)]])
+        image = titled_grid(grid, [row.title for row in rows[: len(grid)]])
         atomic_write(out_dir / "predictions.png", lambda tmp: to_pil_image(image).save(tmp, format="PNG"), OUT_HINT)
 
     tasks = list(loaded.tasks)
     table = text_table([["file", *tasks]] + [[str(row.path), *(row.cells.get(t, "") for t in tasks)] for row in rows])
     n_dense = sum(1 for task in loaded.tasks.values() if task.dense) * len(rows)
-    footer = f"{len(rows)} images; wrote predictions.csv, predictions.png" + \
-             (f" and {n_dense} overlays" if n_dense else "") + f" to {out_dir}"
+    footer = (
+        f"{len(rows)} images; wrote predictions.csv, predictions.png"
+        + (f" and {n_dense} overlays" if n_dense else "")
+        + f" to {out_dir}"
+    )
     return f"{table}\n\n{footer}"

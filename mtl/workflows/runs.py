@@ -1,4 +1,5 @@
 """Models from a config file or a finished run, for looking inside them (summary, features, predict, eval)."""
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,9 @@ def is_run_dir(target: str | Path) -> bool:
     return Path(target).is_dir() and (Path(target) / "config.yaml").is_file()
 
 
-def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bool = True,
-               checkpoint: str = "best") -> Loaded:
+def load_model(
+    target: str | Path, overrides: Sequence[str] = (), *, weights: bool = True, checkpoint: str = "best"
+) -> Loaded:
     """The model of a config file, or of a run directory with ``checkpoints/<checkpoint>.pt`` loaded.
 
     From a config: ``weights=False`` builds the architecture only (no download); tasks whose class count the
@@ -66,8 +68,10 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), *, weights: bo
     if cfg.stages or cfg.continual.methods:
         subdir = "<method>/<task>" if cfg.continual.methods else "<stage>"
         where = path if run else Path(cfg.out_dir) / cfg.name / "<time>"
-        raise UserError(f"{path} runs stages ({', '.join(str(st.get('name')) for st in cfg.stages)}); give one "
-                        f"stage's run directory, {where}/{subdir}")
+        raise UserError(
+            f"{path} runs stages ({', '.join(str(st.get('name')) for st in cfg.stages)}); give one "
+            f"stage's run directory, {where}/{subdir}"
+        )
     if run and state is None:
         state = load_checkpoint(ckpt)  # says that it is missing
     if state is not None:
@@ -103,8 +107,13 @@ def _continual_config(raw: Dict[str, Any], sources: Any, top: Config, path: Path
     model = stage_model(method, top, configs, tasks, len(configs) - 1).eval()
     last = copy.deepcopy(configs[-1])
     last.name = f"{top.name} ({method}, after {len(configs)} tasks)"
-    return Loaded(last, model, {c.name: t for c, t in zip(configs, tasks)}, None,
-                  {c.name: t.classes for c, t in zip(configs, tasks)})
+    return Loaded(
+        last,
+        model,
+        {c.name: t for c, t in zip(configs, tasks)},
+        None,
+        {c.name: t.classes for c, t in zip(configs, tasks)},
+    )
 
 
 def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
@@ -112,8 +121,10 @@ def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
 
     root, method, task = path.parent.parent, state["method"], state["task"]
     if "sequence" not in state:
-        raise UserError(f"{path}: this continual run was made by an older mtl that did not save its task sequence; "
-                        "train it again to use it here")
+        raise UserError(
+            f"{path}: this continual run was made by an older mtl that did not save its task sequence; "
+            "train it again to use it here"
+        )
     raw, sources = load_config(root / "config.yaml", [])
     import_config_modules(raw)
     top = build_config(raw, sources)
@@ -122,8 +133,7 @@ def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
     if task not in names:
         raise UserError(f"{path}: task {task!r} is not a stage of {root / 'config.yaml'} (stages: {', '.join(names)})")
     k = names.index(task)
-    tasks = [build_tasks(c, targets)[c.name]
-             for c, targets in zip(configs[: k + 1], state["sequence"])]
+    tasks = [build_tasks(c, targets)[c.name] for c, targets in zip(configs[: k + 1], state["sequence"])]
     model = stage_model(method, top, configs, tasks, k)
     _load_state(model, state["model"], path)
     return Loaded(configs[k], model.eval(), {task: tasks[k]}, path, {task: tasks[k].classes})
@@ -133,8 +143,9 @@ def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) 
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{path}: the checkpoint does not fit the model its config builds: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+        raise UserError(
+            f"{path}: the checkpoint does not fit the model its config builds: {' '.join(str(e).split())[:300]}"
+        ) from None
 
 
 def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -149,10 +160,21 @@ def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = 
     except Exception as e:  # PIL raises many types
         raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:160]}") from None
     if size is not None and list(size) != [cfg.data.image_size] * 2:
-
-        transform = v2.Compose([v2.ToImage(), v2.Resize(list(size), antialias=True), v2.RGB(),
-                                v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.data.mean, cfg.data.std)])
+        transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(list(size), antialias=True),
+                v2.RGB(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(cfg.data.mean, cfg.data.std),
+            ]
+        )
     else:
-        transform = build_transforms(train=False, image_size=cfg.data.image_size, resize_size=cfg.data.resize_size,
-                                     mean=cfg.data.mean, std=cfg.data.std)
+        transform = build_transforms(
+            train=False,
+            image_size=cfg.data.image_size,
+            resize_size=cfg.data.resize_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+        )
     return transform(image).unsqueeze(0)

@@ -1,5 +1,6 @@
 """Staged configs (one run per stage, ``weights: stage:<name>`` chaining them) and the ``mtl train`` entry that
 picks one run, stages or a continual sequence."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,13 +41,17 @@ def run_stages(top: Config, configs: List[Config]) -> List[Dict[str, Any]]:
 
 def stage_table(summaries: List[Dict[str, Any]]) -> str:
     """A Markdown table: best and final validation accuracy, time per epoch, trainable parameters."""
-    rows = ["| stage | train images | best val acc | final val acc | s/epoch | trainable params |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| stage | train images | best val acc | final val acc | s/epoch | trainable params |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for s in summaries:
         best = (s["best"]["val"] or {}).get("acc", float("nan"))
         final = ((s["final"] or {}).get("val") or {}).get("acc", float("nan"))
-        rows.append(f"| {s['name']} | {s['train_size']} | {best:.4f} | {final:.4f} | {s['time']['mean_epoch_s']:.2f} | "
-                    f"{s['params']['trainable']:,} |")
+        rows.append(
+            f"| {s['name']} | {s['train_size']} | {best:.4f} | {final:.4f} | {s['time']['mean_epoch_s']:.2f} | "
+            f"{s['params']['trainable']:,} |"
+        )
     return "\n".join(rows)
 
 

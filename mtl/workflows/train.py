@@ -1,4 +1,5 @@
 """Build a run from a config and execute it: data, model, optimizer, hooks, run directory, summary."""
+
 from __future__ import annotations
 
 import shutil
@@ -52,7 +53,10 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, quiet
     """
     started = time.perf_counter()
     exp = build_experiment(cfg)
-    monitor, delta_m_fn = build_monitor(cfg, exp.tasks), _delta_m_fn(cfg, exp.tasks)  # refused before anything is written
+    monitor, delta_m_fn = (
+        build_monitor(cfg, exp.tasks),
+        _delta_m_fn(cfg, exp.tasks),
+    )  # refused before anything is written
     named = config_hooks(cfg)  # likewise
     fresh = run_dir is None
     run_dir = new_run_dir(cfg) if fresh else Path(run_dir)
@@ -82,28 +86,65 @@ def _open_run_dir(cfg: Config, run_dir: Path, fresh: bool, resume: bool) -> RunL
         raise
 
 
-def _train(cfg: Config, exp: Experiment, run_dir: Path, resume: bool, quiet: bool,
-           monitor: Callable[[Dict[str, Any]], float], delta_m_fn: Optional[Callable[[Dict[str, Any]], float]],
-           named: Sequence[Hook], started: float) -> Dict[str, Any]:
+def _train(
+    cfg: Config,
+    exp: Experiment,
+    run_dir: Path,
+    resume: bool,
+    quiet: bool,
+    monitor: Callable[[Dict[str, Any]], float],
+    delta_m_fn: Optional[Callable[[Dict[str, Any]], float]],
+    named: Sequence[Hook],
+    started: float,
+) -> Dict[str, Any]:
     main_process = dist.is_main()  # under torchrun only process 0 writes
     model, loaders = _speed_up(cfg, exp)
     classes = {t: task.classes for t, task in exp.tasks.items()}
-    meta = {"config": config_to_dict(cfg), "classes": classes, "encoder": cfg.model.encoder,
-            "targets": task_targets(exp.tasks), "input_size": exp.input_size}
-    hooks = build_hooks(cfg, run_dir, classes=classes, meta=meta, encoder=exp.model.encoder, graph_model=exp.model,
-                        quiet=quiet, named=named)
-    trainer = build_trainer(cfg, model, exp.tasks, loaders, device=exp.device, generator=exp.generator, hooks=hooks,
-                            optimized=exp.model, weighting=exp.weighting, l2sp=exp.l2sp, quiet=quiet,
-                            grad_on=cfg.weighting.grad_on, monitor=monitor, delta_m=delta_m_fn,
-                            channels_last=exp.info["channels_last"], nonfinite=cfg.train.nonfinite)
+    meta = {
+        "config": config_to_dict(cfg),
+        "classes": classes,
+        "encoder": cfg.model.encoder,
+        "targets": task_targets(exp.tasks),
+        "input_size": exp.input_size,
+    }
+    hooks = build_hooks(
+        cfg,
+        run_dir,
+        classes=classes,
+        meta=meta,
+        encoder=exp.model.encoder,
+        graph_model=exp.model,
+        quiet=quiet,
+        named=named,
+    )
+    trainer = build_trainer(
+        cfg,
+        model,
+        exp.tasks,
+        loaders,
+        device=exp.device,
+        generator=exp.generator,
+        hooks=hooks,
+        optimized=exp.model,
+        weighting=exp.weighting,
+        l2sp=exp.l2sp,
+        quiet=quiet,
+        grad_on=cfg.weighting.grad_on,
+        monitor=monitor,
+        delta_m=delta_m_fn,
+        channels_last=exp.info["channels_last"],
+        nonfinite=cfg.train.nonfinite,
+    )
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     if not quiet and main_process:
         p = exp.info["params"]
-        print(f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
-              f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
-              f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
-              + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else ""))
+        print(
+            f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
+            f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
+            f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
+            + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else "")
+        )
     history = trainer.fit()
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
     summary["processes"] = dist.world_size()
@@ -120,24 +161,33 @@ def _task_text(tasks: Mapping[str, Task]) -> str:
     return f"{len(tasks)} tasks (" + ", ".join(f"{t}: {task.type_name}" for t, task in tasks.items()) + ")"
 
 
-def _summary(cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, history: List[Dict[str, Any]],
-             total_s: float) -> Dict[str, Any]:
+def _summary(
+    cfg: Config, run_dir: Path, trainer: Trainer, exp: Experiment, history: List[Dict[str, Any]], total_s: float
+) -> Dict[str, Any]:
     epoch_s = [m["time_s"] for m in history]
     best = history[trainer.best["epoch"] - 1] if trainer.best["epoch"] else {}
     return {
         "name": cfg.name,
         "run_dir": str(run_dir),
         "weighting": cfg.weighting.name if len(exp.tasks) > 1 else "",
-        "tasks": {t: {"type": task.type_name, "primary": task.primary, "directions": dict(task.metric_directions)}
-                  for t, task in exp.tasks.items()},
+        "tasks": {
+            t: {"type": task.type_name, "primary": task.primary, "directions": dict(task.metric_directions)}
+            for t, task in exp.tasks.items()
+        },
         "epochs": trainer.epoch,
         "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train")},
-        "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]} if history else None,
+        "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]}
+        if history
+        else None,
         "steps_per_epoch": len(exp.loaders["train"]),
         "skipped_steps": trainer.skipped_steps,
-        "time": {"total_s": total_s, "epoch_s": epoch_s, "mean_epoch_s": sum(epoch_s) / max(len(epoch_s), 1),
-                 "train_epoch_s": [m["time_train_s"] for m in history],
-                 "mean_train_epoch_s": sum(m["time_train_s"] for m in history) / max(len(history), 1)},
+        "time": {
+            "total_s": total_s,
+            "epoch_s": epoch_s,
+            "mean_epoch_s": sum(epoch_s) / max(len(epoch_s), 1),
+            "train_epoch_s": [m["time_train_s"] for m in history],
+            "mean_train_epoch_s": sum(m["time_train_s"] for m in history) / max(len(history), 1),
+        },
         **exp.info,
     }
 
@@ -163,9 +213,20 @@ def resume_run(run_dir: str) -> Dict[str, Any]:
 
 _TRAINING_STATE = ("model", "optimizer", "scheduler", "epoch", "global_step", "best", "history", "rng")
 # the settings that decide the model's parameters and the optimizer's state: a checkpoint resumes only into the same
-_STRUCTURE = ("model.encoder", "model.encoder_options", "model.arch", "model.freeze", "tasks", "optim.name",
-              "optim.weight_decay", "optim.no_decay_norm_bias", "optim.lr_mult", "weighting.name", "weighting.options",
-              "train.unfreeze")
+_STRUCTURE = (
+    "model.encoder",
+    "model.encoder_options",
+    "model.arch",
+    "model.freeze",
+    "tasks",
+    "optim.name",
+    "optim.weight_decay",
+    "optim.no_decay_norm_bias",
+    "optim.lr_mult",
+    "weighting.name",
+    "weighting.options",
+    "train.unfreeze",
+)
 _TASK_STRUCTURE = ("type", "target", "num_classes", "head")
 _ABSENT = object()
 
@@ -176,9 +237,11 @@ def check_resumable(run_dir: Path, cfg: Config, state: Mapping[str, Any]) -> Non
     ckpt = run_dir / "checkpoints" / "last.pt"
     lacking = [k for k in _TRAINING_STATE if k not in state]
     if lacking:
-        raise UserError(f"cannot resume {run_dir}: {ckpt} is not a training checkpoint (it lacks {', '.join(lacking)}; "
-                        f"a best.pt or a weights file?); give the run's own last.pt, or start a new run with "
-                        f"mtl train {run_dir / 'config.yaml'}")
+        raise UserError(
+            f"cannot resume {run_dir}: {ckpt} is not a training checkpoint (it lacks {', '.join(lacking)}; "
+            f"a best.pt or a weights file?); give the run's own last.pt, or start a new run with "
+            f"mtl train {run_dir / 'config.yaml'}"
+        )
     saved = state.get("config")
     if not isinstance(saved, Mapping):
         return
@@ -187,9 +250,11 @@ def check_resumable(run_dir: Path, cfg: Config, state: Mapping[str, Any]) -> Non
         found = _difference(_structure(saved, key), _structure(now, key), key)
         if found is not None:
             where, old, new = found
-            raise UserError(f"cannot resume {run_dir}: config.yaml has {where}: {_shown(new)} but {ckpt} was saved "
-                            f"with {where}: {_shown(old)}; put that value back in config.yaml, or start a new run "
-                            f"with mtl train {run_dir / 'config.yaml'}")
+            raise UserError(
+                f"cannot resume {run_dir}: config.yaml has {where}: {_shown(new)} but {ckpt} was saved "
+                f"with {where}: {_shown(old)}; put that value back in config.yaml, or start a new run "
+                f"with mtl train {run_dir / 'config.yaml'}"
+            )
 
 
 def _structure(config: Mapping[str, Any], key: str) -> Any:
@@ -200,8 +265,10 @@ def _structure(config: Mapping[str, Any], key: str) -> Any:
             return _ABSENT
         node = node[part]
     if key == "tasks" and isinstance(node, Mapping):
-        return {t: {k: v for k, v in tc.items() if k in _TASK_STRUCTURE} if isinstance(tc, Mapping) else tc
-                for t, tc in node.items()}
+        return {
+            t: {k: v for k, v in tc.items() if k in _TASK_STRUCTURE} if isinstance(tc, Mapping) else tc
+            for t, tc in node.items()
+        }
     return node
 
 

@@ -6,6 +6,7 @@ one warning and counted. Every row of the README's "Bad input" table is a test (
 another file); the fuzz tests at the end feed random files, random YAML documents and random overrides and
 accept only success or a UserError.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,20 +26,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import COLORS, make_folder, tiny_config
 from PIL import Image
 
 import mtl.workflows.train  # noqa: F401  (imported before any test drops privileges: main() imports it lazily)
-from conftest import COLORS, make_folder, tiny_config
 from mtl.cli import main
-from mtl.engine.monitor import load_baseline
 from mtl.config.load import build_config, load_config, parse_override
+from mtl.config.schema import Config
+from mtl.core.errors import UserError
+from mtl.core.runtime import select_device
 from mtl.data.decoded import _decode_file
 from mtl.data.folder import folder
 from mtl.data.image_files import load_rgb
+from mtl.engine.monitor import load_baseline
 from mtl.models.encoders import build_encoder
-from mtl.core.errors import UserError
-from mtl.core.runtime import select_device
-from mtl.config.schema import Config
 
 WIDTHS = [8, 16, 16, 32]  # tiny_config's small_cnn
 PER_CLASS = (4, 2)  # train, val images per class: 12 train and 6 val images
@@ -135,8 +136,11 @@ def _palette_transparent(path: Path) -> tuple:
     return (255, 255, 255)  # transparency becomes white, not black
 
 
-@pytest.mark.parametrize("make", [_grey, _cmyk_jpeg, _png16, _rgba, _palette_transparent],
-                         ids=["L", "CMYK-jpeg", "I;16-png", "RGBA-png", "P-transparency-png"])
+@pytest.mark.parametrize(
+    "make",
+    [_grey, _cmyk_jpeg, _png16, _rgba, _palette_transparent],
+    ids=["L", "CMYK-jpeg", "I;16-png", "RGBA-png", "P-transparency-png"],
+)
 def test_other_image_modes_are_converted_and_train(make, data, tmp_path, capsys):
     for name in COLORS:
         expected = make(data / "train" / name / "odd")
@@ -179,9 +183,11 @@ def _mismatched_classes(root: Path) -> str:
     return "in train but not in val: red; in val but not in train: purple"
 
 
-@pytest.mark.parametrize("damage", [_empty_class, _empty_split, _missing_root, _root_is_a_file, _mismatched_classes],
-                         ids=["empty-class-folder", "empty-split-folder", "missing-root", "root-is-a-file",
-                              "mismatched-classes"])
+@pytest.mark.parametrize(
+    "damage",
+    [_empty_class, _empty_split, _missing_root, _root_is_a_file, _mismatched_classes],
+    ids=["empty-class-folder", "empty-split-folder", "missing-root", "root-is-a-file", "mismatched-classes"],
+)
 def test_bad_data_layout_is_refused(damage, data, tmp_path, capsys):
     config = write_config(tmp_path, data)
     words = damage(data)
@@ -192,15 +198,26 @@ def test_bad_data_layout_is_refused(damage, data, tmp_path, capsys):
 def test_fashion_mnist_without_its_files_is_refused(data, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    refused(capsys, ["train", write_config(tmp_path, data), "data.name=fashion_mnist", f"data.root={empty}"],
-            "Fashion-MNIST files not found", "train-images-idx3-ubyte", str(empty), "apt-get install",
-            "data.options.download=true", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), "data.name=fashion_mnist", f"data.root={empty}"],
+        "Fashion-MNIST files not found",
+        "train-images-idx3-ubyte",
+        str(empty),
+        "apt-get install",
+        "data.options.download=true",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_wrong_class_count_is_refused(data, tmp_path, capsys):
-    refused(capsys, ["train", write_config(tmp_path, data), "tasks.label.num_classes=7"],
-            "tasks.label.num_classes is 7 but the data has 3 classes (blue, green, red)", "fix num_classes",
-            runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), "tasks.label.num_classes=7"],
+        "tasks.label.num_classes is 7 but the data has 3 classes (blue, green, red)",
+        "fix num_classes",
+        runs=tmp_path / "runs",
+    )
 
 
 # --------------------------------------------------------------------------- configs and overrides
@@ -214,18 +231,28 @@ def _nested_unknown_key(tmp_path: Path, root: Path) -> tuple:
 
 
 def _wrong_type(tmp_path: Path, root: Path) -> tuple:
-    return [write_config(tmp_path, root), "train.epochs=three"], ["'train.epochs'", "must be an integer",
-                                                                  "'three'", "command-line overrides"]
+    return [write_config(tmp_path, root), "train.epochs=three"], [
+        "'train.epochs'",
+        "must be an integer",
+        "'three'",
+        "command-line overrides",
+    ]
 
 
 def _override_unknown_key(tmp_path: Path, root: Path) -> tuple:
-    return [write_config(tmp_path, root), "optim.lrr=0.1"], ["unknown config key 'optim.lrr'",
-                                                             "command-line overrides", "did you mean lr"]
+    return [write_config(tmp_path, root), "optim.lrr=0.1"], [
+        "unknown config key 'optim.lrr'",
+        "command-line overrides",
+        "did you mean lr",
+    ]
 
 
 def _override_unknown_section(tmp_path: Path, root: Path) -> tuple:
-    return [write_config(tmp_path, root), "optimizer.lr=0.1"], ["unknown config key 'optimizer'",
-                                                                "(set in command-line overrides)", "optim"]
+    return [write_config(tmp_path, root), "optimizer.lr=0.1"], [
+        "unknown config key 'optimizer'",
+        "(set in command-line overrides)",
+        "optim",
+    ]
 
 
 def _yaml_syntax_error(tmp_path: Path, root: Path) -> tuple:
@@ -258,10 +285,22 @@ def _alias_cycle(tmp_path: Path, root: Path) -> tuple:
     return [tmp_path / "c.yaml"], ["contains itself through a YAML alias"]
 
 
-@pytest.mark.parametrize("case", [_nested_unknown_key, _wrong_type, _override_unknown_key, _override_unknown_section,
-                                  _yaml_syntax_error, _not_a_mapping, _missing_config, _base_cycle, _missing_base,
-                                  _alias_cycle],
-                         ids=lambda f: f.__name__.strip("_").replace("_", "-"))
+@pytest.mark.parametrize(
+    "case",
+    [
+        _nested_unknown_key,
+        _wrong_type,
+        _override_unknown_key,
+        _override_unknown_section,
+        _yaml_syntax_error,
+        _not_a_mapping,
+        _missing_config,
+        _base_cycle,
+        _missing_base,
+        _alias_cycle,
+    ],
+    ids=lambda f: f.__name__.strip("_").replace("_", "-"),
+)
 def test_bad_config_is_refused(case, data, tmp_path, capsys):
     args, words = case(tmp_path, data)
     refused(capsys, ["train", *args], *words, runs=tmp_path / "runs")
@@ -269,8 +308,13 @@ def test_bad_config_is_refused(case, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("item", ["train.epochs", "=3", "a..b=1", "train.epochs=[1,"])
 def test_bad_override_syntax_is_refused(item, data, tmp_path, capsys):
-    refused(capsys, ["train", write_config(tmp_path, data), item], f"bad override {item!r}",
-            "key.sub=value" if "[" not in item else "not valid YAML", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), item],
+        f"bad override {item!r}",
+        "key.sub=value" if "[" not in item else "not valid YAML",
+        runs=tmp_path / "runs",
+    )
 
 
 # --------------------------------------------------------------------------- runs, weights and checkpoints
@@ -280,13 +324,22 @@ def test_missing_run_dir_is_refused(data, tmp_path, capsys):
     config = write_config(tmp_path, data)
     missing = tmp_path / "runs" / "x"
     refused(capsys, ["train", missing / "config.yaml"], f"config file not found: {missing / 'config.yaml'}")
-    refused(capsys, ["train", config, f"model.weights=run:{missing}"], f"run:{missing}: no such run directory",
-            runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", config, f"model.weights=run:{missing}"],
+        f"run:{missing}: no such run directory",
+        runs=tmp_path / "runs",
+    )
     refused(capsys, ["train", "--resume", missing], f"cannot resume {missing}", "is it a run directory?")
     weights = tmp_path / "encoder.pt"
     torch.save(build_encoder("small_cnn", widths=WIDTHS).state_dict(), weights)
-    refused(capsys, ["train", config, f"model.weights=run:{weights}"], "is a file, not a run directory",
-            f"model.weights={weights} (without run:)", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", config, f"model.weights=run:{weights}"],
+        "is a file, not a run directory",
+        f"model.weights={weights} (without run:)",
+        runs=tmp_path / "runs",
+    )
 
 
 @pytest.fixture
@@ -338,8 +391,10 @@ def test_unreadable_run_dir_is_refused(world_readable_tmp, capsys):
         err_config = capsys.readouterr().err
         second = main(["train", str(config), f"model.weights=run:{run}"])
         err_weights = capsys.readouterr().err
-    for code, err, words in ((first, err_config, f"cannot read config {run / 'config.yaml'}: permission denied"),
-                             (second, err_weights, f"run:{run}: permission denied reading {run}")):
+    for code, err, words in (
+        (first, err_config, f"cannot read config {run / 'config.yaml'}: permission denied"),
+        (second, err_weights, f"run:{run}: permission denied reading {run}"),
+    ):
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith("mtl: error: ") and words in lines[0] and "readable" in lines[0], lines[0]
@@ -350,8 +405,13 @@ def test_unreadable_run_dir_is_refused(world_readable_tmp, capsys):
 def test_weights_file_that_is_not_a_torch_file_is_refused(data, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(1000))
-    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={junk}"],
-            f"could not read weights file {junk}: it is not a PyTorch file", "torch.save", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), f"model.weights={junk}"],
+        f"could not read weights file {junk}: it is not a PyTorch file",
+        "torch.save",
+        runs=tmp_path / "runs",
+    )
     assert junk.stat().st_size == 1000
 
 
@@ -365,16 +425,26 @@ def test_damaged_and_pickled_weights_files_are_refused(data, tmp_path, capsys):
     torch.save(torch.nn.Linear(2, 2), module)
     refused(capsys, ["train", config, f"model.weights={truncated}"], "it is damaged or truncated")
     refused(capsys, ["train", config, f"model.weights={empty}"], "it is empty (0 bytes)")
-    refused(capsys, ["train", config, f"model.weights={module}"], "pickled Python object", "state_dict()",
-            runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", config, f"model.weights={module}"],
+        "pickled Python object",
+        "state_dict()",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_weights_of_another_architecture_list_the_mismatched_keys(data, tmp_path, capsys):
     other = tmp_path / "wider.pt"
     torch.save(build_encoder("small_cnn", widths=[4, 8, 8, 16]).state_dict(), other)
-    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={other}"],
-            f"weights {other} do not fit encoder small_cnn", "shape mismatches",
-            "stage1.0.0.weight (4, 3, 3, 3) in file vs (8, 3, 3, 3) in model", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), f"model.weights={other}"],
+        f"weights {other} do not fit encoder small_cnn",
+        "shape mismatches",
+        "stage1.0.0.weight (4, 3, 3, 3) in file vs (8, 3, 3, 3) in model",
+        runs=tmp_path / "runs",
+    )
 
 
 # --------------------------------------------------------------------------- a directory where a file belongs
@@ -383,8 +453,13 @@ def test_weights_of_another_architecture_list_the_mismatched_keys(data, tmp_path
 def test_directory_given_as_weights_file_is_refused(data, tmp_path, capsys):
     folder = tmp_path / "some_dir"
     folder.mkdir()
-    refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={folder}"],
-            f"weights {folder} is a directory, not a file", f"run:{folder}", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), f"model.weights={folder}"],
+        f"weights {folder} is a directory, not a file",
+        f"run:{folder}",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_directory_given_as_config_is_refused(data, tmp_path, capsys):
@@ -401,14 +476,21 @@ def test_directory_given_to_weights_import_is_refused(tmp_path, capsys, monkeypa
 
 
 def test_directory_given_as_baseline_file_is_refused(data, tmp_path, capsys):
-    refused(capsys, ["train", write_config(tmp_path, data), f"train.baseline={tmp_path}"],
-            f"baseline file {tmp_path} is a directory")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), f"train.baseline={tmp_path}"],
+        f"baseline file {tmp_path} is a directory",
+    )
 
 
 @pytest.mark.parametrize("override", ["train.monitor=foo", "train.baseline=missing.yaml"])
 def test_bad_monitor_or_baseline_leaves_no_run_directory(override, data, tmp_path, capsys):
-    refused(capsys, ["train", write_config(tmp_path, data), override], "train.monitor" if "monitor" in override
-            else "baseline file", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), override],
+        "train.monitor" if "monitor" in override else "baseline file",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_file_where_the_output_folder_belongs_is_refused(data, tmp_path, capsys):
@@ -442,8 +524,13 @@ BAD_NUMBERS = [
 
 @pytest.mark.parametrize("override, words", BAD_NUMBERS, ids=[override for override, _ in BAD_NUMBERS])
 def test_bad_numbers_and_devices_are_refused(override, words, data, tmp_path, capsys):
-    refused(capsys, ["train", write_config(tmp_path, data), override], *words, "(set in command-line overrides)",
-            runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data), override],
+        *words,
+        "(set in command-line overrides)",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_device_this_machine_lacks_is_refused(monkeypatch):
@@ -451,7 +538,9 @@ def test_device_this_machine_lacks_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert select_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(UserError, match=r"train.device is 'cuda:2' but this machine has 2 CUDA GPU\(s\), numbered from 0"):
+    with pytest.raises(
+        UserError, match=r"train.device is 'cuda:2' but this machine has 2 CUDA GPU\(s\), numbered from 0"
+    ):
         select_device("cuda:2")
     with pytest.raises(UserError, match="train.device is 'mps' but no Apple-silicon GPU"):
         select_device("mps")
@@ -461,8 +550,14 @@ def test_device_this_machine_lacks_is_refused(monkeypatch):
 def test_run_name_that_leaves_out_dir_is_refused(name, data, tmp_path, capsys):
     work = tmp_path / "deep" / "er"
     work.mkdir(parents=True)
-    refused(capsys, ["train", write_config(work, data), f"name={name or repr(name)}"],
-            "name must be a plain folder name", f"got {name!r}", "set out_dir", runs=work / "runs")
+    refused(
+        capsys,
+        ["train", write_config(work, data), f"name={name or repr(name)}"],
+        "name must be a plain folder name",
+        f"got {name!r}",
+        "set out_dir",
+        runs=work / "runs",
+    )
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "data" not in p.parts)
     assert written == ["deep", "deep/er", "deep/er/c.yaml"]  # nothing in out_dir, nor beside or above it
 
@@ -471,14 +566,22 @@ def test_stage_name_that_leaves_the_run_is_refused(data, tmp_path, capsys):
     raw = tiny_config(data, tmp_path / "runs", **{"train.epochs": 1})
     raw["stages"] = [{"name": "ok"}, {"name": "../escape"}]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    refused(capsys, ["train", tmp_path / "c.yaml"], "name must be a plain folder name", "'../escape'",
-            "stage '../escape'", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", tmp_path / "c.yaml"],
+        "name must be a plain folder name",
+        "'../escape'",
+        "stage '../escape'",
+        runs=tmp_path / "runs",
+    )
 
 
 def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     # YAML 1.1 reads 1e-3 as text; configs read it as YAML 1.2 does, and leave text such as versions alone
-    (tmp_path / "c.yaml").write_text("name: 1.2.3\noptim: {lr: 1e-3, weight_decay: 5E-4, momentum: 9e-1}\n"
-                                     "sched: {final_div_factor: 1e4}\ndata: {options: {a: 1e, b: e5, c: 1.0e-3}}\n")
+    (tmp_path / "c.yaml").write_text(
+        "name: 1.2.3\noptim: {lr: 1e-3, weight_decay: 5E-4, momentum: 9e-1}\n"
+        "sched: {final_div_factor: 1e4}\ndata: {options: {a: 1e, b: e5, c: 1.0e-3}}\n"
+    )
     cfg = build_config(*load_config(tmp_path / "c.yaml"))
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == (0.001, 0.0005, 0.9)
     assert cfg.sched.final_div_factor == 10000.0 and cfg.name == "1.2.3"
@@ -496,8 +599,12 @@ def _duplicate_in_file(tmp_path: Path, root: Path) -> tuple:
     text = write_config(tmp_path, root).read_text()
     first, second = text.splitlines().index("optim:") + 1, len(text.splitlines()) + 1
     (tmp_path / "c.yaml").write_text(text + "optim:\n  lr: 0.1\n  name: sgd\n")  # a second optim section, at the end
-    return [tmp_path / "c.yaml"], [f"cannot parse config {tmp_path / 'c.yaml'}: line {second}, column 1: key 'optim' "
-                                   f"is given twice (also on line {first})", "keep one", "fix the YAML there"]
+    return [tmp_path / "c.yaml"], [
+        f"cannot parse config {tmp_path / 'c.yaml'}: line {second}, column 1: key 'optim' "
+        f"is given twice (also on line {first})",
+        "keep one",
+        "fix the YAML there",
+    ]
 
 
 def _duplicate_nested(tmp_path: Path, root: Path) -> tuple:
@@ -508,18 +615,24 @@ def _duplicate_nested(tmp_path: Path, root: Path) -> tuple:
 def _duplicate_in_base(tmp_path: Path, root: Path) -> tuple:
     (tmp_path / "base.yaml").write_text("data: {batch_size: 4, batch_size: 8}\n")
     (tmp_path / "c.yaml").write_text("_base_: base.yaml\n")
-    return [tmp_path / "c.yaml"], [f"config {tmp_path / 'base.yaml'} (a _base_ of",
-                                   "line 1, column 23: key 'data.batch_size' is given twice (also on line 1)"]
+    return [tmp_path / "c.yaml"], [
+        f"config {tmp_path / 'base.yaml'} (a _base_ of",
+        "line 1, column 23: key 'data.batch_size' is given twice (also on line 1)",
+    ]
 
 
 def _duplicate_in_override_value(tmp_path: Path, root: Path) -> tuple:
     return [write_config(tmp_path, root), "data.options={verify: true, verify: false}"], [
-        "bad override", "key 'data.options.verify' is given twice"]
+        "bad override",
+        "key 'data.options.verify' is given twice",
+    ]
 
 
-@pytest.mark.parametrize("case", [_duplicate_in_file, _duplicate_nested, _duplicate_in_base,
-                                  _duplicate_in_override_value],
-                         ids=lambda f: f.__name__.strip("_").replace("_", "-"))
+@pytest.mark.parametrize(
+    "case",
+    [_duplicate_in_file, _duplicate_nested, _duplicate_in_base, _duplicate_in_override_value],
+    ids=lambda f: f.__name__.strip("_").replace("_", "-"),
+)
 def test_key_given_twice_is_refused(case, data, tmp_path, capsys):
     args, words = case(tmp_path, data)
     refused(capsys, ["train", *args], *words, runs=tmp_path / "runs")
@@ -533,22 +646,33 @@ def test_yaml_merge_keys_may_still_override_merged_values(tmp_path):
     assert raw["optim"]["lr"] == 0.2
 
 
-@pytest.mark.parametrize("text", ["", "\n\n", "# settings to come\n", "---\n"], ids=["empty", "blank", "comment", "doc-start"])
+@pytest.mark.parametrize(
+    "text", ["", "\n\n", "# settings to come\n", "---\n"], ids=["empty", "blank", "comment", "doc-start"]
+)
 def test_empty_config_file_is_refused(text, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(text)
-    refused(capsys, ["train", tmp_path / "c.yaml"], f"config {tmp_path / 'c.yaml'} is empty (no settings in it)",
-            "configs/quickstart.yaml", runs=tmp_path / "runs")
+    refused(
+        capsys,
+        ["train", tmp_path / "c.yaml"],
+        f"config {tmp_path / 'c.yaml'} is empty (no settings in it)",
+        "configs/quickstart.yaml",
+        runs=tmp_path / "runs",
+    )
 
 
 # --------------------------------------------------------------------------- the command line, compare
 
 
-@pytest.mark.parametrize("args, words", [
-    ([], ["mtl needs a command: train, summary, features, predict, eval, compare, weights", "(see mtl --help)"]),
-    (["weights"], ["mtl weights needs a command: import, list"]),
-    (["trian"], ["invalid choice: 'trian'", "(see mtl --help)"]),
-    (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
-], ids=["no-command", "no-weights-action", "unknown-command", "unknown-option"])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["mtl needs a command: train, summary, features, predict, eval, compare, weights", "(see mtl --help)"]),
+        (["weights"], ["mtl weights needs a command: import, list"]),
+        (["trian"], ["invalid choice: 'trian'", "(see mtl --help)"]),
+        (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
+    ],
+    ids=["no-command", "no-weights-action", "unknown-command", "unknown-option"],
+)
 def test_command_line_mistakes_are_one_line(args, words, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's way out, with exit code 2
         main(args)
@@ -559,16 +683,20 @@ def test_command_line_mistakes_are_one_line(args, words, capsys):
 
 def _summary_with(path: Path, metrics: dict) -> Path:
     path.mkdir(parents=True)
-    summary = {"weighting": "", "tasks": {"label": {"directions": {"acc": True, "loss": False}}},
-               "final": {"val": {"tasks": {"label": metrics}}}}
+    summary = {
+        "weighting": "",
+        "tasks": {"label": {"directions": {"acc": True, "loss": False}}},
+        "final": {"val": {"tasks": {"label": metrics}}},
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
 
 def test_compare_refuses_unknown_metrics(tmp_path, capsys):
     run = _summary_with(tmp_path / "run", {"acc": 0.75, "loss": 0.5})
-    refused(capsys, ["compare", run, "--metrics", "acc,nope"], "--metrics: no run reports nope",
-            "the runs report acc, loss")
+    refused(
+        capsys, ["compare", run, "--metrics", "acc,nope"], "--metrics: no run reports nope", "the runs report acc, loss"
+    )
     assert main(["compare", str(run), "--metrics", "loss, acc"]) == 0  # loss is shown when asked for
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| run | weighting | label.acc | label.loss |" and table[2].endswith("| 0.7500 | 0.5000 |")
@@ -585,7 +713,11 @@ def test_symlink_loop_in_a_class_folder_is_not_followed(data, tmp_path, capsys):
         pytest.skip("no symlinks on this file system")
     summary, err = trained(capsys, ["train", write_config(tmp_path, data), "data.pipeline=items"], tmp_path / "runs")
     assert summary["train_size"] == 12 and summary["val_size"] == 6  # not 1,968 "images", other classes as red
-    assert len(err) == 1 and err[0].startswith("mtl: warning: did not search 1 symlinked folder(s)") and str(loop) in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("mtl: warning: did not search 1 symlinked folder(s)")
+        and str(loop) in err[0]
+    )
     with pytest.warns(UserWarning, match="symlinked"):
         listed = folder(split="train", root=str(data), verify=False)
     by_class = {name: [p for p, label in listed.samples if label == i] for i, name in enumerate(listed.classes)}
@@ -597,8 +729,11 @@ def test_symlink_loop_in_a_class_folder_is_not_followed(data, tmp_path, capsys):
     assert len(folder(split="train", root=str(data), verify=False)) == 12
     (data / "train" / "red").unlink()
     os.symlink("..", data / "train" / "red", target_is_directory=True)
-    refused(capsys, ["train", write_config(tmp_path, data, name="c2.yaml")],
-            f"class folder {data / 'train' / 'red'} is a link to {data.resolve()}, which holds {data / 'train'} itself")
+    refused(
+        capsys,
+        ["train", write_config(tmp_path, data, name="c2.yaml")],
+        f"class folder {data / 'train' / 'red'} is a link to {data.resolve()}, which holds {data / 'train'} itself",
+    )
 
 
 class _MakesAFolder:
@@ -634,16 +769,25 @@ def _stack_global(path: Path, marker: Path) -> None:
     _in_a_torch_zip(path, pickle.dumps(_MakesAFolder(marker), protocol=4))
 
 
-@pytest.mark.parametrize("make, words", [
-    (_saved_object, ["pickled Python object (", "mkdir)", "refuses"]),
-    (_global_opcode, ["pickled Python object (os.mkdir)", "refuses"]),
-    (_stack_global, ["pickled Python object", "refuses", "pickle instruction FRAME"]),
-], ids=["torch.save-of-an-object", "GLOBAL-in-a-torch-zip", "protocol-4-pickle-in-a-torch-zip"])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (_saved_object, ["pickled Python object (", "mkdir)", "refuses"]),
+        (_global_opcode, ["pickled Python object (os.mkdir)", "refuses"]),
+        (_stack_global, ["pickled Python object", "refuses", "pickle instruction FRAME"]),
+    ],
+    ids=["torch.save-of-an-object", "GLOBAL-in-a-torch-zip", "protocol-4-pickle-in-a-torch-zip"],
+)
 def test_pickled_code_in_a_weights_file_is_refused_and_never_run(make, words, data, tmp_path, capsys):
     marker, weights = tmp_path / "was_run", tmp_path / "w.pt"
     make(weights, marker)
-    line = refused(capsys, ["train", write_config(tmp_path, data), f"model.weights={weights}"], *words,
-                   "state_dict()", runs=tmp_path / "runs")
+    line = refused(
+        capsys,
+        ["train", write_config(tmp_path, data), f"model.weights={weights}"],
+        *words,
+        "state_dict()",
+        runs=tmp_path / "runs",
+    )
     assert "damaged" not in line
     assert not marker.exists()
 
@@ -656,8 +800,11 @@ def test_resume_with_another_architecture_or_optimizer_is_refused(data, tmp_path
     config = write_config(tmp_path, data)
     runs = tmp_path / "runs"
     made = {}
-    for name, options in (("first", ["optim.name=sgd", "train.epochs=2"]), ("adam", ["optim.name=adam"]),
-                          ("narrow", ["optim.name=sgd", "model.encoder_options.widths=[4, 8, 8, 16]"])):
+    for name, options in (
+        ("first", ["optim.name=sgd", "train.epochs=2"]),
+        ("adam", ["optim.name=adam"]),
+        ("narrow", ["optim.name=sgd", "model.encoder_options.widths=[4, 8, 8, 16]"]),
+    ):
         assert main(["train", str(config), f"name={name}", *options]) == 0, capsys.readouterr().err
         (made[name],) = (runs / name).iterdir()
     capsys.readouterr()
@@ -674,16 +821,33 @@ def test_resume_with_another_architecture_or_optimizer_is_refused(data, tmp_path
 
     last = "checkpoints/last.pt"
     cases = [  # an edited config.yaml, and a checkpoint copied in from another run
-        (resume_copy("edited-optimizer", lambda t: t.replace("  name: sgd\n", "  name: adam\n")),
-         "config.yaml has optim.name: adam but", "was saved with optim.name: sgd"),
-        (resume_copy("edited-architecture", lambda t: t.replace("  - 8\n", "  - 4\n", 1)),
-         "config.yaml has model.encoder_options.widths: [4, 16, 16, 32]", "saved with model.encoder_options.widths: [8, 16, 16, 32]"),
-        (resume_copy("copied-optimizer", last_pt=made["adam"] / last),  # 1 epoch: metrics.jsonl used to be cut to 1 line
-         "config.yaml has optim.name: sgd but", "was saved with optim.name: adam"),
-        (resume_copy("copied-architecture", last_pt=made["narrow"] / last),
-         "config.yaml has model.encoder_options.widths: [8, 16, 16, 32]", "saved with model.encoder_options.widths: [4, 8, 8, 16]"),
-        (resume_copy("copied-best", last_pt=made["first"] / "checkpoints" / "best.pt"),
-         "is not a training checkpoint (it lacks optimizer", "start a new run with mtl train"),
+        (
+            resume_copy("edited-optimizer", lambda t: t.replace("  name: sgd\n", "  name: adam\n")),
+            "config.yaml has optim.name: adam but",
+            "was saved with optim.name: sgd",
+        ),
+        (
+            resume_copy("edited-architecture", lambda t: t.replace("  - 8\n", "  - 4\n", 1)),
+            "config.yaml has model.encoder_options.widths: [4, 16, 16, 32]",
+            "saved with model.encoder_options.widths: [8, 16, 16, 32]",
+        ),
+        (
+            resume_copy(
+                "copied-optimizer", last_pt=made["adam"] / last
+            ),  # 1 epoch: metrics.jsonl used to be cut to 1 line
+            "config.yaml has optim.name: sgd but",
+            "was saved with optim.name: adam",
+        ),
+        (
+            resume_copy("copied-architecture", last_pt=made["narrow"] / last),
+            "config.yaml has model.encoder_options.widths: [8, 16, 16, 32]",
+            "saved with model.encoder_options.widths: [4, 8, 8, 16]",
+        ),
+        (
+            resume_copy("copied-best", last_pt=made["first"] / "checkpoints" / "best.pt"),
+            "is not a training checkpoint (it lacks optimizer",
+            "start a new run with mtl train",
+        ),
     ]
     for (run, before), *words in cases:
         refused(capsys, ["train", "--resume", run], f"cannot resume {run}", *words)
@@ -696,6 +860,7 @@ def test_resume_with_another_architecture_or_optimizer_is_refused(data, tmp_path
 def _png(width: int, height: int, payload: bytes) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", payload) + chunk(b"IEND", b"")
 
@@ -719,15 +884,28 @@ def _bad_files(rng: random.Random) -> list[tuple[str, bytes, bool]]:
         files.append((".jpg", bytes(flipped), False))  # may still decode
     files.append((".png", _png(60000, 60000, zlib.compress(b"\0" * 100)), True))  # a decompression bomb header
     files.append((".png", _png(0, 5, b""), True))
-    files.append((".jpg", b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
-                  + junk(100), True))  # a JPEG frame header claiming 60000 x 60000
-    files.append((".bmp", b"BM" + struct.pack("<IHHI", 1000, 0, 0, 54) + struct.pack("<IiiHH", 40, 50000, 50000, 1, 24)
-                  + junk(60), True))
+    files.append(
+        (
+            ".jpg",
+            b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01" + junk(100),
+            True,
+        )
+    )  # a JPEG frame header claiming 60000 x 60000
+    files.append(
+        (
+            ".bmp",
+            b"BM" + struct.pack("<IHHI", 1000, 0, 0, 54) + struct.pack("<IiiHH", 40, 50000, 50000, 1, 24) + junk(60),
+            True,
+        )
+    )
     return files
 
 
-@pytest.mark.parametrize("options", [[], ["data.pipeline=items"], ["data.options.verify=false"]],
-                         ids=["batched", "items", "batched-unverified"])
+@pytest.mark.parametrize(
+    "options",
+    [[], ["data.pipeline=items"], ["data.options.verify=false"]],
+    ids=["batched", "items", "batched-unverified"],
+)
 def test_fuzz_bad_image_files_are_skipped_or_refused(options, tmp_path, capsys):
     rng = random.Random(1234)
     root = make_folder(tmp_path / "data", per_class=PER_CLASS, size=16)
@@ -750,11 +928,55 @@ def test_fuzz_bad_image_files_are_skipped_or_refused(options, tmp_path, capsys):
         assert all(line.startswith("mtl: warning: skipped ") for line in err.splitlines() if line.strip()), err
 
 
-_VALID_KEYS = ["name", "out_dir", "data", "root", "options", "image_size", "batch_size", "augment", "mean", "classes",
-               "pipeline", "model", "encoder", "weights", "freeze", "until", "train", "tasks", "label", "head", "type",
-               "num_classes", "metrics", "weighting", "optim", "lr", "momentum", "lr_mult", "sched", "milestones",
-               "epochs", "unfreeze", "modules", "epoch", "seed", "monitor", "stages", "continual", "methods",
-               "_base_", "encoder_options", "widths", "loss", "weight", "grad_clip", "device", "amp"]
+_VALID_KEYS = [
+    "name",
+    "out_dir",
+    "data",
+    "root",
+    "options",
+    "image_size",
+    "batch_size",
+    "augment",
+    "mean",
+    "classes",
+    "pipeline",
+    "model",
+    "encoder",
+    "weights",
+    "freeze",
+    "until",
+    "train",
+    "tasks",
+    "label",
+    "head",
+    "type",
+    "num_classes",
+    "metrics",
+    "weighting",
+    "optim",
+    "lr",
+    "momentum",
+    "lr_mult",
+    "sched",
+    "milestones",
+    "epochs",
+    "unfreeze",
+    "modules",
+    "epoch",
+    "seed",
+    "monitor",
+    "stages",
+    "continual",
+    "methods",
+    "_base_",
+    "encoder_options",
+    "widths",
+    "loss",
+    "weight",
+    "grad_clip",
+    "device",
+    "amp",
+]
 
 
 def _random_value(rng: random.Random, depth: int = 0):
@@ -763,12 +985,19 @@ def _random_value(rng: random.Random, depth: int = 0):
         return {_random_key(rng): _random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
     if depth < 4 and kind < 0.45:
         return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
-    return rng.choice([
-        lambda: rng.randrange(-5, 300), lambda: rng.uniform(-1, 1), lambda: rng.choice([True, False, None]),
-        lambda: rng.choice(["", "all", "none", "resnet18", "small_cnn", "folder", "layer3", "adam", "auto", "x" * 50]),
-        lambda: float(rng.choice(["nan", "inf", "-inf"])), lambda: 10 ** rng.randrange(10, 40),
-        lambda: "".join(rng.choice("ab.=:[]{}-_ 0") for _ in range(rng.randrange(0, 8))),
-    ])()
+    return rng.choice(
+        [
+            lambda: rng.randrange(-5, 300),
+            lambda: rng.uniform(-1, 1),
+            lambda: rng.choice([True, False, None]),
+            lambda: rng.choice(
+                ["", "all", "none", "resnet18", "small_cnn", "folder", "layer3", "adam", "auto", "x" * 50]
+            ),
+            lambda: float(rng.choice(["nan", "inf", "-inf"])),
+            lambda: 10 ** rng.randrange(10, 40),
+            lambda: "".join(rng.choice("ab.=:[]{}-_ 0") for _ in range(rng.randrange(0, 8))),
+        ]
+    )()
 
 
 def _random_key(rng: random.Random):
@@ -817,7 +1046,7 @@ def test_fuzz_random_yaml_configs_give_a_config_or_a_user_error(tmp_path):
         if i % 4 == 0:  # the file entry point too, with the text sometimes cut or spliced
             if i % 8 == 0 and len(text) > 2:
                 cut = rng.randrange(len(text))
-                text = text[:cut] + rng.choice(["", ":", "[", "{", "- ", "&a *a", "\t", "'"]) + text[cut + 1:]
+                text = text[:cut] + rng.choice(["", ":", "[", "{", "- ", "&a *a", "\t", "'"]) + text[cut + 1 :]
             path = tmp_path / f"fuzz{i}.yaml"
             path.write_text(text)
             try:
@@ -831,8 +1060,21 @@ def test_fuzz_random_overrides_give_a_value_or_a_user_error(data, tmp_path):
     rng = random.Random(7)
     config = write_config(tmp_path, data)
     alphabet = "abceilmnoprt._=[]{}:,'\"-&*!# 019\t"
-    items = ["train.unfreeze=&a [*a]", "data.options=&a {x: *a}", "a=" + "[" * 2000 + "]" * 2000, "x=!!python/none",
-             "train.epochs=1e400", "=", ".", "a.=1", ".a=1", "a = 1", "tasks.label=null", "tasks=null", "data=3"]
+    items = [
+        "train.unfreeze=&a [*a]",
+        "data.options=&a {x: *a}",
+        "a=" + "[" * 2000 + "]" * 2000,
+        "x=!!python/none",
+        "train.epochs=1e400",
+        "=",
+        ".",
+        "a.=1",
+        ".a=1",
+        "a = 1",
+        "tasks.label=null",
+        "tasks=null",
+        "data=3",
+    ]
     for _ in range(300):
         if rng.random() < 0.5:
             items.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20))))

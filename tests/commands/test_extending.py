@@ -1,5 +1,6 @@
 """docs/extending.md, executed: its module registers six parts and its config names them; its task type, command
 and workflow run as written."""
+
 import json
 import math
 import re
@@ -33,8 +34,14 @@ def test_the_documented_parts_train_from_a_config_that_names_them(tmp_path, monk
     from mtl.tasks.base import LOSSES, METRICS
     from mtl.weighting.base import WEIGHTINGS
 
-    for registry, name in [(ENCODERS, "tiny_convnet"), (HEADS, "cosine"), (LOSSES, "focal"),
-                           (METRICS, "error_rate"), (WEIGHTINGS, "inverse_loss"), (HOOKS, "grad_norms")]:
+    for registry, name in [
+        (ENCODERS, "tiny_convnet"),
+        (HEADS, "cosine"),
+        (LOSSES, "focal"),
+        (METRICS, "error_rate"),
+        (WEIGHTINGS, "inverse_loss"),
+        (HOOKS, "grad_norms"),
+    ]:
         assert name in registry, name
     assert capsys.readouterr().out.count("mean gradient norm") == 5  # the hook, every 2 of the 10 epochs
     (summary_path,) = (tmp_path / "runs" / "my_parts_demo").glob("*/summary.json")
@@ -89,8 +96,11 @@ def test_the_documented_task_type_trains_and_reports_its_metrics(tmp_path, monke
     summary = json.loads(summary_path.read_text())
     digit = summary["final"]["val"]["tasks"]["digit"]
     assert set(digit) == {"loss", "acc", "mae"} and 0 <= digit["acc"] <= 1 and 0 <= digit["mae"] <= 9
-    assert summary["tasks"]["digit"] == {"type": "ordinal", "primary": "mae",
-                                         "directions": {"loss": False, "acc": True, "mae": False}}
+    assert summary["tasks"]["digit"] == {
+        "type": "ordinal",
+        "primary": "mae",
+        "directions": {"loss": False, "acc": True, "mae": False},
+    }
     import torch
 
     state = torch.load(summary_path.parent / "checkpoints" / "best.pt", weights_only=True)["model"]

@@ -1,4 +1,5 @@
 """Config loading: _base_ inheritance, overrides, strict validation, dump round trip."""
+
 import pytest
 import yaml
 
@@ -29,8 +30,19 @@ def test_base_list_applies_in_order(tmp_path):
 
 def test_overrides_are_typed_as_yaml(tmp_path):
     path = write(tmp_path / "c.yaml", "name: x\n")
-    cfg = build_config(*load_config(path, ["optim.lr=0.01", "train.epochs=3", "model.freeze=all",
-                                           "optim.nesterov=true", "model.weights=null", "sched.milestones=[3, 6]"]))
+    cfg = build_config(
+        *load_config(
+            path,
+            [
+                "optim.lr=0.01",
+                "train.epochs=3",
+                "model.freeze=all",
+                "optim.nesterov=true",
+                "model.weights=null",
+                "sched.milestones=[3, 6]",
+            ],
+        )
+    )
     assert cfg.optim.lr == 0.01 and cfg.train.epochs == 3 and cfg.model.freeze == "all"
     assert cfg.optim.nesterov is True and cfg.model.weights is None and cfg.sched.milestones == [3, 6]
 
@@ -73,7 +85,12 @@ def test_yaml_on_off_words_are_the_strings_they_look_like(tmp_path):
     # YAML 1.1 reads off/on as booleans; string settings take them as the words
     path = write(tmp_path / "c.yaml", "train: {amp: off, channels_last: off, cache_features: on}\n")
     cfg = build_config(*load_config(path, ["train.nonfinite=off"]))
-    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.cache_features, cfg.train.nonfinite) == ("off", "off", "on", "off")
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.cache_features, cfg.train.nonfinite) == (
+        "off",
+        "off",
+        "on",
+        "off",
+    )
     with pytest.raises(UserError, match="train.amp must be auto, bf16 or off, got 'on'"):
         build_config(*load_config(path, ["train.amp=on"]))
     assert build_config(*load_config(path, ["train.progress=off"])).train.progress is False  # booleans stay booleans

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) computes, step by step, what one process computes with the same global batch;
 and the weighting state agrees across processes whatever their data and RNG."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_folder, tiny_config
+
 from mtl import cli
 from mtl.engine import trainer as engine
 
@@ -56,7 +57,9 @@ def recording(steps):
 
     return with_record
 """
-STEPS = RECORD + """
+STEPS = (
+    RECORD
+    + """
 import sys
 from mtl.core import distributed as dist
 from mtl.workflows.stages import train_from_file
@@ -72,6 +75,7 @@ if dist.rank() == 0:
     torch.save(results, sys.argv[1])
 dist.shutdown()
 """
+)
 
 WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda"]
 
@@ -79,16 +83,29 @@ WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda"]
 def _config(root, weighting):
     """A tiny run; for a weighting, two tasks on the same labels, so that there is something to balance."""
     if weighting == "scenes":  # batched scenes: flips drawn for the global batch, each process takes its share
-        return {"_base_": str(Path(__file__).parents[2] / "configs" / "mtl_scenes.yaml"), "name": "tiny",
-                "data": {"root": str(root / "scenes"), "batch_size": 8,
-                         "options": {"size": 32, "train_size": 24, "val_size": 8, "seed": 0}},
-                "model": {"encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}},
-                # depth and normals average over each process's valid pixels, which differ between processes
-                "tasks": {"seg": {"head": {"name": "fpn", "options": {"channels": 16}}}, "depth": None, "normal": None},
-                "train": {"epochs": 1, "progress": False, "deterministic": True, "log_images": 0}}
-    cfg = tiny_config(make_folder(root / "data"), root / "runs",
-                      **{"train.epochs": 1, "train.log_images": 0, "train.deterministic": True,
-                         "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}})
+        return {
+            "_base_": str(Path(__file__).parents[2] / "configs" / "mtl_scenes.yaml"),
+            "name": "tiny",
+            "data": {
+                "root": str(root / "scenes"),
+                "batch_size": 8,
+                "options": {"size": 32, "train_size": 24, "val_size": 8, "seed": 0},
+            },
+            "model": {"encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"}},
+            # depth and normals average over each process's valid pixels, which differ between processes
+            "tasks": {"seg": {"head": {"name": "fpn", "options": {"channels": 16}}}, "depth": None, "normal": None},
+            "train": {"epochs": 1, "progress": False, "deterministic": True, "log_images": 0},
+        }
+    cfg = tiny_config(
+        make_folder(root / "data"),
+        root / "runs",
+        **{
+            "train.epochs": 1,
+            "train.log_images": 0,
+            "train.deterministic": True,
+            "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"},
+        },
+    )
     if weighting != "equal":
         cfg["tasks"] = {"a": {"target": "label"}, "b": {"target": "label", "head": {"name": "mlp", "hidden": 16}}}
         cfg["weighting"] = {"name": weighting}
@@ -108,8 +125,16 @@ def two_processes(tmp_path_factory):
     paths = {w: _write(root / w, w, 2) for w in WEIGHTINGS + ["scenes"] if (root / w).mkdir() is None}
     script, out = root / "steps.py", root / "steps.pt"
     script.write_text(STEPS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
-           *map(str, paths.values())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(out),
+        *map(str, paths.values()),
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(out, weights_only=True)
@@ -135,8 +160,10 @@ GRAD_TOL, WEIGHT_TOL = 1e-4, 1e-5
 
 def _compare(one, two):
     assert len(one) == len(two) > 0
-    gaps = [(float((a["grad"] - b["grad"]).norm() / a["grad"].norm()), float((a["weights"] - b["weights"]).abs().max()))
-            for a, b in zip(one, two)]
+    gaps = [
+        (float((a["grad"] - b["grad"]).norm() / a["grad"].norm()), float((a["weights"] - b["weights"]).abs().max()))
+        for a, b in zip(one, two)
+    ]
     print(f"largest gaps: gradient {max(g for g, _ in gaps):.1e}, weights {max(w for _, w in gaps):.1e}")
     for k, (grad_gap, weight_gap) in enumerate(gaps):
         assert grad_gap < GRAD_TOL and weight_gap < WEIGHT_TOL, (k, grad_gap, weight_gap)
@@ -206,10 +233,10 @@ def test_weighting_state_agrees_across_processes(tmp_path):
 
 
 def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
-    from mtl.core import distributed
-    from mtl.config.load import build_config
-    from mtl.core.errors import UserError
     from mtl.build.data import build_data
+    from mtl.config.load import build_config
+    from mtl.core import distributed
+    from mtl.core.errors import UserError
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     cfg = build_config(tiny_config(make_folder(tmp_path / "d"), tmp_path / "r"), {})
@@ -222,9 +249,9 @@ def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
     matrices that process 0 writes alone) yields every item, for each kind of loader."""
     from test_multitask import scenes_config
 
-    from mtl.core import distributed
-    from mtl.config.load import build_config
     from mtl.build.data import build_data
+    from mtl.config.load import build_config
+    from mtl.core import distributed
     from mtl.data.loaders import in_order
     from mtl.engine.feature_cache import FeatureBatches
 
@@ -232,9 +259,11 @@ def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
     folder = make_folder(tmp_path / "d")
-    configs = [build_config(tiny_config(folder, tmp_path / "r"), {}),
-               build_config(tiny_config(folder, tmp_path / "r", **{"data.pipeline": "items", "data.num_workers": 0}), {}),
-               scenes_config(tmp_path)]
+    configs = [
+        build_config(tiny_config(folder, tmp_path / "r"), {}),
+        build_config(tiny_config(folder, tmp_path / "r", **{"data.pipeline": "items", "data.num_workers": 0}), {}),
+        scenes_config(tmp_path),
+    ]
     for cfg in configs:
         _, datasets, loaders, _, _ = build_data(cfg, torch.device("cpu"))
         n = len(datasets["val"])

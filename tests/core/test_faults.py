@@ -1,5 +1,6 @@
 """Faults: signals (SIGTERM mid-epoch, to a process group, to torchrun) and --resume, non-finite losses, out of
 memory, full disks and read-only folders, crashes during writes."""
+
 import contextlib
 import errno
 import json
@@ -14,20 +15,30 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_folder, tiny_config
-from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint, save_checkpoint
+
 from mtl.cli import main
 from mtl.config.load import build_config
+from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint, save_checkpoint
 from mtl.core.errors import UserError
-from mtl.workflows.train import run
 from mtl.tasks.classification import Classification
+from mtl.workflows.train import run
 
 
 def _slow_config(tmp_path, out):
     folder = make_folder(tmp_path / "data", per_class=(48, 8), size=48)
-    return tiny_config(folder, out, **{"data.batch_size": 4, "data.image_size": 48, "data.resize_size": 48,
-                                       "train.epochs": 4, "train.deterministic": True, "train.log_images": 0})
+    return tiny_config(
+        folder,
+        out,
+        **{
+            "data.batch_size": 4,
+            "data.image_size": 48,
+            "data.resize_size": 48,
+            "train.epochs": 4,
+            "train.deterministic": True,
+            "train.log_images": 0,
+        },
+    )
 
 
 def _mtl(*args, wait=True):
@@ -107,7 +118,9 @@ def test_nonfinite_loss_stops_naming_task_and_step_and_keeps_the_last_checkpoint
 
 
 def test_nonfinite_loss_can_skip_the_step(color_folder, tmp_path, monkeypatch):
-    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 1, "train.nonfinite": "skip"}), {})
+    cfg = build_config(
+        tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 1, "train.nonfinite": "skip"}), {}
+    )
     _nan_after(monkeypatch, 4)  # steps 5 and 6 get nan; validation too, which is reported, not skipped
     summary = run(cfg, quiet=True)
     assert summary["skipped_steps"] == 2
@@ -162,7 +175,10 @@ def _one_line(code, lines, err, *words):
     return lines[0]
 
 
-CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 38654705664 bytes. Error code 12 (Cannot allocate memory)"
+CPU_OOM = (
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 38654705664 bytes. "
+    "Error code 12 (Cannot allocate memory)"
+)
 
 
 @pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), MemoryError()], ids=["allocator", "MemoryError"])
@@ -174,8 +190,11 @@ def test_out_of_cpu_memory_names_the_phase_and_batch_size(color_folder, tmp_path
 
     monkeypatch.setattr(TransferModel, "forward", oom)
     cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.log_images": 0}), {})
-    with pytest.raises(UserError, match=r"^out of CPU memory in the train phase at batch size 8; try data.batch_size=4 "
-                                        r"\(or a smaller data.image_size\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^out of CPU memory in the train phase at batch size 8; try data.batch_size=4 "
+        r"\(or a smaller data.image_size\)$",
+    ):
         run(cfg, quiet=True)
 
 
@@ -188,8 +207,11 @@ def test_out_of_memory_outside_a_phase_is_one_line(color_folder, tmp_path, monke
     monkeypatch.setattr(experiment, "build_experiment", oom)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
-    _one_line(*_cli(capsys, "train", cfg), "out of memory (DefaultCPUAllocator: can't allocate memory",
-              "lower data.batch_size or data.image_size")
+    _one_line(
+        *_cli(capsys, "train", cfg),
+        "out of memory (DefaultCPUAllocator: can't allocate memory",
+        "lower data.batch_size or data.image_size",
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -221,13 +243,20 @@ def _fd_path(fd):
 def _inject_full_disk(monkeypatch, where):
     """A full disk at one of the writes that a training run of 2 epochs makes, in the second epoch."""
     import tensorboard.compat.tensorflow_stub.io.gfile as gfile
+
     from mtl.workflows import train as experiment
 
     if where == "config":
         _fail_on_call(monkeypatch, experiment, "dump_config", 1, partial=lambda cfg, p: Path(p).write_text("name: ti"))
     elif where == "checkpoint":  # last.pt of epoch 2, half written
-        _fail_on_call(monkeypatch, torch, "save", 2, when=lambda obj, f: ".last.pt." in f.name,
-                      partial=lambda obj, f: f.write(b"PK\x03\x04" + bytes(50_000)))
+        _fail_on_call(
+            monkeypatch,
+            torch,
+            "save",
+            2,
+            when=lambda obj, f: ".last.pt." in f.name,
+            partial=lambda obj, f: f.write(b"PK\x03\x04" + bytes(50_000)),
+        )
     elif where == "metrics":  # the second line, half written
         real_write = os.write
         calls = {"n": 0}
@@ -250,10 +279,14 @@ def _inject_full_disk(monkeypatch, where):
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread tracebacks
-@pytest.mark.parametrize("where", ["config", "checkpoint", "metrics", "tensorboard", "tensorboard-read-only", "summary"])
+@pytest.mark.parametrize(
+    "where", ["config", "checkpoint", "metrics", "tensorboard", "tensorboard-read-only", "summary"]
+)
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(color_folder, tmp_path, monkeypatch, capsys, where):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2, "train.log_images": 0})))
+    cfg.write_text(
+        yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2, "train.log_images": 0}))
+    )
     _inject_full_disk(monkeypatch, where)
     code, lines, err = _cli(capsys, "train", cfg)
     monkeypatch.undo()
@@ -262,9 +295,13 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(color_folder, tmp_pa
         assert not list((tmp_path / "runs").glob("tiny/*"))
         return
     run_dir = _only_run(tmp_path / "runs")
-    words = {"checkpoint": run_dir / "checkpoints" / "last.pt", "metrics": run_dir / "metrics.jsonl",
-             "tensorboard": run_dir / "events.out.tfevents.", "tensorboard-read-only": run_dir / "events.out.tfevents.",
-             "summary": run_dir / "summary.json"}[where]
+    words = {
+        "checkpoint": run_dir / "checkpoints" / "last.pt",
+        "metrics": run_dir / "metrics.jsonl",
+        "tensorboard": run_dir / "events.out.tfevents.",
+        "tensorboard-read-only": run_dir / "events.out.tfevents.",
+        "summary": run_dir / "summary.json",
+    }[where]
     kind = "cannot write" if where.endswith("read-only") else "no space left on device writing"
     line = _one_line(code, lines, err, f"{kind} {words}")  # and no traceback of TensorBoard's writer thread
     assert f"then continue with mtl train --resume {run_dir}" in line
@@ -292,7 +329,9 @@ def _tmpfs(path, size):
     except FileNotFoundError:
         pytest.skip("no mount command")
     if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the monkeypatched tests cover the writes")
+        pytest.skip(
+            "cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the monkeypatched tests cover the writes"
+        )
     try:
         yield path
     finally:
@@ -301,7 +340,11 @@ def _tmpfs(path, size):
 
 def _check_run_files(run_dir):
     """Every file a run wrote is whole: JSON lines, checkpoints, summary; no temporaries are left."""
-    for text in (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True) if (run_dir / "metrics.jsonl").exists() else []:
+    for text in (
+        (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        if (run_dir / "metrics.jsonl").exists()
+        else []
+    ):
         assert text.endswith("\n") and json.loads(text)
     for pt in (run_dir / "checkpoints").glob("*.pt"):
         load_checkpoint(pt)
@@ -315,8 +358,15 @@ def test_a_full_disk_at_every_fill_level_is_one_line(color_folder, tmp_path, cap
     line, and what it wrote is whole."""
     disk = tmp_path / "disk"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(color_folder, disk / "runs", **{
-        "train.epochs": 1, "train.log_images": 0, "model.encoder_options": {"widths": [4, 4, 8, 8]}})))
+    cfg.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                color_folder,
+                disk / "runs",
+                **{"train.epochs": 1, "train.log_images": 0, "model.encoder_options": {"widths": [4, 4, 8, 8]}},
+            )
+        )
+    )
     outcomes = []
     with _tmpfs(disk, "2m"):
         for free_kib in [0, 4, 8, 16, *range(32, 2048, 32)]:
@@ -354,12 +404,23 @@ def test_predict_out_on_a_full_disk_is_one_line_and_keeps_earlier_files(color_fo
         if name.endswith(".csv"):
             _fail_on_call(monkeypatch, csv.DictWriter, "writerows", 1)
         else:
-            _fail_on_call(monkeypatch, Image.Image, "save", 1, when=lambda im, fp, *a, **k: ".predictions.png." in str(fp),
-                          partial=lambda im, fp, *a, **k: Path(fp).write_bytes(b"\x89PNG half"))
+            _fail_on_call(
+                monkeypatch,
+                Image.Image,
+                "save",
+                1,
+                when=lambda im, fp, *a, **k: ".predictions.png." in str(fp),
+                partial=lambda im, fp, *a, **k: Path(fp).write_bytes(b"\x89PNG half"),
+            )
         code, lines, err = _cli(capsys, "predict", run_dir, color_folder / "val", "--out", out)
         monkeypatch.undo()
-        _one_line(code, lines, err, f"no space left on device writing {out / name}; free space there or write "
-                                    f"elsewhere; --out names another folder")
+        _one_line(
+            code,
+            lines,
+            err,
+            f"no space left on device writing {out / name}; free space there or write "
+            f"elsewhere; --out names another folder",
+        )
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier files, whole
 
 
@@ -395,11 +456,17 @@ def test_a_read_only_run_directory_is_one_line_without_thread_tracebacks(color_f
     run_dir = Path(run(cfg, quiet=True)["run_dir"])
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     with _read_only(run_dir):
-        line = _one_line(*_cli(capsys, "train", "--resume", run_dir), f"cannot write in run directory {run_dir} (",
-                         "copy it somewhere writable and resume the copy")
+        line = _one_line(
+            *_cli(capsys, "train", "--resume", run_dir),
+            f"cannot write in run directory {run_dir} (",
+            "copy it somewhere writable and resume the copy",
+        )
         assert "read-only file system" in line or "permission denied" in line
-        _one_line(*_cli(capsys, "predict", run_dir, color_folder / "val"), f"cannot write {run_dir / 'predictions'}",
-                  "--out names another folder")
+        _one_line(
+            *_cli(capsys, "predict", run_dir, color_folder / "val"),
+            f"cannot write {run_dir / 'predictions'}",
+            "--out names another folder",
+        )
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
@@ -407,12 +474,14 @@ def test_a_read_only_run_directory_is_one_line_without_thread_tracebacks(color_f
 
 
 def test_sigterm_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(color_folder, tmp_path, monkeypatch):
-    from mtl.workflows.train import resume_run
     from mtl.engine.hooks import UnfreezeHook
+    from mtl.workflows.train import resume_run
 
     def config(out):
-        return build_config(tiny_config(color_folder, out, **{"train.epochs": 2, "train.deterministic": True,
-                                                               "train.log_images": 0}), {})
+        return build_config(
+            tiny_config(color_folder, out, **{"train.epochs": 2, "train.deterministic": True, "train.log_images": 0}),
+            {},
+        )
 
     whole = run(config(tmp_path / "a"), quiet=True)
 
@@ -489,9 +558,14 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes(tmp_
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(_slow_config(tmp_path, tmp_path / "runs")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mtl", "train", str(cfg), "data.pipeline=items", "data.num_workers=2",
-                             "train.epochs=3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtl", "train", str(cfg), "data.pipeline=items", "data.num_workers=2", "train.epochs=3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     run_dir = _wait_for_first_epoch(tmp_path / "runs", proc)
     _wait_for_workers(proc, workers=2)  # the second epoch's
     os.killpg(proc.pid, signal.SIGTERM)
@@ -534,9 +608,16 @@ def test_loader_workers_never_die_of_a_process_group_signal_even_while_starting(
         "    except RuntimeError as e:\n"
         "        failed += 1\n"
         "    timer.join()\n"
-        "print(failed, len(got), trials)\n")
-    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300, start_new_session=True)
+        "print(failed, len(got), trials)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     failed, signals, trials = map(int, done.stdout.split())
     assert failed == 0 and signals == trials
@@ -548,9 +629,23 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes(tmp_path):
     cfg.write_text(yaml.safe_dump(_slow_config(tmp_path, tmp_path / "runs")))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mtl", "train"]
-    proc = subprocess.Popen([*torchrun, str(cfg), "data.pipeline=items", "data.num_workers=1", "train.epochs=3"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mtl",
+        "train",
+    ]
+    proc = subprocess.Popen(
+        [*torchrun, str(cfg), "data.pipeline=items", "data.num_workers=1", "train.epochs=3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = _wait_for_first_epoch(tmp_path / "runs", proc)
     _wait_for_workers(proc, ranks=2)  # each with the loader worker of its second epoch
     proc.send_signal(signal.SIGTERM)
@@ -559,7 +654,9 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes(tmp_path):
     assert out.count(f"continue with: mtl train --resume {run_dir}") == 1, out + err[-3000:]
     assert err.count("mtl: interrupted") == 1
     assert "partial" in load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    resumed = subprocess.run([*torchrun, "--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*torchrun, "--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _epochs(run_dir) == [1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2

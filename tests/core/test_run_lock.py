@@ -1,4 +1,5 @@
 """Run directories: atomic creation, one writer at a time (lock), stray temporaries, runs killed before a checkpoint."""
+
 import json
 import os
 import signal
@@ -10,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_folder, tiny_config
-from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint
+
 from mtl.cli import main
 from mtl.config.load import build_config
+from mtl.core.checkpoint import TEMP_SUFFIX, load_checkpoint
 from mtl.core.errors import UserError
+from mtl.core.rundir import check_not_in_use, lock_run_dir, make_run_dir
 from mtl.workflows import train as experiment
 from mtl.workflows.train import new_run_dir, resume_run, run
-from mtl.core.rundir import check_not_in_use, lock_run_dir, make_run_dir
 
 
 def _env():
@@ -54,7 +55,9 @@ def _one_error_line(err):
 
 def _slow_config(tmp_path, epochs):
     folder = make_folder(tmp_path / "data", per_class=(48, 8), size=32)
-    cfg = tiny_config(folder, tmp_path / "runs", **{"data.batch_size": 4, "train.epochs": epochs, "train.log_images": 0})
+    cfg = tiny_config(
+        folder, tmp_path / "runs", **{"data.batch_size": 4, "train.epochs": epochs, "train.log_images": 0}
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -64,8 +67,9 @@ def test_resume_of_a_run_that_is_training_is_refused_naming_the_pid(tmp_path, ca
     cfg = _slow_config(tmp_path, epochs=200)  # far more than the test waits for
     proc = _train(cfg)
     try:
-        metrics = _wait_for(lambda: next(iter((tmp_path / "runs").glob("tiny/*/metrics.jsonl")), None), proc,
-                            "the first epoch")
+        metrics = _wait_for(
+            lambda: next(iter((tmp_path / "runs").glob("tiny/*/metrics.jsonl")), None), proc, "the first epoch"
+        )
         run_dir = metrics.parent
         assert main(["train", "--resume", str(run_dir)]) == 2
         line = _one_error_line(capsys.readouterr().err)
@@ -84,7 +88,9 @@ def test_resume_of_a_run_that_is_training_is_refused_naming_the_pid(tmp_path, ca
 def test_a_sigkilled_run_leaves_no_lock_and_resume_says_it_has_no_checkpoint_yet(tmp_path, capsys):
     cfg = _slow_config(tmp_path, epochs=200)
     proc = _train(cfg)
-    config = _wait_for(lambda: next(iter((tmp_path / "runs").glob("tiny/*/config.yaml")), None), proc, "the run's start")
+    config = _wait_for(
+        lambda: next(iter((tmp_path / "runs").glob("tiny/*/config.yaml")), None), proc, "the run's start"
+    )
     run_dir = config.parent
     proc.kill()
     proc.communicate(timeout=60)
@@ -110,15 +116,26 @@ def test_a_checkpoint_write_killed_midway_leaves_a_temporary_that_the_next_start
     run_dir = Path(run(cfg, quiet=True)["run_dir"])
     last = run_dir / "checkpoints" / "last.pt"
     good = load_checkpoint(last)
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "from mtl.core.checkpoint import atomic_write\n"
-        "def write(tmp):\n"
-        "    with open(tmp, 'wb') as f:\n"
-        "        f.write(b'PK' + bytes(100_000))\n"
-        "        f.flush()\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "atomic_write(sys.argv[1], write)\n"), str(last)], env=_env(), capture_output=True, timeout=120)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal, sys\n"
+                "from mtl.core.checkpoint import atomic_write\n"
+                "def write(tmp):\n"
+                "    with open(tmp, 'wb') as f:\n"
+                "        f.write(b'PK' + bytes(100_000))\n"
+                "        f.flush()\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                "atomic_write(sys.argv[1], write)\n"
+            ),
+            str(last),
+        ],
+        env=_env(),
+        capture_output=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (stray,) = last.parent.glob(f".last.pt.*{TEMP_SUFFIX}")  # named after the file it was to replace
     assert stray.stat().st_size > 100_000
@@ -147,6 +164,7 @@ def test_run_directories_are_created_atomically(tmp_path, monkeypatch):
         @staticmethod
         def now():
             from datetime import datetime
+
             return datetime(2025, 1, 1, 12, 0, 1)
 
     monkeypatch.setattr(experiment, "datetime", Frozen)

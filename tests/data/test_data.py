@@ -1,4 +1,5 @@
 """Data sets, transforms and subsets: all on small files the tests write themselves (no network)."""
+
 import gzip
 import inspect
 import os
@@ -9,17 +10,17 @@ import warnings
 import zlib
 from pathlib import Path
 
+import captcha.image
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-import captcha.image
 import mtl.data.captcha_chars as captcha_module
+from mtl.core.errors import UserError
 from mtl.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_transforms, subset_per_class
 from mtl.data.tensor_dataset import TensorImageDataset
-from mtl.core.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -244,8 +245,10 @@ def test_random_crop_augmentation_and_unknown_names():
     assert all(o.shape == (3, 32, 32) for o in outs) and any(o.min() < o.max() for o in outs)  # padding shows
     small = build_transforms(train=True, augment="random_crop", image_size=40, resize_size=32)
     assert small(Image.new("RGB", (9, 9))).shape == (3, 40, 40)
-    assert torch.equal(build_transforms(train=True, augment="none")(Image.new("RGB", (300, 260))),
-                       build_transforms(train=False)(Image.new("RGB", (300, 260))))
+    assert torch.equal(
+        build_transforms(train=True, augment="none")(Image.new("RGB", (300, 260))),
+        build_transforms(train=False)(Image.new("RGB", (300, 260))),
+    )
     user_error("unknown augmentation 'flip'", build_transforms, train=True, augment="flip")
 
 

@@ -1,23 +1,23 @@
 """Multitask data sets: generated scenes and captchas, the .npy dense layout, CelebA and Multi-Fashion on files the
 tests write themselves (plus real Fashion-MNIST when Debian's package is installed)."""
+
 import gzip
 import struct
 import sys
 from pathlib import Path
 
+import captcha.image
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-import captcha.image
-from mtl.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD
-from mtl.data import captcha_text, dense_transforms, multi_fashion
+from mtl.core.errors import UserError
+from mtl.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, captcha_text, dense_transforms, multi_fashion
 from mtl.data import scenes as scenes_module
 from mtl.data.mnist import read_idx
 from mtl.data.scenes import KINDS, SEG_CLASSES
-from mtl.core.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -58,8 +58,12 @@ def dense_sample(h=6, w=8, seed=0):
     }
 
 
-SPECS = {"seg": {"type": "segmentation", "num_classes": 5}, "depth": {"type": "depth"}, "normal": {"type": "normals"},
-         "label": {"type": "classification", "num_classes": 4}}
+SPECS = {
+    "seg": {"type": "segmentation", "num_classes": 5},
+    "depth": {"type": "depth"},
+    "normal": {"type": "normals"},
+    "label": {"type": "classification", "num_classes": 4},
+}
 
 
 def test_hflip_flips_every_dense_target_and_negates_normal_x():
@@ -142,7 +146,6 @@ def test_scenes_geometry_is_consistent(scene_set):
     assert (depth[~sky] > 0).all() and (depth[sky] == 0).all()
     norms = normal.norm(dim=1)
     assert torch.allclose(norms[~sky], torch.ones(()), atol=1e-3) and (norms[sky] == 0).all()
-    floor = (seg == 2).unsqueeze(1).expand_as(normal)
     assert torch.allclose(normal.permute(0, 2, 3, 1)[seg == 2], torch.tensor([0.0, -1.0, 0.0]), atol=1e-3)
     assert (seg == 2).any() and (seg >= 3).any()
     # every visible surface faces the camera: normal . ray direction < 0
@@ -209,8 +212,9 @@ def test_captcha_targets_decode_to_the_rendered_text(tmp_path, monkeypatch):
     assert all(item[f"char{i}"].dtype == torch.long and item[f"char{i}"].shape == () for i in range(4))
     charset = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     assert ds.classes == list(charset)
-    assert ds.targets == {f"char{i}": {"type": "classification", "num_classes": 36, "classes": list(charset)}
-                          for i in range(4)}
+    assert ds.targets == {
+        f"char{i}": {"type": "classification", "num_classes": 36, "classes": list(charset)} for i in range(4)
+    }
 
 
 def test_captcha_deterministic_options_and_augment(tmp_path):
@@ -269,8 +273,9 @@ def test_nyuv2_items_match_the_files(tmp_path):
     seg = np.load(root / "train/label/2.npy")
     assert item["seg"].dtype == torch.long and torch.equal(item["seg"], torch.from_numpy(seg).long())
     assert (item["seg"] == -1).any()
-    assert item["depth"].shape == (1, 6, 8) and torch.allclose(item["depth"][0], torch.from_numpy(
-        np.load(root / "train/depth/2.npy")[..., 0]).float())
+    assert item["depth"].shape == (1, 6, 8) and torch.allclose(
+        item["depth"][0], torch.from_numpy(np.load(root / "train/depth/2.npy")[..., 0]).float()
+    )
     assert item["normal"].shape == (3, 6, 8)
     assert ds.targets["seg"]["num_classes"] == 13 and len(ds.targets["seg"]["classes"]) == 13
     assert ds.targets["depth"] == {"type": "depth"} and ds.targets["normal"] == {"type": "normals"}
@@ -319,11 +324,13 @@ def test_cityscapes_label_folders(tmp_path):
 
 # --- celeba -----------------------------------------------------------------------------------------------------
 
-ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
-         "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
-         "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
-         "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
-         "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+ATTRS = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
 
 
 def write_celeba(root: Path, n=6, partitions=(0, 0, 0, 1, 1, 2)) -> np.ndarray:
@@ -339,10 +346,14 @@ def write_celeba(root: Path, n=6, partitions=(0, 0, 0, 1, 1, 2)) -> np.ndarray:
     (folder / "list_eval_partition.txt").write_text("".join(f"{a} {p}\n" for a, p in zip(names, partitions)))
     (folder / "identity_CelebA.txt").write_text("".join(f"{a} {i + 10}\n" for i, a in enumerate(names)))
     (folder / "list_bbox_celeba.txt").write_text(
-        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{a} 95 71 226 313\n" for a in names))
-    landmarks = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{a} 95 71 226 313\n" for a in names)
+    )
+    landmarks = (
+        "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+    )
     (folder / "list_landmarks_align_celeba.txt").write_text(
-        f"{n}\n{landmarks}\n" + "".join(f"{a} 69 109 106 113 77 142 73 152 108 154\n" for a in names))
+        f"{n}\n{landmarks}\n" + "".join(f"{a} 69 109 106 113 77 142 73 152 108 154\n" for a in names)
+    )
     return (attrs + 1) // 2
 
 
@@ -364,7 +375,9 @@ def test_celeba_one_binary_task_per_attribute(tmp_path):
 
 def test_celeba_multilabel_and_errors(tmp_path):
     attrs = write_celeba(tmp_path)
-    ds = build("celeba", root=str(tmp_path), split="valid", as_tasks=False, attributes=["Smiling", "Male"], augment=True)
+    ds = build(
+        "celeba", root=str(tmp_path), split="valid", as_tasks=False, attributes=["Smiling", "Male"], augment=True
+    )
     item = ds[0]
     assert set(item) == {"image", "attrs"} and item["attrs"].dtype == torch.float32
     assert item["attrs"].tolist() == [attrs[3, ATTRS.index("Smiling")], attrs[3, ATTRS.index("Male")]]
@@ -422,12 +435,19 @@ def test_multi_fashion_pairs_follow_the_construction(fake_fashion, tmp_path):
     assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[0], grey[2], atol=1e-5)
     classes = list(torchvision.datasets.FashionMNIST.classes)
     assert ds.classes == classes
-    assert ds.targets == {k: {"type": "classification", "num_classes": 10, "classes": classes} for k in ("left", "right")}
-    images, labels = read_idx(fake_fashion / "train-images-idx3-ubyte.gz"), read_idx(fake_fashion / "train-labels-idx1-ubyte.gz")
+    assert ds.targets == {
+        k: {"type": "classification", "num_classes": 10, "classes": classes} for k in ("left", "right")
+    }
+    images, labels = (
+        read_idx(fake_fashion / "train-images-idx3-ubyte.gz"),
+        read_idx(fake_fashion / "train-labels-idx1-ubyte.gz"),
+    )
     cached = next((tmp_path / "cache").glob("multi_fashion-train-*.pt"))
     tensors = torch.load(cached, weights_only=True)["tensors"]
     assert torch.equal(tensors["left_index"], torch.arange(20))
-    assert torch.equal(ds.left, labels[tensors["left_index"]].long()) and torch.equal(ds.right, labels[tensors["right_index"]].long())
+    assert torch.equal(ds.left, labels[tensors["left_index"]].long()) and torch.equal(
+        ds.right, labels[tensors["right_index"]].long()
+    )
     for i in range(0, 20, 4):
         assert placements(ds.images[i, 0], images[i], images[tensors["right_index"][i]])
     assert torch.allclose(unnormalise(item["image"])[0], ds.images[3, 0].float() / 255, atol=1e-5)
@@ -449,12 +469,19 @@ def test_multi_fashion_deterministic_cached_and_sizes(fake_fashion, tmp_path, mo
 
 
 def test_multi_fashion_missing_files(tmp_path):
-    msg = user_error("Fashion-MNIST files for multi_fashion not found", build, "multi_fashion", root=str(tmp_path),
-                     cache_dir=str(tmp_path / "c"))
+    msg = user_error(
+        "Fashion-MNIST files for multi_fashion not found",
+        build,
+        "multi_fashion",
+        root=str(tmp_path),
+        cache_dir=str(tmp_path / "c"),
+    )
     assert "train-images-idx3-ubyte" in msg
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist in /usr/share/datasets")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist in /usr/share/datasets"
+)
 def test_multi_fashion_real_data(tmp_path):
     ds = build("multi_fashion", split="val", val_size=500, cache_dir=str(tmp_path))
     assert len(ds) == 500 and ds[0]["image"].shape == (3, 36, 36)
@@ -488,15 +515,24 @@ def test_celeba_whole_batches_match_items_and_train(tmp_path):
     assert torch.allclose(flipped["image"][0], batch["image"][0].flip(-1), atol=1e-5)
     assert torch.equal(flipped["image"][1], batch["image"][1])
 
-    from mtl.config.load import build_config
     from mtl.build.data import build_data
+    from mtl.config.load import build_config
     from mtl.workflows.train import run
 
-    raw = {"name": "celeba_tiny", "out_dir": str(tmp_path / "runs"), "data": {
-               "name": "celeba", "root": str(tmp_path), "options": {"attributes": ["Smiling", "Male"], "image_size": 32},
-               "batch_size": 2, "augment": "random_crop"},
-           "model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 8, 16, 16]}},
-           "tasks": {"Smiling": {}, "Male": {}}, "train": {"epochs": 2, "progress": False, "log_images": 0}}
+    raw = {
+        "name": "celeba_tiny",
+        "out_dir": str(tmp_path / "runs"),
+        "data": {
+            "name": "celeba",
+            "root": str(tmp_path),
+            "options": {"attributes": ["Smiling", "Male"], "image_size": 32},
+            "batch_size": 2,
+            "augment": "random_crop",
+        },
+        "model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 8, 16, 16]}},
+        "tasks": {"Smiling": {}, "Male": {}},
+        "train": {"epochs": 2, "progress": False, "log_images": 0},
+    }
     cfg = build_config(raw, {})
     _, _, loaders, _, info = build_data(cfg, torch.device("cpu"))
     assert info["pipeline"] == "batched on cpu (images decoded once: uint8 0 MiB in memory)"  # 6 x 3 x 43 x 43 bytes

@@ -1,4 +1,5 @@
 """The decoded-image store: in memory, memory-mapped and reused, keys, failed files."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 
 import mtl.data.decoded as decoded
+from mtl.core.errors import UserError
 from mtl.data.decoded import DecodedImages, decode_images, decoded_key, resize_square
 from mtl.data.image_files import load_rgb
-from mtl.core.errors import UserError
 
 SIZE = 16
 CORRUPT = 6  # index of the file of random bytes in `image_files`

@@ -1,4 +1,5 @@
 """Batch augmentation by affine sampling: pixel conventions, torchvision equivalence, statistics, dense targets."""
+
 import math
 
 import pytest
@@ -7,9 +8,9 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
+from mtl.core.errors import UserError
 from mtl.data.device_augment import BatchAugment, box_theta, warp, warp_depth, warp_labels, warp_normals
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mtl.core.errors import UserError
 
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = x / 255: no normalisation to undo
 
@@ -23,8 +24,10 @@ def smooth_image(height, width) -> torch.Tensor:
     """uint8 (3, H, W) of low-frequency waves defined relative to the image size (resolution-independent)."""
     y = (torch.arange(height, dtype=torch.float64)[:, None] + 0.5) / height
     x = (torch.arange(width, dtype=torch.float64)[None] + 0.5) / width
-    channels = [0.5 + 0.25 * torch.sin(2 * math.pi * (1.5 * x + 0.3 * c)) + 0.2 * torch.cos(2 * math.pi * y + c)
-                for c in range(3)]
+    channels = [
+        0.5 + 0.25 * torch.sin(2 * math.pi * (1.5 * x + 0.3 * c)) + 0.2 * torch.cos(2 * math.pi * y + c)
+        for c in range(3)
+    ]
     return (torch.stack(channels) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -39,6 +42,7 @@ def unnormalize(out, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
 
 
 # --- pixel conventions --------------------------------------------------------------------------------------------
+
 
 def test_whole_image_box_reproduces_the_input():
     x = random_image(2, 3, 24, 24)
@@ -92,6 +96,7 @@ def test_box_matches_torchvision_resized_crop(box):
 
 # --- eval path ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "shape, image_size, resize_size",
     [
@@ -129,11 +134,13 @@ def test_stored_resized_image_gives_the_geometry_of_the_original():
     assert (aug(stored) - reference).abs().mean() > 5 * error + 0.02  # its own 64x64 size: the wrong box
     train = BatchAugment(train=True, image_size=32, **RAW)
     theta = train.theta(sizes.expand(8, 2), torch.Generator().manual_seed(0))
-    assert (train(stored.expand(8, -1, -1, -1), theta=theta) - train(original[None].expand(8, -1, -1, -1), theta=theta)
-            ).abs().mean() < 0.005
+    assert (
+        train(stored.expand(8, -1, -1, -1), theta=theta) - train(original[None].expand(8, -1, -1, -1), theta=theta)
+    ).abs().mean() < 0.005
 
 
 # --- random resized crop ------------------------------------------------------------------------------------------
+
 
 def test_random_resized_crop_box_statistics_match_torchvision():
     aug = BatchAugment(train=True, augment="random_resized_crop", image_size=32)
@@ -153,8 +160,13 @@ def test_random_resized_crop_box_statistics_match_torchvision():
     assert 0.45 < (left[free_x] / (120 - w[free_x])).mean() < 0.55
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        reference = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, 100, 120), [0.08, 1.0], [3 / 4, 4 / 3])
-                                  for _ in range(2000)], dtype=torch.float64)
+        reference = torch.tensor(
+            [
+                T.RandomResizedCrop.get_params(torch.empty(3, 100, 120), [0.08, 1.0], [3 / 4, 4 / 3])
+                for _ in range(2000)
+            ],
+            dtype=torch.float64,
+        )
     ref_area = reference[:, 2] * reference[:, 3] / (100 * 120)
     assert abs(area.mean() - ref_area.mean()) < 0.03
     assert abs(torch.log(w / h).mean() - torch.log(reference[:, 3] / reference[:, 2]).mean()) < 0.03
@@ -186,6 +198,7 @@ def test_random_resized_crop_fallback_is_torchvision_central_crop(size, scale):
 
 # --- random crop --------------------------------------------------------------------------------------------------
 
+
 def test_random_crop_boxes_padding_and_zeros_outside():
     batch = 64
     aug = BatchAugment(train=True, augment="random_crop", image_size=32, resize_size=40, crop_padding=4, **RAW)
@@ -211,8 +224,8 @@ def test_random_crop_boxes_padding_and_zeros_outside():
     out = aug(x[None].expand(batch, -1, -1, -1), theta=theta)
     padded = F.pad(TF.resize(x.float() / 255, [40], antialias=False), (4, 4, 4, 4))
     for i in range(batch):
-        t, l = int(top[i]) // 2 + 4, int(left[i]) // 2 + 4
-        expected = padded[:, t:t + 32, l:l + 32]
+        t, lft = int(top[i]) // 2 + 4, int(left[i]) // 2 + 4
+        expected = padded[:, t : t + 32, lft : lft + 32]
         expected = expected.flip(-1) if flip[i] else expected
         assert (out[i] - expected).abs().max() < 1e-4
 
@@ -226,6 +239,7 @@ def test_random_crop_pads_if_needed():
 
 
 # --- dense targets ------------------------------------------------------------------------------------------------
+
 
 def dense_batch(batch=8, height=24, width=32, classes=4):
     generator = torch.Generator().manual_seed(5)
@@ -256,8 +270,9 @@ def test_labels_align_with_the_image_and_ignore_outside():
 def test_depth_stays_nearest_and_invalid_stays_zero():
     seg = dense_batch()
     depth = (seg.float() + 2.5)[:, None] * (seg >= 1)[:, None]  # values {0, 3.5, 4.5, 5.5}; 0 = invalid
-    theta = BatchAugment(train=True, image_size=16).theta(torch.tensor([[24, 32]]).expand(8, 2),
-                                                          torch.Generator().manual_seed(3))
+    theta = BatchAugment(train=True, image_size=16).theta(
+        torch.tensor([[24, 32]]).expand(8, 2), torch.Generator().manual_seed(3)
+    )
     out = warp_depth(depth, theta, 16)
     assert out.shape == (8, 1, 16, 16)
     assert set(out.unique().tolist()) <= set(depth.unique().tolist())
@@ -289,6 +304,7 @@ def test_normals_are_unit_and_flip_negates_x():
 
 
 # --- channels and errors ------------------------------------------------------------------------------------------
+
 
 def test_grey_input_becomes_three_equal_channels():
     grey = random_image(2, 1, 20, 24)

@@ -1,19 +1,20 @@
 """The batched pipeline (decoded stores, device augmentation) and cached encoder features give the same
 results as the per-item path and the uncached path."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from mtl.config.load import build_config
-from mtl.data.batches import DeviceBatches
-from mtl.core.errors import UserError
+
 from mtl.build.data import build_data
 from mtl.build.experiment import build_experiment
-from mtl.workflows.train import run
+from mtl.config.load import build_config
+from mtl.core.errors import UserError
+from mtl.data.batches import DeviceBatches
 from mtl.engine.feature_cache import FeatureBatches, HeadsOnFeatures
+from mtl.workflows.train import run
 
 
 def cfg_of(folder, tmp_path, **overrides):
@@ -28,8 +29,12 @@ def first_batches(cfg, split):
 @pytest.mark.parametrize("augment", ["none", "random_resized_crop"])
 def test_folder_uses_the_batched_pipeline_and_eval_matches_the_per_item_path(color_folder, tmp_path, augment):
     # stored at the image size, the eval geometry is the identity: both paths must give the same tensors
-    batched, info = first_batches(cfg_of(color_folder, tmp_path, **{"data.cache_size": 32, "data.augment": augment}), "val")
-    items, _ = first_batches(cfg_of(color_folder, tmp_path, **{"data.pipeline": "items", "data.augment": augment}), "val")
+    batched, info = first_batches(
+        cfg_of(color_folder, tmp_path, **{"data.cache_size": 32, "data.augment": augment}), "val"
+    )
+    items, _ = first_batches(
+        cfg_of(color_folder, tmp_path, **{"data.pipeline": "items", "data.augment": augment}), "val"
+    )
     assert isinstance(batched, DeviceBatches) and not isinstance(items, DeviceBatches)
     assert info["pipeline"].startswith("batched on cpu")
     assert len(batched) == len(items)
@@ -75,9 +80,17 @@ def test_training_on_the_batched_pipeline_learns(color_folder, tmp_path):
 
 def test_pipeline_batched_on_a_data_set_without_batches_is_a_clear_error(tmp_path):
     pytest.importorskip("captcha")
-    raw = {"data": {"name": "captcha", "root": str(tmp_path / "c"), "pipeline": "batched",
-                    "options": {"length": 2, "size": [24, 48], "train_size": 4, "val_size": 2}},
-           "model": {"encoder": "small_cnn"}, "tasks": {"char0": {}, "char1": {}}, "out_dir": str(tmp_path)}
+    raw = {
+        "data": {
+            "name": "captcha",
+            "root": str(tmp_path / "c"),
+            "pipeline": "batched",
+            "options": {"length": 2, "size": [24, 48], "train_size": 4, "val_size": 2},
+        },
+        "model": {"encoder": "small_cnn"},
+        "tasks": {"char0": {}, "char1": {}},
+        "out_dir": str(tmp_path),
+    }
     with pytest.raises(UserError, match="data.pipeline=items"):
         build_data(build_config(raw, {}), torch.device("cpu"))
 
@@ -108,8 +121,8 @@ def test_scenes_batches_equal_the_per_item_path_and_train_identically(tmp_path):
 def test_scenes_batch_flips_keep_image_and_maps_aligned(tmp_path):
     from test_multitask import scenes_config
 
-    from mtl.data.dense_transforms import hflip
     from mtl.build.data import build_dataset
+    from mtl.data.dense_transforms import hflip
 
     cfg = scenes_config(tmp_path)
     ds = build_dataset(cfg.data, "val", train=False)
@@ -160,16 +173,26 @@ def test_multi_fashion_batches_shift_like_the_per_item_path():
         expected = normalize(shift(raw, int(params["top"][i]), int(params["left"][i]), 2), plain.mean, plain.std)
         assert torch.equal(shifted[i], expected)
     assert not torch.equal(shifted[0], batch["image"][0])
-    loader = DenseBatches(augmenting, {"a": "left", "b": "right"}, batch_size=4, shuffle=True, augment=True,
-                          device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    loader = DenseBatches(
+        augmenting,
+        {"a": "left", "b": "right"},
+        batch_size=4,
+        shuffle=True,
+        augment=True,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(1),
+    )
     out = list(loader)
     assert [len(b["image"]) for b in out] == [4, 4, 2]
     assert sorted(torch.cat([b["targets"]["a"] for b in out]).tolist()) == sorted(left.tolist())
 
 
 def frozen(folder, tmp_path, **overrides):
-    return cfg_of(folder, tmp_path, **{"model.freeze": "all", "data.augment": "none", "train.epochs": 3,
-                                       "optim.lr": 0.05, **overrides})
+    return cfg_of(
+        folder,
+        tmp_path,
+        **{"model.freeze": "all", "data.augment": "none", "train.epochs": 3, "optim.lr": 0.05, **overrides},
+    )
 
 
 def test_cached_features_train_the_same_heads_as_the_uncached_run(color_folder, tmp_path):
@@ -204,8 +227,11 @@ def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_se
 
 
 def test_feature_views_cache_several_augmented_views(color_folder, tmp_path):
-    cfg = frozen(color_folder, tmp_path, **{"data.augment": "random_resized_crop", "train.cache_features": "on",
-                                            "train.feature_views": 2})
+    cfg = frozen(
+        color_folder,
+        tmp_path,
+        **{"data.augment": "random_resized_crop", "train.cache_features": "on", "train.feature_views": 2},
+    )
     from mtl.build.experiment import _speed_up
 
     exp = build_experiment(cfg)

@@ -1,17 +1,18 @@
 """train.nonfinite covers task gradients as well as losses: stop naming the task, or skip the step leaving no trace."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
+from mtl.build.experiment import build_experiment
 from mtl.config.load import build_config
 from mtl.core.errors import UserError
-from mtl.build.experiment import build_experiment
-from mtl.workflows.train import run
 from mtl.engine.optim import build_optimizer
-from mtl.tasks.classification import Classification
 from mtl.engine.trainer import Trainer, _Meter
+from mtl.tasks.classification import Classification
+from mtl.workflows.train import run
 
 torch.set_num_threads(1)
 
@@ -42,38 +43,75 @@ def _poison_gradient(monkeypatch, task_name, when):
 
 @pytest.mark.parametrize("weighting,grad_on", [("gradvac", "params"), ("mgda", "representation"), ("imtl_g", "params")])
 def test_a_nonfinite_task_gradient_stops_naming_the_task(color_folder, tmp_path, monkeypatch, weighting, grad_on):
-    cfg = build_config(_two_task_config(color_folder, tmp_path / "runs", weighting,
-                                        **{"weighting.grad_on": grad_on}), {})
+    cfg = build_config(
+        _two_task_config(color_folder, tmp_path / "runs", weighting, **{"weighting.grad_on": grad_on}), {}
+    )
     _poison_gradient(monkeypatch, "b", lambda n: n > 2)
-    with pytest.raises(UserError, match=r"non-finite gradient of task b's loss \(the loss itself is finite\) "
-                                         r"at epoch 1, step 3; the last good checkpoint is kept"):
+    with pytest.raises(
+        UserError,
+        match=r"non-finite gradient of task b's loss \(the loss itself is finite\) "
+        r"at epoch 1, step 3; the last good checkpoint is kept",
+    ):
         run(cfg, quiet=True)
 
 
 def test_a_nonfinite_combined_gradient_stops_for_loss_level_methods(color_folder, tmp_path, monkeypatch):
     cfg = build_config(_two_task_config(color_folder, tmp_path / "runs", "famo"), {})
     _poison_gradient(monkeypatch, "a", lambda n: True)
-    with pytest.raises(UserError, match=r"non-finite gradient of the combined loss \(every task loss is finite\) "
-                                         r"at epoch 1, step 1"):
+    with pytest.raises(
+        UserError,
+        match=r"non-finite gradient of the combined loss \(every task loss is finite\) "
+        r"at epoch 1, step 1",
+    ):
         run(cfg, quiet=True)
 
 
-@pytest.mark.parametrize("weighting,grad_on", [("gradvac", "params"), ("pcgrad", "representation"), ("famo", "params"),
-                                               ("gradnorm", "params"), ("rlw", "params")])
+@pytest.mark.parametrize(
+    "weighting,grad_on",
+    [
+        ("gradvac", "params"),
+        ("pcgrad", "representation"),
+        ("famo", "params"),
+        ("gradnorm", "params"),
+        ("rlw", "params"),
+    ],
+)
 def test_a_skipped_step_changes_nothing(color_folder, tmp_path, monkeypatch, weighting, grad_on):
     """Model, optimizer and the weighting's state (running targets, learned weights, random draws) stay as they were."""
-    cfg = build_config(_two_task_config(color_folder, tmp_path / "runs", weighting,
-                                        **{"weighting.grad_on": grad_on, "optim.name": "sgd", "optim.lr": 0.1}), {})
+    cfg = build_config(
+        _two_task_config(
+            color_folder,
+            tmp_path / "runs",
+            weighting,
+            **{"weighting.grad_on": grad_on, "optim.name": "sgd", "optim.lr": 0.1},
+        ),
+        {},
+    )
     exp = build_experiment(cfg)
     optimizer = build_optimizer(exp.model, cfg.optim)
-    trainer = Trainer(exp.model, exp.tasks, exp.loaders, optimizer, None, epochs=1, device=exp.device,
-                      weighting=exp.weighting, grad_on=grad_on, progress=False, nonfinite="skip")
+    trainer = Trainer(
+        exp.model,
+        exp.tasks,
+        exp.loaders,
+        optimizer,
+        None,
+        epochs=1,
+        device=exp.device,
+        weighting=exp.weighting,
+        grad_on=grad_on,
+        progress=False,
+        nonfinite="skip",
+    )
     batches = iter(exp.loaders["train"])
     exp.model.train()
     for _ in range(2):  # some state first: targets, momenta, draws
         trainer.step(next(batches), _Meter(exp.tasks, exp.device), True)
-    before = (copy.deepcopy(exp.model.state_dict()), copy.deepcopy(optimizer.state_dict()),
-              copy.deepcopy(exp.weighting.state_dict()), trainer.global_step)
+    before = (
+        copy.deepcopy(exp.model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        copy.deepcopy(exp.weighting.state_dict()),
+        trainer.global_step,
+    )
     _poison_gradient(monkeypatch, "b", lambda n: True)
     meter = _Meter(exp.tasks, exp.device)
     trainer.step(next(batches), meter, True)

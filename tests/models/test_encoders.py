@@ -1,4 +1,5 @@
 """Encoder contract: stage maps + pooled "out", honest attributes, torchvision parameter names."""
+
 import copy
 import functools
 import re
@@ -8,13 +9,19 @@ import torch
 import torchvision
 from torch import nn
 
-from mtl.config.load import build_config
-from mtl.models.encoders import (ENCODERS, build_encoder, input_size_problem, stage_nodes, tokens_to_map,
-                                 torchvision_names)
-from mtl.core.errors import UserError
 from mtl.build.model import build_model
-from mtl.tasks.base import build_task
+from mtl.config.load import build_config
+from mtl.core.errors import UserError
+from mtl.models.encoders import (
+    ENCODERS,
+    build_encoder,
+    input_size_problem,
+    stage_nodes,
+    tokens_to_map,
+    torchvision_names,
+)
 from mtl.models.weights import fit_state_dict
+from mtl.tasks.base import build_task
 
 # (model, a torchvision parameter name the encoder keeps, one it must drop)
 TORCHVISION = [
@@ -130,7 +137,11 @@ def test_train_eval_and_deepcopy_keep_state() -> None:
 
     copied = copy.deepcopy(encoder)
     assert (copied.name, copied.out_dim, copied.min_input_size, copied.feature_info) == (
-        encoder.name, encoder.out_dim, encoder.min_input_size, info)
+        encoder.name,
+        encoder.out_dim,
+        encoder.min_input_size,
+        info,
+    )
     assert not copied.training and copied.get_submodule("features.0.1").training
     assert not copied.get_submodule("features.1").training
     encoder.get_submodule("features.0.1").eval()
@@ -184,13 +195,32 @@ def test_maxvit_takes_exactly_the_size_it_is_built_for() -> None:
         assert input_size_problem(encoder, size, size) == "takes only 224x224 images"
 
 
-
 # One torchvision model per family (its smallest): building all 80 (each traced twice by torch.fx) takes minutes on
 # two cores. test_every_torchvision_family_is_checked fails when torchvision brings a family missing here.
-FAMILY_MEMBERS = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
-                  "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
-                  "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t",
-                  "swin_v2_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2")
+FAMILY_MEMBERS = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "resnet18",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11_bn",
+    "vit_b_32",
+    "wide_resnet50_2",
+)
 ON_CPU = ("regnet_x_400mf", "regnet_y_400mf")  # torchvision's regnet builders compute with tensors: no meta device
 
 

@@ -1,17 +1,18 @@
 """Freezing means frozen: no gradients, not in the optimizer, BatchNorm statistics unchanged."""
+
 import pytest
 import torch
 import yaml
+from conftest import make_folder, tiny_config
+from test_bad_input import refused
 from torch import nn
 
-from conftest import make_folder, tiny_config
-from mtl.models.encoders import build_encoder
+from mtl.config.schema import OptimCfg, SchedCfg, UnfreezeCfg
 from mtl.core.errors import UserError
+from mtl.engine.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
+from mtl.models.encoders import build_encoder
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze, frozen_names
 from mtl.models.transfer import TransferModel
-from mtl.engine.optim import build_optimizer, build_scheduler, lr_mult_of, param_groups
-from mtl.config.schema import OptimCfg, SchedCfg, UnfreezeCfg
-from test_bad_input import refused
 
 
 def resnet_model():
@@ -24,14 +25,17 @@ def optimizer_param_ids(opt):
     return {id(p) for g in opt.param_groups for p in g["params"]}
 
 
-@pytest.mark.parametrize("spec, first_trained, last_frozen", [
-    ("all", None, "layer4.1.bn2.bias"),
-    ({"until": "layer3"}, "layer4.0.conv1.weight", "layer3.1.bn2.bias"),
-    ({"from": "layer3"}, "conv1.weight", "layer4.1.bn2.bias"),
-    ({"train": ["layer4"]}, "layer4.0.conv1.weight", "layer3.1.bn2.bias"),
-    (["conv1", "bn1", "layer1"], "layer2.0.conv1.weight", "layer1.1.bn2.bias"),
-    ({"freeze": ["layer*.0.*"]}, "conv1.weight", "layer4.0.downsample.1.bias"),
-])
+@pytest.mark.parametrize(
+    "spec, first_trained, last_frozen",
+    [
+        ("all", None, "layer4.1.bn2.bias"),
+        ({"until": "layer3"}, "layer4.0.conv1.weight", "layer3.1.bn2.bias"),
+        ({"from": "layer3"}, "conv1.weight", "layer4.1.bn2.bias"),
+        ({"train": ["layer4"]}, "layer4.0.conv1.weight", "layer3.1.bn2.bias"),
+        (["conv1", "bn1", "layer1"], "layer2.0.conv1.weight", "layer1.1.bn2.bias"),
+        ({"freeze": ["layer*.0.*"]}, "conv1.weight", "layer4.0.downsample.1.bias"),
+    ],
+)
 def test_freeze_specs_select_the_right_parameters(spec, first_trained, last_frozen):
     enc = build_encoder("resnet18")
     frozen = set(frozen_names(enc, spec))
@@ -88,7 +92,9 @@ def test_frozen_means_frozen(spec):
             assert torch.equal(b, before_bufs[n]), f"BatchNorm buffer {n} changed"
     # a trained BatchNorm still updates its statistics
     if spec != "all":
-        assert not torch.equal(model.encoder.get_buffer("layer4.1.bn2.running_mean"), before_bufs["layer4.1.bn2.running_mean"])
+        assert not torch.equal(
+            model.encoder.get_buffer("layer4.1.bn2.running_mean"), before_bufs["layer4.1.bn2.running_mean"]
+        )
     assert all(id(p) in in_opt for p in model.heads.parameters())
 
 
@@ -122,6 +128,7 @@ def test_unfreeze_adds_groups_that_follow_the_schedule():
 
     class T:  # the parts of a Trainer the hook uses
         optimizer, scheduler, epoch = opt, sched, 2
+
     T.model = model
     UnfreezeHook(model.encoder, [UnfreezeCfg(epoch=2, modules=["layer4"], lr_mult=0.1)], cfg).before_epoch(T)
     assert len(opt.param_groups) == 2
@@ -129,7 +136,10 @@ def test_unfreeze_adds_groups_that_follow_the_schedule():
     assert not any(p.requires_grad for p in model.encoder.layer3.parameters())
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.1 * 0.25)
     model.train()
-    assert model.encoder.get_submodule("layer4.0.bn1").training and not model.encoder.get_submodule("layer3.0.bn1").training
+    assert (
+        model.encoder.get_submodule("layer4.0.bn1").training
+        and not model.encoder.get_submodule("layer3.0.bn1").training
+    )
     for _ in range(2):  # one more epoch: both groups halve
         opt.step()
         sched.step()
@@ -137,10 +147,13 @@ def test_unfreeze_adds_groups_that_follow_the_schedule():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.1 * 0.125)
 
 
-@pytest.mark.parametrize("name, expect", [
-    ("step", [1, 1, 1, 0.1, 0.1, 0.1, 0.01]),
-    ("multistep", [1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]),
-])
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("step", [1, 1, 1, 0.1, 0.1, 0.1, 0.01]),
+        ("multistep", [1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]),
+    ],
+)
 def test_step_schedules_per_epoch(name, expect):
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
@@ -190,9 +203,27 @@ def test_l2sp_penalty_pulls_toward_start():
 
 
 # ------------------------------------------------------------------------------ frozen means deterministic
-FAMILIES = ["small_cnn", "resnet18", "alexnet", "vgg16", "squeezenet1_0", "densenet121", "inception_v3", "googlenet",
-            "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0",
-            "convnext_tiny", "vit_b_32", "regnet_y_400mf", "swin_t", "swin_v2_t", "maxvit_t"]
+FAMILIES = [
+    "small_cnn",
+    "resnet18",
+    "alexnet",
+    "vgg16",
+    "squeezenet1_0",
+    "densenet121",
+    "inception_v3",
+    "googlenet",
+    "shufflenet_v2_x0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mnasnet0_5",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_32",
+    "regnet_y_400mf",
+    "swin_t",
+    "swin_v2_t",
+    "maxvit_t",
+]
 
 
 @pytest.fixture
@@ -241,8 +272,11 @@ def test_frozen_parts_run_in_eval_mode(name, one_thread):
     names = [n for n, _ in encoder.named_parameters()]
     apply_freeze(encoder, {"until": names[len(names) // 3]})  # a frozen prefix, the rest trains
     model.train()
-    frozen = [m for m in encoder.modules() if any(True for _ in m.parameters())
-              and not any(p.requires_grad for p in m.parameters())]
+    frozen = [
+        m
+        for m in encoder.modules()
+        if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
+    ]
     trains = [m for m in encoder.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     assert frozen and trains and not any(m.training for m in frozen) and all(m.training for m in trains)
     buffers = {k: v.clone() for k, v in encoder.named_buffers()}
@@ -268,25 +302,49 @@ def test_dropout_of_a_frozen_prefix_is_off_and_the_rest_trains(one_thread):
 
 # ------------------------------------------------------------------------------ train.unfreeze checked when built
 def _unfreeze_config(tmp_path, unfreeze, freeze="all", epochs=2):
-    raw = tiny_config(make_folder(tmp_path / "data", per_class=(2, 1), size=16), tmp_path / "runs",
-                      **{"train.epochs": epochs, "model.freeze": freeze, "train.unfreeze": unfreeze})
+    raw = tiny_config(
+        make_folder(tmp_path / "data", per_class=(2, 1), size=16),
+        tmp_path / "runs",
+        **{"train.epochs": epochs, "model.freeze": freeze, "train.unfreeze": unfreeze},
+    )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-@pytest.mark.parametrize("unfreeze, freeze, words", [
-    ([{"epoch": 1, "modules": ["stage5"]}], "all",
-     ["train.unfreeze[0].modules pattern 'stage5' matches no encoder parameter", "did you mean stage4",
-      "top-level modules: stage1, stage2, stage3, stage4"]),
-    ([{"epoch": 1, "modules": ["stage4"]}], {"until": "stage3"},
-     ["train.unfreeze[0]: 'stage4' already trains at epoch 1 (model.freeze {'until': 'stage3'} leaves it trainable)"]),
-    ([{"epoch": 1, "modules": ["stage4"]}, {"epoch": 0, "modules": ["stage*"]}], "all",
-     ["train.unfreeze[0]: 'stage4' already trains at epoch 1 (train.unfreeze[1] unfreezes it at epoch 0)"]),
-    ([{"epoch": 2, "modules": ["stage4"]}], "all",
-     ["train.unfreeze[0]: epoch 2 never starts", "train.epochs is 2", "from 0 to 1"]),
-    ([{"epoch": 0, "modules": []}], "all", ["train.unfreeze[0]: modules is empty"]),
-])
+@pytest.mark.parametrize(
+    "unfreeze, freeze, words",
+    [
+        (
+            [{"epoch": 1, "modules": ["stage5"]}],
+            "all",
+            [
+                "train.unfreeze[0].modules pattern 'stage5' matches no encoder parameter",
+                "did you mean stage4",
+                "top-level modules: stage1, stage2, stage3, stage4",
+            ],
+        ),
+        (
+            [{"epoch": 1, "modules": ["stage4"]}],
+            {"until": "stage3"},
+            [
+                "train.unfreeze[0]: 'stage4' already trains at epoch 1 "
+                "(model.freeze {'until': 'stage3'} leaves it trainable)"
+            ],
+        ),
+        (
+            [{"epoch": 1, "modules": ["stage4"]}, {"epoch": 0, "modules": ["stage*"]}],
+            "all",
+            ["train.unfreeze[0]: 'stage4' already trains at epoch 1 (train.unfreeze[1] unfreezes it at epoch 0)"],
+        ),
+        (
+            [{"epoch": 2, "modules": ["stage4"]}],
+            "all",
+            ["train.unfreeze[0]: epoch 2 never starts", "train.epochs is 2", "from 0 to 1"],
+        ),
+        ([{"epoch": 0, "modules": []}], "all", ["train.unfreeze[0]: modules is empty"]),
+    ],
+)
 def test_bad_unfreeze_events_are_refused_when_the_run_is_built(unfreeze, freeze, words, tmp_path, capsys):
     refused(capsys, ["train", _unfreeze_config(tmp_path, unfreeze, freeze)], *words, runs=tmp_path / "runs")
 
@@ -294,9 +352,22 @@ def test_bad_unfreeze_events_are_refused_when_the_run_is_built(unfreeze, freeze,
 def test_check_unfreeze_accepts_what_the_hook_does():
     enc = build_encoder("resnet18")
     apply_freeze(enc, {"until": "layer3"})
-    check_unfreeze(enc, [UnfreezeCfg(epoch=3, modules=["layer*"]), UnfreezeCfg(epoch=1, modules=["layer2"]),
-                         UnfreezeCfg(epoch=2, modules=["layer3"])], epochs=4)  # layer*: layer1 is still frozen
-    with pytest.raises(UserError, match=r"train.unfreeze\[1\]: 'layer\*' already trains at epoch 3 "
-                                        r"\(train.unfreeze\[0\] unfreezes it at epoch 2\)"):
-        check_unfreeze(enc, [UnfreezeCfg(epoch=2, modules=["layer1", "layer2", "layer3"]),
-                             UnfreezeCfg(epoch=3, modules=["layer*"])], epochs=4)
+    check_unfreeze(
+        enc,
+        [
+            UnfreezeCfg(epoch=3, modules=["layer*"]),
+            UnfreezeCfg(epoch=1, modules=["layer2"]),
+            UnfreezeCfg(epoch=2, modules=["layer3"]),
+        ],
+        epochs=4,
+    )  # layer*: layer1 is still frozen
+    with pytest.raises(
+        UserError,
+        match=r"train.unfreeze\[1\]: 'layer\*' already trains at epoch 3 "
+        r"\(train.unfreeze\[0\] unfreezes it at epoch 2\)",
+    ):
+        check_unfreeze(
+            enc,
+            [UnfreezeCfg(epoch=2, modules=["layer1", "layer2", "layer3"]), UnfreezeCfg(epoch=3, modules=["layer*"])],
+            epochs=4,
+        )

@@ -1,12 +1,13 @@
 """Heads (pooled, stage-map and dense) and MTAN attention: shapes, gradients, options, how the model calls them."""
+
 import pytest
 import torch
 from torch import nn
 
 from mtl.build.model import build_model
 from mtl.config.load import build_config
-from mtl.models.encoders import build_encoder
 from mtl.core.errors import UserError
+from mtl.models.encoders import build_encoder
 from mtl.models.heads import DENSE, FEATURES, HEAD_INPUTS, HEADS, POOLED, call_head, head_input
 from mtl.models.mtan import MTAN
 from mtl.models.progressive import ProgressiveNet
@@ -19,8 +20,9 @@ SMALL_OPTS = {"fpn": {"channels": 16}, "aspp": {"channels": 16, "rates": [1, 2, 
 
 
 def head(name, encoder, out_dim=5, **options):
-    return HEADS.get(name)(in_dim=encoder.out_dim, out_dim=out_dim, feature_info=encoder.feature_info,
-                           hidden=32, dropout=0.1, **options)
+    return HEADS.get(name)(
+        in_dim=encoder.out_dim, out_dim=out_dim, feature_info=encoder.feature_info, hidden=32, dropout=0.1, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +97,19 @@ def test_dense_heads_train_at_batch_size_one(small_cnn):
     assert fpn(features, (16, 16)).shape == (1, 5, 16, 16)
 
 
-@pytest.mark.parametrize("name,options,match", [
-    ("linear", {"channels": 3}, "it takes bias"),
-    ("mlp", {"foo": 1}, "no options"),
-    ("fpn", {"chanels": 3}, "channels, norm, stages"),
-    ("aspp", {"rate": [1]}, "channels, norm, rates, stage"),
-    ("fpn", {"stages": ["nope"]}, "unknown stage"),
-    ("fpn", {"norm": "ln"}, "norm must be"),
-    ("aspp", {"rates": 3}, "rates must be"),
-    ("aspp", {"channels": 0}, "channels must be"),
-])
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("linear", {"channels": 3}, "it takes bias"),
+        ("mlp", {"foo": 1}, "no options"),
+        ("fpn", {"chanels": 3}, "channels, norm, stages"),
+        ("aspp", {"rate": [1]}, "channels, norm, rates, stage"),
+        ("fpn", {"stages": ["nope"]}, "unknown stage"),
+        ("fpn", {"norm": "ln"}, "norm must be"),
+        ("aspp", {"rates": 3}, "rates must be"),
+        ("aspp", {"channels": 0}, "channels must be"),
+    ],
+)
 def test_bad_head_options(small_cnn, name, options, match):
     with pytest.raises(UserError, match=match):
         head(name, small_cnn, **options)
@@ -181,16 +186,18 @@ def test_mtan_with_heads_trains_a_step(small_cnn):
     encoder = build_encoder("small_cnn", widths=[8, 16, 32, 64])
     mtan = MTAN(encoder.feature_info, ["label", "seg"])
     common = {"in_dim": mtan.out_dim, "feature_info": mtan.feature_info, "hidden": 0, "dropout": 0.0}
-    heads = nn.ModuleDict({"label": HEADS.get("linear")(out_dim=3, **common),
-                           "seg": HEADS.get("fpn")(out_dim=4, channels=16, **common)})
+    heads = nn.ModuleDict(
+        {"label": HEADS.get("linear")(out_dim=3, **common), "seg": HEADS.get("fpn")(out_dim=4, channels=16, **common)}
+    )
     params = [*encoder.parameters(), *mtan.parameters(), *heads.parameters()]
     opt = torch.optim.SGD(params, lr=0.05)
     x, label, seg = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0]), torch.randint(0, 4, (4, 64, 64))
     losses = []
     for _ in range(3):
         per_task = mtan(encoder(x))
-        loss = (nn.functional.cross_entropy(heads["label"](per_task["label"]["out"]), label)
-                + nn.functional.cross_entropy(heads["seg"](per_task["seg"], (64, 64)), seg))
+        loss = nn.functional.cross_entropy(
+            heads["label"](per_task["label"]["out"]), label
+        ) + nn.functional.cross_entropy(heads["seg"](per_task["seg"], (64, 64)), seg)
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is not None for p in params)
@@ -202,8 +209,9 @@ def test_mtan_with_heads_trains_a_step(small_cnn):
 def test_grid_head_keeps_position():
     """Two images with the same content in different columns pool to the same vector under global pooling,
     but to different inputs of the grid head's linear layer."""
-    grid = HEADS.get("grid")(in_dim=4, out_dim=3, feature_info=[{"name": "s", "channels": 4, "reduction": 1}],
-                             bins=[1, 4])
+    grid = HEADS.get("grid")(
+        in_dim=4, out_dim=3, feature_info=[{"name": "s", "channels": 4, "reduction": 1}], bins=[1, 4]
+    )
     assert head_input(grid) == FEATURES
     a, b = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
     a[..., :2], b[..., -2:] = 1.0, 1.0  # the same blob, left vs right
@@ -217,8 +225,12 @@ def test_grid_head_defaults_to_the_deepest_stage_and_checks_options(small_cnn):
     grid = head("grid", encoder, bins=3)
     assert grid.stage_name == encoder.feature_info[-1]["name"] and grid.pool.output_size == (3, 3)
     assert head("grid", encoder, stage="stage2").stage_name == "stage2"
-    for bad, message in [({"bins": [1]}, "bins must be"), ({"bins": 0}, "positive integer"), ({"rows": 2}, "unknown option"),
-                         ({"stage": "stage9"}, "unknown stage")]:
+    for bad, message in [
+        ({"bins": [1]}, "bins must be"),
+        ({"bins": 0}, "positive integer"),
+        ({"rows": 2}, "unknown option"),
+        ({"stage": "stage9"}, "unknown stage"),
+    ]:
         with pytest.raises(UserError, match=message):
             head("grid", encoder, **bad)
 
@@ -228,8 +240,11 @@ FEATURE_INFO = [{"name": "s1", "channels": 8, "reduction": 2}, {"name": "s2", "c
 
 
 def _features(batch=2, size=32):
-    return {"s1": torch.randn(batch, 8, size // 2, size // 2), "s2": torch.randn(batch, 16, size // 4, size // 4),
-            "out": torch.randn(batch, 16)}
+    return {
+        "s1": torch.randn(batch, 8, size // 2, size // 2),
+        "s2": torch.randn(batch, 16, size // 4, size // 4),
+        "out": torch.randn(batch, 16),
+    }
 
 
 @pytest.mark.parametrize("name", HEADS.names())
@@ -299,13 +314,23 @@ def test_model_calls_each_head_as_it_declares():
 
     torch.manual_seed(0)
     fixed = _features(batch=2, size=32)
-    heads = {"pooled": HEADS.get("mlp")(in_dim=16, out_dim=4, hidden=8), "plain": nn.Linear(16, 2),
-             "grid": HEADS.get("grid")(in_dim=16, out_dim=3, feature_info=FEATURE_INFO),
-             "fpn": HEADS.get("fpn")(in_dim=16, out_dim=5, feature_info=FEATURE_INFO, channels=8),
-             "legacy_dense": LegacyDense(), "legacy_features": LegacyFeatures()}
+    heads = {
+        "pooled": HEADS.get("mlp")(in_dim=16, out_dim=4, hidden=8),
+        "plain": nn.Linear(16, 2),
+        "grid": HEADS.get("grid")(in_dim=16, out_dim=3, feature_info=FEATURE_INFO),
+        "fpn": HEADS.get("fpn")(in_dim=16, out_dim=5, feature_info=FEATURE_INFO, channels=8),
+        "legacy_dense": LegacyDense(),
+        "legacy_features": LegacyFeatures(),
+    }
     model = TransferModel(Features(), heads).eval()
-    assert model.head_inputs == {"pooled": POOLED, "plain": POOLED, "grid": FEATURES, "fpn": DENSE,
-                                 "legacy_dense": DENSE, "legacy_features": FEATURES}
+    assert model.head_inputs == {
+        "pooled": POOLED,
+        "plain": POOLED,
+        "grid": FEATURES,
+        "fpn": DENSE,
+        "legacy_dense": DENSE,
+        "legacy_features": FEATURES,
+    }
     with torch.no_grad():
         out = model(torch.zeros(2, 3, 32, 32))
         assert torch.equal(out["pooled"], heads["pooled"](fixed["out"]))
@@ -324,8 +349,12 @@ def test_an_invalid_input_is_refused_when_the_model_is_built(monkeypatch):
     with pytest.raises(UserError, match=message):
         TransferModel(build_encoder("small_cnn", widths=[8, 16]), {"label": BadInput(16, 3)})
     monkeypatch.setitem(HEADS._entries, "bad_input", lambda *, in_dim, out_dim, **kwargs: BadInput(in_dim, out_dim))
-    cfg = build_config({"model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 16]}},
-                        "tasks": {"label": {"num_classes": 3, "head": {"name": "bad_input"}}}})
+    cfg = build_config(
+        {
+            "model": {"encoder": "small_cnn", "encoder_options": {"widths": [8, 16]}},
+            "tasks": {"label": {"num_classes": 3, "head": {"name": "bad_input"}}},
+        }
+    )
     task = build_task("label", type="classification", target="label", num_classes=3, weight=1.0, classes=[])
     with pytest.raises(UserError, match="tasks.label.head: " + message):
         build_model(cfg, build_encoder("small_cnn", widths=[8, 16]), {"label": task})

@@ -1,17 +1,18 @@
 """ProgressiveNet: stage splitting, laterals, frozen columns that stay frozen, the Trainer view."""
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtl.models.encoders import build_encoder
-from mtl.core.errors import UserError
-from mtl.models.heads import HEADS
-from mtl.engine.optim import build_optimizer
-from mtl.models.progressive import ColumnView, LateralAdapter, LinearLateral, ProgressiveNet, split_stages
 from mtl.config.schema import OptimCfg
-from mtl.tasks.base import build_task
+from mtl.core.errors import UserError
+from mtl.engine.optim import build_optimizer
 from mtl.engine.trainer import Trainer
+from mtl.models.encoders import build_encoder
+from mtl.models.heads import HEADS
+from mtl.models.progressive import LateralAdapter, LinearLateral, ProgressiveNet, split_stages
+from mtl.tasks.base import build_task
 
 WIDTHS = [8, 16, 16, 32]
 OUT = {"a": 3, "b": 4, "c": 5}
@@ -191,7 +192,8 @@ def test_errors():
         ProgressiveNet().add_column("a", head(3))
     with pytest.raises(UserError, match="pooled"):
         ProgressiveNet(small_encoder).add_column(
-            "a", HEADS.get("fpn")(in_dim=32, out_dim=3, feature_info=small_encoder().feature_info))
+            "a", HEADS.get("fpn")(in_dim=32, out_dim=3, feature_info=small_encoder().feature_info)
+        )
     with pytest.raises(UserError, match="adapter_channels"):
         ProgressiveNet(adapter_channels=0)
     assert net.tasks == ["a", "b"]  # failed adds change nothing
@@ -240,8 +242,10 @@ def test_column_view_trains_with_trainer_and_only_the_new_column_changes():
     view = net.view("b")
     task = build_task("b", type="classification", target="label", num_classes=OUT["b"])
     g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randn(4, 3, 32, 32, generator=g), "targets": {"b": torch.randint(0, 4, (4,), generator=g)}}
-               for _ in range(3)]
+    batches = [
+        {"image": torch.randn(4, 3, 32, 32, generator=g), "targets": {"b": torch.randint(0, 4, (4,), generator=g)}}
+        for _ in range(3)
+    ]
     loader = DataLoader(batches, batch_size=None)
     opt = build_optimizer(view, OptimCfg(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.01))
     in_opt = {id(p) for grp in opt.param_groups for p in grp["params"]}
@@ -250,8 +254,16 @@ def test_column_view_trains_with_trainer_and_only_the_new_column_changes():
     assert {id(p) for p in shared} == {id(p) for p in net.columns[1].stages.parameters()}
     assert {id(p) for p in shared} | {id(p) for p in view.task_parameters()} == in_opt
     before_a, before_b = snapshot(net.columns[0]), snapshot(net.columns[1])
-    trainer = Trainer(view, {"b": task}, {"train": loader, "val": loader}, opt, None, epochs=1,
-                      device=torch.device("cpu"), progress=False)
+    trainer = Trainer(
+        view,
+        {"b": task},
+        {"train": loader, "val": loader},
+        opt,
+        None,
+        epochs=1,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     history = trainer.fit()
     assert "acc" in history[0]["val"]
     assert_same(before_a, net.columns[0])

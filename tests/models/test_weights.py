@@ -1,4 +1,5 @@
 """Weights: torchvision files, mtl checkpoints and runs, the cache, offline errors, import by hash."""
+
 import hashlib
 import shutil
 import urllib.error
@@ -10,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
+from mtl.core.errors import UserError
 from mtl.models import weights as W
 from mtl.models.encoders import build_encoder
-from mtl.core.errors import UserError
 
 MODEL = "mobilenet_v3_small"  # small and quick; its classifier.3 is the removed layer
 REAL_FILE = Path("/tmp/mnv2/mobilenet_v2-b0353104.pth")
@@ -67,8 +68,11 @@ def test_mtl_checkpoint_and_bare_encoder_state(tmp_path: Path, torch_home: Path)
         for p in source.parameters():
             p.normal_()
     state = source.state_dict()
-    checkpoint = {"model": {**{f"encoder.{k}": v for k, v in state.items()}, "head.weight": torch.zeros(5, 1024)},
-                  "epoch": 3, "config": {"lr": 0.1}}
+    checkpoint = {
+        "model": {**{f"encoder.{k}": v for k, v in state.items()}, "head.weight": torch.zeros(5, 1024)},
+        "epoch": 3,
+        "config": {"lr": 0.1},
+    }
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     _assert_loaded(build_encoder(MODEL, weights=str(tmp_path / "ckpt.pt")), state)
     torch.save(state, tmp_path / "bare.pt")
@@ -92,8 +96,10 @@ def test_run_directory(tmp_path: Path, torch_home: Path) -> None:
     for stamp in ("2024-01-02_10-00-00", "2024-03-04_09-00-00", "2023-12-31_23-59-59"):
         (tmp_path / "runs" / stamp / "checkpoints").mkdir(parents=True)
         state = build_encoder(MODEL).state_dict()
-        torch.save({"model": {f"encoder.{k}": v for k, v in state.items()}}, tmp_path / "runs" / stamp /
-                   "checkpoints" / "best.pt")
+        torch.save(
+            {"model": {f"encoder.{k}": v for k, v in state.items()}},
+            tmp_path / "runs" / stamp / "checkpoints" / "best.pt",
+        )
         states.append(state)
     _assert_loaded(build_encoder(MODEL, weights=f"run:{tmp_path / 'runs'}"), states[1])  # the newest
     _assert_loaded(build_encoder(MODEL, weights=f"run:{tmp_path / 'runs' / '2024-01-02_10-00-00'}"), states[0])
@@ -104,16 +110,25 @@ def test_run_directory(tmp_path: Path, torch_home: Path) -> None:
 
 def test_other_architecture_is_rejected(tmp_path: Path, torch_home: Path) -> None:
     torch.save(_torchvision_state("resnet18"), tmp_path / "resnet18.pth")
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path / "resnet18.pth")),
-            "missing keys", "unexpected keys", "features.0.0.weight", "conv1.weight", "resnet18.pth")
+    _expect(
+        lambda: build_encoder(MODEL, weights=str(tmp_path / "resnet18.pth")),
+        "missing keys",
+        "unexpected keys",
+        "features.0.0.weight",
+        "conv1.weight",
+        "resnet18.pth",
+    )
 
 
 def test_shape_mismatch_is_rejected(tmp_path: Path, torch_home: Path) -> None:
     state = _torchvision_state()
     state["features.0.0.weight"] = torch.zeros(8, 3, 3, 3)
     torch.save(state, tmp_path / "bad.pth")
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path / "bad.pth")),
-            "1 shape mismatch", "features.0.0.weight (8, 3, 3, 3) in file vs (16, 3, 3, 3) in model")
+    _expect(
+        lambda: build_encoder(MODEL, weights=str(tmp_path / "bad.pth")),
+        "1 shape mismatch",
+        "features.0.0.weight (8, 3, 3, 3) in file vs (16, 3, 3, 3) in model",
+    )
 
 
 def test_bad_files(tmp_path: Path, torch_home: Path) -> None:
@@ -131,9 +146,14 @@ def test_unknown_weights_name_lists_the_names(torch_home: Path) -> None:
 
 
 def test_offline_download_explains_the_alternatives(torch_home: Path) -> None:
-    message = _expect(lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"),
-                      "could not download", "offline in tests", "mtl weights import", "weights: null",
-                      str(torch_home / "hub" / "checkpoints"))
+    message = _expect(
+        lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"),
+        "could not download",
+        "offline in tests",
+        "mtl weights import",
+        "weights: null",
+        str(torch_home / "hub" / "checkpoints"),
+    )
     assert MODEL in message
 
 
@@ -167,20 +187,26 @@ def test_cache_hit_needs_no_download(torch_home: Path) -> None:
 
 def test_legacy_densenet_keys(torch_home: Path) -> None:
     encoder = build_encoder("densenet121")
-    state = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in _torchvision_state(
-        "densenet121").items()}
+    state = {
+        k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v
+        for k, v in _torchvision_state("densenet121").items()
+    }
     assert any("norm.1." in k for k in state)
     W.fit_state_dict(encoder, state, source="legacy", model_name="densenet121")
-    assert torch.equal(encoder.state_dict()["features.denseblock1.denselayer1.norm1.weight"],
-                       state["features.denseblock1.denselayer1.norm.1.weight"])
+    assert torch.equal(
+        encoder.state_dict()["features.denseblock1.denselayer1.norm1.weight"],
+        state["features.denseblock1.denselayer1.norm.1.weight"],
+    )
 
 
 def test_import_weights_by_hash(tmp_path: Path, torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "downloaded (1).pth"
     torch.save(_torchvision_state(), source)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    known = {f"fake_net-{digest[:8]}.pth": [("fake_net", "Fake_Net_Weights.IMAGENET1K_V1")],
-             "other_net-00000000.pth": [("other_net", "Other_Net_Weights.IMAGENET1K_V1")]}
+    known = {
+        f"fake_net-{digest[:8]}.pth": [("fake_net", "Fake_Net_Weights.IMAGENET1K_V1")],
+        "other_net-00000000.pth": [("other_net", "Other_Net_Weights.IMAGENET1K_V1")],
+    }
     monkeypatch.setattr(W, "known_weight_files", lambda: known)
 
     dest = W.import_weights(source)
@@ -191,7 +217,9 @@ def test_import_weights_by_hash(tmp_path: Path, torch_home: Path, monkeypatch: p
     (dest.parent / "stray.bin").write_bytes(b"12345")
     rows = W.list_cached()
     assert [(r["file"], r["models"], r["weights"]) for r in rows] == [
-        (dest.name, ["fake_net"], ["Fake_Net_Weights.IMAGENET1K_V1"]), ("stray.bin", [], [])]
+        (dest.name, ["fake_net"], ["Fake_Net_Weights.IMAGENET1K_V1"]),
+        ("stray.bin", [], []),
+    ]
     assert rows[1]["size"] == 5
     table = W.format_cached_table(rows)
     assert dest.name in table and "Fake_Net_Weights.IMAGENET1K_V1" in table and "not recognised" in table
@@ -200,8 +228,11 @@ def test_import_weights_by_hash(tmp_path: Path, torch_home: Path, monkeypatch: p
 def test_import_weights_errors(tmp_path: Path, torch_home: Path) -> None:
     _expect(lambda: W.import_weights(tmp_path / "missing.pth"), "does not exist")
     (tmp_path / "mine.pth").write_bytes(b"some weights of my own")
-    _expect(lambda: W.import_weights(tmp_path / "mine.pth"), "matches no torchvision weights file",
-            f"weights: {tmp_path / 'mine.pth'}")
+    _expect(
+        lambda: W.import_weights(tmp_path / "mine.pth"),
+        "matches no torchvision weights file",
+        f"weights: {tmp_path / 'mine.pth'}",
+    )
     assert W.list_cached() == []
     assert "no weights cached" in W.format_cached_table([])
 

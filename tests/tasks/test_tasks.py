@@ -1,4 +1,5 @@
 """Task types: losses, on-device metric sums and their epoch metrics, checked against hand computations."""
+
 import math
 
 import pytest
@@ -90,7 +91,7 @@ def test_classification_topk_and_accuracy():
     task = _task("classification", 7)
     assert task.out_dim == 7 and "top5" in task.metric_directions and task.primary == "acc"
     # the true class is ranked 1st, 3rd, 5th and 6th
-    pred = torch.tensor([[9., 8, 7, 6, 5, 4, 3]]).repeat(4, 1)
+    pred = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3]]).repeat(4, 1)
     target = torch.tensor([0, 2, 4, 5])
     assert _metrics(task, pred, target) == pytest.approx({"acc": 0.25, "top5": 0.75})
     torch.testing.assert_close(task.loss(pred, target), F.cross_entropy(pred, target))
@@ -106,7 +107,7 @@ def test_classification_topk_and_accuracy():
 def test_binary_accuracy_f1_and_loss():
     task = _task("binary", 2)
     assert task.out_dim == 1
-    pred = torch.tensor([[2.], [1.], [-1.], [-3.], [0.5]])
+    pred = torch.tensor([[2.0], [1.0], [-1.0], [-3.0], [0.5]])
     target = torch.tensor([1, 0, 1, 0, 1])  # tp 2, fp 1, fn 1, tn 1
     assert _metrics(task, pred, target) == pytest.approx({"acc": 0.6, "f1": 4 / 6})
     torch.testing.assert_close(task.loss(pred, target), F.binary_cross_entropy_with_logits(pred[:, 0], target.float()))
@@ -132,7 +133,7 @@ def test_multilabel_map_matches_exact_ap():
     task = _task("multilabel", k)
     state = task.init_state("cpu")
     for chunk in range(0, n, 700):
-        state = task.update(state, pred[chunk:chunk + 700], target[chunk:chunk + 700])
+        state = task.update(state, pred[chunk : chunk + 700], target[chunk : chunk + 700])
     exact = sum(_exact_ap(pred[:, j], target[:, j]) for j in range(4)) / 4  # label 4 has no positives
     assert task.compute(state)["map"] == pytest.approx(exact, abs=0.01)
 
@@ -140,8 +141,8 @@ def test_multilabel_map_matches_exact_ap():
 def test_multilabel_counts_by_hand():
     task = _task("multilabel", 3)
     assert task.primary == "map"
-    pred = torch.tensor([[2., -2, 1], [-2., 1, 1], [3., -1, -1]])
-    target = torch.tensor([[1., 0, 0], [0., 1, 0], [1., 1, 0]])
+    pred = torch.tensor([[2.0, -2, 1], [-2.0, 1, 1], [3.0, -1, -1]])
+    target = torch.tensor([[1.0, 0, 0], [0.0, 1, 0], [1.0, 1, 0]])
     # label 0: tp 2; label 1: tp 1, fn 1; label 2: fp 2 -> 6 of 9 right
     m = _metrics(task, pred, target)
     assert m["acc"] == pytest.approx(6 / 9)
@@ -149,8 +150,10 @@ def test_multilabel_counts_by_hand():
     assert m["f1_macro"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["map"] == pytest.approx(1.0)  # every positive outranks every negative of its label
     weighted = _task("multilabel", 3, pos_weight=[1.0, 2.0, 3.0])
-    torch.testing.assert_close(weighted.loss(pred, target), F.binary_cross_entropy_with_logits(
-        pred, target, pos_weight=torch.tensor([1.0, 2.0, 3.0])))
+    torch.testing.assert_close(
+        weighted.loss(pred, target),
+        F.binary_cross_entropy_with_logits(pred, target, pos_weight=torch.tensor([1.0, 2.0, 3.0])),
+    )
     with pytest.raises(UserError, match="pos_weight"):
         _task("multilabel", 3, pos_weight=[1.0, 2.0])
     assert probabilities(task, pred).shape == (3, 3)
@@ -159,8 +162,8 @@ def test_multilabel_counts_by_hand():
 def test_regression_errors_and_losses():
     task = _task("regression", num_outputs=2)
     assert task.out_dim == 2 and task.primary == "mae" and task.metric_directions["mae"] is False
-    pred = torch.tensor([[1., 2.], [0., 0.]])
-    target = torch.tensor([[1., 4.], [1., 0.]])  # errors 0, 2, 1, 0
+    pred = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    target = torch.tensor([[1.0, 4.0], [1.0, 0.0]])  # errors 0, 2, 1, 0
     assert _metrics(task, pred, target) == pytest.approx({"mae": 0.75, "rmse": math.sqrt(5 / 4)})
     torch.testing.assert_close(task.loss(pred, target), torch.tensor(1.25))
     torch.testing.assert_close(_task("regression", 2, loss="l1").loss(pred, target), torch.tensor(0.75))
@@ -197,7 +200,10 @@ def test_segmentation_ignores_pixels_in_loss_and_metrics():
     assert task.update(task.init_state("cpu"), pred, target).sum().item() == valid.sum().item()
     everything_ignored = torch.full_like(target, -1)
     assert task.loss(pred, everything_ignored).item() == 0.0
-    assert task.compute(task.update(task.init_state("cpu"), pred, everything_ignored)) == {"miou": 0.0, "pixel_acc": 0.0}
+    assert task.compute(task.update(task.init_state("cpu"), pred, everything_ignored)) == {
+        "miou": 0.0,
+        "pixel_acc": 0.0,
+    }
     other = _task("segmentation", 3, ignore_index=255)
     torch.testing.assert_close(other.loss(pred, target.masked_fill(~valid, 255)), task.loss(pred, target))
 
@@ -218,7 +224,7 @@ def test_depth_errors_skip_invalid_pixels():
 def test_normals_known_angles():
     task = _task("normals")
     assert task.out_dim == 3 and task.primary == "mean_angle"
-    z, x = torch.tensor([0., 0, 1]), torch.tensor([1., 0, 0])
+    z, x = torch.tensor([0.0, 0, 1]), torch.tensor([1.0, 0, 0])
     # 8 pixels: 4 right, 4 off by 90 degrees, 2 more invalid (zero target) with a wrong prediction
     target = torch.stack([z] * 8 + [torch.zeros(3)] * 2).T.reshape(1, 3, 2, 5)
     pred = torch.stack([z * 2] * 4 + [x * 3] * 4 + [x] * 2).T.reshape(1, 3, 2, 5)
@@ -264,8 +270,13 @@ def test_build_task_output_sizes_and_errors():
     with pytest.raises(UserError, match="unknown task type"):
         _task("detection", 3)
     task = build_task("a", type="classification", target="lbl", num_classes=3, weight=0.5, classes=["x", "y", "z"])
-    assert (task.name, task.target, task.weight, task.classes, task.type_name) == ("a", "lbl", 0.5, ["x", "y", "z"],
-                                                                                 "classification")
+    assert (task.name, task.target, task.weight, task.classes, task.type_name) == (
+        "a",
+        "lbl",
+        0.5,
+        ["x", "y", "z"],
+        "classification",
+    )
 
 
 # --- every registered type answers every question mtl asks about it (mtl/tasks/base.py, Task) --------------------
@@ -327,13 +338,15 @@ def test_task_type_geometry_by_hand():
     assert torch.equal(TASK_TYPES.get("segmentation").resize_target(seg, (4, 4))[::2, ::2], seg)  # nearest
     depth = torch.full((1, 2, 2), 4.0)
     assert torch.equal(TASK_TYPES.get("depth").zoom_target(depth, 2.0, {"type": "depth"}), torch.full((1, 2, 2), 2.0))
-    assert torch.equal(TASK_TYPES.get("depth").zoom_target(depth, 2.0, {"type": "depth", "inverse": True}),
-                       torch.full((1, 2, 2), 8.0))
+    assert torch.equal(
+        TASK_TYPES.get("depth").zoom_target(depth, 2.0, {"type": "depth", "inverse": True}), torch.full((1, 2, 2), 8.0)
+    )
     normal = torch.tensor([0.6, 0.0, 0.8]).view(3, 1, 1).expand(3, 1, 2).clone()
     assert torch.equal(TASK_TYPES.get("normals").flip_target(normal)[0], torch.full((1, 2), -0.6))
     binary = build_task("b", type="binary", target="y")
-    assert torch.allclose(binary.probabilities(torch.tensor([[0.0], [math.log(3)]])),
-                          torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    assert torch.allclose(
+        binary.probabilities(torch.tensor([[0.0], [math.log(3)]])), torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+    )
     assert binary.confusion_classes() == 2
     with pytest.raises(UserError, match="is binary but the data has 3 classes"):
         TASK_TYPES.get("binary").check_data_classes("b", 3)

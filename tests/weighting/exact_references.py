@@ -5,6 +5,7 @@ iteration, no tolerance-driven search: a candidate is either feasible or not, an
 objective decides. Used by ``tests/weighting/test_weighting_exact.py`` and ``benchmarks/solver_accuracy.py``.
 Each function takes the (T, D) gradients (any dtype) and works from their float64 Gram matrix.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -192,10 +193,14 @@ def random_jacobian(t: int, d: int, spread: float, kind: str, scale: float = 1.0
     if kind == "random":
         g = torch.randn(t, d, generator=gen, dtype=torch.float64)
     elif kind == "correlated":
-        g = torch.randn(t, d, generator=gen, dtype=torch.float64) + 1.5 * torch.randn(1, d, generator=gen, dtype=torch.float64)
+        g = torch.randn(t, d, generator=gen, dtype=torch.float64) + 1.5 * torch.randn(
+            1, d, generator=gen, dtype=torch.float64
+        )
     elif kind == "rank-deficient":
         r = (t + 1) // 2
-        g = torch.randn(t, r, generator=gen, dtype=torch.float64) @ torch.randn(r, d, generator=gen, dtype=torch.float64)
+        g = torch.randn(t, r, generator=gen, dtype=torch.float64) @ torch.randn(
+            r, d, generator=gen, dtype=torch.float64
+        )
     else:
         raise ValueError(kind)
     norms = spread ** torch.linspace(0, 1, t, dtype=torch.float64)

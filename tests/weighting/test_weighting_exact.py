@@ -1,16 +1,16 @@
-"""Gradient methods against exact references computed here by brute force (tests/weighting/exact_references.py), over task
-counts, norm spreads up to 1e4, correlated and rank-deficient gradients and global scales from 1e-8 to 1e8; and
+"""Gradient methods against exact references computed here by brute force (tests/weighting/exact_references.py), over
+task counts, norm spreads up to 1e4, correlated and rank-deficient gradients and global scales from 1e-8 to 1e8; and
 each method's defining property (min norm, no conflict, the bargaining equation, CAGrad's optimality)."""
+
 import itertools
 import math
 
+import exact_references as ref
 import pytest
 import torch
 
-import exact_references as ref
-from mtl.weighting import build_weighting
+from mtl.weighting import build_weighting, solvers
 from mtl.weighting import gradient as gw
-from mtl.weighting import solvers
 
 torch.set_num_threads(1)
 
@@ -42,7 +42,9 @@ def check_against(name, reference_fn, kinds=ref.KINDS, **options):
             value = ref.agreement(d / scale, exact, largest)
             if value < worst[0]:
                 worst = (value, (t, kind, spread, scale))
-    assert worst[0] >= COSINE, f"{name}: cosine {worst[0]:.6f} with the exact answer at (T, kind, spread, scale) = {worst[1]}"
+    assert worst[0] >= COSINE, (
+        f"{name}: cosine {worst[0]:.6f} with the exact answer at (T, kind, spread, scale) = {worst[1]}"
+    )
 
 
 def test_mgda_is_the_exact_min_norm_point():
@@ -58,7 +60,7 @@ def test_mgda_min_norm_optimality_conditions():
             assert a.min() >= 0 and abs(float(a.sum()) - 1) < 1e-6
             largest = float(g.norm(dim=1).max())
             slack = g @ x - x @ x
-            assert float(slack.min()) >= -1e-5 * largest ** 2, (t, kind, spread, scale)
+            assert float(slack.min()) >= -1e-5 * largest**2, (t, kind, spread, scale)
 
 
 @pytest.mark.parametrize("c", [0.4, 0.9, 1.5])
@@ -78,7 +80,7 @@ def test_cagrad_reaches_the_optimal_worst_task_improvement():
         primal = float((g @ d.double()).min())
         scale = float(g.norm(dim=1).max()) ** 2
         assert primal >= best - 1e-5 * scale, (t, kind, spread, primal, best)
-        assert float((d.double() - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-5) + 1e-6 * scale ** 0.5
+        assert float((d.double() - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-5) + 1e-6 * scale**0.5
 
 
 def test_cagrad_solver_kkt():
@@ -95,7 +97,11 @@ def test_cagrad_solver_kkt():
         support = w > 1e-12
         top = float(grad.abs().max())
         assert float((grad[support] - level).abs().max()) <= 1e-8 * top, (t, kind, spread)
-        assert float(torch.cat([grad[~support] - level, torch.zeros(1, dtype=grad.dtype)]).min()) >= -1e-8 * top, (t, kind, spread)
+        assert float(torch.cat([grad[~support] - level, torch.zeros(1, dtype=grad.dtype)]).min()) >= -1e-8 * top, (
+            t,
+            kind,
+            spread,
+        )
 
 
 def test_upgrad_is_the_exact_mean_projection_onto_the_dual_cone():
@@ -174,7 +180,9 @@ def test_surgery_does_not_depend_on_the_gradients_scale(name):
             if name == "pcgrad":
                 exact = ref.surgery_reference(base, order, adjust["pcgrad"])
             else:  # a fresh GradVac has targets 0: each conflicting pair is made orthogonal
-                exact = ref.surgery_reference(base, order, lambda i, j, p, gj: p - min(float(p @ gj), 0.0) / float(gj @ gj) * gj)
+                exact = ref.surgery_reference(
+                    base, order, lambda i, j, p, gj: p - min(float(p @ gj), 0.0) / float(gj @ gj) * gj
+                )
             d, _ = method_direction(name, base * scale)
             largest = float(base.double().norm(dim=1).max())
             assert ref.agreement(d / scale, exact, largest) >= COSINE, (name, t, kind, spread, scale)
@@ -195,8 +203,11 @@ def test_a_large_gradient_dimension():
     """D = 100,000 at a spread of 1e4: MGDA, CAGrad and UPGrad still match."""
     base = ref.random_jacobian(6, 100_000, 1e4, "correlated", 1.0, seed=1)
     largest = float(base.double().norm(dim=1).max())
-    for name, exact in (("mgda", ref.min_norm_point(base)[1]), ("cagrad", ref.cagrad_direction(base, 0.4)[0]),
-                        ("upgrad", ref.upgrad_direction(base))):
+    for name, exact in (
+        ("mgda", ref.min_norm_point(base)[1]),
+        ("cagrad", ref.cagrad_direction(base, 0.4)[0]),
+        ("upgrad", ref.upgrad_direction(base)),
+    ):
         d, _ = method_direction(name, base)
         assert ref.agreement(d, exact, largest) >= COSINE, name
 
@@ -209,7 +220,9 @@ def test_active_set_qp_meets_the_kkt_conditions(simplex):
     for trial in range(60):
         t = 2 + trial % 9
         rank = t if trial % 3 else max(1, t // 2)
-        a = torch.randn(t, rank, generator=gen, dtype=torch.float64) * (10.0 ** torch.randn(t, 1, generator=gen, dtype=torch.float64))
+        a = torch.randn(t, rank, generator=gen, dtype=torch.float64) * (
+            10.0 ** torch.randn(t, 1, generator=gen, dtype=torch.float64)
+        )
         h = a @ a.T
         h = h / h.diagonal().max()
         q = torch.randn(4, t, generator=gen, dtype=torch.float64)

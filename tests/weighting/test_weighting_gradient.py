@@ -1,11 +1,11 @@
 """Gradient-level weightings: each method's defining property on hand-made gradients, plus the contract."""
+
 import pytest
 import torch
 
 from mtl.core.errors import UserError
-from mtl.weighting import WEIGHTINGS, build_weighting
+from mtl.weighting import WEIGHTINGS, build_weighting, solvers
 from mtl.weighting import gradient as gw
-from mtl.weighting import solvers
 
 torch.set_num_threads(1)
 
@@ -108,7 +108,7 @@ def test_gradvac_three_tasks_matches_sequential_loop():
     def vaccine(i, j, p, gj):
         phi, tgt = float(p @ gj / (p.norm() * gj.norm())), float(ref_hat[i, j])
         if phi < tgt:
-            root_phi, root_tgt = (1 - phi ** 2) ** 0.5, (1 - tgt ** 2) ** 0.5
+            root_phi, root_tgt = (1 - phi**2) ** 0.5, (1 - tgt**2) ** 0.5
             p = p + gj * p.norm() * (tgt * root_phi - phi * root_tgt) / (gj.norm() * root_tgt)
         ref_hat[i, j] = (1 - beta) * tgt + beta * phi
         return p
@@ -137,7 +137,7 @@ def test_gradvac_above_target_untouched():
     grads = G([1, 0], [1, 1])
     d, _, method = run("gradvac", grads, beta=0.5)
     assert torch.allclose(d, grads.sum(0))
-    cos = 2 ** -0.5
+    cos = 2**-0.5
     assert torch.allclose(method.phi_hat, torch.tensor([[0.0, 0.5 * cos], [0.5 * cos, 0.0]]), atol=1e-6)
     # a positive target above the current cosine lifts each cosine exactly to the target
     method.phi_hat.fill_(0.9)
@@ -194,7 +194,7 @@ def test_aligned_mtl_orthogonal_equal_norms():
     b = gw.aligned_matrix(solvers.gram(grads)).float()
     aligned = b @ grads
     sigma_min = torch.linalg.svdvals(grads).min()
-    assert torch.allclose(aligned @ aligned.T, sigma_min ** 2 * torch.eye(3), atol=1e-4)
+    assert torch.allclose(aligned @ aligned.T, sigma_min**2 * torch.eye(3), atol=1e-4)
     d, w, _ = run("aligned_mtl", grads)
     assert torch.allclose(d, aligned.mean(0), atol=1e-5) and torch.allclose(w, b.mean(1), atol=1e-6)
 
@@ -209,7 +209,7 @@ def test_aligned_mtl_rank_deficient():
     assert torch.isfinite(b).all()
     # on the rank-2 span the aligned gradients act like an orthogonal basis scaled by sigma_min
     eigenvalues = torch.linalg.eigvalsh(gram.double()).float()
-    assert torch.allclose(eigenvalues, torch.tensor([0.0, 1.0, 1.0]) * sigma_min ** 2, atol=1e-4)
+    assert torch.allclose(eigenvalues, torch.tensor([0.0, 1.0, 1.0]) * sigma_min**2, atol=1e-4)
     d, w, _ = run("aligned_mtl", torch.zeros(3, 5))
     assert torch.equal(d, torch.zeros(5)) and torch.isfinite(w).all()
 

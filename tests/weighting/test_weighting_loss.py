@@ -1,4 +1,5 @@
 """Loss-level weighting methods: each one's defining property, plus a shared contract test."""
+
 import math
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from torch import nn
 
 from mtl.core.errors import UserError
-from mtl.weighting.base import WEIGHTINGS, LossWeighting, build_weighting
 from mtl.weighting import loss as _loss  # noqa: F401  (registers the methods)
+from mtl.weighting.base import WEIGHTINGS, LossWeighting, build_weighting
 
 torch.set_num_threads(1)
 

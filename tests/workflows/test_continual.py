@@ -1,5 +1,6 @@
 """Continual learning: metrics on hand-made accuracy matrices, class subsets, and the task-sequence runner
 on tiny rendered characters with every method."""
+
 import json
 from pathlib import Path
 
@@ -10,11 +11,11 @@ import yaml
 
 from mtl.cli import main
 from mtl.config.load import build_config, load_config
-from mtl.workflows.continual import continual_metrics, results_table
+from mtl.config.stages import stage_configs
+from mtl.core.errors import UserError
 from mtl.data import ClassSubset
 from mtl.data.tensor_dataset import TensorImageDataset
-from mtl.core.errors import UserError
-from mtl.config.stages import stage_configs
+from mtl.workflows.continual import continual_metrics, results_table
 from mtl.workflows.stages import train_from_file
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -51,10 +52,18 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes():
 
 
 def tiny(tmp_path, *overrides):
-    return [f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'chars'}",
-            "data.options={per_class: 6, val_per_class: 6, size: 16, seed: 0}", "data.image_size=16",
-            "data.resize_size=16", "data.batch_size=8", "model.encoder_options.widths=[8,8,16,16]",
-            "train.epochs=2", "train.progress=false", *overrides]
+    return [
+        f"out_dir={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'chars'}",
+        "data.options={per_class: 6, val_per_class: 6, size: 16, seed: 0}",
+        "data.image_size=16",
+        "data.resize_size=16",
+        "data.batch_size=8",
+        "model.encoder_options.widths=[8,8,16,16]",
+        "train.epochs=2",
+        "train.progress=false",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +99,20 @@ def test_progressive_config_runs_every_method(progressive_run):
     for m in methods:
         for name in names:
             assert (root / m / name / "checkpoints" / "best.pt").is_file()
-    assert "| progressive |" in (root / "results.md").read_text() and "R for finetune" in (root / "results.md").read_text()
+    assert (
+        "| progressive |" in (root / "results.md").read_text() and "R for finetune" in (root / "results.md").read_text()
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(root))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ["R/progressive/letters_a_j", "average_acc/finetune", "continual/bwt/finetune", "continual/fwt/progressive"]:
+    for tag in [
+        "R/progressive/letters_a_j",
+        "average_acc/finetune",
+        "continual/bwt/finetune",
+        "continual/fwt/progressive",
+    ]:
         assert tag in tags, tag
     assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
 
@@ -144,21 +160,32 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
     for prefix, n in (("train", 40), ("t10k", 20)):
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    (summary,) = train_from_file(str(CONFIGS / "progressive_split_fmnist.yaml"), [
-        f"out_dir={tmp_path / 'runs'}", f"data.root={root}", "train.epochs=1", "train.progress=false",
-        "continual.methods=[progressive,finetune]", "model.encoder_options.widths=[8,8,8]"])
+    (summary,) = train_from_file(
+        str(CONFIGS / "progressive_split_fmnist.yaml"),
+        [
+            f"out_dir={tmp_path / 'runs'}",
+            f"data.root={root}",
+            "train.epochs=1",
+            "train.progress=false",
+            "continual.methods=[progressive,finetune]",
+            "model.encoder_options.widths=[8,8,8]",
+        ],
+    )
     assert len(summary["methods"]["progressive"]["R"]) == 5 and summary["methods"]["progressive"]["bwt"] == 0.0
     assert "fwt" not in summary["methods"]["progressive"]  # no independent reference
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["continual.methods=[progressive, ewc]"], "unknown ewc"),
-    (["stages=[{name: a}]"], "two or more stages"),
-    (["stages=[{name: a}, {name: b, tasks: {label: {}, other: {}}}]"], "one task"),
-    (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
-    (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
-    (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["continual.methods=[progressive, ewc]"], "unknown ewc"),
+        (["stages=[{name: a}]"], "two or more stages"),
+        (["stages=[{name: a}, {name: b, tasks: {label: {}, other: {}}}]"], "one task"),
+        (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
+        (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
+        (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
+    ],
+)
 def test_bad_continual_configs(tmp_path, overrides, message):
     pytest.importorskip("captcha")
     with pytest.raises(UserError, match=message):
@@ -183,8 +210,10 @@ def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monke
     with pytest.raises(UserError, match="unknown hook 'record_epoch'"):
         train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.hooks=[record_epoch]"))
     assert not (tmp_path / "runs").exists()
-    train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.epochs=1", "train.hooks=[record_epochs]",
-                                                             "continual.methods=[finetune, head_only]"))
+    train_from_file(
+        str(CONFIGS / "progressive.yaml"),
+        tiny(tmp_path, "train.epochs=1", "train.hooks=[record_epochs]", "continual.methods=[finetune, head_only]"),
+    )
     hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs"]
     assert RecordEpochs.seen == [("x", 1, hooks)] * 6  # 2 methods x 3 tasks
 
@@ -192,8 +221,8 @@ def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monke
 def test_new_columns_start_from_pretrained_weights(tmp_path):
     """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
     pytest.importorskip("captcha")
-    from mtl.workflows.continual import ColumnLearner, prepare_sequence
     from mtl.models.encoders import build_encoder
+    from mtl.workflows.continual import ColumnLearner, prepare_sequence
 
     torch.manual_seed(5)
     saved = build_encoder("small_cnn", widths=[8, 8, 16, 16]).state_dict()

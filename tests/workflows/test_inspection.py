@@ -1,22 +1,23 @@
 """``mtl summary`` and ``mtl features``: parameter totals, freeze status, multitask and progressive tables, depth,
 feature-map grids, clean errors."""
+
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import make_folder, tiny_config
 from PIL import Image
+from test_progressive_model import OUT, make_net
 from torch import nn
 
-from conftest import make_folder, tiny_config
 from mtl.cli import main
 from mtl.config.load import build_config
-from mtl.models.encoders import build_encoder
 from mtl.core.errors import UserError
-from mtl.workflows.train import run
+from mtl.models.encoders import build_encoder
 from mtl.workflows.inspect import features_command, summary_command, summary_table
 from mtl.workflows.runs import load_model
-from test_progressive_model import OUT, make_net
+from mtl.workflows.train import run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RESNET18_LAYER4 = 8_393_728  # torchvision resnet18's layer4
@@ -42,22 +43,31 @@ def totals(table: str) -> tuple:
     def value(label):
         line = next(line for line in table.splitlines() if line.startswith(label))
         return int(line.split(":")[1].replace(",", ""))
+
     return value("Total params"), value("Trainable params"), value("Non-trainable params")
 
 
 @pytest.fixture(scope="module")
 def resnet_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("r18") / "r18.yaml"
-    path.write_text(yaml.safe_dump({"name": "r18", "model": {"encoder": "resnet18", "weights": None},
-                                    "tasks": {"label": {"num_classes": 1000}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r18",
+                "model": {"encoder": "resnet18", "weights": None},
+                "tasks": {"label": {"num_classes": 1000}},
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
-    raw = tiny_config(make_folder(tmp / "colors", per_class=(4, 2)), tmp / "runs", **{"train.epochs": 1,
-                                                                                      "train.log_images": 0})
+    raw = tiny_config(
+        make_folder(tmp / "colors", per_class=(4, 2)), tmp / "runs", **{"train.epochs": 1, "train.log_images": 0}
+    )
     summary = run(build_config(raw, {}), quiet=True)
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -90,18 +100,25 @@ def test_overrides_may_follow_options_on_the_command_line(resnet_config, capsys)
 
 def test_summary_names_how_inception_and_googlenet_differ_from_torchvision(resnet_config, tmp_path, capsys):
     path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump({"name": "g", "model": {"encoder": "googlenet", "weights": None},
-                                    "tasks": {"label": {"num_classes": 2}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "g", "model": {"encoder": "googlenet", "weights": None}, "tasks": {"label": {"num_classes": 2}}}
+        )
+    )
     assert main(["summary", str(path), "--input", "3,32,32", "--depth", "0"]) == 0
     title, note = capsys.readouterr().out.splitlines()[:2]
     assert title.startswith("g: encoder googlenet")
-    assert note == ("note: googlenet is built without its auxiliary classifiers (aux1, aux2) for every model.weights, "
-                    "and with transform_input=True, as torchvision builds it for its ImageNet weights: inputs "
-                    "normalised with ImageNet's mean and std are re-normalised to [-1, 1] inside the model")
+    assert note == (
+        "note: googlenet is built without its auxiliary classifiers (aux1, aux2) for every model.weights, "
+        "and with transform_input=True, as torchvision builds it for its ImageNet weights: inputs "
+        "normalised with ImageNet's mean and std are re-normalised to [-1, 1] inside the model"
+    )
     with torch.device("meta"):
         inception = build_encoder("inception_v3", transform_input=False)
-    assert inception.notes == ("inception_v3 is built without its auxiliary classifier (AuxLogits) for every "
-                               "model.weights, and with transform_input=False (set in model.encoder_options)",)
+    assert inception.notes == (
+        "inception_v3 is built without its auxiliary classifier (AuxLogits) for every "
+        "model.weights, and with transform_input=False (set in model.encoder_options)",
+    )
     assert "note:" not in summary_command(str(resnet_config), [], "3,32,32", 0)
 
 
@@ -110,8 +127,9 @@ def test_freeze_specs_show_trainable_and_frozen(resnet_config):
     assert totals(table) == (11_177_538, 1026, 11_176_512)  # only the 512x2 head trains
     r = rows(table)
     assert r["encoder.layer4.1.conv2"][3] == "frozen" and r["heads.label.0"][3] == "trainable"
-    table = summary_command(str(resnet_config), ["tasks.label.num_classes=2", "model.freeze={until: layer3}"],
-                            "3,32,32", None)
+    table = summary_command(
+        str(resnet_config), ["tasks.label.num_classes=2", "model.freeze={until: layer3}"], "3,32,32", None
+    )
     assert totals(table) == (11_177_538, RESNET18_LAYER4 + 1026, 11_177_538 - RESNET18_LAYER4 - 1026)
     r = rows(table)
     assert r["encoder.layer3.1.bn2"][3] == "frozen" and r["encoder.layer4.0.conv1"][3] == "trainable"
@@ -130,9 +148,16 @@ def test_depth_limits_rows_and_collapses_subtrees(resnet_config):
 
 
 def test_multitask_table_lists_every_head(tmp_path, capsys):
-    args = ["summary", str(CONFIGS / "mtl_scenes.yaml"), f"data.root={tmp_path / 'scenes'}",
-            "data.options={size: 32, train_size: 4, val_size: 2}", "model.encoder_options.widths=[8,16,16,32]",
-            "model.freeze=all", "--input", "3,32,32"]
+    args = [
+        "summary",
+        str(CONFIGS / "mtl_scenes.yaml"),
+        f"data.root={tmp_path / 'scenes'}",
+        "data.options={size: 32, train_size: 4, val_size: 2}",
+        "model.encoder_options.widths=[8,16,16,32]",
+        "model.freeze=all",
+        "--input",
+        "3,32,32",
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     r = rows(table)

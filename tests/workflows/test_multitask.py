@@ -1,5 +1,6 @@
 """Multitask end to end: the shipped configs on tiny generated data, every weighting through the trainer,
 resume with weighting state, TensorBoard task weights, monitors, clean errors."""
+
 import json
 import math
 from pathlib import Path
@@ -7,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtl.core.checkpoint import load_checkpoint
+from mtl.build.experiment import build_experiment
 from mtl.cli import main
 from mtl.config.load import build_config, load_config
+from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
-from mtl.build.experiment import build_experiment
-from mtl.workflows.train import resume_run, run
 from mtl.engine.trainer import Trainer
 from mtl.weighting import WEIGHTINGS
+from mtl.workflows.train import resume_run, run
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 GRADIENT = ("mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
@@ -22,11 +23,19 @@ GRADIENT = ("mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl", "aligne
 
 def scenes_config(tmp_path: Path, *overrides: str, size: int = 32, n: int = 24):
     """configs/mtl_scenes.yaml shrunk to seconds: tiny scenes, a narrow encoder, two epochs."""
-    base = [f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'scenes'}",
-            f"data.options={{size: {size}, train_size: {n}, val_size: 8, seed: 0}}", "data.batch_size=8",
-            "model.encoder_options.widths=[8,16,16,32]", "tasks.seg.head.options.channels=16",
-            "tasks.depth.head.options.channels=16", "tasks.normal.head.options.channels=16",
-            "train.epochs=2", "train.progress=false", "weighting.log_every=1"]
+    base = [
+        f"out_dir={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'scenes'}",
+        f"data.options={{size: {size}, train_size: {n}, val_size: 8, seed: 0}}",
+        "data.batch_size=8",
+        "model.encoder_options.widths=[8,16,16,32]",
+        "tasks.seg.head.options.channels=16",
+        "tasks.depth.head.options.channels=16",
+        "tasks.normal.head.options.channels=16",
+        "train.epochs=2",
+        "train.progress=false",
+        "weighting.log_every=1",
+    ]
     return build_config(*load_config(CONFIGS / "mtl_scenes.yaml", base + list(overrides)))
 
 
@@ -35,7 +44,11 @@ def test_scenes_run_reports_every_task_and_logs_weights(tmp_path):
 
     summary = run(scenes_config(tmp_path, "weighting.name=dwa"), quiet=True)
     assert set(summary["tasks"]) == {"seg", "depth", "normal", "label"}
-    assert summary["tasks"]["depth"] == {"type": "depth", "primary": "abs_err", "directions": summary["tasks"]["depth"]["directions"]}
+    assert summary["tasks"]["depth"] == {
+        "type": "depth",
+        "primary": "abs_err",
+        "directions": summary["tasks"]["depth"]["directions"],
+    }
     val = summary["final"]["val"]["tasks"]
     assert 0 <= val["seg"]["miou"] <= 1 and 0 <= val["seg"]["pixel_acc"] <= 1
     assert val["depth"]["abs_err"] > 0 and val["depth"]["rel_err"] > 0
@@ -48,8 +61,15 @@ def test_scenes_run_reports_every_task_and_logs_weights(tmp_path):
     acc = EventAccumulator(summary["run_dir"])
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    for tag in ["weight/seg", "weight/label", "seg/miou/val", "depth/abs_err/val", "normal/mean_angle/train",
-                "label/acc/val", "loss/train"]:
+    for tag in [
+        "weight/seg",
+        "weight/label",
+        "seg/miou/val",
+        "depth/abs_err/val",
+        "normal/mean_angle/train",
+        "label/acc/val",
+        "loss/train",
+    ]:
         assert tag in scalars, tag
     assert len(acc.Scalars("weight/seg")) == summary["steps_per_epoch"] * 2  # log_every=1
     # the shipped config draws overlays of the dense tasks (the README promises them)
@@ -72,30 +92,51 @@ def test_every_weighting_trains_through_the_trainer(tmp_path, name):
     model = exp.model
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(list(model.parameters()) + list(exp.weighting.parameters()), lr=0.01)
-    trainer = Trainer(model, exp.tasks, {"train": exp.loaders["train"]}, optimizer, None, epochs=1,
-                      device=exp.device, progress=False, weighting=exp.weighting)
+    trainer = Trainer(
+        model,
+        exp.tasks,
+        {"train": exp.loaders["train"]},
+        optimizer,
+        None,
+        epochs=1,
+        device=exp.device,
+        progress=False,
+        weighting=exp.weighting,
+    )
     history = trainer.fit()
     assert math.isfinite(history[0]["train"]["loss"])
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "nothing was updated"
     assert torch.isfinite(exp.weighting.last_weights).all() and exp.weighting.last_weights.shape == (4,)
-    encoder_moved = [not torch.equal(b, a) for b, a, in zip(before, after)][: len(list(model.encoder.parameters()))]
+    encoder_moved = [not torch.equal(b, a) for b, a in zip(before, after)][: len(list(model.encoder.parameters()))]
     assert any(encoder_moved), "the shared encoder did not move"
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "upgrad"])
 def test_gradient_methods_on_the_shared_representation(tmp_path, name):
-    summary = run(scenes_config(tmp_path, f"weighting.name={name}", "weighting.grad_on=representation",
-                                "train.epochs=1", n=16, size=16), quiet=True)
+    summary = run(
+        scenes_config(
+            tmp_path, f"weighting.name={name}", "weighting.grad_on=representation", "train.epochs=1", n=16, size=16
+        ),
+        quiet=True,
+    )
     assert math.isfinite(summary["final"]["train"]["loss"])
 
 
 def test_representation_mode_with_equal_weights_matches_plain_backward(tmp_path):
     """grad_on=representation with a method that returns the plain sum (pcgrad on one task) must equal a
     normal backward: the encoder gets exactly the summed gradient."""
-    cfg = scenes_config(tmp_path, "weighting.name=pcgrad", "weighting.grad_on=representation",
-                        "tasks.depth=null", "tasks.normal=null", "tasks.label=null", n=8, size=16)
+    cfg = scenes_config(
+        tmp_path,
+        "weighting.name=pcgrad",
+        "weighting.grad_on=representation",
+        "tasks.depth=null",
+        "tasks.normal=null",
+        "tasks.label=null",
+        n=8,
+        size=16,
+    )
     exp = build_experiment(cfg)
     batch = next(iter(exp.loaders["train"]))
     grads = {}
@@ -110,9 +151,20 @@ def test_representation_mode_with_equal_weights_matches_plain_backward(tmp_path)
             exp.tasks["seg"].loss(out["seg"], batch["targets"]["seg"]).backward()
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-            trainer = Trainer(model, exp.tasks, {}, optimizer, None, epochs=1, device=exp.device, progress=False,
-                              weighting=exp.weighting, grad_on="representation")
+            trainer = Trainer(
+                model,
+                exp.tasks,
+                {},
+                optimizer,
+                None,
+                epochs=1,
+                device=exp.device,
+                progress=False,
+                weighting=exp.weighting,
+                grad_on="representation",
+            )
             from mtl.engine.trainer import _Meter
+
             trainer.step(batch, _Meter(exp.tasks, exp.device), train=True)
         grads[mode] = [p.grad.clone() for p in model.encoder.parameters()]
     for a, b in zip(grads["representation"], grads["plain"]):
@@ -155,17 +207,50 @@ def test_resume_restores_weighting_state(tmp_path, monkeypatch, name):
 
 
 def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
-    seg = run(scenes_config(tmp_path, "name=seg_only", "tasks.depth=null", "tasks.normal=null", "tasks.label=null",
-                            "train.epochs=1", n=16, size=16), quiet=True)
-    depth = run(scenes_config(tmp_path, "name=depth_only", "tasks.seg=null", "tasks.normal=null", "tasks.label=null",
-                              "train.epochs=1", n=16, size=16), quiet=True)
+    seg = run(
+        scenes_config(
+            tmp_path,
+            "name=seg_only",
+            "tasks.depth=null",
+            "tasks.normal=null",
+            "tasks.label=null",
+            "train.epochs=1",
+            n=16,
+            size=16,
+        ),
+        quiet=True,
+    )
+    depth = run(
+        scenes_config(
+            tmp_path,
+            "name=depth_only",
+            "tasks.seg=null",
+            "tasks.normal=null",
+            "tasks.label=null",
+            "train.epochs=1",
+            n=16,
+            size=16,
+        ),
+        quiet=True,
+    )
     baseline = tmp_path / "baseline.yaml"
     assert main(["compare", seg["run_dir"], depth["run_dir"], "--write-baseline", str(baseline)]) == 0
     base = load_config_file(baseline)
     assert base["seg"]["miou"] == pytest.approx(seg["final"]["val"]["tasks"]["seg"]["miou"])
     assert "loss" not in base["seg"] and "abs_err" in base["depth"]
-    both = run(scenes_config(tmp_path, "name=both", "tasks.normal=null", "tasks.label=null",
-                             f"train.baseline={baseline}", "train.epochs=1", n=16, size=16), quiet=True)
+    both = run(
+        scenes_config(
+            tmp_path,
+            "name=both",
+            "tasks.normal=null",
+            "tasks.label=null",
+            f"train.baseline={baseline}",
+            "train.epochs=1",
+            n=16,
+            size=16,
+        ),
+        quiet=True,
+    )
     m, b = both["final"]["val"]["tasks"], base
     terms = [(m["seg"][k] - v) / v * (1 if k != "loss" else -1) for k, v in b["seg"].items()]
     terms += [-(m["depth"][k] - v) / v for k, v in b["depth"].items()]  # depth metrics are errors
@@ -181,6 +266,7 @@ def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
 
 def load_config_file(path):
     import yaml
+
     return yaml.safe_load(Path(path).read_text())
 
 
@@ -192,18 +278,21 @@ def test_monitor_picks_best_by_named_metric(tmp_path):
     assert [m["score"] for m in lines] == pytest.approx([-e for e in errors])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.monitor=seg.bogus"], "not a task metric"),
-    (["train.monitor=delta_m"], "needs train.baseline"),
-    (["tasks.extra={target: nothing}"], "nothing"),
-    (["tasks.seg.head=linear"], "needs a dense"),
-    (["tasks.label.head=fpn"], "needs a pooled"),
-    (["tasks.label.num_classes=5"], "num_classes is 5"),
-    (["weighting.name=pcgrad", "model.freeze=all"], "loss-level weighting"),
-    (["weighting.name=nope"], "nope"),
-    (["weighting.name=cagrad", "weighting.options={bogus: 1}"], "bogus"),
-    (["model.arch=cross"], "hard or mtan"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.monitor=seg.bogus"], "not a task metric"),
+        (["train.monitor=delta_m"], "needs train.baseline"),
+        (["tasks.extra={target: nothing}"], "nothing"),
+        (["tasks.seg.head=linear"], "needs a dense"),
+        (["tasks.label.head=fpn"], "needs a pooled"),
+        (["tasks.label.num_classes=5"], "num_classes is 5"),
+        (["weighting.name=pcgrad", "model.freeze=all"], "loss-level weighting"),
+        (["weighting.name=nope"], "nope"),
+        (["weighting.name=cagrad", "weighting.options={bogus: 1}"], "bogus"),
+        (["model.arch=cross"], "hard or mtan"),
+    ],
+)
 def test_bad_multitask_configs_fail_before_training(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         run(scenes_config(tmp_path, *overrides, n=8, size=16), quiet=True)
@@ -211,8 +300,17 @@ def test_bad_multitask_configs_fail_before_training(tmp_path, overrides, message
 
 
 def test_cli_bad_multitask_config_exits_2(tmp_path, capsys):
-    code = main(["train", str(CONFIGS / "mtl_scenes.yaml"), f"out_dir={tmp_path}", f"data.root={tmp_path / 's'}",
-                 "data.options={size: 16, train_size: 8, val_size: 4}", "weighting.name=mgda", "model.freeze=all"])
+    code = main(
+        [
+            "train",
+            str(CONFIGS / "mtl_scenes.yaml"),
+            f"out_dir={tmp_path}",
+            f"data.root={tmp_path / 's'}",
+            "data.options={size: 16, train_size: 8, val_size: 4}",
+            "weighting.name=mgda",
+            "model.freeze=all",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mgda" in err[0] and "Traceback" not in err[0]
@@ -220,10 +318,20 @@ def test_cli_bad_multitask_config_exits_2(tmp_path, capsys):
 
 def test_captcha_config_has_a_grid_head_per_character(tmp_path):
     pytest.importorskip("captcha")
-    cfg = build_config(*load_config(CONFIGS / "captcha.yaml", [
-        f"out_dir={tmp_path}", f"data.root={tmp_path / 'c'}", "data.options.train_size=16",
-        "data.options.val_size=8", "model.encoder_options.widths=[8,8,16,16]", "train.epochs=1",
-        "train.progress=false"]))
+    cfg = build_config(
+        *load_config(
+            CONFIGS / "captcha.yaml",
+            [
+                f"out_dir={tmp_path}",
+                f"data.root={tmp_path / 'c'}",
+                "data.options.train_size=16",
+                "data.options.val_size=8",
+                "model.encoder_options.widths=[8,8,16,16]",
+                "train.epochs=1",
+                "train.progress=false",
+            ],
+        )
+    )
     exp = build_experiment(cfg)
     assert list(exp.tasks) == ["char0", "char1", "char2", "char3"]
     assert all(t.out_dim == 36 for t in exp.tasks.values())
@@ -244,10 +352,21 @@ def test_multi_fashion_config_trains_on_idx_files(tmp_path):
     for prefix, n in (("train", 20), ("t10k", 10)):
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(1, 256, (n, 28, 28)))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    cfg = build_config(*load_config(CONFIGS / "multi_fashion.yaml", [
-        f"out_dir={tmp_path}", f"data.root={root}", f"data.options={{train_size: 16, val_size: 8, cache_dir: {tmp_path / 'cache'}}}",
-        "data.batch_size=8", "model.encoder_options.widths=[8,8,16,16]", "train.epochs=1", "train.progress=false",
-        "weighting.name=mgda"]))
+    cfg = build_config(
+        *load_config(
+            CONFIGS / "multi_fashion.yaml",
+            [
+                f"out_dir={tmp_path}",
+                f"data.root={root}",
+                f"data.options={{train_size: 16, val_size: 8, cache_dir: {tmp_path / 'cache'}}}",
+                "data.batch_size=8",
+                "model.encoder_options.widths=[8,8,16,16]",
+                "train.epochs=1",
+                "train.progress=false",
+                "weighting.name=mgda",
+            ],
+        )
+    )
     summary = run(cfg, quiet=True)
     assert set(summary["final"]["val"]["tasks"]) == {"left", "right"}
     assert "acc" in summary["final"]["val"]  # both tasks are classifications: mean accuracy picks best
@@ -257,15 +376,32 @@ def test_nyuv2_config_builds_resnet50_aspp_on_npy_layout(tmp_path):
     from test_data_multitask import write_npy_layout
 
     root = write_npy_layout(tmp_path / "nyu", counts=(2, 2), h=32, w=48)
-    cfg = build_config(*load_config(CONFIGS / "nyuv2.yaml", [
-        f"out_dir={tmp_path}", f"data.root={root}", "model.weights=null", "data.batch_size=2", "data.num_workers=0",
-        "train.epochs=1", "train.progress=false"]))
+    cfg = build_config(
+        *load_config(
+            CONFIGS / "nyuv2.yaml",
+            [
+                f"out_dir={tmp_path}",
+                f"data.root={root}",
+                "model.weights=null",
+                "data.batch_size=2",
+                "data.num_workers=0",
+                "train.epochs=1",
+                "train.progress=false",
+            ],
+        )
+    )
     exp = build_experiment(cfg)
-    assert {t: type(h).__name__ for t, h in exp.model.heads.items()} == {t: "ASPPHead" for t in ("seg", "depth", "normal")}
+    assert {t: type(h).__name__ for t, h in exp.model.heads.items()} == {
+        t: "ASPPHead" for t in ("seg", "depth", "normal")
+    }
     assert exp.model.encoder.feature_info[-1]["reduction"] == 8  # dilated: output stride 8
     batch = next(iter(exp.loaders["train"]))
     out = exp.model.eval()(batch["image"])
-    assert out["seg"].shape == (2, 13, 32, 48) and out["depth"].shape == (2, 1, 32, 48) and out["normal"].shape == (2, 3, 32, 48)
+    assert (
+        out["seg"].shape == (2, 13, 32, 48)
+        and out["depth"].shape == (2, 1, 32, 48)
+        and out["normal"].shape == (2, 3, 32, 48)
+    )
 
 
 @pytest.mark.parametrize("grad_on", ["params", "representation"])
@@ -273,13 +409,25 @@ def test_gradient_methods_give_heads_the_weighted_sum_gradient(tmp_path, grad_on
     """Heads get d(sum_t w_t loss_t)/d(head) from the per-task pass itself, with w the method's task weights."""
     from mtl.engine.trainer import _Meter
 
-    cfg = scenes_config(tmp_path, "weighting.name=mgda", f"weighting.grad_on={grad_on}", "tasks.normal=null", n=8, size=16)
+    cfg = scenes_config(
+        tmp_path, "weighting.name=mgda", f"weighting.grad_on={grad_on}", "tasks.normal=null", n=8, size=16
+    )
     exp = build_experiment(cfg)
     batch = next(iter(exp.loaders["train"]))
     model = exp.model
     model.train()
-    trainer = Trainer(model, exp.tasks, {}, torch.optim.SGD(model.parameters(), lr=0.0), None, epochs=1,
-                      device=exp.device, progress=False, weighting=exp.weighting, grad_on=grad_on)
+    trainer = Trainer(
+        model,
+        exp.tasks,
+        {},
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        None,
+        epochs=1,
+        device=exp.device,
+        progress=False,
+        weighting=exp.weighting,
+        grad_on=grad_on,
+    )
     trainer.step(batch, _Meter(exp.tasks, exp.device), train=True)
     got = {n: p.grad.clone() for n, p in model.heads.named_parameters()}
     w = exp.weighting.last_weights.detach()

@@ -1,4 +1,5 @@
 """``mtl predict`` and ``mtl eval`` on tiny trained runs, the confusion matrices in TensorBoard, clean errors."""
+
 import csv
 import json
 from pathlib import Path
@@ -6,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import COLORS, make_folder, tiny_config
+from PIL import Image
+from test_multitask import scenes_config
+
+from mtl.build.data import build_dataset
 from mtl.cli import main
 from mtl.config.load import build_config
-from mtl.build.data import build_dataset
-from mtl.workflows.train import run
 from mtl.workflows.runs import load_model
-from test_multitask import scenes_config
+from mtl.workflows.train import run
 
 
 def _events(run_dir, eval_split=None):
@@ -32,7 +33,9 @@ def _events(run_dir, eval_split=None):
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("colour")
-    summary = run(build_config(tiny_config(make_folder(tmp / "colors"), tmp / "runs", **{"train.epochs": 3})), quiet=True)
+    summary = run(
+        build_config(tiny_config(make_folder(tmp / "colors"), tmp / "runs", **{"train.epochs": 3})), quiet=True
+    )
     return Path(summary["run_dir"]), summary
 
 
@@ -112,7 +115,11 @@ def test_predict_multitask_writes_overlays_per_dense_task(scenes_run, tmp_path):
             with Image.open(row[f"{task}_overlay"]) as im:
                 assert im.mode == "RGB" and im.size[0] == im.size[1] > 0
         assert row["label_top1"] in ("sphere", "box", "cylinder")
-    assert sorted(p.name for p in out.glob("scene0_*.png")) == ["scene0_depth.png", "scene0_normal.png", "scene0_seg.png"]
+    assert sorted(p.name for p in out.glob("scene0_*.png")) == [
+        "scene0_depth.png",
+        "scene0_normal.png",
+        "scene0_seg.png",
+    ]
     assert (out / "predictions.png").is_file()
     # images saved from the validation set are read back at the run's own input size (32x32 here, not the
     # config's image_size 224): the predictions equal the model's on the data set's own tensors
@@ -161,7 +168,9 @@ def test_model_graph_only_when_asked(scenes_run, colour_run):
 
     acc = _events(scenes_run[0])
     assert acc.Tags()["graph"]
-    graph = GraphDef.FromString(acc.Graph().SerializeToString()) if not isinstance(acc.Graph(), GraphDef) else acc.Graph()
+    graph = (
+        GraphDef.FromString(acc.Graph().SerializeToString()) if not isinstance(acc.Graph(), GraphDef) else acc.Graph()
+    )
     ops = {node.op for node in graph.node}
     assert any("conv" in op.lower() for op in ops), sorted(ops)[:20]
     assert not _events(colour_run[0]).Tags()["graph"]  # train.log_graph defaults to false
@@ -189,15 +198,18 @@ def test_confusion_image_scales_to_many_classes():
     assert confusion_text(torch.tensor([[3, 1], [0, 4]]), ["cat", "dog"]).splitlines()[1].split() == ["cat", "3", "1"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["predict", "{tmp}/missing", "{img}"], "does not exist"),
-    (["eval", "{tmp}/missing"], "does not exist"),
-    (["predict", "{run}", "{tmp}/empty"], "no image files found"),
-    (["predict", "{run}", "{tmp}/nothing.png"], "does not exist"),
-    (["predict", "{run}", "{img}", "--topk", "0"], "--topk"),
-    (["eval", "{run}", "--split", "test"], "test"),
-    (["eval", "{run}", "--split", "../up"], "--split"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["predict", "{tmp}/missing", "{img}"], "does not exist"),
+        (["eval", "{tmp}/missing"], "does not exist"),
+        (["predict", "{run}", "{tmp}/empty"], "no image files found"),
+        (["predict", "{run}", "{tmp}/nothing.png"], "does not exist"),
+        (["predict", "{run}", "{img}", "--topk", "0"], "--topk"),
+        (["eval", "{run}", "--split", "test"], "test"),
+        (["eval", "{run}", "--split", "../up"], "--split"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, words, colour_run, tmp_path, capsys):
     run_dir, _ = colour_run
     (tmp_path / "empty" / "sub").mkdir(parents=True)

@@ -1,4 +1,5 @@
 """End to end: a short run writes every artifact, learns, resumes exactly, and the CLI fails cleanly."""
+
 import json
 import subprocess
 import sys
@@ -6,11 +7,11 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
-from mtl.core.checkpoint import load_checkpoint
+
 from mtl.cli import main
 from mtl.config.load import build_config
+from mtl.core.checkpoint import load_checkpoint
 from mtl.plugins import HOOKS, Hook
 from mtl.workflows.train import resume_run, run
 
@@ -47,11 +48,13 @@ def test_tensorboard_has_scalars_lr_images_and_hparams_in_run_dir(color_folder, 
     assert "val/predictions" in tags["images"]
     assert "_hparams_/session_start_info" in acc.summary_metadata or any("hparams" in t for t in tags["tensors"])
     import os
-    assert [p for p in os.listdir(summary["run_dir"]) if os.path.isdir(os.path.join(summary["run_dir"], p))] == ["checkpoints"]
+
+    assert [p for p in os.listdir(summary["run_dir"]) if os.path.isdir(os.path.join(summary["run_dir"], p))] == [
+        "checkpoints"
+    ]
 
 
 def test_best_checkpoint_is_restored_at_the_end(color_folder, tmp_path):
-    from mtl.build.experiment import build_experiment
 
     cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 3}))
     summary = run(cfg, quiet=True)
@@ -77,6 +80,7 @@ def test_resume_equals_uninterrupted_run(color_folder, tmp_path):
     part_cfg = build_config(raw)
     # stop after one epoch, then resume from the run directory
     import mtl.engine.trainer as trainer_mod
+
     orig_fit = trainer_mod.Trainer.fit
 
     def fit_one_epoch(self):
@@ -123,14 +127,17 @@ def test_binary_head_trains(tmp_path):
     assert summary["best"]["val"]["acc"] > 0.7
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "missing.yaml"], "not found"),
-    (["train", "{cfg}", "optim.lrr=1"], "optim.lrr"),
-    (["train", "{cfg}", "optim.lr"], "bad override"),
-    (["train", "{cfg}", "data.root=/no/such/dir"], "/no/such/dir"),
-    (["train", "--resume", "{tmp}"], "cannot resume"),
-    (["train", "{cfg}", "model.encoder=resnet1"], "resnet18"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "missing.yaml"], "not found"),
+        (["train", "{cfg}", "optim.lrr=1"], "optim.lrr"),
+        (["train", "{cfg}", "optim.lr"], "bad override"),
+        (["train", "{cfg}", "data.root=/no/such/dir"], "/no/such/dir"),
+        (["train", "--resume", "{tmp}"], "cannot resume"),
+        (["train", "{cfg}", "model.encoder=resnet1"], "resnet18"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(args, words, color_folder, tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
@@ -143,8 +150,12 @@ def test_cli_bad_input_exits_2_with_one_line(args, words, color_folder, tmp_path
 def test_console_script_runs_and_overrides(color_folder, tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs")))
-    proc = subprocess.run([sys.executable, "-m", "mtl", "train", str(cfg_path), "train.epochs=1", "optim.lr=0.02"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtl", "train", str(cfg_path), "train.epochs=1", "optim.lr=0.02"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "epoch   1/1" in proc.stdout
     (d,) = list((tmp_path / "runs" / "tiny").iterdir())
@@ -153,13 +164,14 @@ def test_console_script_runs_and_overrides(color_folder, tmp_path):
 
 
 def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, tmp_path, capsys):
-    from mtl.config.load import load_config
     from mtl.workflows.stages import train_from_file
 
     raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
-    raw["stages"] = [{"name": "source"},
-                     {"name": "fixed", "model": {"weights": "stage:source", "freeze": "all"}},
-                     {"name": "scratch", "model": {"weights": None}}]
+    raw["stages"] = [
+        {"name": "source"},
+        {"name": "fixed", "model": {"weights": "stage:source", "freeze": "all"}},
+        {"name": "scratch", "model": {"weights": None}},
+    ]
     path = tmp_path / "staged.yaml"
     path.write_text(yaml.safe_dump(raw))
     summaries = train_from_file(str(path), [])
@@ -179,8 +191,8 @@ def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, t
 
 def test_stage_reference_to_a_later_stage_is_an_error(color_folder, tmp_path):
     from mtl.config.load import load_config
-    from mtl.core.errors import UserError
     from mtl.config.stages import stage_configs
+    from mtl.core.errors import UserError
 
     raw = tiny_config(color_folder, tmp_path / "runs")
     raw["stages"] = [{"name": "a", "model": {"weights": "stage:b"}}, {"name": "b"}]
@@ -203,8 +215,13 @@ def test_corrupt_images_are_skipped_and_counted(color_folder, tmp_path):
 
 
 def test_l2sp_and_lr_mult_run(color_folder, tmp_path):
-    cfg = build_config(tiny_config(color_folder, tmp_path / "runs", **{
-        "train.epochs": 1, "optim.l2sp": 0.01, "optim.lr_mult": {"encoder": 0.1}, "optim.weight_decay": 1e-4}))
+    cfg = build_config(
+        tiny_config(
+            color_folder,
+            tmp_path / "runs",
+            **{"train.epochs": 1, "optim.l2sp": 0.01, "optim.lr_mult": {"encoder": 0.1}, "optim.weight_decay": 1e-4},
+        )
+    )
     summary = run(cfg, quiet=True)
     assert summary["final"]["train"]["loss"] > 0
 
@@ -227,9 +244,20 @@ def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
     tasks = {"label": build_task("label", type="classification", target="label", num_classes=2)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     generator, monitor = torch.Generator(), lambda m: -m["loss"]
-    settings = dict(epochs=3, device=torch.device("cpu"), amp=True, grad_clip=1.5, progress=False, seed=7,
-                    generator=generator, grad_on="representation", monitor=monitor, delta_m=monitor,
-                    channels_last=True, nonfinite="skip")
+    settings = dict(
+        epochs=3,
+        device=torch.device("cpu"),
+        amp=True,
+        grad_clip=1.5,
+        progress=False,
+        seed=7,
+        generator=generator,
+        grad_on="representation",
+        monitor=monitor,
+        delta_m=monitor,
+        channels_last=True,
+        nonfinite="skip",
+    )
     old = Trainer(model, tasks, {}, opt, None, **settings)
     options = TrainerOptions(**settings)
     new = Trainer(model, tasks, {}, opt, None, options)
@@ -273,25 +301,35 @@ def test_a_hook_named_in_the_config_runs_after_mtls_own(color_folder, tmp_path, 
     assert RecordEpochs.seen == [("x", 1, hooks), ("b", 1, hooks), ("x", 2, hooks), ("b", 2, hooks)]
     (d,) = (tmp_path / "runs" / "tiny").iterdir()
     assert yaml.safe_load((d / "config.yaml").read_text())["train"]["hooks"] == [
-        {"name": "record_epochs", "options": {}}, {"name": "record_epochs", "options": {"tag": "b"}}]
+        {"name": "record_epochs", "options": {}},
+        {"name": "record_epochs", "options": {"tag": "b"}},
+    ]
 
 
 def needs_every(every: int) -> Hook:
     return Hook()
 
 
-@pytest.mark.parametrize("hooks, words", [
-    ("[early_stoping]", "unknown hook 'early_stoping'. Did you mean early_stopping?"),
-    ("[{name: early_stopping, options: {patiense: 3}}]",
-     "train.hooks[0]: unknown option(s) patiense for hook 'early_stopping'; known: patience, min_delta"),
-    ("[early_stopping, {name: early_stopping, options: {patience: 0}}]",
-     "hook 'early_stopping': patience must be an integer >= 1, got 0"),
-    ("[needs_every]", "train.hooks[0]: hook 'needs_every' needs option(s) every"),
-    ("[not_a_hook]", "train.hooks[0]: hook 'not_a_hook' built a object, not a Hook"),
-    ("[{options: {patience: 3}}]", "missing required config value 'train.hooks.0.name'"),
-])
-def test_unknown_hooks_or_options_exit_2_with_one_line_and_no_run_directory(hooks, words, color_folder, tmp_path,
-                                                                             capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "hooks, words",
+    [
+        ("[early_stoping]", "unknown hook 'early_stoping'. Did you mean early_stopping?"),
+        (
+            "[{name: early_stopping, options: {patiense: 3}}]",
+            "train.hooks[0]: unknown option(s) patiense for hook 'early_stopping'; known: patience, min_delta",
+        ),
+        (
+            "[early_stopping, {name: early_stopping, options: {patience: 0}}]",
+            "hook 'early_stopping': patience must be an integer >= 1, got 0",
+        ),
+        ("[needs_every]", "train.hooks[0]: hook 'needs_every' needs option(s) every"),
+        ("[not_a_hook]", "train.hooks[0]: hook 'not_a_hook' built a object, not a Hook"),
+        ("[{options: {patience: 3}}]", "missing required config value 'train.hooks.0.name'"),
+    ],
+)
+def test_unknown_hooks_or_options_exit_2_with_one_line_and_no_run_directory(
+    hooks, words, color_folder, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(HOOKS._entries, "needs_every", needs_every)
     monkeypatch.setitem(HOOKS._entries, "not_a_hook", object)
     cfg_path = tmp_path / "c.yaml"
