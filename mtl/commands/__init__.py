@@ -1,6 +1,7 @@
 """Layer 6: one module per ``mtl <command>``, each with ``add_arguments(parser)`` and ``run(args) -> int``.
 
-``mtl.cli`` lists them in ``COMMANDS`` and imports only the one that runs. Printing happens here, nowhere below.
+``mtl.cli`` lists them in ``COMMANDS`` and imports only the one that runs. A command prints its result; the layers
+below return it, and only training prints as it goes (bars, a run's banner and epoch lines, stage tables).
 """
 
 import argparse
