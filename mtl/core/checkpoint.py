@@ -64,9 +64,26 @@ def _disk_error(err: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (reading it with ``os.umask`` would set it for a moment, for every
+    thread), else set and put back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any], then: Hint = "") -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a truncated file, and a full disk
-    is one UserError line (see ``writing``) that leaves the previous file as it was."""
+    is one UserError line (see ``writing``) that leaves the previous file as it was. The file gets the permissions
+    a plain ``open`` would give it (0666 less the umask: usually readable by the user's group), not the private
+    0600 of a temporary file."""
     path = Path(path)
     with writing(path, then):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +91,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], then: Hint = "")
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
