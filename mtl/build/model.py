@@ -11,7 +11,7 @@ from mtl.config.schema import Config, HeadCfg
 from mtl.core.errors import UserError
 from mtl.data import DATASETS
 from mtl.models.encoders import build_encoder, check_input_size
-from mtl.models.heads import DENSE, HEADS, head_input
+from mtl.models.heads import DENSE, create_head, head_input
 from mtl.models.mtan import MTAN
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
@@ -70,7 +70,8 @@ def build_head(
     if head_cfg.name == "linear" and not classifier_bias:
         options.setdefault("bias", False)
     try:
-        head = HEADS.get(head_cfg.name)(
+        head = create_head(
+            head_cfg.name,
             in_dim=in_dim,
             out_dim=task.out_dim,
             feature_info=feature_info,

@@ -71,6 +71,29 @@ def check_options(head: str, options: dict[str, Any], known: Sequence[str]) -> N
         raise UserError(f"head {head!r}: unknown option(s) {', '.join(unknown)}; {takes}")
 
 
+BUILDER_ARGS = ("in_dim", "out_dim", "feature_info", "hidden", "dropout")  # what every head builder takes
+
+
+def create_head(
+    name: str,
+    *,
+    in_dim: int,
+    out_dim: int,
+    feature_info: list[dict] | None,
+    hidden: int,
+    dropout: float,
+    **options: Any,
+) -> nn.Module:
+    """The registered head ``name`` built with ``options``. A builder that names its options (a plugin's
+    ``def cosine_head(*, in_dim, ..., scale=10.0)``) gets a UserError for any other one, naming those it takes;
+    a builder with ``**options`` checks them itself, as the built-in heads do (``check_options``)."""
+    builder = HEADS.get(name)
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        check_options(name, options, [p for p in params if p not in BUILDER_ARGS])
+    return builder(in_dim=in_dim, out_dim=out_dim, feature_info=feature_info, hidden=hidden, dropout=dropout, **options)
+
+
 @HEADS.register("linear")
 def linear_head(
     *,

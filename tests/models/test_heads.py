@@ -360,3 +360,25 @@ def test_an_invalid_input_is_refused_when_the_model_is_built(monkeypatch):
         build_model(cfg, build_encoder("small_cnn", widths=[8, 16]), {"label": task})
     with pytest.raises(UserError, match=message):
         ProgressiveNet().add_column("label", BadInput(16, 3), build_encoder("small_cnn", widths=[8, 16]))
+
+
+def test_a_plugin_heads_unknown_option_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    import yaml
+    from conftest import make_folder, tiny_config
+
+    from mtl.cli import main
+
+    def cosine_head(*, in_dim, out_dim, feature_info=None, hidden=0, dropout=0.0, scale=10.0):
+        return nn.Linear(in_dim, out_dim)
+
+    monkeypatch.setitem(HEADS._entries, "cos", cosine_head)
+    cfg = tiny_config(make_folder(tmp_path / "data"), tmp_path / "runs", **{"train.epochs": 1})
+    cfg["tasks"] = {"label": {"head": {"name": "cos", "options": {"scale": 2.0, "bogus": 1}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mtl: error: tasks.label.head: head 'cos': unknown option(s) bogus; it takes scale"]
+    assert not (tmp_path / "runs").exists()
+    cfg["tasks"]["label"]["head"]["options"] = {"scale": 2.0}  # the options it names still reach it
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
