@@ -170,13 +170,20 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base``; mappings merge, everything else replaces."""
+    """Recursively merge ``update`` into a copy of ``base``: mappings merge, everything else replaces. A mapping of
+    ``update`` with ``_delete_: true`` replaces the base's mapping instead of merging into it (mmengine's rule), e.g.
+    ``head: {_delete_: true, name: linear}`` keeps none of a base head's options."""
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
+        if not isinstance(value, Mapping):
             out[key] = copy.deepcopy(value)
+            continue
+        replace = value.get("_delete_", False)
+        if not isinstance(replace, bool):
+            raise UserError(f"_delete_ under {key} must be true (replace the base's {key}) or false, got {replace!r}")
+        value = {k: v for k, v in value.items() if k != "_delete_"}
+        merge = not replace and isinstance(out.get(key), Mapping)
+        out[key] = deep_merge(out[key] if merge else {}, value)
     return out
 
 

@@ -20,6 +20,28 @@ def test_base_inheritance_deep_merges_and_child_wins(tmp_path):
     assert cfg.optim.lr == 0.01 and cfg.optim.momentum == 0.5 and cfg.data.batch_size == 8
 
 
+def test_delete_replaces_a_base_mapping_instead_of_merging(tmp_path):
+    write(tmp_path / "base.yaml", "tasks: {label: {head: {name: grid, options: {bins: [1, 8], stage: stage3}}}}\n")
+    merged = write(tmp_path / "merged.yaml", "_base_: base.yaml\ntasks: {label: {head: {name: linear}}}\n")
+    replaced = write(
+        tmp_path / "replaced.yaml", "_base_: base.yaml\ntasks: {label: {head: {_delete_: true, name: linear}}}\n"
+    )
+    assert load_config(merged)[0]["tasks"]["label"]["head"]["options"] == {"bins": [1, 8], "stage": "stage3"}
+    assert load_config(replaced)[0]["tasks"]["label"]["head"] == {"name": "linear"}
+    assert build_config(*load_config(replaced)).tasks["label"].head.options == {}
+    alone = write(tmp_path / "alone.yaml", "optim: {_delete_: true, lr: 0.5}\n")  # no base: the key just goes
+    assert load_config(alone)[0]["optim"] == {"lr": 0.5}
+    kept = write(tmp_path / "kept.yaml", "_base_: base.yaml\ntasks: {label: {head: {_delete_: false, name: x}}}\n")
+    assert load_config(kept)[0]["tasks"]["label"]["head"]["options"]["bins"] == [1, 8]
+
+
+def test_delete_must_be_true_or_false(tmp_path):
+    write(tmp_path / "base.yaml", "optim: {lr: 0.1}\n")
+    bad = write(tmp_path / "bad.yaml", "_base_: base.yaml\noptim: {_delete_: yes please, lr: 0.2}\n")
+    with pytest.raises(UserError, match="_delete_ under optim must be true .* or false, got 'yes please'"):
+        load_config(bad)
+
+
 def test_base_list_applies_in_order(tmp_path):
     write(tmp_path / "a.yaml", "optim: {lr: 0.1}\ntrain: {epochs: 3}\n")
     write(tmp_path / "b.yaml", "optim: {lr: 0.2}\n")
