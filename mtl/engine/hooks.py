@@ -3,6 +3,7 @@ the hooks a config may name in ``train.hooks``."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mtl.config.schema import OptimCfg, UnfreezeCfg
 from mtl.core import distributed as dist
-from mtl.core.checkpoint import load_checkpoint, save_checkpoint, writing
+from mtl.core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, writing
 from mtl.core.errors import UserError
 from mtl.core.registry import Registry
 from mtl.core.rundir import resume_hint
@@ -139,10 +140,13 @@ class CheckpointHook(Hook):
 
 class MetricsFileHook(Hook):
     """One JSON line per epoch in ``metrics.jsonl``; on resume, later lines are dropped first. A write that fails
-    (full disk) is undone, so the file never ends in half a line."""
+    (full disk) is undone, so the file never ends in half a line. The same epochs as one flat row each in
+    ``metrics.csv`` (for spreadsheets; columns such as ``val.tasks.label.acc``, ``lr.0``), rewritten whole and
+    atomically every epoch from the trainer's history."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.csv = Path(run_dir) / "metrics.csv"
         self.then = functools.partial(resume_hint, Path(run_dir))
 
     def on_resume(self, trainer: Trainer) -> None:
@@ -165,6 +169,30 @@ class MetricsFileHook(Hook):
                     raise
             finally:
                 os.close(fd)
+        rows = [flat_row(m) for m in trainer.history]
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.csv, write_csv, self.then)
+
+
+def flat_row(metrics: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """An epoch's nested metrics as one flat row: ``{"val": {"tasks": {"label": {"acc": x}}}}`` gives
+    ``{"val.tasks.label.acc": x}``; lists are numbered (``lr.0``)."""
+    row: Dict[str, Any] = {}
+    items = metrics.items() if isinstance(metrics, Mapping) else enumerate(metrics)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (Mapping, list, tuple)):
+            row.update(flat_row(value, f"{name}."))
+        else:
+            row[name] = value
+    return row
 
 
 class ConsoleHook(Hook):

@@ -349,3 +349,24 @@ def test_early_stopping_ends_training_and_a_resumed_run_stays_ended(color_folder
     assert [json.loads(x)["epoch"] for x in next(lines).read_text().splitlines()] == [1, 2]
     again = resume_run(summary["run_dir"])
     assert again["epochs"] == 2 and again["best"] == summary["best"]
+
+
+def test_metrics_csv_holds_the_same_epochs_as_metrics_jsonl(tmp_path, color_folder):
+    import csv
+
+    from mtl.engine.hooks import flat_row
+
+    cfg = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2, "train.log_images": 0})
+    summary = run(build_config(cfg))
+    run_dir = tmp_path / "runs" / "tiny" / summary["run_dir"].split("/")[-1]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(epochs) == 2
+    assert {"epoch", "train.loss", "val.acc", "val.tasks.label.acc", "lr.0", "is_best"} <= set(rows[0])
+    for row, epoch in zip(rows, epochs):
+        flat = flat_row(epoch)
+        assert set(row) == set(flat)
+        for key, value in flat.items():
+            assert row[key] == str(value), key  # Python's float repr round-trips exactly
+    assert flat_row({"a": {"b": [1, {"c": 2}]}}) == {"a.b.0": 1, "a.b.1.c": 2}
