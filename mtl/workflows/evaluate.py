@@ -74,7 +74,7 @@ def eval_command(run: str, split: str = "val") -> str:
         loaded.tasks,
         device,
         autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None,
-        progress=len(loader) > 1,
+        progress=None if len(loader) > 1 else False,  # a bar on a terminal only, never in a redirected log
     )
     if result.size == 0:
         raise UserError(f"split {split!r} of {run_dir} has no images to evaluate")

@@ -141,7 +141,9 @@ def predict_images(
     grid: List[Tensor] = []
     skipped: List[str] = []
     used: set = set()
-    bar = tqdm(total=len(files), unit="img", desc="predict", leave=False, disable=len(files) <= BATCH)
+    bar = tqdm(
+        total=len(files), unit="img", desc="predict", leave=False, disable=True if len(files) <= BATCH else None
+    )  # None: only on a terminal
     for start in range(0, len(files), BATCH):
         paths, x = _load_batch(files[start : start + BATCH], loaded, skipped)
         bar.update(len(files[start : start + BATCH]))

@@ -220,3 +220,15 @@ def test_bad_input_exits_2_with_one_line(args, words, colour_run, tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mtl: error:") and words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_eval_and_predict_bars_stay_out_of_a_redirected_log(colour_run, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir, _ = colour_run
+    folder = run_dir.parents[2] / "colors"  # 72 images: more than one predict batch
+    for args in (["eval", str(run_dir)], ["predict", str(run_dir), str(folder), "--out", str(tmp_path / "p")]):
+        done = subprocess.run([sys.executable, "-m", "mtl", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "it/s" not in done.stderr and "batch/s" not in done.stderr and "%|" not in done.stderr, done.stderr
