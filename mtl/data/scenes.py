@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from mtl.core.errors import UserError
 from mtl.data.cache import cache_path, load_or_build
@@ -137,7 +138,8 @@ def render_scenes(count: int, size: int, max_objects: int, rng: np.random.Genera
     float16 normals (N,3,S,S) with 0 = sky, long labels (N,)."""
     params = _sample_scenes(count, max_objects, rng)
     noise_seed = int(rng.integers(2**62))
-    parts = [_render(_slice(params, i, i + _CHUNK), size, noise_seed + i) for i in range(0, count, _CHUNK)]
+    starts = tqdm(range(0, count, _CHUNK), desc=f"rendering {count} scenes", unit="chunk", disable=None, leave=False)
+    parts = [_render(_slice(params, i, i + _CHUNK), size, noise_seed + i) for i in starts]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 

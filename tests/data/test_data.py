@@ -461,3 +461,21 @@ def test_registry_builders_take_keyword_options_with_defaults():
         for p in params.values():
             assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, (name, p)
     user_error("Did you mean cifar10", DATASETS.get, "cifar01")
+
+
+def test_a_long_generation_says_so_and_a_quick_or_cached_one_is_silent(tmp_path, capsys, monkeypatch):
+    from mtl.data import cache
+
+    build("shapes", root=tmp_path / "quick", per_class=3, size=16)  # well under ANNOUNCE_AFTER_S
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cache, "ANNOUNCE_AFTER_S", 0.0)  # every generation counts as long
+    build("shapes", root=tmp_path, per_class=3, size=16)
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        len(err) == 2
+        and err[0].startswith("generating shapes-train-")
+        and f"later runs read it from {tmp_path}" in err[0]
+    )
+    assert err[1].startswith("generated shapes-train-") and err[1].endswith(" s")
+    build("shapes", root=tmp_path, per_class=3, size=16)  # from the cache: nothing to wait for
+    assert capsys.readouterr().err == ""
