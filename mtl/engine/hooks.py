@@ -199,14 +199,14 @@ class ConsoleHook(Hook):
     """A one-line summary per epoch."""
 
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
-        line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train {_phase_text(m['train'])}"
+        line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train {phase_text(m['train'])}"
         if "val" in m:
-            line += f"  |  val {_phase_text(m['val'])}"
+            line += f"  |  val {phase_text(m['val'])}"
         line += f"  |  {m['time_s']:.1f}s  lr {m['lr'][0]:.2e}" + ("  *best*" if m["is_best"] else "")
         tqdm.write(line)
 
 
-def _phase_text(r: Mapping[str, Any]) -> str:
+def phase_text(r: Mapping[str, Any]) -> str:
     """``loss 0.41 acc 0.87`` for classifiers; with several tasks each task's first metric too."""
     text = f"loss {r['loss']:.4f}"
     if "acc" in r:

@@ -33,6 +33,7 @@ from mtl.core.rundir import (
     no_checkpoint_yet,
     resume_hint,
 )
+from mtl.engine.hooks import phase_text
 from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.base import Task
 
@@ -150,8 +151,23 @@ def _train(
     summary["processes"] = dist.world_size()
     if main_process:
         save_json(summary, run_dir / "summary.json", lambda: resume_hint(run_dir))
+        if not quiet:
+            print(end_line(summary, cfg.train.monitor))
     dist.barrier()  # a next stage reads this run's checkpoints
     return summary
+
+
+def end_line(summary: Mapping[str, Any], monitor: str) -> str:
+    """One line at a run's end: the best epoch (by ``train.monitor``) and its validation metrics, the final ones, and
+    where the run was written."""
+    best, final = summary["best"], summary["final"] or {}
+    phase = "val" if best.get("val") else "train"
+    text = f"done: best epoch {best['epoch']} of {summary['epochs']} (train.monitor {monitor})"
+    if best.get(phase):
+        text += f": {phase} {phase_text(best[phase])}"
+    if final.get(phase) and final.get("epoch") != best["epoch"]:
+        text += f"  |  final epoch {final['epoch']}: {phase} {phase_text(final[phase])}"
+    return text + f"  |  written to {summary['run_dir']}"
 
 
 def _task_text(tasks: Mapping[str, Task]) -> str:

@@ -370,3 +370,15 @@ def test_metrics_csv_holds_the_same_epochs_as_metrics_jsonl(tmp_path, color_fold
         for key, value in flat.items():
             assert row[key] == str(value), key  # Python's float repr round-trips exactly
     assert flat_row({"a": {"b": [1, {"c": 2}]}}) == {"a.b.0": 1, "a.b.1.c": 2}
+
+
+def test_a_run_ends_with_one_line_naming_its_best_epoch_and_where_it_was_written(tmp_path, color_folder, capsys):
+    cfg = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2, "train.log_images": 0})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = summary["best"]
+    assert last.startswith(f"done: best epoch {best['epoch']} of 2 (train.monitor auto): val loss ")
+    assert f"acc {best['val']['acc']:.4f}" in last and last.endswith(f"written to {run_dir}")
