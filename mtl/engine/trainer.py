@@ -204,31 +204,34 @@ class Trainer:
 
     def run_phase(self, phase: str) -> Dict[str, Any]:
         """One pass over ``loaders[phase]``: trains when phase is "train", else evaluates (``engine.evaluate``)."""
-        train = phase == "train"
-        if not train:
-            ev = evaluate(
-                self.model,
-                self.loaders[phase],
-                self.tasks,
-                self.device,
-                autocast=self.autocast,
-                channels_last=self.channels_last,
-                confusion=False,
-                reduce=True,
-                progress=None if self.progress and dist.is_main() else False,
-                desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
-            )
-            result = {**ev.overall, "tasks": ev.metrics}
-            if self.delta_m is not None:
-                result["delta_m"] = self.delta_m(result)
-            return result
-        self.model.train(train)
-        if train and self.generator is not None:
+        result = self._train_phase() if phase == "train" else self._evaluate_phase(phase)
+        if self.delta_m is not None:
+            result["delta_m"] = self.delta_m(result)
+        return result
+
+    def _evaluate_phase(self, phase: str) -> Dict[str, Any]:
+        ev = evaluate(
+            self.model,
+            self.loaders[phase],
+            self.tasks,
+            self.device,
+            autocast=self.autocast,
+            channels_last=self.channels_last,
+            confusion=False,
+            reduce=True,
+            progress=None if self.progress and dist.is_main() else False,
+            desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
+        )
+        return {**ev.overall, "tasks": ev.metrics}
+
+    def _train_phase(self) -> Dict[str, Any]:
+        self.model.train(True)
+        if self.generator is not None:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
         meter = Meter(self.tasks, self.device)
-        loader = self.loaders[phase]
+        loader = self.loaders["train"]
         batches, done = iter(loader), 0
-        if train and self._partial is not None:  # resume inside this epoch: same batches, same random draws
+        if self._partial is not None:  # resume inside this epoch: same batches, same random draws
             partial, self._partial = self._partial, None
             for _ in range(partial["step"]):
                 next(batches)
@@ -240,29 +243,24 @@ class Trainer:
             batches,
             total=len(loader),
             initial=done,
-            desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
+            desc=f"train {self.epoch + 1}/{self.epochs}",
             leave=False,
             disable=None if self.progress and dist.is_main() else True,
             dynamic_ncols=True,
         )
-        with torch.set_grad_enabled(train):
+        with torch.enable_grad():
             for i, batch in enumerate(bar, start=done):
-                losses = self.step(batch, meter, train)
-                if train:
-                    self._call("after_step", losses)
-                    if self._should_stop():
-                        bar.close()
-                        self._interrupt(i + 1, meter)
+                losses = self.step(batch, meter, True)
+                self._call("after_step", losses)
+                if self._should_stop():
+                    bar.close()
+                    self._interrupt(i + 1, meter)
                 if self.progress and (i % 10 == 0 or i == len(loader) - 1):
                     bar.set_postfix(_postfix(meter.result()))
         bar.close()
         meter.all_reduce()
-        if train:
-            self.weighting.end_epoch(meter.mean_losses())
-        result = meter.result()
-        if self.delta_m is not None:
-            result["delta_m"] = self.delta_m(result)
-        return result
+        self.weighting.end_epoch(meter.mean_losses())
+        return meter.result()
 
     def step(self, batch: Mapping[str, Any], meter: Meter, train: bool) -> Dict[str, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)

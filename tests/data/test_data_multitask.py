@@ -12,9 +12,9 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from test_data import build, user_error
 
-from mtl.core.errors import UserError
-from mtl.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, captcha_text, dense_transforms, multi_fashion
+from mtl.data import IMAGENET_MEAN, IMAGENET_STD, captcha_text, dense_transforms, multi_fashion
 from mtl.data import scenes as scenes_module
 from mtl.data.mnist import read_idx
 from mtl.data.scenes import KINDS, SEG_CLASSES
@@ -24,18 +24,6 @@ torch.set_num_threads(1)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-def build(name, **kwargs):
-    return DATASETS.get(name)(**kwargs)
-
-
-def user_error(match, fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError, match=match) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def unnormalise(image):
