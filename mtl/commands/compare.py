@@ -1,29 +1,43 @@
-"""``mtl compare``: a table of runs' metrics and their delta_m; or a baseline file from runs."""
+"""``mtl compare``: runs grouped over seeds (mean ± std, 95 % interval) with delta_m; or a baseline file from runs."""
 
 import argparse
 
-from mtl.workflows.compare import compare_table, write_baseline
+from mtl.core.errors import UserError
+from mtl.workflows.compare import SELECT_CHOICES, compare_table, write_baseline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "One row per run (or per stage), one column per task metric; with --baseline also "
-        "delta_m %% against single-task results."
+        "One row per group of runs that differ only in train.seed (or per sweep point; staged runs per stage), one "
+        "column per task metric as mean ± std [95 %% t-interval] over seeds; with --baseline also delta_m %% in two "
+        "conventions (flat and LibMTL's) against single-task results."
     )
-    parser.add_argument("runs", nargs="+", help="run directories, staged runs, or folders of runs")
+    parser.add_argument("runs", nargs="+", help="run directories, staged runs, sweep folders, or folders of runs")
     parser.add_argument("--baseline", metavar="FILE", help="single-task results {task: {metric: value}} (YAML)")
     parser.add_argument(
-        "--which", choices=("final", "best"), default="final", help="which epoch's metrics (default final)"
+        "--select",
+        metavar="MODE",
+        help=f"which epoch each run reports: {SELECT_CHOICES}; default best (chosen by train.monitor on validation)",
     )
+    parser.add_argument(
+        "--which", choices=("final", "best"), help="old name of --select (final = last); kept for old scripts"
+    )
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     parser.add_argument("--metrics", metavar="M1,M2", help="only these metric names, comma-separated")
-    parser.add_argument("--write-baseline", metavar="FILE", help="write the runs' per-task metrics as a baseline file")
+    parser.add_argument(
+        "--write-baseline", metavar="FILE", help="write the runs' per-task metrics (mean over seeds) as a baseline file"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    which = {"final": "last"}.get(args.which, args.which)
+    if which and args.select and args.select != which:
+        raise UserError(f"--which {args.which} and --select {args.select} disagree; give only --select")
+    select = args.select or which or "best"
     if args.write_baseline:
-        write_baseline(args.runs, args.write_baseline, args.which)
+        write_baseline(args.runs, args.write_baseline, select)
         print(f"wrote {args.write_baseline}")
     else:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-        print(compare_table(args.runs, args.baseline, args.which, metrics))
+        print(compare_table(args.runs, args.baseline, select, metrics, args.format))
     return 0

@@ -686,6 +686,7 @@ def _summary_with(path: Path, metrics: dict) -> Path:
     summary = {
         "weighting": "",
         "tasks": {"label": {"directions": {"acc": True, "loss": False}}},
+        "best": {"val": {"tasks": {"label": metrics}}},
         "final": {"val": {"tasks": {"label": metrics}}},
     }
     (path / "summary.json").write_text(json.dumps(summary))
@@ -699,7 +700,7 @@ def test_compare_refuses_unknown_metrics(tmp_path, capsys):
     )
     assert main(["compare", str(run), "--metrics", "loss, acc"]) == 0  # loss is shown when asked for
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "| run | weighting | label.acc | label.loss |" and table[2].endswith("| 0.7500 | 0.5000 |")
+    assert table[2] == "| group | n | label.acc | label.loss |" and table[4].endswith("| 1 | 0.7500 | 0.5000 |")
 
 
 # --------------------------------------------------------------------------- symlinks, pickles, resume

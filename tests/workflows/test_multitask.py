@@ -256,12 +256,14 @@ def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
     terms += [-(m["depth"][k] - v) / v for k, v in b["depth"].items()]  # depth metrics are errors
     expected = 100 * sum(terms) / len(terms)
     assert both["final"]["val"]["delta_m"] == pytest.approx(expected, rel=1e-6)
+    seg_terms = terms[: len(b["seg"])]
+    libmtl = 100 * (sum(seg_terms) / len(seg_terms) + sum(terms[len(seg_terms) :]) / len(b["depth"])) / 2
     capsys.readouterr()
     assert main(["compare", seg["run_dir"], both["run_dir"], "--baseline", str(baseline)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| run | weighting | seg.miou") and table[0].endswith("Δm % |")
-    assert table[2].endswith("| n/a |")  # the single-task run lacks the depth baseline
-    assert table[3].endswith(f"| {expected:+.2f} |")
+    assert table[2].startswith("| group | n | seg.miou") and table[2].endswith("| Δm % (flat) | Δm % (LibMTL Δp) |")
+    assert table[4].endswith("| n/a | n/a |")  # the single-task run lacks the depth baseline
+    assert table[5].endswith(f"| {expected:+.2f} | {libmtl:+.2f} |")
 
 
 def load_config_file(path):
