@@ -9,7 +9,7 @@ from mtl.workflows.compare import SELECT_CHOICES, compare_table, write_baseline
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "One row per group of runs that differ only in train.seed (or per sweep point; staged runs per stage), one "
-        "column per task metric as mean ± std [95 %% t-interval] over seeds; with --baseline also delta_m %% in two "
+        "column per task metric as mean ± std [95 % t-interval] over seeds; with --baseline also delta_m % in two "
         "conventions (flat and LibMTL's) against single-task results."
     )
     parser.add_argument("runs", nargs="+", help="run directories, staged runs, sweep folders, or folders of runs")

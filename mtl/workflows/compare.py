@@ -28,7 +28,7 @@ DELTA_HEADERS = {"delta_m_flat": "Δm % (flat)", "delta_m_libmtl": "Δm % (LibMT
 
 def _betacf(a: float, b: float, x: float) -> float:
     """The continued fraction of the regularized incomplete beta function (modified Lentz; Press et al.,
-    Numerical Recipes, 3rd ed., eq. 6.4.5)."""
+    Numerical Recipes in C, 2nd ed., eqs. 6.4.5-6.4.6)."""
     tiny = 1e-300
     c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
     d = 1.0 / (d if abs(d) > tiny else tiny)
@@ -59,7 +59,8 @@ def _betai(a: float, b: float, x: float) -> float:
 
 
 def t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom: 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0."""
+    """P(T <= t) for Student's t with ``df`` degrees of freedom: 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0
+    (Numerical Recipes in C, 2nd ed., eq. 6.4.9, whose A(t|df) = P(|T| < t))."""
     tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
     return 1.0 - tail if t >= 0 else tail
 
@@ -481,6 +482,9 @@ def aggregate(
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         if twice:
             notes.append(f"{labels[key]}: several runs with seed {', '.join(map(str, twice))} (not independent seeds)")
+    lacking = [str(r.dir) for r in runs if base and DELTA_COLUMNS["flat"] not in r.values]
+    if lacking:
+        notes.append(f"Δm n/a for runs without every task and metric of the baseline: {', '.join(lacking)}")
     test_names = [(r.summary.get("protocol") or {}).get("test") for r in runs]
     protocol = _protocol(mode, k, on_test, test_names, bool(base))
     return Aggregate(groups, list(columns), protocol, "test" if on_test else "val", notes)
@@ -520,7 +524,7 @@ def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = N
         out = agg.as_dict()
         for g in out["groups"]:
             g["stats"] = {c: s for c, s in g["stats"].items() if c in columns}
-        return json.dumps({**out, "columns": columns}, indent=2)
+        return json.dumps({**out, "columns": columns}, indent=2, ensure_ascii=False)
     if fmt == "csv":
         buf = io.StringIO()
         buf.write("".join(f"# {line}\n" for line in [agg.protocol] + agg.notes))

@@ -309,6 +309,7 @@ def test_delta_m_is_computed_per_run_then_over_seeds_in_both_conventions(tmp_pat
     assert both.stats["delta_m_libmtl"].values == [pytest.approx(15.0), pytest.approx(10.0)]  # one metric per task
     assert both.stats["delta_m_flat"].std == pytest.approx(5 / math.sqrt(2))
     assert "delta_m_flat" not in agg.groups[1].stats  # the single-task run lacks the depth baseline
+    assert agg.notes == [f"Δm n/a for runs without every task and metric of the baseline: {tmp_path / 'runs' / 'seg'}"]
     table = compare_table([str(tmp_path / "runs")], str(base)).splitlines()
     assert table[0].endswith("; Δm per run against the baseline, then over seeds (+ = better than the baseline)")
     assert table[2] == "| group | n | seg.miou | depth.abs_err | Δm % (flat) | Δm % (LibMTL Δp) |"
