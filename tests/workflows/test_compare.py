@@ -11,8 +11,9 @@ import yaml
 
 from mtl.cli import main
 from mtl.core.errors import UserError
+from mtl.core.stats import describe, t_cdf, t_quantile
 from mtl.engine.monitor import delta_m, delta_p, load_baseline
-from mtl.workflows.compare import aggregate, compare_table, describe, run_curve, t_cdf, t_quantile, write_baseline
+from mtl.workflows.compare import aggregate, compare_table, run_curve, write_baseline
 
 DIRECTIONS = {"seg": {"miou": True, "loss": False}, "depth": {"abs_err": False, "loss": False}}
 
