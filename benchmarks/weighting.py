@@ -6,11 +6,12 @@
 
 Trains one single-task run per task and seed (the baselines), then the multitask config once per method and seed
 (``train.seed`` set to each seed), and prints a Markdown table: per run kind, the final validation metrics per task,
-delta_m % against the single-task baselines, and the mean training time per step with its ratio to equal weighting
-(same process, same machine). With several seeds every cell is the mean ± the sample standard deviation (ddof = 1)
-over the seeds. The baseline of delta_m (the flat mean over (task, metric) pairs of nash-mtl and LibMTL; README,
-"Δm and comparisons") is each single-task metric's mean over the seeds; each seed's multitask run gets its delta_m
-against it, and the table shows their mean ± std. ``× equal`` is the mean step time over the mean of equal's.
+delta_m % against the single-task baselines in both conventions (flat: the mean over (task, metric) pairs, as
+Nash-MTL and FAMO; LibMTL's Δp: the mean over tasks of each task's mean; README, "Δm and comparisons"), and the
+mean training time per step with its ratio to equal weighting (same process, same machine). With several seeds
+every cell is the mean ± the sample standard deviation (ddof = 1) over the seeds. The baseline of delta_m is each
+single-task metric's mean over the seeds; each seed's multitask run gets its delta_m against it, and the table
+shows their mean ± std. ``× equal`` is the mean step time over the mean of equal's.
 The config's ``weighting.options`` go to its own method only; the other methods run with their defaults.
 
 Your own weighting methods come from ``--import MODULE`` (repeatable) or the config's ``imports:``. The config,
@@ -37,7 +38,7 @@ from mtl.commands import add_import_option
 from mtl.config.load import build_config, load_config
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules, import_modules
-from mtl.engine.monitor import delta_m
+from mtl.engine.monitor import delta_m, delta_p
 from mtl.weighting import WEIGHTINGS, build_weighting
 from mtl.workflows.compare import run_directions, run_metrics
 from mtl.workflows.plots import mean_std
@@ -151,18 +152,18 @@ def table(tasks: Sequence[str], rows: Dict[str, List[Summary]], shown: Optional[
     last = run_metrics(list(rows.values())[-1][0])
     columns = [(t, m) for t in tasks for m in last.get(t, {}) if m != "loss" and (not shown or m in shown)]
     equal = [_step_s(s) for s in rows.get("equal", [])]
-    header = ["run"] + [f"{t}.{m}" for t, m in columns] + ["Δm %", "s/step", "× equal"]
+    header = ["run"] + [f"{t}.{m}" for t, m in columns] + ["Δm % (flat)", "Δm % (LibMTL Δp)", "s/step", "× equal"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label, summaries in rows.items():
         metrics = [run_metrics(s) for s in summaries]
         cells = [label] + [_cell([v[t][m] for v in metrics if m in v.get(t, {})]) for t, m in columns]
         multi = not label.startswith(SINGLE)
         if baseline and multi:
-            cells.append(
-                _cell([delta_m(v, baseline, run_directions(s)) for v, s in zip(metrics, summaries)], "{:+.2f}")
-            )
+            for convention in (delta_m, delta_p):
+                deltas = [convention(v, baseline, run_directions(s)) for v, s in zip(metrics, summaries)]
+                cells.append(_cell(deltas, "{:+.2f}"))
         else:
-            cells.append("")
+            cells += ["", ""]
         steps = [_step_s(s) for s in summaries]
         cells.append(_cell(steps, "{:.1f}", 1000) + " ms")
         ratio = mean_std(steps)[0] / mean_std(equal)[0] if equal and multi else None

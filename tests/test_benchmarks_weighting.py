@@ -85,7 +85,7 @@ def test_seeds_and_a_method_from_import_give_mean_std_and_delta_m_of_the_runs(tm
     lines = capsys.readouterr().out.splitlines()
     assert "mean ± sample std over seeds 0,1" in lines[0]
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header[0] == "run" and header[-3:] == ["Δm %", "s/step", "× equal"]
+    assert header[0] == "run" and header[-4:] == ["Δm % (flat)", "Δm % (LibMTL Δp)", "s/step", "× equal"]
     rows = {r[0]: dict(zip(header, r)) for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
     assert list(rows) == ["single-task seg", "single-task label", "equal", "first_task_double"]
 
@@ -125,7 +125,15 @@ def test_seeds_and_a_method_from_import_give_mean_std_and_delta_m_of_the_runs(tm
             100 / len(base) * sum((metric(s, t, m) - b) / b for (t, m), b in base.items())  # all higher is better
             for s, _ in runs[method]
         ]
-        _close(rows[method]["Δm %"], deltas, 2)
+        _close(rows[method]["Δm % (flat)"], deltas, 2)
+        per_task = {t: [(m, b) for (tt, m), b in base.items() if tt == t] for t, _ in base}
+        libmtl = [
+            100
+            / len(per_task)
+            * sum(sum((metric(s, t, m) - b) / b for m, b in ms) / len(ms) for t, ms in per_task.items())
+            for s, _ in runs[method]
+        ]
+        _close(rows[method]["Δm % (LibMTL Δp)"], libmtl, 2)
     step = {
         k: statistics.mean(s["time"]["mean_train_epoch_s"] / s["steps_per_epoch"] for s, _ in v)
         for k, v in runs.items()

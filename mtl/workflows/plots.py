@@ -18,6 +18,7 @@ import numpy as np
 
 from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
+from mtl.core.stats import describe
 
 # matplotlib's tab10, written out so that the colours do not depend on the user's matplotlib style
 COLORS = (
@@ -71,11 +72,8 @@ def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
     """Mean and sample standard deviation (ddof = 1) of ``values``; the std is None for a single value."""
     if not values:
         raise UserError("no values to average")
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return mean, None
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    stat = describe(values)
+    return stat.mean, stat.std
 
 
 def _save(fig: Any, path: str | Path) -> Path:
