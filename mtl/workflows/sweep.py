@@ -320,11 +320,16 @@ def run_sweep(
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     n = len(manifest["runs"])
-    report(f"sweep {root}: {len(manifest['points'])} points x {len(manifest['seeds'])} seeds = {n} runs")
+    points, seeds = len(manifest["points"]), len(manifest["seeds"])
+    report(f"sweep {root}: {_count(points, 'point')} x {_count(seeds, 'seed')} = {_count(n, 'run')}")
     try:
         return _execute(root, manifest, list(range(n)), report)
     finally:
         lock.release()
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def read_manifest(sweep_dir: str | Path) -> Dict[str, Any]:
