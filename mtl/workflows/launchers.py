@@ -5,6 +5,7 @@ its own log file, started here (``local``: one at a time or ``jobs`` at once) or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from mtl.core.errors import UserError
 
@@ -105,7 +106,7 @@ def run_local(jobs_list: Sequence[Job], jobs: int, started: Started, ended: Ende
     process only, which passes one SIGTERM to each running run (so each saves a checkpoint and exits 130), waits
     for them, and raises KeyboardInterrupt; a second Ctrl-C while waiting kills them."""
     queue = list(jobs_list)
-    n_cores, gpus = cores(), visible_gpus()
+    n_cores, gpus = cores(), visible_gpus() if jobs > 1 else []
     free = list(range(jobs))
     running: Dict[int, tuple] = {}  # slot -> (job, process, log file)
     try:
@@ -132,7 +133,7 @@ def run_local(jobs_list: Sequence[Job], jobs: int, started: Started, ended: Ende
                         ended(job, proc.returncode)
                 if running:
                     time.sleep(POLL_S)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, SIGTERM, or a failure here: no run is left behind, training on its own
         procs = [p for _, p, _ in running.values()]
         _stop(procs, signal.SIGTERM)
         try:
@@ -144,27 +145,27 @@ def run_local(jobs_list: Sequence[Job], jobs: int, started: Started, ended: Ende
                 p.wait()
         for job, proc, log in running.values():
             log.close()
-            ended(job, proc.returncode)
+            if isinstance(e, KeyboardInterrupt):
+                ended(job, proc.returncode)
         raise
 
 
-class _sigterm_as_interrupt:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt in the main thread while the block runs (what Ctrl-C does)."""
 
-    def __enter__(self) -> None:
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread: signals are not ours to take
-            pass
-
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
+    def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to take
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def import_submitit() -> Any:
