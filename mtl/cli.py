@@ -30,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 # command that runs is imported, so ``mtl --help`` and ``mtl compare`` do not pay for torch's model code.
 COMMANDS = [
     ("train", "train from a config (or resume a run)"),
+    ("sweep", "train a grid of overrides x seeds, one run each (or resume a sweep)"),
     ("summary", "a layer table: output shapes, parameters, trainable or frozen"),
     ("features", "save feature-map grids of selected layers for one image"),
     ("predict", "top-k predictions of a trained run on images or a folder"),

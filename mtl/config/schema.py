@@ -271,6 +271,38 @@ class ContinualCfg:
         return ""
 
 
+LAUNCHERS = ("local", "submitit_local", "slurm")
+
+
+@dataclass
+class SlurmCfg:
+    """``mtl sweep --launcher slurm``: the resources of each run's job (one job of an array per run)."""
+
+    partition: Optional[str] = None
+    gpus_per_node: int = bounded(1, ge=0)  # more than 1: the run is started under torchrun, one process per GPU
+    cpus_per_task: Optional[int] = bounded(None, ge=1)
+    mem_gb: Optional[float] = bounded(None, gt=0)
+    time: int = bounded(60, ge=1)  # minutes; at the limit the run saves last.pt and mtl sweep --resume continues it
+    array_parallelism: int = bounded(256, ge=1)  # runs of the array at a time
+    extra: Dict[str, Any] = field(default_factory=dict)  # further sbatch parameters, e.g. {account: abc, qos: high}
+
+
+@dataclass
+class SweepCfg:
+    """``mtl sweep``: a grid of overrides, each point trained once per seed. ``mtl train`` ignores this section."""
+
+    seeds: List[int] = bounded(factory=list, ge=0, le=2**32 - 1)  # empty: train.seed only
+    grid: Dict[str, List[Any]] = field(default_factory=dict)  # {optim.lr: [0.001, 0.003], weighting.name: [equal]}
+    jobs: int = bounded(1, ge=1)  # local launcher: runs at a time
+    launcher: str = "local"  # local | submitit_local | slurm
+    slurm: SlurmCfg = field(default_factory=SlurmCfg)
+
+    def check(self) -> str:
+        if self.launcher not in LAUNCHERS:
+            return f"sweep.launcher must be {', '.join(LAUNCHERS)}, got {self.launcher!r}"
+        return ""
+
+
 @dataclass
 class Config:
     """A whole experiment. ``stages`` (optional) runs several configs in sequence, each a patch of this one."""
@@ -288,6 +320,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     stages: List[Dict[str, Any]] = field(default_factory=list)
     continual: ContinualCfg = field(default_factory=ContinualCfg)
+    sweep: Optional[SweepCfg] = None  # used by mtl sweep only
 
     def __post_init__(self) -> None:
         self.tasks = {name: task for name, task in self.tasks.items() if task is not None}

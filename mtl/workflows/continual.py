@@ -252,13 +252,16 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
     return sequence
 
 
-def run_continual(top: Config, configs: List[Config], quiet: bool = False) -> Dict[str, Any]:
-    """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/``."""
+def run_continual(
+    top: Config, configs: List[Config], quiet: bool = False, root: Optional[Path] = None
+) -> Dict[str, Any]:
+    """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/`` (``<run>``:
+    ``root``, or a new run directory)."""
     methods = top.continual.methods
     device = select_device(top.train.device)
     sequence = prepare_sequence(configs, device)
     names = [st.name for st in sequence]
-    root = new_run_dir(top)
+    root = root or new_run_dir(top)
     atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
     order = sorted(methods, key=lambda m: m != "independent")  # the FWT reference first
     results: Dict[str, Dict[str, Any]] = {}

@@ -4,7 +4,7 @@ picks one run, stages or a continual sequence."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from mtl.config.load import build_config, dump_config, load_config
 from mtl.config.schema import Config
@@ -17,9 +17,10 @@ from mtl.workflows.continual import run_continual
 from mtl.workflows.train import new_run_dir, run
 
 
-def run_stages(top: Config, configs: List[Config]) -> List[Dict[str, Any]]:
-    """Run each stage into ``<run>/<stage>/``; ``weights: stage:<name>`` uses that stage's best encoder."""
-    root = new_run_dir(top)
+def run_stages(top: Config, configs: List[Config], root: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """Run each stage into ``<run>/<stage>/`` (``<run>``: ``root``, or a new run directory); ``weights:
+    stage:<name>`` uses that stage's best encoder."""
+    root = root or new_run_dir(top)
     if dist.is_main():
         atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
     summaries, dirs = [], {}
@@ -55,8 +56,8 @@ def stage_table(summaries: List[Dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
-    """``mtl train``: a single run, or every stage of a staged config."""
+def train_from_file(path: str, overrides: List[str], run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """``mtl train``: a single run, or every stage of a staged config; written at ``run_dir`` when given."""
 
     raw, sources = load_config(path, overrides)
     import_config_modules(raw)
@@ -68,7 +69,7 @@ def train_from_file(path: str, overrides: List[str]) -> List[Dict[str, Any]]:
         if dist.world_size() > 1:
             raise UserError("continual runs (continual.methods) train one process; start them without torchrun")
 
-        return [run_continual(top, stage_configs(raw, sources))]
+        return [run_continual(top, stage_configs(raw, sources), root=run_dir)]
     if top.stages:
-        return run_stages(top, stage_configs(raw, sources))
-    return [run(top)]
+        return run_stages(top, stage_configs(raw, sources), root=run_dir)
+    return [run(top, run_dir)]

@@ -666,7 +666,13 @@ def test_empty_config_file_is_refused(text, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, words",
     [
-        ([], ["mtl needs a command: train, summary, features, predict, eval, compare, weights", "(see mtl --help)"]),
+        (
+            [],
+            [
+                "mtl needs a command: train, sweep, summary, features, predict, eval, compare, weights",
+                "(see mtl --help)",
+            ],
+        ),
         (["weights"], ["mtl weights needs a command: import, list"]),
         (["trian"], ["invalid choice: 'trian'", "(see mtl --help)"]),
         (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
