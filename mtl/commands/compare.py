@@ -3,7 +3,8 @@
 import argparse
 
 from mtl.core.errors import UserError
-from mtl.workflows.compare import SELECT_CHOICES, compare_table, write_baseline
+from mtl.workflows.compare import SELECT_CHOICES, aggregate, render, write_baseline
+from mtl.workflows.report import write_plots
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     parser.add_argument("--metrics", metavar="M1,M2", help="only these metric names, comma-separated")
     parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="also write PNGs there: bars with error bars, Pareto front (two tasks), validation curves (mtl[plots])",
+    )
+    parser.add_argument(
         "--write-baseline", metavar="FILE", help="write the runs' per-task metrics (mean over seeds) as a baseline file"
     )
 
@@ -39,5 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.write_baseline}")
     else:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-        print(compare_table(args.runs, args.baseline, select, metrics, args.format))
+        agg = aggregate(args.runs, select, args.baseline)
+        print(render(agg, args.format, metrics))
+        if args.plots:
+            for path in write_plots(agg, args.plots, metrics):
+                print(f"wrote {path}")
     return 0

@@ -6,7 +6,10 @@ import sys
 from mtl.commands import add_import_option
 from mtl.config.schema import LAUNCHERS
 from mtl.core.errors import UserError
+from mtl.workflows.compare import aggregate
 from mtl.workflows.launchers import describe_code
+from mtl.workflows.plots import MISSING, have_matplotlib
+from mtl.workflows.report import write_report
 from mtl.workflows.sweep import resume_sweep, run_sweep, slurm_extra
 
 
@@ -62,5 +65,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtl: failed: {label} ({why or describe_code(code)}); log: {log}", file=sys.stderr)
     done = sum(r["status"] == "done" for r in result["runs"])
     print(f"sweep {result['dir']}: {done} of {len(result['runs'])} runs done, {len(result['failed'])} failed")
+    if done:
+        report = write_report(aggregate([result["dir"]]), result["dir"])
+        pictures = "" if have_matplotlib() else f" (no pictures: {MISSING})"
+        print(f"results: {report}{pictures}")
     print(f"compare them: mtl compare {result['dir']}")
     return 1 if result["failed"] else 0

@@ -41,12 +41,24 @@ def color(i: int) -> str:
     return COLORS[i % len(COLORS)]
 
 
+MISSING = "plots need matplotlib: pip install 'mtl[plots]'"
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (the ``plots`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _new_figure(width: float, height: float) -> Any:
     """A matplotlib Figure (Agg canvas, no pyplot); a missing matplotlib is one UserError line."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("plots need matplotlib: pip install 'mtl[plots]'") from None
+        raise UserError(MISSING) from None
     return Figure(figsize=(width, height))
 
 
