@@ -6,11 +6,10 @@ the task losses for the task-specific parts (heads). Methods that combine gradie
 return ones, as in their papers' multitask code. Every method's update is a linear combination of the task
 gradients, and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``: for
 PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
-The methods built on the Gram matrix ``G G^T`` (MGDA,
-CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on the gradients' device in float64, read it to the
-host once per step and solve their T x T problem there exactly (see solvers.py). No direction depends on the
-gradients' global scale. ``task_weights`` are used as preference weights by ``aligned_mtl`` and ``upgrad``
-and ignored by the other methods.
+The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on
+the gradients' device in float64, read it to the host once per step and solve their T x T problem there exactly
+(see solvers.py). No direction depends on the gradients' global scale. ``task_weights`` are used as preference
+weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
 """
 
 from __future__ import annotations
