@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from mtl.config.schema import OptimCfg, UnfreezeCfg
@@ -362,12 +361,10 @@ class TensorBoardHook(Hook):
                 prediction_grid(images, preds, self._targets[grid_task], self.classes.get(grid_task, [])),
                 step,
             )
+        n = min(self.n_overlays, len(images))
         for t in dense:
-            shown = range(min(self.n_overlays, len(images)))
-            overlays = [trainer.tasks[t].draw(outputs[t][i], images[i]) for i in shown]
-            self.writer.add_image(
-                f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step
-            )
+            picture = trainer.tasks[t].overlay(outputs[t][:n], self._targets[t][:n], images[:n])
+            self.writer.add_image(f"val/overlay_{t}", picture, step)
 
     @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:

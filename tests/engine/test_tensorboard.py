@@ -74,6 +74,24 @@ def test_every_scalar_is_at_the_epoch_and_task_weights_are_the_epoch_mean(tmp_pa
             assert acc.Scalars(f"weight/{task}")[epoch].value == pytest.approx(float(mean[i]), rel=1e-5)
 
 
+def test_dense_tasks_show_input_truth_and_prediction_in_readable_tiles(tmp_path):
+    """configs/mtl_scenes.yaml logs 4 validation scenes per dense task: one row each, three tiles of at least
+    TILE pixels, and a key on the right."""
+    import io
+
+    from PIL import Image
+
+    from mtl.tasks.drawing import TILE
+
+    summary = run(scenes_config(tmp_path, "train.epochs=1", n=16, size=16), quiet=True)
+    acc = events(summary["run_dir"])
+    for task in ("seg", "depth", "normal"):
+        (event,) = acc.Images(f"val/overlay_{task}")
+        picture = Image.open(io.BytesIO(event.encoded_image_string))
+        assert picture.height >= 4 * TILE and picture.width > 3 * TILE + 40, (task, picture.size)
+        assert event.step == 1
+
+
 def test_weighting_log_every_is_ignored_with_a_one_line_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"weighting.log_every is ignored: task weights are logged once per epoch"):
         scenes_config(tmp_path, "weighting.log_every=5")
