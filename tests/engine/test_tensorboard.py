@@ -2,17 +2,23 @@
 epoch, task weights as their epoch mean, and dense predictions beside their ground truth. Read back from the event
 files with TensorBoard's own reader."""
 
+import io
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import tiny_config
+from PIL import Image
 from test_multitask import scenes_config
 
-from mtl.build.training import run_hparams
+from mtl.build.training import _hparams, run_hparams
+from mtl.cli import main
 from mtl.config.load import build_config
 from mtl.engine.hooks import HOOKS, Hook, hparam_metrics
+from mtl.tasks.drawing import TILE
 from mtl.workflows.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,12 +83,6 @@ def test_every_scalar_is_at_the_epoch_and_task_weights_are_the_epoch_mean(tmp_pa
 def test_dense_tasks_show_input_truth_and_prediction_in_readable_tiles(tmp_path):
     """configs/mtl_scenes.yaml logs 4 validation scenes per dense task: one row each, three tiles of at least
     TILE pixels, and a key on the right."""
-    import io
-
-    from PIL import Image
-
-    from mtl.tasks.drawing import TILE
-
     summary = run(scenes_config(tmp_path, "train.epochs=1", n=16, size=16), quiet=True)
     acc = events(summary["run_dir"])
     for task in ("seg", "depth", "normal"):
@@ -100,9 +100,18 @@ def test_weighting_log_every_is_ignored_with_a_one_line_warning(tmp_path):
         scenes_config(tmp_path)  # not set: no warning
 
 
-def test_single_and_multitask_runs_have_the_same_hparam_keys_and_per_task_metric_columns(color_folder, tmp_path):
-    from conftest import tiny_config
+def test_mtl_train_with_weighting_log_every_warns_in_one_line_and_trains(color_folder, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 1})))
+    assert main(["train", str(cfg), "weighting.log_every=5", "train.log_images=0"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "log_every" in line]
+    assert err == [
+        "mtl: warning: weighting.log_every is ignored: task weights are logged once per epoch (their mean over "
+        "the epoch's steps, at x = epoch like every scalar); remove the key"
+    ]
 
+
+def test_single_and_multitask_runs_have_the_same_hparam_keys_and_per_task_metric_columns(color_folder, tmp_path):
     single = run(build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})), quiet=True)
     multi = run(scenes_config(tmp_path, "weighting.name=pcgrad", n=16, size=16), quiet=True)
     (hp_single, names_single), (hp_multi, names_multi) = (hparams_of(events(s["run_dir"])) for s in (single, multi))
@@ -145,8 +154,6 @@ def test_single_and_multitask_runs_have_the_same_hparam_keys_and_per_task_metric
 def test_per_task_metrics_under_their_own_names_in_both_phases(color_folder, tmp_path):
     """A single-task run logs its task's metrics as a multitask run does (``label/acc/val``), so runs compare in one
     chart, and the train and val phases log the same names."""
-    from conftest import tiny_config
-
     summary = run(build_config(tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 1})), quiet=True)
     scalars = events(summary["run_dir"]).Tags()["scalars"]
     for phase in ("train", "val"):
@@ -197,8 +204,6 @@ def test_hparam_metric_names_depend_on_the_tasks_only():
 
 
 def test_run_hparams_of_a_continual_learner_keep_the_keys(tmp_path):
-    from mtl.build.training import _hparams
-
     cfg = scenes_config(tmp_path)
     hp = _hparams(cfg, {"method": "finetune"})
     assert list(hp) == list(run_hparams(cfg)) and hp["method"] == "finetune"
