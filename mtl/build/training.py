@@ -25,7 +25,7 @@ from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Hook, Trainer, TrainerOptions
 from mtl.models.freezing import L2SP
 from mtl.tasks.base import Task
-from mtl.weighting.base import Weighting
+from mtl.weighting.base import WEIGHTINGS, Weighting
 
 
 def trainer_options(
@@ -61,10 +61,12 @@ def build_hooks(
     """A run's hooks in the order they run: mtl's own, then the ones ``train.hooks`` names.
 
     mtl's own: ``UnfreezeHook`` (``train.unfreeze`` on ``encoder``; none without an encoder); on process 0 only,
-    ``MetricsFileHook``, ``TensorBoardHook`` (``hparams``, by default ``run_hparams(cfg)``; ``n_images`` grid images,
-    by default ``train.log_images``; ``graph_model``'s graph when ``train.log_graph``) and ``CheckpointHook`` (with
-    ``meta`` in every checkpoint); then ``ConsoleHook`` on process 0 unless ``quiet``. The named hooks run on every
-    process: ``named`` when they were built already (``config_hooks``), else built here.
+    ``MetricsFileHook``, ``TensorBoardHook`` (``run_hparams(cfg)`` with the values ``hparams`` sets, e.g. a
+    continual run's ``method``: a key that ``run_hparams`` lacks is a ValueError, so that every run has the same
+    keys; ``n_images`` grid images, by default ``train.log_images``; ``graph_model``'s graph when
+    ``train.log_graph``) and ``CheckpointHook`` (with ``meta`` in every checkpoint); then ``ConsoleHook`` on process
+    0 unless ``quiet``. The named hooks run on every process: ``named`` when they were built already
+    (``config_hooks``), else built here.
     """
     hooks: List[Hook] = []
     if encoder is not None:
@@ -74,12 +76,11 @@ def build_hooks(
             MetricsFileHook(run_dir),
             TensorBoardHook(
                 run_dir,
-                hparams=run_hparams(cfg) if hparams is None else hparams,
+                hparams=_hparams(cfg, hparams or {}),
                 classes=classes,
                 mean=cfg.data.mean,
                 std=cfg.data.std,
                 n_images=cfg.train.log_images if n_images is None else n_images,
-                log_every=cfg.weighting.log_every,
                 graph_model=graph_model if cfg.train.log_graph else None,
             ),
             CheckpointHook(run_dir, meta),
@@ -122,21 +123,42 @@ def _config_hook(i: int, entry: HookCfg) -> Hook:
     return hook
 
 
+NONE = "-"  # the hparam value of a setting that does not apply to a run (TensorBoard needs every key in every run)
+
+
 def run_hparams(cfg: Config) -> Dict[str, Any]:
-    """What TensorBoard's hparams tab shows for a run of ``cfg``."""
+    """What TensorBoard's HParams tab shows for a run of ``cfg``: the same keys, with the same value types, for every
+    run (single-task, multitask, a stage, a continual learner), ``NONE`` where a setting does not apply (the weighting
+    of a single-task run, ``grad_on`` of a loss-level weighting, ``method`` outside continual runs)."""
+    multitask = len(cfg.tasks) > 1
+    gradient = multitask and getattr(WEIGHTINGS.get(cfg.weighting.name), "gradient_level", False)
     return {
+        "data": cfg.data.name,
+        "tasks": ",".join(cfg.tasks),
         "encoder": cfg.model.encoder,
         "arch": cfg.model.arch,
-        "weighting": cfg.weighting.name,
-        "weights": str(cfg.model.weights),
+        "weights": str(cfg.model.weights) if cfg.model.weights else NONE,
         "freeze": str(cfg.model.freeze),
+        "weighting": cfg.weighting.name if multitask else NONE,
+        "grad_on": cfg.weighting.grad_on if gradient else NONE,
+        "method": NONE,
         "optimizer": cfg.optim.name,
-        "lr": cfg.optim.lr,
+        "lr": float(cfg.optim.lr),
+        "weight_decay": float(cfg.optim.weight_decay),
         "schedule": cfg.sched.name,
         "batch_size": cfg.data.batch_size,
         "epochs": cfg.train.epochs,
-        "data": cfg.data.name,
+        "seed": cfg.train.seed,
+        "monitor": cfg.train.monitor,
     }
+
+
+def _hparams(cfg: Config, values: Mapping[str, Any]) -> Dict[str, Any]:
+    hp = run_hparams(cfg)
+    unknown = [k for k in values if k not in hp]
+    if unknown:
+        raise ValueError(f"hparams {', '.join(unknown)} are not among run_hparams' keys ({', '.join(hp)})")
+    return {**hp, **values}
 
 
 def build_trainer(

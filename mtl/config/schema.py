@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -169,13 +170,18 @@ class WeightingCfg:
     name: str = "equal"
     options: Dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. cagrad {c: 0.4}
     grad_on: str = "params"  # gradient methods: params (shared encoder weights) | representation (encoder output)
-    log_every: int = 10  # steps between task-weight points in TensorBoard
+    # removed: task weights are logged once per epoch, as their mean over the epoch's steps. Accepted with a warning,
+    # so that the config.yaml of runs written before can still be read
+    log_every: Optional[int] = None
 
     def check(self) -> str:
         if self.grad_on not in ("params", "representation"):
             return f"weighting.grad_on must be params or representation, got {self.grad_on!r}"
-        if self.log_every < 1:
-            return f"weighting.log_every must be >= 1, got {self.log_every}"
+        if self.log_every is not None:
+            warnings.warn(
+                "weighting.log_every is ignored: task weights are logged once per epoch (their mean over the "
+                "epoch's steps, at x = epoch like every scalar); remove the key"
+            )
         return ""
 
 

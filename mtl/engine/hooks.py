@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from mtl.config.schema import OptimCfg, UnfreezeCfg
@@ -250,8 +249,11 @@ def _writes_events(method: Callable) -> Callable:
 
 
 class TensorBoardHook(Hook):
-    """Loss/accuracy per phase, lr per group, a grid of validation predictions and overlays of dense predictions
-    each epoch; validation confusion matrices of the best model and hparams at the end."""
+    """Each epoch (x = the epoch number, for every scalar): loss and accuracy per phase, every task's metrics under
+    their own names (``<task>/<metric>/<phase>``), the task weights (their mean over the epoch's steps), lr per
+    group, a grid of validation predictions and, per dense task, input, ground truth and prediction side by side.
+    At the end: validation confusion matrices of the best model, and ``hparams`` with the best and final metrics
+    (``hparam_metrics``), so that TensorBoard's HParams tab lines runs up."""
 
     def __init__(
         self,
@@ -262,7 +264,6 @@ class TensorBoardHook(Hook):
         mean: Sequence[float],
         std: Sequence[float],
         n_images: int = 16,
-        log_every: int = 10,
         graph_model: Optional[nn.Module] = None,
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -275,8 +276,7 @@ class TensorBoardHook(Hook):
         self.events = Path(getattr(self.writer.file_writer.event_writer, "_file_name", self.events))
         self.hparams, self.classes = dict(hparams), dict(classes)
         self.mean, self.std, self.n_images = torch.tensor(mean), torch.tensor(std), n_images
-        self.log_every = log_every
-        self.n_overlays = min(n_images, 8)  # dense tasks: overlays of this many validation images per epoch
+        self.n_overlays = min(n_images, 4)  # dense tasks: this many validation images per epoch, one row each
         self._images: Optional[torch.Tensor] = None
         self.graph_model = graph_model  # the full model (trainer.model may be heads on cached features)
 
@@ -314,12 +314,6 @@ class TensorBoardHook(Hook):
             self._targets = {t: y[: len(self._images)] for t, y in batch["targets"].items()}
 
     @_writes_events
-    def after_step(self, trainer: Trainer, losses: Dict[str, torch.Tensor]) -> None:
-        if len(trainer.tasks) > 1 and trainer.global_step % self.log_every == 0:
-            for task, w in zip(trainer.tasks, trainer.weighting.last_weights.tolist()):
-                self.writer.add_scalar(f"weight/{task}", w, trainer.global_step)
-
-    @_writes_events
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
         step = m["epoch"]
         for phase in ("train", "val"):
@@ -330,10 +324,11 @@ class TensorBoardHook(Hook):
                 self.writer.add_scalar(f"acc/{phase}", m[phase]["acc"], step)
             if "delta_m" in m[phase]:
                 self.writer.add_scalar(f"delta_m/{phase}", m[phase]["delta_m"], step)
-            if len(m[phase]["tasks"]) > 1 or "acc" not in m[phase]:
-                for task, values in m[phase]["tasks"].items():
-                    for metric, value in values.items():
-                        self.writer.add_scalar(f"{task}/{metric}/{phase}", value, step)
+            for task, values in m[phase]["tasks"].items():
+                for metric, value in values.items():
+                    self.writer.add_scalar(f"{task}/{metric}/{phase}", value, step)
+        for task, w in m.get("weights", {}).items():
+            self.writer.add_scalar(f"weight/{task}", w, step)
         for i, group in enumerate(trainer.optimizer.param_groups):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         self.writer.add_scalar("time/epoch_s", m["time_s"], step)
@@ -366,12 +361,10 @@ class TensorBoardHook(Hook):
                 prediction_grid(images, preds, self._targets[grid_task], self.classes.get(grid_task, [])),
                 step,
             )
+        n = min(self.n_overlays, len(images))
         for t in dense:
-            shown = range(min(self.n_overlays, len(images)))
-            overlays = [trainer.tasks[t].draw(outputs[t][i], images[i]) for i in shown]
-            self.writer.add_image(
-                f"val/overlay_{t}", make_grid(torch.stack(overlays), nrow=len(overlays), padding=2), step
-            )
+            picture = trainer.tasks[t].overlay(outputs[t][:n], self._targets[t][:n], images[:n])
+            self.writer.add_image(f"val/overlay_{t}", picture, step)
 
     @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:
@@ -406,23 +399,51 @@ class TensorBoardHook(Hook):
         from torch.utils.tensorboard.summary import hparams
 
         self._log_confusions(trainer)
-        final = trainer.history[-1] if trainer.history else {}
-        phase = "val" if "val" in final else "train"
-        metrics = {
-            "hparam/best_score": trainer.best["score"],
-            "hparam/final_loss": final.get(phase, {}).get("loss", 0.0),
-        }
-        if "acc" in final.get(phase, {}):
-            metrics["hparam/final_acc"] = final[phase]["acc"]
-        if "delta_m" in final.get(phase, {}):
-            metrics["hparam/final_delta_m"] = final[phase]["delta_m"]
-        # Written into this run's own directory (SummaryWriter.add_hparams would open a sub-run).
-        for summary in hparams(_scalar_hparams(self.hparams), metrics):
+        names, values = hparam_metrics(trainer.tasks, trainer.history, trainer.best["epoch"], "val" in trainer.loaders)
+        # Written into this run's own directory (SummaryWriter.add_hparams would open a sub-run). The experiment
+        # summary lists every name, also those this run has no value for (delta_m without a baseline): TensorBoard
+        # takes the columns of its HParams table from one run's summary, so runs of the same tasks must list the same.
+        for summary in hparams(_scalar_hparams(self.hparams), dict.fromkeys(names, 0.0)):
             self.writer.file_writer.add_summary(summary)
-        for k, v in metrics.items():
+        for k, v in values.items():
             self.writer.add_scalar(k, v, trainer.epoch)
         self.writer.flush()  # raises a failed write here; close() alone would drop it
         self.writer.close()
+
+
+def hparam_metrics(
+    tasks: Mapping[str, Any], history: Sequence[Mapping[str, Any]], best_epoch: Optional[int], validated: bool
+) -> tuple[List[str], Dict[str, float]]:
+    """The HParams tab's metric columns of a run and their values: ``hparam/best_epoch`` (by ``train.monitor``),
+    then for the best and the final epoch ``hparam/{best,final}/<task>.<metric>`` for every metric of every task
+    (``loss`` included) and ``hparam/{best,final}/{loss,acc,delta_m}`` for the whole phase (``acc`` when every task
+    has one). Values are validation metrics; a run without validation data names them ``hparam/{best,final}_train``.
+    The names depend only on the tasks (and on whether there is validation data), never on the values: every column
+    has one meaning, and runs of the same tasks have the same columns."""
+    phase = "val" if validated else "train"
+    reported = {
+        t: ["loss", *(k for k in task.metric_directions if k != "loss" and k in (getattr(task, "report", None) or [k]))]
+        for t, task in tasks.items()
+    }
+    overall = ["loss", "acc", "delta_m"] if all("acc" in m for m in reported.values()) else ["loss", "delta_m"]
+    names, values = ["hparam/best_epoch"], {}
+    if best_epoch is not None:
+        values["hparam/best_epoch"] = float(best_epoch)
+    epochs = {"best": history[best_epoch - 1] if best_epoch else None, "final": history[-1] if history else None}
+    for kind, epoch in epochs.items():
+        prefix = f"hparam/{kind}/" if validated else f"hparam/{kind}_train/"
+        result = (epoch or {}).get(phase) or {}
+        for key in overall:
+            names.append(prefix + key)
+            if key in result:
+                values[prefix + key] = float(result[key])
+        for t, metrics in reported.items():
+            got = result.get("tasks", {}).get(t, {})
+            for metric in [*metrics, *(k for k in got if k not in metrics)]:
+                names.append(f"{prefix}{t}.{metric}")
+                if metric in got:
+                    values[f"{prefix}{t}.{metric}"] = float(got[metric])
+    return names, values
 
 
 def _scalar_hparams(hp: Mapping[str, Any]) -> Dict[str, Any]:

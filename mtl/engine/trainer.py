@@ -149,6 +149,8 @@ class Trainer:
         self.l2sp, self.hooks = l2sp, list(hooks)
         self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(self.device)
         self.skipped_steps = 0
+        self._weight_sum: Optional[Tensor] = None  # the task weights summed over this epoch's updates
+        self._weight_steps = 0
         self._stop_requested = False
         self._end_requested = False
         self._partial: Optional[Dict[str, Any]] = None  # where an interrupted epoch resumes
@@ -177,7 +179,7 @@ class Trainer:
             metrics["time_s"] = time.perf_counter() - start
             metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
             if len(self.tasks) > 1:
-                metrics["weights"] = dict(zip(self.tasks, self.weighting.last_weights.tolist()))
+                metrics["weights"] = dict(zip(self.tasks, self._epoch_weights().tolist()))
             metrics["score"] = self.monitor(metrics.get("val", metrics["train"]))
             metrics["is_best"] = metrics["score"] > self.best["score"]
             if metrics["is_best"]:
@@ -229,6 +231,7 @@ class Trainer:
         if self.generator is not None:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
         meter = Meter(self.tasks, self.device)
+        self._weight_sum, self._weight_steps = torch.zeros(len(self.tasks), device=self.device), 0
         loader = self.loaders["train"]
         batches, done = iter(loader), 0
         if self._partial is not None:  # resume inside this epoch: same batches, same random draws
@@ -238,6 +241,9 @@ class Trainer:
             done = partial["step"]
             meter.loss, meter.n = partial["meter_loss"].to(self.device), partial["meter_n"]
             meter.states = {t: v.to(self.device) for t, v in partial["meter_states"].items()}
+            if "weight_sum" in partial:  # checkpoints from before epoch-mean weights lack it
+                self._weight_sum = partial["weight_sum"].to(self.device)
+                self._weight_steps = partial["weight_steps"]
             set_rng_state(partial["rng"])
         bar = tqdm(
             batches,
@@ -314,6 +320,9 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             self.global_step += 1
+            if self._weight_sum is not None:
+                self._weight_sum += self.weighting.last_weights.detach().to(self._weight_sum.device)
+                self._weight_steps += 1
         meter.update(local, outputs, targets, x.shape[0])
         return dict(zip(self.tasks, losses.detach()))
 
@@ -384,6 +393,12 @@ class Trainer:
     def _trained_grads(self) -> List[Tensor]:
         return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
+    def _epoch_weights(self) -> Tensor:
+        """The task weights of this epoch: their mean over its updates (the latest when none was made)."""
+        if self._weight_sum is None or self._weight_steps == 0:
+            return self.weighting.last_weights
+        return self._weight_sum / self._weight_steps
+
     def end_training(self) -> None:
         """Train no further epoch: the loop ends after this epoch's hooks (before the first epoch when called from
         ``before_train`` or ``on_resume``), and ``after_train`` runs as after the last epoch."""
@@ -406,6 +421,8 @@ class Trainer:
             "meter_loss": meter.loss.cpu(),
             "meter_n": meter.n,
             "meter_states": {t: v.cpu() for t, v in meter.states.items()},
+            "weight_sum": self._weight_sum.cpu() if self._weight_sum is not None else torch.zeros(len(self.tasks)),
+            "weight_steps": self._weight_steps,
             "rng": state["rng"],
         }
         self._call("on_interrupt", state)

@@ -29,11 +29,12 @@ from typing import (
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from mtl.core.errors import UserError
 from mtl.core.registry import Registry
-from mtl.tasks.drawing import colormap
+from mtl.tasks.drawing import card, colormap
 
 T = TypeVar("T", bound=type)
 
@@ -150,6 +151,38 @@ class Task:
         channel of the) prediction."""
         predicted = self.predict(output.detach().float().cpu()[None])[0]
         return colormap(predicted[0] if predicted.ndim == 3 else predicted)
+
+    def draw_target(self, target: Tensor, image: Tensor) -> Tensor:
+        """One image's ground truth drawn as ``draw`` draws a prediction, (3, H, W) in [0, 1]. Default: the colormap
+        of the (first channel of the) target."""
+        t = target.detach().float().cpu()
+        return colormap(t[0] if t.ndim == 3 else t)
+
+    def draw_key(self, outputs: Tensor, targets: Tensor) -> Optional[Image.Image]:
+        """What the colours of ``draw`` and ``draw_target`` mean for these outputs and targets (a class legend, a
+        colour bar), or None. Default: None."""
+        return None
+
+    def overlay(self, outputs: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        """The picture of a dense task on a few validation images (TensorBoard's ``val/overlay_<task>``): one row
+        per image with the input, its ground truth (``draw_target``) and the prediction (``draw``), each enlarged to
+        a readable size, and ``draw_key`` to the right. ``outputs`` (N, C, H, W) are the head's raw outputs,
+        ``targets`` the N targets, ``images`` (N, 3, H, W) in [0, 1]. Returns uint8 (3, H', W')."""
+        outputs, targets = outputs.detach().float().cpu(), self.targets_like(targets, outputs)
+        rows = [
+            [images[i], self.draw_target(targets[i], images[i]), self.draw(outputs[i], images[i])]
+            for i in range(len(outputs))
+        ]
+        return card(rows, key=self.draw_key(outputs, targets))
+
+    @classmethod
+    def targets_like(cls, targets: Tensor, outputs: Tensor) -> Tensor:
+        """A batch of dense targets on the CPU at the outputs' height and width (``resize_target``)."""
+        targets = targets.detach().cpu()
+        size = tuple(outputs.shape[-2:])
+        if tuple(targets.shape[-2:]) == size:
+            return targets
+        return torch.stack([cls.resize_target(t, size) for t in targets])
 
     # ------------------------------------------------------------------ target geometry (dense targets)
     # A target of one item is (C, H, W) or, for per-pixel labels, (H, W); batches add a leading B. Image-level

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl.tasks.base import F64, Task, _div, register
+from mtl.tasks.drawing import card, colormap_between, colour_bar
 
 
 @register("depth")
@@ -40,6 +41,20 @@ class Depth(Task):
     def compute(self, state: Tensor) -> Dict[str, float]:
         n, abs_sum, rel_sum = state.tolist()
         return {"abs_err": _div(abs_sum, n), "rel_err": _div(rel_sum, n)}
+
+    def overlay(self, outputs: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        """As ``Task.overlay``, with ground truth and prediction on one colour scale, the range of the shown valid
+        ground truth (predictions beyond it take the end colours), and its colour bar; pixels without ground truth
+        are black."""
+        outputs, targets = outputs.detach().float().cpu(), self.targets_like(targets, outputs).float()
+        valid = targets != 0
+        known = targets[valid] if bool(valid.any()) else outputs.reshape(-1)
+        lo, hi = float(known.min()), float(known.max())
+        rows = [
+            [images[i], colormap_between(targets[i, 0], lo, hi) * valid[i], colormap_between(outputs[i, 0], lo, hi)]
+            for i in range(len(outputs))
+        ]
+        return card(rows, key=colour_bar(lo, hi, label="depth"))
 
     @classmethod
     def zoom_target(cls, target: Tensor, scale: float, spec: Mapping[str, Any]) -> Tensor:

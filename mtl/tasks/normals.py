@@ -7,9 +7,11 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from mtl.tasks.base import F64, Task, _counts, _div, nearest, register
+from mtl.tasks.drawing import text_key
 
 
 @register("normals")
@@ -79,6 +81,16 @@ class Normals(Task):
         """The predicted unit normals as RGB: (n + 1) / 2."""
         predicted = self.predict(output.detach().float().cpu()[None])[0]
         return ((predicted + 1) / 2).clamp(0, 1)
+
+    def draw_target(self, target: Tensor, image: Tensor) -> Tensor:
+        """The true unit normals in the same colours; invalid (all-zero) pixels black."""
+        target = target.detach().float().cpu()
+        valid = target.abs().sum(0, keepdim=True) != 0
+        return ((unit_vectors(target, dim=0) + 1) / 2).clamp(0, 1) * valid
+
+    def draw_key(self, outputs: Tensor, targets: Tensor) -> Optional[Image.Image]:
+        """How the colours read: (n + 1) / 2 as red, green, blue."""
+        return text_key(["colour = (n + 1) / 2:", "red x, green y, blue z", "black: no ground truth"])
 
     @classmethod
     def flip_target(cls, target: Tensor) -> Tensor:

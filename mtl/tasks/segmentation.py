@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict
+from typing import ClassVar, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from mtl.tasks.base import Task, _counts, _div, register
-from mtl.tasks.drawing import palette
+from mtl.tasks.drawing import class_legend, palette
 
 
 @register("segmentation")
@@ -71,3 +72,21 @@ class Segmentation(Task):
             image = F.interpolate(image[None].float(), size=output.shape[-2:], mode="bilinear", align_corners=False)[0]
         colours = palette(output.shape[0])[output.argmax(0)].permute(2, 0, 1).float() / 255
         return 0.5 * image.detach().float().cpu().clamp(0, 1) + 0.5 * colours
+
+    def draw_target(self, target: Tensor, image: Tensor) -> Tensor:
+        """The true classes in the same colours, blended 50% over the image; ignored pixels show the image
+        darkened."""
+        target = target.detach().cpu().long()
+        image = image.detach().float().cpu().clamp(0, 1)
+        if image.shape[-2:] != target.shape[-2:]:
+            image = F.interpolate(image[None], size=target.shape[-2:], mode="bilinear", align_corners=False)[0]
+        valid = self._valid(target)
+        colours = palette(self.out_dim)[torch.where(valid, target, 0)].permute(2, 0, 1).float() / 255
+        return torch.where(valid, 0.5 * image + 0.5 * colours, 0.3 * image)
+
+    def draw_key(self, outputs: Tensor, targets: Tensor) -> Optional[Image.Image]:
+        """The colour of every class that the shown ground truth or predictions contain, with its name."""
+        targets = targets.long()
+        shown = torch.cat([targets[self._valid(targets)], outputs.argmax(1).reshape(-1)]).unique().tolist()
+        names = [self.classes[c] if c < len(self.classes) else f"class {c}" for c in shown]
+        return class_legend(names, palette(self.out_dim)[shown])

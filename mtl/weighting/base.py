@@ -19,7 +19,9 @@ class Weighting(nn.Module):
 
     ``tasks`` are the task names in a fixed order; per-task tensors below are ``(T,)`` in that order.
     ``task_weights`` are the config's static ``tasks.<t>.weight`` values (methods may ignore them).
-    ``last_weights`` (buffer, ``(T,)``) holds the weights of the latest step, for logging.
+    ``last_weights`` (buffer, ``(T,)``) holds the weights of the latest step, for logging: a loss-level method's
+    loss weights, a gradient-level method's coefficients of its update in the task gradients
+    (``d = sum_i last_weights_i g_i``), which for PCGrad, GradVac and CAGrad differ from the heads' ``w``.
     """
 
     gradient_level: bool = False
@@ -73,7 +75,8 @@ class GradientWeighting(Weighting):
         """``grads``: (T, D) float32, row t = gradient of task t's loss w.r.t. the shared parameters (or the
         shared representation), flattened. ``losses``: (T,) detached. Returns ``(d, w)``: the combined
         gradient (D,) used for the shared part, and (T,) weights for the task-specific parts (heads), which
-        are trained with ``sum(w * losses)``. Sets ``last_weights``. Must not sync with the host."""
+        are trained with ``sum(w * losses)``. Sets ``last_weights`` to the coefficients of ``d`` in the rows of
+        ``grads``. Must not sync with the host."""
         raise NotImplementedError
 
 

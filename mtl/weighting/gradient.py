@@ -3,11 +3,13 @@
 Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
 the task losses for the task-specific parts (heads). Methods that combine gradients linearly
 (``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad)
-return ones, as in their papers' multitask code. The methods built on the Gram matrix ``G G^T`` (MGDA,
-CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on the gradients' device in float64, read it to the
-host once per step and solve their T x T problem there exactly (see solvers.py). No direction depends on the
-gradients' global scale. ``task_weights`` are used as preference weights by ``aligned_mtl`` and ``upgrad``
-and ignored by the other methods.
+return ones, as in their papers' multitask code. Every method's update is a linear combination of the task
+gradients, and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``: for
+PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
+The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on
+the gradients' device in float64, read it to the host once per step and solve their T x T problem there exactly
+(see solvers.py). No direction depends on the gradients' global scale. ``task_weights`` are used as preference
+weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ class PCGrad(GradientWeighting):
 
     For each task i and the other tasks j in random order: if ``g_i' . g_j < 0``, remove from the running
     ``g_i'`` its component along the original ``g_j``. ``d = sum_i g_i'``, ``w = 1``. All tasks i are
-    processed together (step k handles the k-th partner of every i), branch-free.
+    processed together (step k handles the k-th partner of every i), branch-free. Each ``g_i'`` stays a linear
+    combination ``sum_j C_ij g_j`` (C starts as the identity; a projection subtracts its coefficient from
+    ``C_ij``), so ``last_weights = 1^T C``: ``d = sum_j last_weights_j g_j``.
     """
 
     @torch.no_grad()
@@ -102,14 +106,16 @@ class PCGrad(GradientWeighting):
         sq = (g * g).sum(1)
         order = _other_tasks_in_random_order(t, g.device, self.generator())
         p = g.clone()
+        c = torch.eye(t, device=g.device)  # p = C g
         for k in range(t - 1):
             j = order[:, k]
             dot = (p @ g.T).gather(1, j.unsqueeze(1)).squeeze(1)
             coef = torch.where(sq[j] > 0, dot.clamp(max=0.0) / torch.where(sq[j] > 0, sq[j], 1.0), 0.0)
-            p.addmm_(_pick(j, coef, t), g, alpha=-1.0)
-        w = torch.ones(t, device=g.device)
-        self.last_weights.copy_(w)
-        return p.sum(0) * scale, w
+            step = _pick(j, coef, t)
+            p.addmm_(step, g, alpha=-1.0)
+            c.sub_(step)
+        self.last_weights.copy_(c.sum(0))  # the unit scale cancels: d = s (1^T C) (G / s)
+        return p.sum(0) * scale, torch.ones(t, device=g.device)
 
 
 @WEIGHTINGS.register("gradvac")
@@ -120,7 +126,8 @@ class GradVac(GradientWeighting):
     rate ``beta``. For each i and the other tasks j in random order, with ``phi = cos(g_i', g_j)``: if
     ``phi < phi_hat``, ``g_i' += g_j * |g_i'| (phi_hat sqrt(1-phi^2) - phi sqrt(1-phi_hat^2)) /
     (|g_j| sqrt(1-phi_hat^2))`` which sets the cosine to exactly ``phi_hat``; then
-    ``phi_hat <- (1 - beta) phi_hat + beta phi``. ``d = sum_i g_i'``, ``w = 1``.
+    ``phi_hat <- (1 - beta) phi_hat + beta phi``. ``d = sum_i g_i'``, ``w = 1``. As in PCGrad, the coefficients
+    of ``d`` in the task gradients are tracked through the updates: ``d = sum_j last_weights_j g_j``.
     """
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, beta: float = 0.5) -> None:
@@ -137,6 +144,7 @@ class GradVac(GradientWeighting):
         gnorm = g.norm(dim=1)
         order = _other_tasks_in_random_order(t, g.device, self.generator())
         p = g.clone()
+        c = torch.eye(t, device=g.device)  # p = C g
         for k in range(t - 1):
             j = order[:, k]
             col = j.unsqueeze(1)
@@ -150,12 +158,13 @@ class GradVac(GradientWeighting):
             root_target = (1.0 - target * target).clamp_min(0.0).sqrt()
             lift = both & (phi < target) & (root_target > 0)
             coef = pnorm * (target * root_phi - phi * root_target) / torch.where(lift, gj_norm * root_target, 1.0)
-            p.addmm_(_pick(j, torch.where(lift, coef, 0.0), t), g)
+            step = _pick(j, torch.where(lift, coef, 0.0), t)
+            p.addmm_(step, g)
+            c.add_(step)
             updated = torch.where(both, (1.0 - self.beta) * target + self.beta * phi, target)
             self.phi_hat.scatter_(1, col, updated.unsqueeze(1))
-        w = torch.ones(t, device=g.device)
-        self.last_weights.copy_(w)
-        return p.sum(0) * scale, w
+        self.last_weights.copy_(c.sum(0))  # the unit scale cancels: d = s (1^T C) (G / s)
+        return p.sum(0) * scale, torch.ones(t, device=g.device)
 
 
 @WEIGHTINGS.register("cagrad")
@@ -167,7 +176,8 @@ class CAGrad(GradientWeighting):
     solved exactly (``solvers.cagrad_weights``); ``d = g0 + sqrt(phi) / |g_w| g_w``, divided by ``1 + c^2``
     (``rescale=1``, the paper's), ``1 + c`` (``rescale=2``) or not at all (``rescale=0``). ``c = 0`` gives the
     mean gradient, and so does ``g_w = 0`` (possible for ``c >= 1``). Heads get ``w = 1`` (each head's own
-    gradient, as in the official code).
+    gradient, as in the official code). ``d = G^T (1 / T + lambda w*) / r`` (``lambda = sqrt(phi) / |g_w|``,
+    r the rescale divisor): ``last_weights`` holds these coefficients.
     """
 
     def __init__(
@@ -189,11 +199,10 @@ class CAGrad(GradientWeighting):
         gw_sq = float(ww @ m @ ww)
         # |g0| / |g_w| is scale-free, so the host's normalised M gives it; |g0|^2 = 1^T M 1 / T^2
         lam = self.c * math.sqrt(max(float(m.mean()), 0.0) / gw_sq) if gw_sq > solvers.ORIGIN**2 else 0.0
-        d = g.mean(0) + _combine(g, ww * lam)[0]
-        d = d / {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        w = torch.ones(t, device=g.device)
-        self.last_weights.copy_(w)
-        return d, w
+        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        d, coefficients = _combine(g, (ww * lam + 1.0 / t) / divisor)
+        self.last_weights.copy_(coefficients)
+        return d, torch.ones(t, device=g.device)
 
 
 @WEIGHTINGS.register("imtl_g")

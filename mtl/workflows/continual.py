@@ -323,7 +323,7 @@ def _run_method(
             run_dir,
             classes=classes,
             meta=meta,
-            hparams={"method": method, "task": st.name},
+            hparams={"method": method},
             n_images=0,
             quiet=quiet,
         )  # no unfreezing, no graph

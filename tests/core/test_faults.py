@@ -273,7 +273,7 @@ def _inject_full_disk(monkeypatch, where):
         monkeypatch.setattr(os, "write", half_line)
     elif where in ("tensorboard", "tensorboard-read-only"):  # TensorBoard's writer thread, in epoch 2
         err = _no_space if where == "tensorboard" else lambda *a: OSError(errno.EROFS, "Read-only file system")
-        _fail_on_call(monkeypatch, gfile.LocalFileSystem, "append", 9, error=err)  # 6 events per epoch
+        _fail_on_call(monkeypatch, gfile.LocalFileSystem, "append", 13, error=err)  # 10 events per epoch
     elif where == "summary":
         _fail_on_call(monkeypatch, Path, "write_text", 1, when=lambda self, *a, **k: ".summary.json." in self.name)
 

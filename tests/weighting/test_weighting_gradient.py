@@ -244,8 +244,47 @@ def test_contract(name):
     d2, w2 = fresh(grads2, losses)
     assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.isfinite(d).all() and torch.isfinite(w).all()
-    assert torch.equal(method.last_weights, w)
+    if name not in ("pcgrad", "gradvac", "cagrad"):  # these three train the heads with w = 1, not their coefficients
+        assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
         d, w = build_weighting(name, [f"t{i}" for i in range(g.shape[0])])(g, torch.ones(g.shape[0]))
         assert torch.isfinite(d).all() and torch.isfinite(w).all() and d.shape == (64,)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("t", [2, 4])
+def test_logged_weights_are_the_coefficients_of_the_update(name, t):
+    """``last_weights`` (what TensorBoard plots) are the coefficients of the update: d = sum_i w_i g_i, checked on
+    random gradients over several steps (GradVac's targets and PCGrad's task order change from step to step)."""
+    torch.manual_seed(3)
+    method = build_weighting(name, [f"t{i}" for i in range(t)])
+    for _ in range(3):
+        grads = torch.randn(t, 40) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:t, None]
+        d, _ = method(grads, torch.rand(t) + 0.5)
+        combined = method.last_weights.double() @ grads.double()
+        assert torch.allclose(combined, d.double(), atol=1e-5 * float(grads.norm(dim=1).max()), rtol=1e-4)
+
+
+def test_pcgrad_logged_weights_two_conflicting_gradients():
+    """g1 = (1, 0), g2 = (-1, 1) conflict (g1 . g2 = -1): g1' = g1 - (g1.g2)/|g2|^2 g2 = g1 + g2/2 and
+    g2' = g2 - (g2.g1)/|g1|^2 g1 = g2 + g1, so d = g1' + g2' = 2 g1 + 1.5 g2 = (0.5, 1.5), whatever the order."""
+    for _ in range(3):
+        d, w, method = run("pcgrad", G([1, 0], [-1, 1]))
+        assert torch.allclose(d, torch.tensor([0.5, 1.5]), atol=1e-6)
+        assert torch.allclose(method.last_weights, torch.tensor([2.0, 1.5]), atol=1e-6)
+        assert torch.equal(w, torch.ones(2))  # the heads keep their own gradients
+
+
+def test_mgda_logged_weights_two_gradients_closed_form():
+    """Two gradients: the min-norm point of the segment is alpha_1 = clip((g2 - g1) . g2 / |g1 - g2|^2, 0, 1)
+    (Sener & Koltun, Alg. 1). g1 = (2, 1), g2 = (-1, 1): (-3, 0) . (-1, 1) / 9 = 1/3, d = (0, 1)."""
+    d, w, method = run("mgda", G([2, 1], [-1, 1]))
+    assert torch.allclose(method.last_weights, torch.tensor([1 / 3, 2 / 3]), atol=1e-6)
+    assert torch.allclose(d, torch.tensor([0.0, 1.0]), atol=1e-6)
+
+
+def test_cagrad_logged_weights_zero_c_are_the_mean():
+    """c = 0: d is the mean gradient, so each coefficient is 1/T."""
+    _, _, method = run("cagrad", G([1, 0, 2], [0, 3, -1], [4, 1, 0]), c=0.0)
+    assert torch.allclose(method.last_weights, torch.full((3,), 1 / 3), atol=1e-7)

@@ -42,7 +42,7 @@ def test_tensorboard_has_scalars_lr_images_and_hparams_in_run_dir(color_folder, 
     acc = EventAccumulator(summary["run_dir"], size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ["loss/train", "loss/val", "acc/train", "acc/val", "lr/group0", "hparam/best_score"]:
+    for tag in ["loss/train", "loss/val", "acc/train", "acc/val", "lr/group0", "hparam/best/label.acc"]:
         assert tag in tags["scalars"], tag
     assert len(acc.Scalars("loss/val")) == 2
     assert "val/predictions" in tags["images"]
