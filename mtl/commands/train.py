@@ -5,8 +5,7 @@ import argparse
 from mtl.commands import add_import_option
 from mtl.core import distributed
 from mtl.core.errors import UserError
-from mtl.workflows.stages import train_from_file
-from mtl.workflows.train import resume_run
+from mtl.workflows.stages import resume_from_dir, train_from_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config", nargs="?", help="a config file, e.g. configs/quickstart.yaml or runs/x/<time>/config.yaml"
     )
     parser.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint; a staged or continual run continues as a whole",
+    )
     add_import_option(parser)
 
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             if args.config or args.overrides:
                 raise UserError("--resume takes only a run directory; the run's own config.yaml is used")
-            resume_run(args.resume)
+            resume_from_dir(args.resume)
         elif not args.config:
             raise UserError("mtl train needs a config file, e.g. mtl train configs/quickstart.yaml")
         else:

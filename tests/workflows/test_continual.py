@@ -22,16 +22,44 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def test_metrics_from_a_hand_made_matrix():
-    R = [[0.9], [0.7, 0.8], [0.6, 0.7, 0.9]]
-    m = continual_metrics(R, single=[0.9, 0.5, 1.0])
+    """ACC, BWT, FWT (GEM eqs. 1-3), forgetting (RWalk) and the progressive-nets transfer, computed by hand."""
+    R = [[0.9], [0.95, 0.8], [0.6, 0.7, 0.9]]
+    before, random_init = [0.1, 0.4, 0.3], [0.1, 0.25, 0.5]  # R[i-1][i] (before[0] unused) and b_i
+    m = continual_metrics(R, single=[0.9, 0.5, 1.0], before=before, random_init=random_init)
     assert m["acc"] == pytest.approx((0.6 + 0.7 + 0.9) / 3)
-    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)
-    assert m["transfer"] == pytest.approx([0.0, 60.0, -10.0])
-    assert m["fwt"] == pytest.approx(25.0)
-    assert "fwt" not in continual_metrics(R)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)  # -0.2
+    assert m["fwt_gem"] == pytest.approx(((0.4 - 0.25) + (0.3 - 0.5)) / 2)  # -0.025
+    assert m["forgetting"] == pytest.approx(((0.95 - 0.6) + (0.8 - 0.7)) / 2)  # the peak, not R[j][j]: 0.225
+    assert m["transfer_pnn_per_task"] == pytest.approx([0.0, 60.0, -10.0])
+    assert m["transfer_pnn"] == pytest.approx(25.0)
+    plain = continual_metrics(R)
+    assert "transfer_pnn" not in plain and "fwt_gem" not in plain and plain["forgetting"] == m["forgetting"]
     table = results_table(["a", "b", "c"], {"x": {**m, "R": R, "params_per_task": [10, 2000, 3000]}}).splitlines()
-    assert table[0] == "| method | a acc | b acc | c acc | ACC | BWT | FWT % | params per task |"
-    assert table[2] == "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | +25.00 | 10 / 2,000 / 3,000 |"
+    assert table[0] == (
+        "| method | a acc | b acc | c acc | ACC | BWT | FWT (GEM) | forgetting | transfer PNN % | params per task |"
+    )
+    assert table[2] == (
+        "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | -0.0250 | +0.2250 | +25.00 | 10 / 2,000 / 3,000 |"
+    )
+    table = results_table(["a", "b", "c"], {"y": {**plain, "R": R, "params_per_task": [1, 1, 1]}}).splitlines()
+    assert table[2] == "| y | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | n/a | +0.2250 | n/a | 1 / 1 / 1 |"
+
+
+def test_forgetting_and_fwt_match_a_brute_force_count_on_random_matrices():
+    """Each task's forgetting is its best accuracy before the end minus its final one (RWalk's f_j), found here by
+    scanning a full T x T matrix; FWT sums the superdiagonal minus b."""
+    rng = np.random.default_rng(0)
+    for T in (2, 3, 5):
+        full = rng.uniform(size=(T, T))
+        b = rng.uniform(size=T)
+        R = [list(full[i, : i + 1]) for i in range(T)]
+        before = [0.0] + [full[i - 1, i] for i in range(1, T)]
+        m = continual_metrics(R, before=before, random_init=list(b))
+        peaks = [np.max(np.where(np.arange(T - 1) >= j, full[: T - 1, j], -np.inf)) for j in range(T - 1)]
+        assert m["forgetting"] == pytest.approx(np.mean(np.array(peaks) - full[T - 1, : T - 1]))
+        assert m["fwt_gem"] == pytest.approx(np.mean(np.diagonal(full, offset=1) - b[1:]))
+        assert m["bwt"] == pytest.approx(np.mean(full[T - 1, : T - 1] - np.diagonal(full)[: T - 1]))
+        assert m["acc"] == pytest.approx(full[T - 1].mean())
 
 
 def tensor_dataset(labels, classes=("a", "b", "c", "d")):
@@ -86,7 +114,20 @@ def test_progressive_config_runs_every_method(progressive_run):
         assert r["acc"] == pytest.approx(sum(r["R"][-1]) / 3)
     # progressive and independent columns never change once trained: no forgetting, exactly
     assert methods["progressive"]["bwt"] == 0.0 and methods["independent"]["bwt"] == 0.0
-    assert methods["independent"]["fwt"] == 0.0 and methods["independent"]["transfer"] == [0.0, 0.0, 0.0]
+    assert methods["independent"]["transfer_pnn"] == 0.0
+    assert methods["independent"]["transfer_pnn_per_task"] == [0.0, 0.0, 0.0]
+    assert methods["progressive"]["forgetting"] == 0.0 and methods["independent"]["forgetting"] == 0.0
+    # a new independent column before training is the freshly initialised one (same seed): GEM's FWT is 0, exactly
+    assert methods["independent"]["acc_before"] == methods["independent"]["acc_random_init"]
+    assert methods["independent"]["fwt_gem"] == 0.0
+    for m, r in methods.items():
+        assert r["acc_before"][0] == r["acc_random_init"][0], m  # nothing trained before the first task
+        assert len(r["acc_random_init"]) == 3 and all(0 <= a <= 1 for a in r["acc_before"] + r["acc_random_init"])
+        b, before = r["acc_random_init"], r["acc_before"]
+        assert r["fwt_gem"] == pytest.approx((before[1] - b[1] + before[2] - b[2]) / 2)
+        R = r["R"]
+        peaks = [max(R[0][0], R[1][0]), R[1][1]]
+        assert r["forgetting"] == pytest.approx((peaks[0] - R[2][0] + peaks[1] - R[2][1]) / 2)
     # the first column sees no laterals: it is the independent column, same seed, same result
     assert methods["progressive"]["R"][0][0] == methods["independent"]["R"][0][0]
     p = methods["progressive"]["params_per_task"]
@@ -96,6 +137,7 @@ def test_progressive_config_runs_every_method(progressive_run):
     saved = json.loads((root / "summary.json").read_text())
     assert saved["methods"]["progressive"]["R"] == methods["progressive"]["R"]
     assert (root / "results.md").read_text().startswith("| method | letters_a_j acc")
+    assert "| ACC | BWT | FWT (GEM) | forgetting | transfer PNN % |" in (root / "results.md").read_text()
     for m in methods:
         for name in names:
             assert (root / m / name / "checkpoints" / "best.pt").is_file()
@@ -103,6 +145,7 @@ def test_progressive_config_runs_every_method(progressive_run):
         "| progressive |" in (root / "results.md").read_text() and "R for finetune" in (root / "results.md").read_text()
     )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     acc = EventAccumulator(str(root))
     acc.Reload()
@@ -111,10 +154,22 @@ def test_progressive_config_runs_every_method(progressive_run):
         "R/progressive/letters_a_j",
         "average_acc/finetune",
         "continual/bwt/finetune",
-        "continual/fwt/progressive",
+        "continual/fwt_gem/progressive",
+        "continual/forgetting/head_only",
+        "continual/transfer_pnn/progressive",
     ]:
         assert tag in tags, tag
     assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
+    for m in methods:  # one hparams session per method, in its own folder, with its metrics
+        session = EventAccumulator(str(root / m))
+        session.Reload()
+        assert "_hparams_/session_start_info" in session.summary_metadata, m
+        content = session.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        assert HParamsPluginData.FromString(content).session_start_info.hparams["method"].string_value == m
+        for key in ("acc", "bwt", "fwt_gem", "forgetting"):
+            (event,) = session.Scalars(f"continual/{key}")
+            assert event.value == pytest.approx(methods[m][key], abs=1e-6), (m, key)
+    assert ("continual/transfer_pnn" in session.Tags()["scalars"]) == ("transfer_pnn" in methods[m])
 
 
 def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run, capsys):
@@ -172,7 +227,8 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
         ],
     )
     assert len(summary["methods"]["progressive"]["R"]) == 5 and summary["methods"]["progressive"]["bwt"] == 0.0
-    assert "fwt" not in summary["methods"]["progressive"]  # no independent reference
+    assert "transfer_pnn" not in summary["methods"]["progressive"]  # no independent reference
+    assert "fwt_gem" in summary["methods"]["progressive"]  # b_i needs none
 
 
 @pytest.mark.parametrize(
