@@ -438,7 +438,7 @@ def _run_method(
             before.append(_accuracy(model, st, device, channels_last))
         done = resume and (run_dir / "summary.json").is_file()
         if not quiet:
-            print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name} ===" + (" (done: reused)" if done else ""))
+            print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name}{' (done: reused)' if done else ''} ===")
         if done:
             row, seconds = _reuse_task(model, run_dir, k)
         else:

@@ -68,7 +68,7 @@ def _run_stages(top: Config, configs: List[Config], root: Path, resume: bool) ->
         run_dir = dirs[cfg.name] = root / cfg.name
         done = resume and (run_dir / "summary.json").is_file()
         if dist.is_main():
-            print(f"\n=== stage {i + 1}/{len(configs)}: {cfg.name} ===" + (" (done: reused)" if done else ""))
+            print(f"\n=== stage {i + 1}/{len(configs)}: {cfg.name}{' (done: reused)' if done else ''} ===")
         if done:
             summaries.append(json.loads((run_dir / "summary.json").read_text()))
             continue

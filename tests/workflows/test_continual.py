@@ -2,6 +2,7 @@
 on tiny rendered characters with every method."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,47 @@ def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run
     assert totals(summary_command(str(root / "progressive" / "digits"), [], None, None)) == expected
     assert main(["predict", str(root), str(tmp_path)]) == 2
     assert "<method>/<task>" in capsys.readouterr().err
+
+
+def test_an_interrupted_continual_run_resumes_as_a_whole(tmp_path, capsys):
+    """Task runs with summary.json are reused (weights and R row), the one with only last.pt resumes, later ones
+    train; the metrics come out as uninterrupted. The root is locked while it trains; a complete one says so."""
+    pytest.importorskip("captcha")
+    from test_train import _held
+
+    overrides = tiny(tmp_path, "train.epochs=1", "continual.methods=[independent, finetune]")
+    (first,) = train_from_file(str(CONFIGS / "progressive.yaml"), overrides)
+    root = Path(first["run_dir"])
+    assert (root / ".lock").is_file()
+    for gone in ("summary.json", "results.md", "finetune/letters_k_t/summary.json"):
+        (root / gone).unlink()
+    shutil.rmtree(root / "finetune" / "digits")
+    capsys.readouterr()
+
+    with _held(root):
+        assert main(["train", "--resume", str(root / "finetune" / "letters_k_t")]) == 2
+    assert "is in use" in capsys.readouterr().err and not (root / "finetune" / "digits").exists()
+
+    assert main(["train", "--resume", str(root / "finetune" / "letters_k_t")]) == 0
+    out = capsys.readouterr().out
+    assert f"is part of the run {root}" in out
+    assert "finetune: task 1/3 letters_a_j (done: reused)" in out and "finetune: task 2/3 letters_k_t ===" in out
+    again = json.loads((root / "summary.json").read_text())
+    for m, r in first["methods"].items():
+        for key in ("R", "acc_before", "acc_random_init", "acc", "bwt", "fwt_gem", "forgetting", "transfer_pnn"):
+            assert flat(again["methods"][m][key]) == pytest.approx(flat(r[key]), abs=1e-6), (m, key)
+    assert (root / "finetune" / "digits" / "summary.json").is_file()
+    assert "| finetune |" in (root / "results.md").read_text()
+
+    assert main(["train", "--resume", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{root} is complete: every method and task has its summary.json; nothing to resume"
+    )
+
+
+def flat(value):
+    """A number, a list or a list of rows (R) as one flat list."""
+    return list(np.hstack(value)) if isinstance(value, list) else [value]
 
 
 def test_split_fashion_mnist_config_makes_five_two_class_tasks(tmp_path):
