@@ -16,6 +16,7 @@ from mtl.config.stages import stage_configs
 from mtl.core.errors import UserError
 from mtl.data import ClassSubset
 from mtl.data.tensor_dataset import TensorImageDataset
+from mtl.plugins import Hook
 from mtl.workflows.continual import continual_metrics, results_table
 from mtl.workflows.stages import train_from_file
 
@@ -282,6 +283,7 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
         (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
         (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
         (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
+        (["train.monitor=label.f1"], "not a task metric"),
     ],
 )
 def test_bad_continual_configs(tmp_path, overrides, message):
@@ -296,6 +298,17 @@ def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
     assert "unknown lwf" in capsys.readouterr().err
 
 
+class RecordOptions(Hook):
+    """Records the trainer's channels_last, nonfinite and its monitor's score of a hand-made phase."""
+
+    seen: list = []
+
+    def after_train(self, trainer):
+        (task,) = trainer.tasks
+        score = trainer.options.monitor({"loss": 9.0, "tasks": {task: {"acc": 0.25}}})
+        RecordOptions.seen.append((trainer.channels_last, trainer.options.nonfinite, score))
+
+
 def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monkeypatch):
     """After mtl's own hooks, as in a single run; an unknown one is refused before anything is written."""
     pytest.importorskip("captcha")
@@ -308,12 +321,32 @@ def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monke
     with pytest.raises(UserError, match="unknown hook 'record_epoch'"):
         train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.hooks=[record_epoch]"))
     assert not (tmp_path / "runs").exists()
+    monkeypatch.setitem(HOOKS._entries, "record_options", RecordOptions)
+    monkeypatch.setattr(RecordOptions, "seen", [])
     train_from_file(
         str(CONFIGS / "progressive.yaml"),
-        tiny(tmp_path, "train.epochs=1", "train.hooks=[record_epochs]", "continual.methods=[finetune, head_only]"),
+        tiny(
+            tmp_path,
+            "train.epochs=1",
+            "train.hooks=[record_epochs, record_options]",
+            "continual.methods=[finetune, head_only]",
+            "train.channels_last=off",
+            "train.nonfinite=skip",
+            "train.monitor=loss",
+        ),
     )
-    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs"]
+    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs", "RecordOptions"]
     assert RecordEpochs.seen == [("x", 1, hooks)] * 6  # 2 methods x 3 tasks
+    names = ["letters_a_j", "letters_k_t", "digits"] * 2
+    assert RecordOptions.seen == [(False, "skip", -9.0) for _ in names]
+
+
+def test_a_monitor_naming_the_configs_task_follows_it_to_the_stage_name():
+    from mtl.workflows.continual import as_sequence_stage
+
+    raw, sources = load_config(CONFIGS / "progressive.yaml", ["train.monitor=label.acc"])
+    cfg = as_sequence_stage(stage_configs(raw, sources)[1])
+    assert list(cfg.tasks) == ["letters_k_t"] and cfg.train.monitor == "letters_k_t.acc"
 
 
 def test_new_columns_start_from_pretrained_weights(tmp_path):
