@@ -274,6 +274,11 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
                 "sequence; use null (random columns) or a pretrained weights name or file"
             )
         config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
+        if cfg.train.monitor == "delta_m" or cfg.train.baseline is not None:
+            raise UserError(
+                f"stage {cfg.name!r}: continual tasks have no delta_m (train.baseline and train.monitor=delta_m "
+                "compare multitask runs); remove train.baseline and use train.monitor auto, loss or <task>.acc"
+            )
         as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
         task = tasks[cfg.name]

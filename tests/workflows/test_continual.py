@@ -284,6 +284,7 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
         (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
         (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
         (["train.monitor=label.f1"], "not a task metric"),
+        (["train.monitor=delta_m"], "continual tasks have no delta_m"),
     ],
 )
 def test_bad_continual_configs(tmp_path, overrides, message):
