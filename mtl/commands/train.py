@@ -7,9 +7,8 @@ from pathlib import Path
 from mtl.commands import add_import_option
 from mtl.core import distributed
 from mtl.core.errors import UserError
-from mtl.workflows.stages import train_from_file
+from mtl.workflows.stages import resume_from_dir, train_from_file
 from mtl.workflows.sweep import check_empty_dir, sweep_note
-from mtl.workflows.train import resume_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config", nargs="?", help="a config file, e.g. configs/quickstart.yaml or runs/x/<time>/config.yaml"
     )
     parser.add_argument("overrides", nargs="*", help="overrides such as optim.lr=0.01 train.epochs=3 model.freeze=all")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint; a staged or continual run continues as a whole",
+    )
     parser.add_argument(
         "--run-dir", metavar="DIR", help="write the run (or a staged or continual run's root) at DIR, new or empty"
     )
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             if args.config or args.overrides or args.run_dir:
                 raise UserError("--resume takes only a run directory; the run's own config.yaml is used")
-            resume_run(args.resume)
+            resume_from_dir(args.resume)
         elif not args.config:
             raise UserError("mtl train needs a config file, e.g. mtl train configs/quickstart.yaml")
         else:

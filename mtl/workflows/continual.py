@@ -1,33 +1,42 @@
 """Task-incremental continual learning: a sequence of tasks (the config's ``stages``) learnt by several methods.
 
 After training task i, every task j <= i seen so far is evaluated: ``R[i][j]`` is the validation accuracy on
-task j after task i. With T tasks:
+task j after task i. Before training task i, its model (the earlier tasks' training plus task i's new column or
+head, seeded) is evaluated on task i: ``R[i-1][i]``. Before training anything, the freshly initialised model
+of each task (built with the same seeds) is evaluated on it: ``b_i``. With T tasks (0-based):
 
-    ACC = mean_j R[T-1][j]                         (average accuracy at the end)
-    BWT = mean_{j < T-1} (R[T-1][j] - R[j][j])     (backward transfer; < 0 is forgetting; Lopez-Paz & Ranzato 2017)
-    transfer_k = 100 * (R[k][k] - S_k) / S_k       (forward transfer for task k, in %)
-    FWT = mean_{k >= 1} transfer_k
+    acc        = 1/T sum_i R[T-1][i]                              (Lopez-Paz & Ranzato 2017, GEM, eq. 1: ACC)
+    bwt        = 1/(T-1) sum_{i<T-1} (R[T-1][i] - R[i][i])        (GEM eq. 2: BWT; < 0 is forgetting)
+    fwt_gem    = 1/(T-1) sum_{i>=1} (R[i-1][i] - b_i)             (GEM eq. 3: FWT)
+    forgetting = 1/(T-1) sum_{j<T-1} (max_{j<=l<T-1} R[l][j] - R[T-1][j])   (Chaudhry et al. 2018, RWalk: f_j, F)
+    transfer_pnn_k = 100 (R[k][k] - S_k) / S_k                     (Rusu et al. 2016, progressive nets: transfer in %)
+    transfer_pnn   = 1/(T-1) sum_{k>=1} transfer_pnn_k
 
-where ``S_k`` is the accuracy of an independent column trained on task k alone (the paper's baseline 1), so
-FWT needs ``independent`` among the methods. Methods: ``progressive`` (Rusu et al. 2016), ``independent``,
-``finetune`` (one encoder trained through the sequence, one head per task) and ``head_only`` (the encoder
-trained on the first task, then frozen; a new head per task).
+where ``S_k`` is the accuracy of an independent column trained on task k alone (the progressive-nets paper's
+baseline 1), so ``transfer_pnn`` needs ``independent`` among the methods. Methods: ``progressive`` (Rusu et al.
+2016), ``independent``, ``finetune`` (one encoder trained through the sequence, one head per task) and
+``head_only`` (the encoder trained on the first task, then frozen; a new head per task).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from mtl.build.data import build_data
+from mtl.build.experiment import build_monitor
 from mtl.build.model import (
     build_head,
     check_data_size,
@@ -39,8 +48,9 @@ from mtl.build.tasks import task_targets
 from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import dump_config
 from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
-from mtl.core.checkpoint import atomic_write, save_json
+from mtl.core.checkpoint import atomic_write, load_checkpoint, rng_state, save_json, set_rng_state
 from mtl.core.errors import UserError
+from mtl.core.rundir import lock_run_dir
 from mtl.core.runtime import seed_everything, select_device, use_amp
 from mtl.engine.evaluate import evaluate
 from mtl.models.encoders import build_encoder
@@ -49,7 +59,7 @@ from mtl.models.heads import POOLED, head_input
 from mtl.models.progressive import ProgressiveNet
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
-from mtl.workflows.train import new_run_dir
+from mtl.workflows.train import check_resumable, new_run_dir
 
 
 @dataclass
@@ -61,6 +71,7 @@ class SequenceTask:
     loaders: Dict[str, DataLoader]
     generator: torch.Generator
     info: Dict[str, Any]
+    monitor: Optional[Callable[[Dict[str, Any]], float]] = None  # train.monitor: the score that picks best.pt
 
     @property
     def name(self) -> str:
@@ -149,36 +160,63 @@ def build_learner(method: str, top: Config, device: torch.device) -> Learner:
     return SharedEncoderLearner(method == "head_only", device)
 
 
-def _accuracy(model: nn.Module, st: SequenceTask, device: torch.device, amp: bool) -> float:
+def _accuracy(model: nn.Module, st: SequenceTask, device: torch.device, channels_last: bool) -> float:
     """Validation accuracy of ``model`` on task ``st``: the one evaluation loop (``mtl.engine.evaluate``)."""
+    amp = use_amp(st.cfg.train.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None
-    return evaluate(model, st.loaders["val"], {st.name: st.task}, device, autocast=autocast).metrics[st.name]["acc"]
+    result = evaluate(
+        model, st.loaders["val"], {st.name: st.task}, device, autocast=autocast, channels_last=channels_last
+    )
+    return result.metrics[st.name]["acc"]
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def continual_metrics(R: List[List[float]], single: Optional[List[float]] = None) -> Dict[str, Any]:
-    """ACC, BWT and (with the independent accuracies ``single``) per-task transfer and FWT, from ``R``."""
+def continual_metrics(
+    R: List[List[float]],
+    single: Optional[List[float]] = None,
+    before: Optional[List[float]] = None,
+    random_init: Optional[List[float]] = None,
+) -> Dict[str, Any]:
+    """The metrics of the module docstring from the accuracy matrix ``R`` (row i: after task i, tasks 0..i):
+    ``acc``, ``bwt`` and ``forgetting`` always; ``fwt_gem`` with ``before`` (``before[i]`` = R[i-1][i], the
+    accuracy on task i just before training on it; ``before[0]`` is not used) and ``random_init`` (b_i);
+    ``transfer_pnn`` (mean over tasks 1..T-1) and ``transfer_pnn_per_task`` with the independent accuracies
+    ``single``."""
     T = len(R)
     final = R[-1]
+    earlier = range(T - 1)
     out: Dict[str, Any] = {
         "acc": sum(final) / T,
-        "bwt": sum(final[j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0,
+        "bwt": sum(final[j] - R[j][j] for j in earlier) / (T - 1) if T > 1 else 0.0,
+        "forgetting": sum(max(R[i][j] for i in range(j, T - 1)) - final[j] for j in earlier) / (T - 1)
+        if T > 1
+        else 0.0,
     }
+    if before is not None and random_init is not None:
+        out["fwt_gem"] = sum(before[i] - random_init[i] for i in range(1, T)) / (T - 1) if T > 1 else 0.0
     if single is not None:
-        out["transfer"] = [100.0 * (R[k][k] - single[k]) / single[k] if single[k] else float("nan") for k in range(T)]
-        out["fwt"] = sum(out["transfer"][1:]) / (T - 1) if T > 1 else 0.0
+        per_task = [100.0 * (R[k][k] - single[k]) / single[k] if single[k] else float("nan") for k in range(T)]
+        out["transfer_pnn_per_task"] = per_task
+        out["transfer_pnn"] = sum(per_task[1:]) / (T - 1) if T > 1 else 0.0
     return out
 
 
+METRIC_COLUMNS = (("acc", "ACC"), ("bwt", "BWT"), ("fwt_gem", "FWT (GEM)"), ("forgetting", "forgetting"))
+
+
 def results_table(tasks: List[str], results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: per method, final accuracy per task, ACC, BWT, FWT and parameters added per task."""
-    header = ["method"] + [f"{t} acc" for t in tasks] + ["ACC", "BWT", "FWT %", "params per task"]
+    """Markdown: per method, final accuracy per task, ACC, BWT, FWT (GEM), forgetting, the progressive-nets
+    transfer in % and parameters added per task; a metric a method lacks is n/a."""
+    header = ["method"] + [f"{t} acc" for t in tasks] + [title for _, title in METRIC_COLUMNS]
+    header += ["transfer PNN %", "params per task"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for method, r in results.items():
         cells = [method] + [f"{a:.4f}" for a in r["R"][-1]]
-        cells += [f"{r['acc']:.4f}", f"{r['bwt']:+.4f}", f"{r['fwt']:+.2f}" if "fwt" in r else "n/a"]
+        cells += [f"{r[key]:+.4f}" if key in r else "n/a" for key, _ in METRIC_COLUMNS]
+        cells[len(tasks) + 1] = f"{r['acc']:.4f}"  # an accuracy, not a difference
+        cells.append(f"{r['transfer_pnn']:+.2f}" if "transfer_pnn" in r else "n/a")
         cells.append(" / ".join(f"{n:,}" for n in r["params_per_task"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -195,8 +233,12 @@ def matrix_table(tasks: List[str], R: List[List[float]]) -> str:
 
 
 def as_sequence_stage(cfg: Config) -> Config:
-    """A stage config as the sequence trains it: its one task named after the stage, equal weighting."""
-    cfg.tasks = {cfg.name: next(iter(cfg.tasks.values()))}
+    """A stage config as the sequence trains it: its one task named after the stage (``train.monitor`` naming the
+    task's old name follows it), equal weighting."""
+    old = next(iter(cfg.tasks))
+    if cfg.train.monitor.startswith(f"{old}."):
+        cfg.train.monitor = cfg.name + cfg.train.monitor[len(old) :]
+    cfg.tasks = {cfg.name: cfg.tasks[old]}
     cfg.weighting.name = "equal"
     return cfg
 
@@ -232,12 +274,17 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
                 "sequence; use null (random columns) or a pretrained weights name or file"
             )
         config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
+        if cfg.train.monitor == "delta_m" or cfg.train.baseline is not None:
+            raise UserError(
+                f"stage {cfg.name!r}: continual tasks have no delta_m (train.baseline and train.monitor=delta_m "
+                "compare multitask runs); remove train.baseline and use train.monitor auto, loss or <task>.acc"
+            )
         as_sequence_stage(cfg)
         tasks, _, loaders, generator, info = build_data(cfg, device)
         task = tasks[cfg.name]
         if "acc" not in task.metric_directions:
             raise UserError(f"stage {cfg.name!r}: continual metrics need an accuracy; a {task.type_name} task has none")
-        sequence.append(SequenceTask(cfg, task, loaders, generator, info))
+        sequence.append(SequenceTask(cfg, task, loaders, generator, info, build_monitor(cfg, {cfg.name: task})))
         _head(sequence[-1], in_dim=8)  # refuse a dense or stage-map head before anything trains
     encoders = {(c.model.encoder, str(c.model.encoder_options)) for c in configs}
     if len(encoders) > 1:
@@ -255,30 +302,58 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
 def run_continual(
     top: Config, configs: List[Config], quiet: bool = False, root: Optional[Path] = None
 ) -> Dict[str, Any]:
-    """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/`` (``<run>``:
-    ``root``, or a new run directory)."""
+    """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/`` (``root``,
+    else a new run directory), holding the run's lock throughout."""
+    sequence = prepare_sequence(configs, select_device(top.train.device))
+    root = root or new_run_dir(top)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(root)
+    try:
+        atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
+        return _run_sequence(top, sequence, root, quiet, resume=False)
+    finally:
+        lock.release()
+
+
+def resume_continual(root: Path, top: Config, configs: List[Config], quiet: bool = False) -> Dict[str, Any]:
+    """Continue the continual run in ``root``: a task run with ``summary.json`` is reused (its best weights and
+    R row), one with ``checkpoints/last.pt`` resumes, later ones train; then the root's results are written.
+    A run whose results and task runs are all there is left as it is (one line says so)."""
+    names = [c.name for c in configs]
+    parts = [root / m / n / "summary.json" for m in top.continual.methods for n in names]
+    if (root / "summary.json").is_file() and all(p.is_file() for p in parts):
+        print(f"{root} is complete: every method and task has its summary.json; nothing to resume")
+        return json.loads((root / "summary.json").read_text())
+    sequence = prepare_sequence(configs, select_device(top.train.device))
+    lock = lock_run_dir(root)
+    try:
+        return _run_sequence(top, sequence, root, quiet, resume=True)
+    finally:
+        lock.release()
+
+
+def _run_sequence(top: Config, sequence: List[SequenceTask], root: Path, quiet: bool, resume: bool) -> Dict[str, Any]:
     methods = top.continual.methods
     device = select_device(top.train.device)
-    sequence = prepare_sequence(configs, device)
     names = [st.name for st in sequence]
-    root = root or new_run_dir(top)
-    atomic_write(root / "config.yaml", lambda tmp: dump_config(top, tmp))
-    order = sorted(methods, key=lambda m: m != "independent")  # the FWT reference first
+    order = sorted(methods, key=lambda m: m != "independent")  # the transfer_pnn reference first
     results: Dict[str, Dict[str, Any]] = {}
     if not quiet:
         print(
             f"run {root}  |  continual: {', '.join(methods)} on {len(names)} tasks ({', '.join(names)})  |  "
-            f"{top.model.encoder}  |  device {device}"
+            f"{top.model.encoder}  |  device {device}" + ("  |  resumed" if resume else "")
         )
     with SummaryWriter(str(root)) as tb:
         for method in order:
-            results[method] = _run_method(method, top, sequence, device, root, tb, quiet)
+            results[method] = _run_method(method, top, sequence, device, root, tb, quiet, resume)
         single = [results["independent"]["R"][k][k] for k in range(len(names))] if "independent" in results else None
         for method in order:
-            results[method].update(continual_metrics(results[method]["R"], single))
-            for key in ("acc", "bwt", "fwt"):
-                if key in results[method]:
-                    tb.add_scalar(f"continual/{key}/{method}", results[method][key], len(names))
+            r = results[method]
+            r.update(continual_metrics(r["R"], single, r["acc_before"], r["acc_random_init"]))
+            for key in TB_METRICS:
+                if key in r:
+                    tb.add_scalar(f"continual/{key}/{method}", r[key], len(names))
+            _write_hparams(root / method, method, top, names, r)
     results = {m: results[m] for m in methods}
     table = results_table(names, results)
     matrices = "\n\n".join(
@@ -294,55 +369,180 @@ def run_continual(
     return summary
 
 
+TB_METRICS = ("acc", "bwt", "fwt_gem", "forgetting", "transfer_pnn")
+
+
+def _write_hparams(method_dir: Path, method: str, top: Config, names: List[str], r: Mapping[str, Any]) -> None:
+    """One TensorBoard hparams session per method in ``<run>/<method>/`` (written into that directory itself, as
+    ``TensorBoardHook`` does for a run), with its continual metrics as ``continual/<metric>``."""
+    metrics = {f"continual/{key}": float(r[key]) for key in TB_METRICS if key in r}
+    hp = {"method": method, "tasks": ",".join(names), "encoder": top.model.encoder}
+    with SummaryWriter(str(method_dir)) as writer:
+        for event in hparams(hp, metrics):
+            writer.file_writer.add_summary(event)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, len(names))
+
+
+@contextmanager
+def _rng_untouched(generators: List[torch.Generator]) -> Iterator[None]:
+    """Evaluations made for the metrics leave every random state (and the loaders' generators) as they were, so
+    the training draws what it drew without them."""
+    state, saved = rng_state(), [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+        for g, s in zip(generators, saved):
+            g.set_state(s)
+
+
+def _memory_format(model: nn.Module, cfg: Config) -> bool:
+    """``train.channels_last`` as a single run applies it: NHWC weights for a model with convolutions."""
+    on = cfg.train.channels_last != "off" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if on:
+        model.to(memory_format=torch.channels_last)
+    return on
+
+
+def _random_init_accuracy(method: str, top: Config, sequence: List[SequenceTask], device: torch.device) -> List[float]:
+    """``b_i`` of GEM's FWT: the accuracy on task i of ``method``'s model for task i before anything is trained,
+    built with the seeds the run builds it with (so task i's new column or head is the one training starts from)."""
+    with _rng_untouched([st.generator for st in sequence]):
+        seed_everything(top.train.seed, top.train.deterministic)
+        learner = build_learner(method, top, device)
+        accuracies = []
+        for k, st in enumerate(sequence):
+            seed_everything(st.cfg.train.seed, st.cfg.train.deterministic)
+            model = learner.train_model(k, st)
+            accuracies.append(_accuracy(model, st, device, _memory_format(model, st.cfg)))
+    return accuracies
+
+
 def _run_method(
-    method: str, top: Config, sequence: List[SequenceTask], device: torch.device, root: Path, tb: Any, quiet: bool
+    method: str,
+    top: Config,
+    sequence: List[SequenceTask],
+    device: torch.device,
+    root: Path,
+    tb: Any,
+    quiet: bool,
+    resume: bool,
 ) -> Dict[str, Any]:
+    random_init = _random_init_accuracy(method, top, sequence, device)
     seed_everything(top.train.seed, top.train.deterministic)
     learner = build_learner(method, top, device)
     R: List[List[float]] = []
-    params, times = [], []
+    params, times, before = [], [], []
     for k, st in enumerate(sequence):
-        cfg = st.cfg
-        if not quiet:
-            print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name} ===")
+        cfg, run_dir = st.cfg, root / method / st.name
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = learner.train_model(k, st)
-        run_dir = root / method / st.name
-        run_dir.mkdir(parents=True)
-        atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
-        classes = {st.name: st.task.classes}
-        meta = {
-            "classes": classes,
-            "method": method,
-            "task": st.name,
-            "targets": task_targets({st.name: st.task}),
-            "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]],
-        }
-        hooks = build_hooks(
-            cfg,
-            run_dir,
-            classes=classes,
-            meta=meta,
-            hparams={"method": method},
-            n_images=0,
-            quiet=quiet,
-        )  # no unfreezing, no graph
-        started = time.perf_counter()
-        build_trainer(
-            cfg, model, {st.name: st.task}, st.loaders, device=device, generator=st.generator, hooks=hooks, quiet=quiet
-        ).fit()
-        times.append(time.perf_counter() - started)
-        params.append(learner.added_parameters(k, st))
-        row = [
-            _accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, use_amp(cfg.train.amp, device))
-            for j in range(k + 1)
-        ]
+        channels_last = _memory_format(model, cfg)
+        with _rng_untouched([s.generator for s in sequence]):  # R[k-1][k]: task k's model before training on it
+            before.append(_accuracy(model, st, device, channels_last))
+        done = resume and (run_dir / "summary.json").is_file()
+        if not quiet:
+            print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name}{' (done: reused)' if done else ''} ===")
+        if done:
+            row, seconds = _reuse_task(model, run_dir, k)
+        else:
+            seconds = _train_task(method, k, sequence, model, run_dir, device, channels_last, quiet, resume)
+            row = [
+                _accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, channels_last) for j in range(k + 1)
+            ]
+            for j, acc in enumerate(row):
+                tb.add_scalar(f"R/{method}/{sequence[j].name}", acc, k + 1)
+            tb.add_scalar(f"average_acc/{method}", sum(row) / len(row), k + 1)
+            save_json(
+                {
+                    "method": method,
+                    "task": st.name,
+                    "R_row": row,
+                    "acc_before": before[-1],
+                    "acc_random_init": random_init[k],
+                    "params": parameter_counts(model),
+                    "time_s": seconds,
+                },
+                run_dir / "summary.json",
+            )
         R.append(row)
-        for j, acc in enumerate(row):
-            tb.add_scalar(f"R/{method}/{sequence[j].name}", acc, k + 1)
-        tb.add_scalar(f"average_acc/{method}", sum(row) / len(row), k + 1)
-        save_json(
-            {"method": method, "task": st.name, "R_row": row, "params": parameter_counts(model), "time_s": times[-1]},
-            run_dir / "summary.json",
+        times.append(seconds)
+        params.append(learner.added_parameters(k, st))
+    return {
+        "R": R,
+        "acc_before": before,
+        "acc_random_init": random_init,
+        "params_per_task": params,
+        "time_s": times,
+    }
+
+
+def _reuse_task(model: nn.Module, run_dir: Path, k: int) -> Tuple[List[float], float]:
+    """A finished task run: its weights (``best.pt``, which training ended with, else ``last.pt``) go into
+    ``model``, and its R row and time come from its ``summary.json``."""
+    saved = json.loads((run_dir / "summary.json").read_text())
+    row = saved.get("R_row")
+    if not isinstance(row, list) or len(row) != k + 1:
+        raise UserError(
+            f"cannot resume: {run_dir / 'summary.json'} holds no R row of {k + 1} accuracies; delete that "
+            f"summary.json to train the task again from its checkpoint, or start a new run"
         )
-    return {"R": R, "params_per_task": params, "time_s": times}
+    best = run_dir / "checkpoints" / "best.pt"
+    model.load_state_dict(load_checkpoint(best if best.is_file() else run_dir / "checkpoints" / "last.pt")["model"])
+    return [float(a) for a in row], float(saved.get("time_s", 0.0))
+
+
+def _train_task(
+    method: str,
+    k: int,
+    sequence: List[SequenceTask],
+    model: nn.Module,
+    run_dir: Path,
+    device: torch.device,
+    channels_last: bool,
+    quiet: bool,
+    resume: bool,
+) -> float:
+    """Train task k into ``run_dir``; with ``resume``, from its ``checkpoints/last.pt`` when it has one (a folder
+    without one, killed in its first epoch, is trained again from the start). Returns the seconds it took."""
+    st = sequence[k]
+    cfg, last = st.cfg, run_dir / "checkpoints" / "last.pt"
+    partial = resume and last.is_file()
+    if resume and run_dir.exists() and not partial:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=partial)
+    if not partial:
+        atomic_write(run_dir / "config.yaml", lambda tmp: dump_config(cfg, tmp))
+    classes = {st.name: st.task.classes}
+    meta = {
+        "classes": classes,
+        "method": method,
+        "task": st.name,
+        "targets": task_targets({st.name: st.task}),
+        "sequence": [task_targets({s.name: s.task}) for s in sequence[: k + 1]],
+    }
+    hooks = build_hooks(
+        cfg, run_dir, classes=classes, meta=meta, hparams={"method": method}, n_images=0, quiet=quiet
+    )  # no unfreezing, no graph
+    trainer = build_trainer(
+        cfg,
+        model,
+        {st.name: st.task},
+        st.loaders,
+        device=device,
+        generator=st.generator,
+        hooks=hooks,
+        quiet=quiet,
+        grad_on=cfg.weighting.grad_on,
+        monitor=st.monitor,
+        channels_last=channels_last,
+        nonfinite=cfg.train.nonfinite,
+    )
+    if partial:
+        state = load_checkpoint(last)
+        check_resumable(run_dir, cfg, state)
+        trainer.load_state_dict(state)
+    started = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - started

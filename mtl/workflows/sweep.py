@@ -32,6 +32,7 @@ from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import check_not_in_use, lock_run_dir, make_run_dir
 from mtl.workflows.launchers import Job, check_cluster, describe_code, mtl_command, run_local, run_submitit
+from mtl.workflows.stages import pipeline_root
 
 MANIFEST = "sweep.json"
 CONFIG = "config.yaml"
@@ -348,8 +349,12 @@ def read_manifest(sweep_dir: str | Path) -> Dict[str, Any]:
 
 
 def resumable(run_dir: Path) -> bool:
-    """A run that ``mtl train --resume`` continues: it has a checkpoint but no summary."""
-    return (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
+    """A run that ``mtl train --resume`` continues: a run with a checkpoint but no summary, or the root of a staged
+    or continual run with a stage (a method's task) that has a checkpoint or a summary."""
+    if (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.yaml").is_file():
+        return True
+    root = pipeline_root(run_dir) if (run_dir / "config.yaml").is_file() else None
+    return root == run_dir.absolute() and (any(run_dir.rglob("last.pt")) or any(run_dir.glob("*/summary.json")))
 
 
 def resume_sweep(

@@ -2,6 +2,7 @@
 on tiny rendered characters with every method."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from mtl.config.stages import stage_configs
 from mtl.core.errors import UserError
 from mtl.data import ClassSubset
 from mtl.data.tensor_dataset import TensorImageDataset
+from mtl.plugins import Hook
 from mtl.workflows.continual import continual_metrics, results_table
 from mtl.workflows.stages import train_from_file
 
@@ -22,16 +24,44 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def test_metrics_from_a_hand_made_matrix():
-    R = [[0.9], [0.7, 0.8], [0.6, 0.7, 0.9]]
-    m = continual_metrics(R, single=[0.9, 0.5, 1.0])
+    """ACC, BWT, FWT (GEM eqs. 1-3), forgetting (RWalk) and the progressive-nets transfer, computed by hand."""
+    R = [[0.9], [0.95, 0.8], [0.6, 0.7, 0.9]]
+    before, random_init = [0.1, 0.4, 0.3], [0.1, 0.25, 0.5]  # R[i-1][i] (before[0] unused) and b_i
+    m = continual_metrics(R, single=[0.9, 0.5, 1.0], before=before, random_init=random_init)
     assert m["acc"] == pytest.approx((0.6 + 0.7 + 0.9) / 3)
-    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)
-    assert m["transfer"] == pytest.approx([0.0, 60.0, -10.0])
-    assert m["fwt"] == pytest.approx(25.0)
-    assert "fwt" not in continual_metrics(R)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)  # -0.2
+    assert m["fwt_gem"] == pytest.approx(((0.4 - 0.25) + (0.3 - 0.5)) / 2)  # -0.025
+    assert m["forgetting"] == pytest.approx(((0.95 - 0.6) + (0.8 - 0.7)) / 2)  # the peak, not R[j][j]: 0.225
+    assert m["transfer_pnn_per_task"] == pytest.approx([0.0, 60.0, -10.0])
+    assert m["transfer_pnn"] == pytest.approx(25.0)
+    plain = continual_metrics(R)
+    assert "transfer_pnn" not in plain and "fwt_gem" not in plain and plain["forgetting"] == m["forgetting"]
     table = results_table(["a", "b", "c"], {"x": {**m, "R": R, "params_per_task": [10, 2000, 3000]}}).splitlines()
-    assert table[0] == "| method | a acc | b acc | c acc | ACC | BWT | FWT % | params per task |"
-    assert table[2] == "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | +25.00 | 10 / 2,000 / 3,000 |"
+    assert table[0] == (
+        "| method | a acc | b acc | c acc | ACC | BWT | FWT (GEM) | forgetting | transfer PNN % | params per task |"
+    )
+    assert table[2] == (
+        "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | -0.0250 | +0.2250 | +25.00 | 10 / 2,000 / 3,000 |"
+    )
+    table = results_table(["a", "b", "c"], {"y": {**plain, "R": R, "params_per_task": [1, 1, 1]}}).splitlines()
+    assert table[2] == "| y | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | n/a | +0.2250 | n/a | 1 / 1 / 1 |"
+
+
+def test_forgetting_and_fwt_match_a_brute_force_count_on_random_matrices():
+    """Each task's forgetting is its best accuracy before the end minus its final one (RWalk's f_j), found here by
+    scanning a full T x T matrix; FWT sums the superdiagonal minus b."""
+    rng = np.random.default_rng(0)
+    for T in (2, 3, 5):
+        full = rng.uniform(size=(T, T))
+        b = rng.uniform(size=T)
+        R = [list(full[i, : i + 1]) for i in range(T)]
+        before = [0.0] + [full[i - 1, i] for i in range(1, T)]
+        m = continual_metrics(R, before=before, random_init=list(b))
+        peaks = [np.max(np.where(np.arange(T - 1) >= j, full[: T - 1, j], -np.inf)) for j in range(T - 1)]
+        assert m["forgetting"] == pytest.approx(np.mean(np.array(peaks) - full[T - 1, : T - 1]))
+        assert m["fwt_gem"] == pytest.approx(np.mean(np.diagonal(full, offset=1) - b[1:]))
+        assert m["bwt"] == pytest.approx(np.mean(full[T - 1, : T - 1] - np.diagonal(full)[: T - 1]))
+        assert m["acc"] == pytest.approx(full[T - 1].mean())
 
 
 def tensor_dataset(labels, classes=("a", "b", "c", "d")):
@@ -86,7 +116,20 @@ def test_progressive_config_runs_every_method(progressive_run):
         assert r["acc"] == pytest.approx(sum(r["R"][-1]) / 3)
     # progressive and independent columns never change once trained: no forgetting, exactly
     assert methods["progressive"]["bwt"] == 0.0 and methods["independent"]["bwt"] == 0.0
-    assert methods["independent"]["fwt"] == 0.0 and methods["independent"]["transfer"] == [0.0, 0.0, 0.0]
+    assert methods["independent"]["transfer_pnn"] == 0.0
+    assert methods["independent"]["transfer_pnn_per_task"] == [0.0, 0.0, 0.0]
+    assert methods["progressive"]["forgetting"] == 0.0 and methods["independent"]["forgetting"] == 0.0
+    # a new independent column before training is the freshly initialised one (same seed): GEM's FWT is 0, exactly
+    assert methods["independent"]["acc_before"] == methods["independent"]["acc_random_init"]
+    assert methods["independent"]["fwt_gem"] == 0.0
+    for m, r in methods.items():
+        assert r["acc_before"][0] == r["acc_random_init"][0], m  # nothing trained before the first task
+        assert len(r["acc_random_init"]) == 3 and all(0 <= a <= 1 for a in r["acc_before"] + r["acc_random_init"])
+        b, before = r["acc_random_init"], r["acc_before"]
+        assert r["fwt_gem"] == pytest.approx((before[1] - b[1] + before[2] - b[2]) / 2)
+        R = r["R"]
+        peaks = [max(R[0][0], R[1][0]), R[1][1]]
+        assert r["forgetting"] == pytest.approx((peaks[0] - R[2][0] + peaks[1] - R[2][1]) / 2)
     # the first column sees no laterals: it is the independent column, same seed, same result
     assert methods["progressive"]["R"][0][0] == methods["independent"]["R"][0][0]
     p = methods["progressive"]["params_per_task"]
@@ -96,6 +139,7 @@ def test_progressive_config_runs_every_method(progressive_run):
     saved = json.loads((root / "summary.json").read_text())
     assert saved["methods"]["progressive"]["R"] == methods["progressive"]["R"]
     assert (root / "results.md").read_text().startswith("| method | letters_a_j acc")
+    assert "| ACC | BWT | FWT (GEM) | forgetting | transfer PNN % |" in (root / "results.md").read_text()
     for m in methods:
         for name in names:
             assert (root / m / name / "checkpoints" / "best.pt").is_file()
@@ -103,6 +147,7 @@ def test_progressive_config_runs_every_method(progressive_run):
         "| progressive |" in (root / "results.md").read_text() and "R for finetune" in (root / "results.md").read_text()
     )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     acc = EventAccumulator(str(root))
     acc.Reload()
@@ -111,10 +156,22 @@ def test_progressive_config_runs_every_method(progressive_run):
         "R/progressive/letters_a_j",
         "average_acc/finetune",
         "continual/bwt/finetune",
-        "continual/fwt/progressive",
+        "continual/fwt_gem/progressive",
+        "continual/forgetting/head_only",
+        "continual/transfer_pnn/progressive",
     ]:
         assert tag in tags, tag
     assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
+    for m in methods:  # one hparams session per method, in its own folder, with its metrics
+        session = EventAccumulator(str(root / m))
+        session.Reload()
+        assert "_hparams_/session_start_info" in session.summary_metadata, m
+        content = session.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        assert HParamsPluginData.FromString(content).session_start_info.hparams["method"].string_value == m
+        for key in ("acc", "bwt", "fwt_gem", "forgetting"):
+            (event,) = session.Scalars(f"continual/{key}")
+            assert event.value == pytest.approx(methods[m][key], abs=1e-6), (m, key)
+    assert ("continual/transfer_pnn" in session.Tags()["scalars"]) == ("transfer_pnn" in methods[m])
 
 
 def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run, capsys):
@@ -145,6 +202,47 @@ def test_every_task_run_of_every_method_evaluates_and_summarises(progressive_run
     assert "<method>/<task>" in capsys.readouterr().err
 
 
+def test_an_interrupted_continual_run_resumes_as_a_whole(tmp_path, capsys):
+    """Task runs with summary.json are reused (weights and R row), the one with only last.pt resumes, later ones
+    train; the metrics come out as uninterrupted. The root is locked while it trains; a complete one says so."""
+    pytest.importorskip("captcha")
+    from test_train import _held
+
+    overrides = tiny(tmp_path, "train.epochs=1", "continual.methods=[independent, finetune]")
+    (first,) = train_from_file(str(CONFIGS / "progressive.yaml"), overrides)
+    root = Path(first["run_dir"])
+    assert (root / ".lock").is_file()
+    for gone in ("summary.json", "results.md", "finetune/letters_k_t/summary.json"):
+        (root / gone).unlink()
+    shutil.rmtree(root / "finetune" / "digits")
+    capsys.readouterr()
+
+    with _held(root):
+        assert main(["train", "--resume", str(root / "finetune" / "letters_k_t")]) == 2
+    assert "is in use" in capsys.readouterr().err and not (root / "finetune" / "digits").exists()
+
+    assert main(["train", "--resume", str(root / "finetune" / "letters_k_t")]) == 0
+    out = capsys.readouterr().out
+    assert f"is part of the run {root}" in out
+    assert "finetune: task 1/3 letters_a_j (done: reused)" in out and "finetune: task 2/3 letters_k_t ===" in out
+    again = json.loads((root / "summary.json").read_text())
+    for m, r in first["methods"].items():
+        for key in ("R", "acc_before", "acc_random_init", "acc", "bwt", "fwt_gem", "forgetting", "transfer_pnn"):
+            assert flat(again["methods"][m][key]) == pytest.approx(flat(r[key]), abs=1e-6), (m, key)
+    assert (root / "finetune" / "digits" / "summary.json").is_file()
+    assert "| finetune |" in (root / "results.md").read_text()
+
+    assert main(["train", "--resume", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{root} is complete: every method and task has its summary.json; nothing to resume"
+    )
+
+
+def flat(value):
+    """A number, a list or a list of rows (R) as one flat list."""
+    return list(np.hstack(value)) if isinstance(value, list) else [value]
+
+
 def test_split_fashion_mnist_config_makes_five_two_class_tasks(tmp_path):
     raw, sources = load_config(CONFIGS / "progressive_split_fmnist.yaml")
     configs = stage_configs(raw, sources)
@@ -172,7 +270,8 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
         ],
     )
     assert len(summary["methods"]["progressive"]["R"]) == 5 and summary["methods"]["progressive"]["bwt"] == 0.0
-    assert "fwt" not in summary["methods"]["progressive"]  # no independent reference
+    assert "transfer_pnn" not in summary["methods"]["progressive"]  # no independent reference
+    assert "fwt_gem" in summary["methods"]["progressive"]  # b_i needs none
 
 
 @pytest.mark.parametrize(
@@ -184,6 +283,8 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
         (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
         (["stages=[{name: a}, {name: b, tasks: {label: {head: fpn}}}]"], "pooled head"),
         (["stages=[{name: a}, {name: b, model: {weights: 'stage:a'}}]"], "continual methods build their own"),
+        (["train.monitor=label.f1"], "not a task metric"),
+        (["train.monitor=delta_m"], "continual tasks have no delta_m"),
     ],
 )
 def test_bad_continual_configs(tmp_path, overrides, message):
@@ -198,6 +299,17 @@ def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
     assert "unknown lwf" in capsys.readouterr().err
 
 
+class RecordOptions(Hook):
+    """Records the trainer's channels_last, nonfinite and its monitor's score of a hand-made phase."""
+
+    seen: list = []
+
+    def after_train(self, trainer):
+        (task,) = trainer.tasks
+        score = trainer.options.monitor({"loss": 9.0, "tasks": {task: {"acc": 0.25}}})
+        RecordOptions.seen.append((trainer.channels_last, trainer.options.nonfinite, score))
+
+
 def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monkeypatch):
     """After mtl's own hooks, as in a single run; an unknown one is refused before anything is written."""
     pytest.importorskip("captcha")
@@ -210,12 +322,32 @@ def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monke
     with pytest.raises(UserError, match="unknown hook 'record_epoch'"):
         train_from_file(str(CONFIGS / "progressive.yaml"), tiny(tmp_path, "train.hooks=[record_epoch]"))
     assert not (tmp_path / "runs").exists()
+    monkeypatch.setitem(HOOKS._entries, "record_options", RecordOptions)
+    monkeypatch.setattr(RecordOptions, "seen", [])
     train_from_file(
         str(CONFIGS / "progressive.yaml"),
-        tiny(tmp_path, "train.epochs=1", "train.hooks=[record_epochs]", "continual.methods=[finetune, head_only]"),
+        tiny(
+            tmp_path,
+            "train.epochs=1",
+            "train.hooks=[record_epochs, record_options]",
+            "continual.methods=[finetune, head_only]",
+            "train.channels_last=off",
+            "train.nonfinite=skip",
+            "train.monitor=loss",
+        ),
     )
-    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs"]
+    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs", "RecordOptions"]
     assert RecordEpochs.seen == [("x", 1, hooks)] * 6  # 2 methods x 3 tasks
+    names = ["letters_a_j", "letters_k_t", "digits"] * 2
+    assert RecordOptions.seen == [(False, "skip", -9.0) for _ in names]
+
+
+def test_a_monitor_naming_the_configs_task_follows_it_to_the_stage_name():
+    from mtl.workflows.continual import as_sequence_stage
+
+    raw, sources = load_config(CONFIGS / "progressive.yaml", ["train.monitor=label.acc"])
+    cfg = as_sequence_stage(stage_configs(raw, sources)[1])
+    assert list(cfg.tasks) == ["letters_k_t"] and cfg.train.monitor == "letters_k_t.acc"
 
 
 def test_new_columns_start_from_pretrained_weights(tmp_path):

@@ -1,8 +1,11 @@
 """End to end: a short run writes every artifact, learns, resumes exactly, and the CLI fails cleanly."""
 
 import json
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +190,55 @@ def test_stages_pass_the_pretrained_encoder_on_and_print_a_table(color_folder, t
     assert summaries[1]["params"]["trainable"] < summaries[2]["params"]["trainable"]
     out = capsys.readouterr().out
     assert "| fixed |" in out and "| scratch |" in out
+
+
+def test_an_interrupted_staged_run_resumes_as_a_whole_and_a_stage_config_reproduces_at_the_top(
+    color_folder, tmp_path, capsys
+):
+    """Stages with summary.json are reused, the one with only last.pt resumes, later ones run (``stage:`` still
+    naming the earlier stage's run), then the root's results are written; a complete root says so; a stage's
+    config.yaml writes a new top-level run."""
+    from mtl.workflows.stages import train_from_file
+
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"train.epochs": 2})
+    raw["stages"] = [{"name": "source"}, {"name": "fixed", "model": {"weights": "stage:source", "freeze": "all"}}]
+    raw["stages"].append({"name": "last", "model": {"weights": "stage:fixed"}})
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    first = train_from_file(str(path), [])
+    (root,) = list((tmp_path / "runs" / "tiny").iterdir())
+    assert (root / ".lock").is_file()  # the pipeline's own lock, next to each stage's
+    source_summary = (root / "source" / "summary.json").read_bytes()
+    for gone in ("summary.json", "results.md", "fixed/summary.json"):
+        (root / gone).unlink()
+    shutil.rmtree(root / "last")
+    capsys.readouterr()
+
+    with _held(root):
+        assert main(["train", "--resume", str(root)]) == 2
+    assert "is in use" in capsys.readouterr().err and not (root / "last").exists()
+
+    assert main(["train", "--resume", str(root / "fixed")]) == 0  # a stage's folder resumes its whole run
+    out = capsys.readouterr().out
+    assert f"is part of the run {root}" in out and "source (done: reused)" in out
+    assert (root / "source" / "summary.json").read_bytes() == source_summary
+    saved = json.loads((root / "summary.json").read_text())
+    assert [s["name"] for s in saved["stages"]] == ["source", "fixed", "last"]
+    for again, before in zip(saved["stages"], first):
+        assert again["epochs"] == 2 and again["best"]["val"]["acc"] == before["best"]["val"]["acc"], again["name"]
+    fixed_lines = (root / "fixed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in fixed_lines] == [1, 2]
+    assert yaml.safe_load((root / "last" / "config.yaml").read_text())["model"]["weights"] == f"run:{root / 'fixed'}"
+    assert "| last |" in (root / "results.md").read_text()
+
+    assert main(["train", "--resume", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == f"{root} is complete: every stage has its summary.json; nothing to resume"
+
+    stage_cfg = yaml.safe_load((root / "fixed" / "config.yaml").read_text())
+    assert stage_cfg["out_dir"] == str(tmp_path / "runs") and stage_cfg["name"] == "fixed"
+    (again,) = train_from_file(str(root / "fixed" / "config.yaml"), ["train.epochs=1"])
+    assert Path(again["run_dir"]).parent == tmp_path / "runs" / "fixed"  # at the top level, not inside the root
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["fixed", "last", "source"]
 
 
 def test_stage_reference_to_a_later_stage_is_an_error(color_folder, tmp_path):
@@ -382,3 +434,15 @@ def test_a_run_ends_with_one_line_naming_its_best_epoch_and_where_it_was_written
     best = summary["best"]
     assert last.startswith(f"done: best epoch {best['epoch']} of 2 (train.monitor auto): val loss ")
     assert f"acc {best['val']['acc']:.4f}" in last and last.endswith(f"written to {run_dir}")
+
+
+@contextmanager
+def _held(run_dir):
+    """``run_dir``'s lock held as a training process holds it."""
+    from mtl.core.rundir import lock_run_dir
+
+    lock = lock_run_dir(run_dir)
+    try:
+        yield
+    finally:
+        lock.release()
