@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -59,6 +61,7 @@ from mtl.models.heads import POOLED, head_input
 from mtl.models.progressive import ProgressiveNet
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
+from mtl.workflows.plots import MISSING, have_matplotlib, heatmap_chart
 from mtl.workflows.train import check_resumable, new_run_dir
 
 
@@ -354,7 +357,8 @@ def _run_sequence(top: Config, sequence: List[SequenceTask], root: Path, quiet: 
                 if key in r:
                     tb.add_scalar(f"continual/{key}/{method}", r[key], len(names))
             _write_hparams(root / method, method, top, names, r)
-    results = {m: results[m] for m in methods}
+        results = {m: results[m] for m in methods}
+        pictures = _heatmaps(root, names, results, tb)
     table = results_table(names, results)
     matrices = "\n\n".join(
         f"R for {m} (rows: after training on; columns: evaluated on)\n\n{matrix_table(names, r['R'])}"
@@ -366,10 +370,30 @@ def _run_sequence(top: Config, sequence: List[SequenceTask], root: Path, quiet: 
     if not quiet:
         print("\n" + table + "\n\n" + matrices)
         print(f"\nwritten: {root / 'results.md'}, {root / 'summary.json'}; curves: tensorboard --logdir {root}")
+        print(f"heatmaps: {root / 'plots'}" if pictures else f"no heatmaps: {MISSING}")
     return summary
 
 
 TB_METRICS = ("acc", "bwt", "fwt_gem", "forgetting", "transfer_pnn")
+
+
+def _heatmaps(root: Path, names: List[str], results: Mapping[str, Mapping[str, Any]], tb: SummaryWriter) -> List[Path]:
+    """Each method's accuracy matrix R as a heatmap, ``<run>/plots/accuracy_<method>.png`` and TensorBoard's image
+    ``continual/accuracy/<method>``; with matplotlib (``pip install 'mtl[plots]'``) only."""
+    if not have_matplotlib():
+        return []
+    rows = [f"after {n}" for n in names]
+    paths = []
+    for method, r in results.items():
+        matrix = [list(row) + [None] * (len(names) - len(row)) for row in r["R"]]
+        title = f"{method}: accuracy on each task (columns) after training each task (rows)"
+        path = heatmap_chart(matrix, rows, names, root / "plots" / f"accuracy_{method}.png", title)
+        with Image.open(path) as image:
+            tb.add_image(
+                f"continual/accuracy/{method}", np.asarray(image.convert("RGB")), len(names), dataformats="HWC"
+            )
+        paths.append(path)
+    return paths
 
 
 def _write_hparams(method_dir: Path, method: str, top: Config, names: List[str], r: Mapping[str, Any]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from mtl.cli import main
 from mtl.config.load import build_config, load_config
@@ -162,6 +163,10 @@ def test_progressive_config_runs_every_method(progressive_run):
     ]:
         assert tag in tags, tag
     assert len(acc.Scalars("R/progressive/letters_a_j")) == 3  # after each of the 3 tasks
+    for m in methods:  # the accuracy matrix as a heatmap, in plots/ and as a TensorBoard image
+        with Image.open(root / "plots" / f"accuracy_{m}.png") as image:
+            assert image.format == "PNG"
+        assert f"continual/accuracy/{m}" in acc.Tags()["images"]
     for m in methods:  # one hparams session per method, in its own folder, with its metrics
         session = EventAccumulator(str(root / m))
         session.Reload()
