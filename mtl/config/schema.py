@@ -314,4 +314,9 @@ class Config:
     def check(self) -> str:
         if not self.tasks:
             return "tasks must name at least one task (all are null)"
+        if self.continual.methods and self.data.test_split is not None:
+            return (
+                "data.test_split is not scored by continual runs (continual.methods), which measure on "
+                "data.val_split; set data.test_split: null (data.val_split: 0.1 measures on held-out training images)"
+            )
         return name_problem(self.name)
