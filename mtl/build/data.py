@@ -122,9 +122,10 @@ def _build_data(
 
 
 def _split_datasets(cfg: Config) -> Tuple[Dict[str, Dataset], int]:
-    """ "train", "val" and, with data.test_split, "test", and how many unreadable images they skipped. A fraction
-    data.val_split is carved from the training split (seeded by data.split_seed) with evaluation transforms. A
-    validation split that holds the test images warns; validation and test holding the same images is refused."""
+    """The data sets of the splits train, val and (with data.test_split) test, and how many unreadable images they
+    skipped. A fraction data.val_split is carved from the training split (seeded by data.split_seed) with evaluation
+    transforms. A validation split that holds the test images warns; validation and test holding the same images is
+    refused."""
     d = cfg.data
     train_ds = build_dataset(d, d.train_split, train=True)
     datasets: Dict[str, Dataset] = {"train": train_ds}

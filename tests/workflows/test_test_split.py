@@ -3,10 +3,14 @@ once at the end with it and with the final weights, into summary.json, the end l
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import make_folder, tiny_config
 
 from mtl.build.data import build_dataset
@@ -155,3 +159,39 @@ def test_a_continual_run_with_a_test_split_is_refused(tmp_path):
     with pytest.raises(UserError, match="data.test_split is not scored by continual runs") as info:
         build_config(raw)
     assert "\n" not in str(info.value)
+
+
+class NoBestEpoch(Hook):
+    """A score that is never a number: no epoch is the best and no best.pt is written."""
+
+    def before_train(self, trainer):
+        trainer.monitor = lambda metrics: float("nan")
+
+
+def test_without_a_best_epoch_only_the_final_weights_are_tested(color_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(HOOKS._entries, "no_best_epoch", NoBestEpoch)
+    raw = tiny_config(color_folder, tmp_path / "runs", **{"data.test_split": "val", "data.val_split": 0.25})
+    raw["train"].update(epochs=1, hooks=["no_best_epoch"])
+    summary = run(build_config(raw), quiet=True)
+    assert summary["best"]["epoch"] is None and summary["test"]["best"] is None
+    assert summary["test"]["last"]["tasks"]["label"]["acc"] >= 0
+
+
+def test_under_torchrun_the_test_split_is_scored_as_by_one_process(tmp_path):
+    """Two processes (gloo) each score their share of the test split; the summed metrics are those of best.pt."""
+    raw = tiny_config(make_folder(tmp_path / "colors"), tmp_path / "runs", **{"train.epochs": 2})
+    raw["data"].update(val_split=0.25, test_split="val", pipeline="items")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*cmd, "-m", "mtl", "train", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2
+    model = open_run(run_dir).model.eval()
+    loss, acc, n = scored_by_hand(build_config(raw), model, "val")
+    assert summary["test"]["best"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert abs(summary["test"]["best"]["acc"] - acc) <= 1 / n + 1e-9
