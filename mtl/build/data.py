@@ -146,11 +146,15 @@ def _split_datasets(cfg: Config) -> Tuple[Dict[str, Dataset], int]:
                 f"carve validation from training data with data.val_split: 0.1, or set data.test_split: null"
             )
     elif selects_on_test(d.name, d.val_split) and not isinstance(getattr(train_ds, "targets", None), dict):
+        fix = (
+            "measure on held-out training images with data.val_split=0.1 (continual runs do not score a test split yet)"
+            if cfg.continual.methods
+            else "select on a carved validation set and report test once with data.val_split=0.1 data.test_split=test"
+        )
         if dist.is_main():
             warnings.warn(
                 f"data.val_split {d.val_split!r} of {d.name} is its test split: the best epoch is selected on the "
-                f"test images, so the reported accuracy is optimistic; select on a carved validation set and report "
-                f"test once with data.val_split=0.1 data.test_split=test",
+                f"test images, so the reported accuracy is optimistic; {fix}",
                 stacklevel=2,
             )
     return datasets, skipped

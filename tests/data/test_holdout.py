@@ -118,6 +118,11 @@ def test_selecting_on_a_test_split_warns_how_to_hold_it_out(tmp_path):
     with pytest.warns(UserWarning, match="is its test split") as caught:
         build_data(build_config(raw), CPU)
     assert len(caught) == 1 and "data.val_split=0.1 data.test_split=test" in str(caught[0].message)
+    raw["continual"] = {"methods": ["progressive"]}  # continual runs refuse a test split: the advice leaves it out
+    with pytest.warns(UserWarning, match="is its test split") as caught:
+        build_data(build_config(raw), CPU)
+    assert "test_split=test" not in str(caught[0].message) and "data.val_split=0.1" in str(caught[0].message)
+    del raw["continual"]
     raw["data"].update(val_split=0.5, test_split="test")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
