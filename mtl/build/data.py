@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +24,7 @@ from mtl.data.batches import (
 )
 from mtl.data.dense_batches import DenseBatches, can_gather
 from mtl.data.device_augment import BatchAugment
+from mtl.data.holdout import carve_validation, same_items, selects_on_test
 from mtl.data.loaders import SignalSafeLoader, collate_targets
 from mtl.tasks.base import Task
 
@@ -98,16 +100,15 @@ def build_data(
 def _build_data(
     cfg: Config, device: torch.device
 ) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, Any], torch.Generator, Dict[str, Any]]:
-    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    datasets, skipped = _split_datasets(cfg)
+    train_ds = datasets["train"]
     classes = list(getattr(train_ds, "classes", []))
-    skipped = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
     tasks = build_tasks(cfg, dataset_targets(train_ds))
     if cfg.data.labels_per_class:
-        train_ds = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
+        datasets["train"] = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
     generator = torch.Generator()
-    info = {"classes": classes, "skipped_images": skipped, "train_size": len(train_ds), "val_size": len(val_ds)}
-    loaders = _batched_loaders(cfg, tasks, train_ds, val_ds, device, generator, info)
+    info = {"classes": classes, "skipped_images": skipped, **{f"{s}_size": len(ds) for s, ds in datasets.items()}}
+    loaders = _batched_loaders(cfg, tasks, datasets, device, generator, info)
     if loaders is None:
         common = dict(
             num_workers=cfg.data.num_workers,
@@ -115,35 +116,70 @@ def _build_data(
             collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
             worker_init_fn=ignore_stop_signals,
         )
-        val_batch = cfg.data.val_batch_size or cfg.data.batch_size
-        if dist.world_size() == 1:
-            loaders = {
-                "train": SignalSafeLoader(
-                    train_ds, batch_size=cfg.data.batch_size, shuffle=True, generator=generator, **common
-                ),
-                "val": SignalSafeLoader(val_ds, batch_size=val_batch, shuffle=False, **common),
-            }
-        else:
-            r, w = dist.rank(), dist.world_size()
-            loaders = {
-                "train": SignalSafeLoader(
-                    train_ds,
-                    batch_sampler=StridedBatchSampler(len(train_ds), cfg.data.batch_size, True, generator, r, w),
-                    **common,
-                ),
-                "val": SignalSafeLoader(
-                    val_ds, batch_sampler=StridedBatchSampler(len(val_ds), val_batch, False, None, r, w), **common
-                ),
-            }
+        loaders = {split: _item_loader(cfg, ds, split == "train", generator, common) for split, ds in datasets.items()}
         info["pipeline"] = "per item"
-    return tasks, {"train": train_ds, "val": val_ds}, loaders, generator, info
+    return tasks, datasets, loaders, generator, info
+
+
+def _split_datasets(cfg: Config) -> Tuple[Dict[str, Dataset], int]:
+    """The data sets of the splits train, val and (with data.test_split) test, and how many unreadable images they
+    skipped. A fraction data.val_split is carved from the training split (seeded by data.split_seed) with evaluation
+    transforms. A validation split that holds the test images warns; validation and test holding the same images is
+    refused."""
+    d = cfg.data
+    train_ds = build_dataset(d, d.train_split, train=True)
+    datasets: Dict[str, Dataset] = {"train": train_ds}
+    carved = isinstance(d.val_split, float)
+    if carved:
+        eval_view = build_dataset(d, d.train_split, train=False)
+        datasets["train"], datasets["val"] = carve_validation(train_ds, eval_view, d.val_split, d.split_seed)
+    else:
+        datasets["val"] = build_dataset(d, d.val_split, train=False)
+    skipped = sum(len(getattr(ds, "skipped", [])) for ds in (train_ds, *([] if carved else [datasets["val"]])))
+    if d.test_split is not None:
+        datasets["test"] = build_dataset(d, d.test_split, train=False)
+        skipped += len(getattr(datasets["test"], "skipped", []))
+        if not carved and same_items(datasets["val"], datasets["test"]):
+            raise UserError(
+                f"data.test_split {d.test_split!r} holds the same images as data.val_split {d.val_split!r} (data set "
+                f"{d.name!r} reads one for the other): the checkpoint would be selected and reported on one split; "
+                f"carve validation from training data with data.val_split: 0.1, or set data.test_split: null"
+            )
+    elif selects_on_test(d.name, d.val_split) and not isinstance(getattr(train_ds, "targets", None), dict):
+        fix = (
+            "measure on held-out training images with data.val_split=0.1 (continual runs do not score a test split yet)"
+            if cfg.continual.methods
+            else "select on a carved validation set and report test once with data.val_split=0.1 data.test_split=test"
+        )
+        if dist.is_main():
+            warnings.warn(
+                f"data.val_split {d.val_split!r} of {d.name} is its test split: the best epoch is selected on the "
+                f"test images, so the reported accuracy is optimistic; {fix}",
+                stacklevel=2,
+            )
+    return datasets, skipped
+
+
+def _item_loader(
+    cfg: Config, dataset: Dataset, train: bool, generator: torch.Generator, common: Dict[str, Any]
+) -> SignalSafeLoader:
+    """The per-item loader of one split: shuffled by ``generator`` for training; under torchrun, this process's
+    share of each global batch."""
+    batch = cfg.data.batch_size if train else cfg.data.val_batch_size or cfg.data.batch_size
+    if dist.world_size() == 1:
+        return SignalSafeLoader(
+            dataset, batch_size=batch, shuffle=train, generator=generator if train else None, **common
+        )
+    sampler = StridedBatchSampler(
+        len(dataset), batch, train, generator if train else None, dist.rank(), dist.world_size()
+    )
+    return SignalSafeLoader(dataset, batch_sampler=sampler, **common)
 
 
 def _batched_loaders(
     cfg: Config,
     tasks: Dict[str, Task],
-    train_ds: Dataset,
-    val_ds: Dataset,
+    datasets: Dict[str, Dataset],
     device: torch.device,
     generator: torch.Generator,
     info: Dict[str, Any],
@@ -156,17 +192,19 @@ def _batched_loaders(
     size = d.cache_size or round(d.resize_size * 4 / 3)
     cache_dir = _cache_dir(d)
     stores = {}
+    decoded: Dict[Any, Any] = {}  # a carved validation set shares the training split's decoded images
     if targets == {"label"}:
-        for split, ds in (("train", train_ds), ("val", val_ds)):
+        for split, ds in datasets.items():
             stores[split] = image_store(
                 ds,
                 cache_size=size,
                 cache_dir=cache_dir,
                 budget_bytes=int(d.cache_budget_gb * 2**30),
                 progress=cfg.train.progress,
+                decoded=decoded,
             )
-    if (not stores or any(s is None for s in stores.values())) and can_gather(train_ds) and can_gather(val_ds):
-        return _dense_batches(cfg, tasks, train_ds, val_ds, device, generator, info)
+    if (not stores or any(s is None for s in stores.values())) and all(can_gather(ds) for ds in datasets.values()):
+        return _dense_batches(cfg, tasks, datasets, device, generator, info)
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
             raise UserError(
@@ -180,31 +218,24 @@ def _batched_loaders(
     names = list(tasks)
     shard = dict(rank=dist.rank(), world=dist.world_size())
     loaders = {
-        "train": DeviceBatches(
-            stores["train"],
-            BatchAugment(train=True, augment=d.augment, **kw),
-            batch_size=d.batch_size,
-            shuffle=True,
+        split: DeviceBatches(
+            stores[split],
+            BatchAugment(train=True, augment=d.augment, **kw)
+            if split == "train"
+            else BatchAugment(train=False, augment="none", **kw),
+            batch_size=d.batch_size if split == "train" else d.val_batch_size or d.batch_size,
+            shuffle=split == "train",
             device=device,
-            generator=generator,
+            generator=generator if split == "train" else None,
             target_names=names,
-            dataset=train_ds,
+            dataset=ds,
             collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
             **shard,
-        ),
-        "val": DeviceBatches(
-            stores["val"],
-            BatchAugment(train=False, augment="none", **kw),
-            batch_size=d.val_batch_size or d.batch_size,
-            shuffle=False,
-            device=device,
-            target_names=names,
-            dataset=val_ds,
-            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
-            **shard,
-        ),
+        )
+        for split, ds in datasets.items()
     }
-    nbytes = sum(s.nbytes for s in stores.values() if s.location == "memory")
+    images = {id(s.images): s for s in stores.values()}.values()  # shared decoded images counted once
+    nbytes = sum(s.nbytes for s in images if s.location == "memory")
     where = sorted({s.location for s in stores.values() if s.location != "memory"})
     info["pipeline"] = (
         "batched on "
@@ -226,8 +257,7 @@ def _cache_dir(d: DataCfg) -> Optional[Path]:
 def _dense_batches(
     cfg: Config,
     tasks: Dict[str, Task],
-    train_ds: Dataset,
-    val_ds: Dataset,
+    datasets: Dict[str, Dataset],
     device: torch.device,
     generator: torch.Generator,
     info: Dict[str, Any],
@@ -236,42 +266,33 @@ def _dense_batches(
     d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
     targets = {t: task.target for t, task in tasks.items()}
     info["pipeline"] = f"batched on {device.type} (the data set's in-memory tensors)"
-    if callable(getattr(train_ds, "prepare", None)):  # image files: decoded once first (celeba)
+    if callable(getattr(datasets["train"], "prepare", None)):  # image files: decoded once first (celeba)
         kw = dict(
             cache_size=d.cache_size,
             cache_dir=_cache_dir(d),
             budget_bytes=int(d.cache_budget_gb * 2**30),
             progress=cfg.train.progress,
         )
-        where = {train_ds.prepare(**kw), val_ds.prepare(**kw)}
-        mib = (train_ds.nbytes + val_ds.nbytes) / 2**20
+        where = {ds.prepare(**kw) for ds in datasets.values()}
+        mib = sum(ds.nbytes for ds in datasets.values()) / 2**20
         info["pipeline"] = (
             f"batched on {device.type} (images decoded once: uint8 {mib:,.0f} MiB "
             + ("in memory" if where == {"memory"} else "memory-mapped")
             + ")"
         )
     return {
-        "train": DenseBatches(
-            train_ds,
+        split: DenseBatches(
+            ds,
             targets,
-            batch_size=d.batch_size,
-            shuffle=True,
+            batch_size=d.batch_size if split == "train" else d.val_batch_size or d.batch_size,
+            shuffle=split == "train",
             device=device,
-            augment=bool(getattr(train_ds, "augment", False)),
-            generator=generator,
+            augment=split == "train" and bool(getattr(ds, "augment", False)),
+            generator=generator if split == "train" else None,
             collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
             **shard,
-        ),
-        "val": DenseBatches(
-            val_ds,
-            targets,
-            batch_size=d.val_batch_size or d.batch_size,
-            shuffle=False,
-            augment=False,
-            device=device,
-            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
-            **shard,
-        ),
+        )
+        for split, ds in datasets.items()
     }
 
 

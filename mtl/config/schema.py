@@ -50,7 +50,15 @@ class DataCfg:
     root: Optional[str] = None
     options: Dict[str, Any] = field(default_factory=dict)  # data-set specific keyword arguments
     train_split: str = "train"
-    val_split: str = "val"
+    # a split name, or a fraction in (0, 1): that share of train_split becomes the validation set (class-stratified
+    # for single-label data, eval transforms), drawn with split_seed; the rest stays training data
+    val_split: Union[str, float] = "val"
+    # the validation images drawn by a fraction val_split; independent of train.seed, so that every seed of a sweep
+    # selects its checkpoint on the same images
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)
+    # a split evaluated once at the end, with the best-on-validation checkpoint and with the final weights
+    # (summary.json "test"); null: none
+    test_split: Optional[str] = None
     image_size: int = bounded(224, ge=1)
     resize_size: int = bounded(256, ge=1)
     augment: str = "random_resized_crop"  # random_resized_crop (+flip) | random_crop (+flip) | none
@@ -73,6 +81,17 @@ class DataCfg:
     cache_dir: Optional[str] = None  # where that file goes; null: <data.root>/.mtl_cache
 
     def check(self) -> str:
+        if isinstance(self.val_split, float) and not 0 < self.val_split < 1:
+            return (
+                f"data.val_split must be a split name or a fraction in (0, 1) of the training split, "
+                f"got {self.val_split:g}"
+            )
+        if self.test_split is not None and self.test_split in (self.val_split, self.train_split):
+            which = "val_split" if self.test_split == self.val_split else "train_split"
+            return (
+                f"data.test_split {self.test_split!r} is also data.{which}: the test split must be images the run "
+                f"neither trains nor selects on; carve validation from training data with data.val_split: 0.1"
+            )
         if self.pipeline not in ("auto", "batched", "items"):
             return f"data.pipeline must be auto, batched or items, got {self.pipeline!r}"
         if self.cache_size is not None and self.cache_size < 1:
@@ -334,4 +353,9 @@ class Config:
     def check(self) -> str:
         if not self.tasks:
             return "tasks must name at least one task (all are null)"
+        if self.continual.methods and self.data.test_split is not None:
+            return (
+                "data.test_split is not scored by continual runs (continual.methods), which measure on "
+                "data.val_split; set data.test_split: null (data.val_split: 0.1 measures on held-out training images)"
+            )
         return name_problem(self.name)

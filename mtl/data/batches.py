@@ -45,9 +45,17 @@ class ImageStore:
 
 
 def image_store(
-    dataset: Dataset, *, cache_size: int, cache_dir: Optional[Path], budget_bytes: int, progress: bool = True
+    dataset: Dataset,
+    *,
+    cache_size: int,
+    cache_dir: Optional[Path],
+    budget_bytes: int,
+    progress: bool = True,
+    decoded: Optional[Dict[Any, Any]] = None,
 ) -> Optional[ImageStore]:
-    """The store behind a single-label data set (through subsets), or None when it has none (per-item path)."""
+    """The store behind a single-label data set (through subsets), or None when it has none (per-item path).
+    ``decoded``: image files decoded by earlier calls, by file list; the same files are decoded once (a validation
+    set carved from the training split shares its images)."""
     labels = getattr(dataset, "labels", None)
     chain: List[List[int]] = []
     base = dataset
@@ -60,11 +68,15 @@ def image_store(
         images = base.images if base.images.ndim == 4 else base.images.unsqueeze(1)
         sizes, location, n = None, "memory", len(images)
     elif isinstance(base, ImageFolderDataset):
-        decoded = decode_images(
-            [p for p, _ in base.samples], cache_size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress
-        )
-        images, sizes, location, n = decoded.images, decoded.sizes, decoded.location, len(decoded.images)
-        failed = set(decoded.failed)
+        paths = tuple(p for p, _ in base.samples)
+        memo = decoded if decoded is not None else {}
+        if (paths, cache_size) not in memo:
+            memo[paths, cache_size] = decode_images(
+                paths, cache_size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress
+            )
+        files = memo[paths, cache_size]
+        images, sizes, location, n = files.images, files.sizes, files.location, len(files.images)
+        failed = set(files.failed)
     else:
         return None
     indices = torch.arange(n)

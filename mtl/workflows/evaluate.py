@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
@@ -25,13 +26,18 @@ def _split_loader(cfg: Any, split: str, device: torch.device) -> tuple[Dict[str,
     """Tasks and the loader of ``split`` as the run validated: the run's data pipeline with eval transforms.
 
     ``build_data`` with both of its splits set to ``split``: no other split is listed or decoded (``split`` is
-    built twice, as the unused training split too; in-memory decoded image stores are decoded twice).
+    built twice, as the unused training split too). ``split`` a fraction (``data.val_split``): the run's own
+    validation set, carved from the training split again.
     """
 
     eval_cfg = copy.deepcopy(cfg)
-    eval_cfg.data.train_split = eval_cfg.data.val_split = split
+    if not isinstance(split, float):  # a fraction: the validation set the run carved (data.split_seed)
+        eval_cfg.data.train_split = eval_cfg.data.val_split = split
     eval_cfg.data.labels_per_class = None
-    tasks, _, loaders, _, _ = build_data(eval_cfg, device)
+    eval_cfg.data.test_split = None
+    with warnings.catch_warnings():  # scoring a test split on request selects nothing on it
+        warnings.filterwarnings("ignore", message="data.val_split .* is its test split")
+        tasks, _, loaders, _, _ = build_data(eval_cfg, device)
     return tasks, loaders["val"]
 
 
@@ -62,7 +68,9 @@ def eval_command(run: str, split: str = "val") -> str:
     loaded = open_run(run)
     run_dir = Path(loaded.run_dir)
     cfg = loaded.cfg
-    data_split = {"val": cfg.data.val_split, "train": cfg.data.train_split}.get(split, split)
+    data_split = {"val": cfg.data.val_split, "train": cfg.data.train_split, "test": cfg.data.test_split or "test"}.get(
+        split, split
+    )
     device = select_device("auto")
     data_tasks, loader = _split_loader(cfg, data_split, device)
     _check_classes(loaded.classes, data_tasks, split)

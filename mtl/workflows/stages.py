@@ -89,17 +89,23 @@ def _run_stages(top: Config, configs: List[Config], root: Path, resume: bool) ->
 
 
 def stage_table(summaries: List[Dict[str, Any]]) -> str:
-    """A Markdown table: best and final validation accuracy, time per epoch, trainable parameters."""
+    """A Markdown table: best and final validation accuracy, the test accuracy of the best-on-validation checkpoint
+    (a column only when a stage has a test split), time per epoch, trainable parameters."""
+    tested = any(s.get("test") for s in summaries)
     rows = [
-        "| stage | train images | best val acc | final val acc | s/epoch | trainable params |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| stage | train images | best val acc | final val acc | "
+        + ("test acc (best epoch) | " if tested else "")
+        + "s/epoch | trainable params |",
+        "|---|---:|---:|---:|" + ("---:|" if tested else "") + "---:|---:|",
     ]
     for s in summaries:
         best = (s["best"]["val"] or {}).get("acc", float("nan"))
         final = ((s["final"] or {}).get("val") or {}).get("acc", float("nan"))
+        test = ((s.get("test") or {}).get("best") or {}).get("acc")
         rows.append(
-            f"| {s['name']} | {s['train_size']} | {best:.4f} | {final:.4f} | {s['time']['mean_epoch_s']:.2f} | "
-            f"{s['params']['trainable']:,} |"
+            f"| {s['name']} | {s['train_size']} | {best:.4f} | {final:.4f} | "
+            + (("—" if test is None else f"{test:.4f}") + " | " if tested else "")
+            + f"{s['time']['mean_epoch_s']:.2f} | {s['params']['trainable']:,} |"
         )
     return "\n".join(rows)
 

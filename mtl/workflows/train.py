@@ -22,7 +22,7 @@ from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.core import distributed as dist
-from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json
+from mtl.core.checkpoint import atomic_write, load_checkpoint, save_json, writing
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.core.rundir import (
@@ -33,7 +33,8 @@ from mtl.core.rundir import (
     no_checkpoint_yet,
     resume_hint,
 )
-from mtl.engine.hooks import phase_text
+from mtl.data.holdout import val_text
+from mtl.engine.hooks import flat_row, phase_text
 from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.base import Task
 
@@ -142,14 +143,21 @@ def _train(
         p = exp.info["params"]
         print(
             f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
-            f"{exp.info['val_size']} val images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
+            f"{exp.info['val_size']} val"
+            + (f" / {exp.info['test_size']} test" if "test_size" in exp.info else "")
+            + f" images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
             f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
             + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else "")
         )
     history = trainer.fit()
+    test = _evaluate_test(trainer, run_dir) if "test" in trainer.loaders else None
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
+    if test is not None:
+        summary["test"] = test
     summary["processes"] = dist.world_size()
     if main_process:
+        if test is not None:
+            _log_test(run_dir, test, summary)
         save_json(summary, run_dir / "summary.json", lambda: resume_hint(run_dir))
         if not quiet:
             print(end_line(summary, cfg.train.monitor))
@@ -158,8 +166,8 @@ def _train(
 
 
 def end_line(summary: Mapping[str, Any], monitor: str) -> str:
-    """One line at a run's end: the best epoch (by ``train.monitor``) and its validation metrics, the final ones, and
-    where the run was written."""
+    """One line at a run's end: the best epoch (by ``train.monitor``) and its validation metrics, the final ones, the
+    test split's metrics of both when the run has one, and where the run was written."""
     best, final = summary["best"], summary["final"] or {}
     phase = "val" if best.get("val") else "train"
     text = f"done: best epoch {best['epoch']} of {summary['epochs']} (train.monitor {monitor})"
@@ -167,7 +175,48 @@ def end_line(summary: Mapping[str, Any], monitor: str) -> str:
         text += f": {phase} {phase_text(best[phase])}"
     if final.get(phase) and final.get("epoch") != best["epoch"]:
         text += f"  |  final epoch {final['epoch']}: {phase} {phase_text(final[phase])}"
+    test = summary.get("test") or {}
+    if test.get("best"):
+        text += f"  |  test (best epoch): {phase_text(test['best'])}"
+    if test.get("last") and final.get("epoch") != best["epoch"]:
+        text += f"  |  test (final epoch): {phase_text(test['last'])}"
     return text + f"  |  written to {summary['run_dir']}"
+
+
+def _evaluate_test(trainer: Trainer, run_dir: Path) -> Dict[str, Any]:
+    """The test split's metrics, through the trainer's evaluation phase (under torchrun each process scores its
+    share), of the final weights ("last") and of the best-on-validation checkpoint ("best"; None without a best
+    epoch). Both are read from the checkpoints process 0 wrote; the model keeps the best weights afterwards."""
+    dist.barrier()
+    checkpoints = run_dir / "checkpoints"
+    trainer.model.load_state_dict(load_checkpoint(checkpoints / "last.pt")["model"])
+    last = trainer.run_phase("test")
+    best = None
+    if trainer.best["epoch"] == trainer.epoch:
+        best = last
+    elif trainer.best["epoch"] is not None:
+        trainer.model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
+        best = trainer.run_phase("test")
+    return {"best": best, "last": last}
+
+
+def _log_test(run_dir: Path, test: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+    """``test/best/...`` and ``test/last/...`` TensorBoard scalars (e.g. ``test/best/label/acc``) at the epoch each
+    set of weights comes from, in an events file of their own in the run directory."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps = {"best": summary["best"]["epoch"], "last": (summary["final"] or {}).get("epoch")}
+    with writing(run_dir / "events.out.tfevents.*.test", lambda: resume_hint(run_dir)):
+        writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=".test")
+        try:
+            for which, phase in test.items():
+                for key, value in flat_row(phase or {}).items():
+                    writer.add_scalar(
+                        f"test/{which}/{key.removeprefix('tasks.').replace('.', '/')}", value, steps[which]
+                    )
+            writer.flush()
+        finally:
+            writer.close()
 
 
 def _task_text(tasks: Mapping[str, Task]) -> str:
@@ -191,6 +240,11 @@ def _summary(
             for t, task in exp.tasks.items()
         },
         "epochs": trainer.epoch,
+        "protocol": {
+            "select": "val",
+            "val": val_text(cfg.data.val_split, cfg.data.train_split, cfg.data.split_seed),
+            "test": cfg.data.test_split,
+        },
         "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train")},
         "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]}
         if history
