@@ -34,10 +34,11 @@ def _finite_values(runs: Sequence, column: str) -> List[float]:
 
 
 def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]] = None) -> List[Path]:
-    """The PNGs of ``agg`` under ``out``: ``bars.png`` (every reported metric except losses, and delta-m), per stage
-    for staged runs; ``pareto.png`` when the runs have exactly two tasks (their primary metrics, one point per run);
-    ``curves_<task>.png`` (each task's primary validation metric per epoch, mean ± std over seeds). Runs whose value
-    is not finite (a diverged run) are left out of the pictures; the tables still show them."""
+    """The PNGs of ``agg`` under ``out``: ``bars.png`` (every reported metric except losses, and delta-m);
+    ``pareto.png`` when the runs have exactly two tasks (their primary metrics, one point per run);
+    ``curves_<task>.png`` (each task's primary validation metric per epoch, mean ± std over seeds). The stages of
+    staged runs are groups like any other, so the strategies of one staged config share one chart. Runs whose
+    value is not finite (a diverged run) are left out of the pictures; the tables still show them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     columns = [
@@ -46,47 +47,32 @@ def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]
         if c in DELTA_HEADERS or (not c.endswith(".loss") and (not metrics or c.rsplit(".", 1)[1] in metrics))
     ]
     written: List[Path] = []
-    for stage, groups in _by_stage(agg.groups).items():
-        suffix = f"_{_file_part(stage)}" if stage else ""
-        split = "test" if agg.reported == "test" else "validation"
-        bars = {
-            g.label: {DELTA_HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups
-        }
-        bars = {label: values for label, values in bars.items() if values}
-        if bars:
-            title = f"{stage + ': ' if stage else ''}{split} metrics, mean ± std over seeds"
-            written.append(bar_chart(bars, out / f"bars{suffix}.png", title))
-        order = [c.rsplit(".", 1)[0] for c in agg.columns]
-        tasks = dict(
-            sorted(_tasks(groups).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
-        )
-        if len(tasks) == 2:
-            (ta, (ma, da)), (tb, (mb, db)) = tasks.items()
-            xa, yb = f"{ta}.{ma}", f"{tb}.{mb}"
-            points = [
-                (g.label, r.values[xa], r.values[yb])
-                for g in groups
-                for r in g.runs
-                if xa in r.values and yb in r.values and math.isfinite(r.values[xa]) and math.isfinite(r.values[yb])
-            ]
-            if points:
-                maximize = (da.get(ma, True), db.get(mb, True))
-                written.append(
-                    pareto_chart(points, xa, yb, out / f"pareto{suffix}.png", maximize, f"{split}: one point per run")
-                )
-        for task, (metric, _) in tasks.items():
-            curves = _curves(groups, task, metric)
-            if curves:
-                title = f"{stage + ': ' if stage else ''}validation {task}.{metric} per epoch, mean ± std over seeds"
-                written.append(curve_chart(curves, out / f"curves_{_file_part(task)}{suffix}.png", metric, title))
+    groups = agg.groups
+    split = "test" if agg.reported == "test" else "validation"
+    bars = {g.label: {DELTA_HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups}
+    bars = {label: values for label, values in bars.items() if values}
+    if bars:
+        written.append(bar_chart(bars, out / "bars.png", f"{split} metrics, mean ± std over seeds"))
+    order = [c.rsplit(".", 1)[0] for c in agg.columns]
+    tasks = dict(sorted(_tasks(groups).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    if len(tasks) == 2:
+        (ta, (ma, da)), (tb, (mb, db)) = tasks.items()
+        xa, yb = f"{ta}.{ma}", f"{tb}.{mb}"
+        points = [
+            (g.label, r.values[xa], r.values[yb])
+            for g in groups
+            for r in g.runs
+            if xa in r.values and yb in r.values and math.isfinite(r.values[xa]) and math.isfinite(r.values[yb])
+        ]
+        if points:
+            maximize = (da.get(ma, True), db.get(mb, True))
+            written.append(pareto_chart(points, xa, yb, out / "pareto.png", maximize, f"{split}: one point per run"))
+    for task, (metric, _) in tasks.items():
+        curves = _curves(groups, task, metric)
+        if curves:
+            title = f"validation {task}.{metric} per epoch, mean ± std over seeds"
+            written.append(curve_chart(curves, out / f"curves_{_file_part(task)}.png", metric, title))
     return written
-
-
-def _by_stage(groups: Sequence[Group]) -> Dict[Optional[str], List[Group]]:
-    stages: Dict[Optional[str], List[Group]] = {}
-    for g in groups:
-        stages.setdefault(g.runs[0].stage, []).append(g)
-    return stages
 
 
 def _curves(groups: Sequence[Group], task: str, metric: str) -> Mapping[str, List[List[Tuple[int, float]]]]:
