@@ -25,7 +25,7 @@ CANVAS = 36
 ITEM = 28
 MAX_SHIFT = 4  # each item sits 1..4 pixels from the centre, per axis: never both centred, left/right stay distinct
 DEFAULT_CACHE = "data/multi_fashion"
-_FORMAT = 1  # bump when the construction changes, to invalidate caches
+_FORMAT = 2  # bump when the construction changes, to invalidate caches (2: val from held-out training items)
 _PREFIX = {"train": "train", "test": "t10k"}
 _AUGMENT_SHIFT = 2  # pixels of random translation of the whole image when augmenting (no flips: left/right)
 
@@ -89,34 +89,66 @@ def multi_fashion(
     std: Sequence[float] = IMAGENET_STD,
     train_size: int = 60000,
     val_size: int = 10000,
+    test_size: int = 10000,
+    val_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | None = None,
 ) -> MultiFashionDataset:
     """Pairs built from Fashion-MNIST IDX files in ``root`` (default: Debian's dataset-fashion-mnist, else ./data)
-    or ``root/FashionMNIST/raw``: item i of the source split on the left, a seeded random partner on the right.
-    train from the train files, val (= test) from t10k. Built tensors are cached in ``cache_dir``."""
-    split = resolve_split("multi_fashion", split, ("train", "val"), {"test": "val"})
+    or ``root/FashionMNIST/raw``: item i of the source items on the left, a seeded random partner on the right.
+
+    Three splits, no item in two: ``val_fraction`` of the training files' items (drawn with ``seed``) are held out
+    and make the ``val`` pairs (selection); the other training items make the ``train`` pairs; the t10k files make
+    the ``test`` pairs (reported once). Built tensors are cached in ``cache_dir``."""
+    split = resolve_split("multi_fashion", split, ("train", "val", "test"))
     if transform is not None:
         raise UserError(
             "data set 'multi_fashion' normalises and augments itself; pass augment/mean/std, not a transform"
         )
-    count = train_size if split == "train" else val_size
+    count = {"train": train_size, "val": val_size, "test": test_size}[split]
     if count < 1:
-        raise UserError(f"multi_fashion needs train_size and val_size >= 1, got {count}")
+        raise UserError(f"multi_fashion needs train_size, val_size and test_size >= 1, got {split}_size={count}")
+    if not 0 < val_fraction < 1:
+        raise UserError(
+            f"multi_fashion needs 0 < val_fraction < 1 (the training items held out for val), got {val_fraction}"
+        )
     if root is None:
         root = FASHION_MNIST_ROOT if os.path.isdir(FASHION_MNIST_ROOT) else DEFAULT_ROOT
-    paths = _source_files(Path(root).expanduser(), "train" if split == "train" else "test")
+    paths = _source_files(Path(root).expanduser(), "test" if split == "test" else "train")
     key = {
         "count": count,
         "seed": seed,
         "split": split,
+        "val_fraction": None if split == "test" else val_fraction,
         "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths],
         "format": _FORMAT,
     }
     cache = cache_path(cache_dir or DEFAULT_CACHE, "multi_fashion", key)
-    rng_seed = [seed, 0 if split == "train" else 1]
-    tensors = load_or_build(cache, key, lambda: build_pairs(*_read(paths), count, np.random.default_rng(rng_seed)))
+
+    def build() -> dict[str, Tensor]:
+        images, labels = _read(paths)
+        rows = torch.arange(len(images))
+        if split != "test":
+            held, kept = held_out(len(images), val_fraction, seed)
+            rows = held if split == "val" else kept
+        rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
+        pairs = build_pairs(images[rows], labels[rows], count, rng)
+        for side in ("left_index", "right_index"):  # indices into the source files
+            pairs[side] = rows[pairs[side]]
+        return pairs
+
+    tensors = load_or_build(cache, key, build)
     return MultiFashionDataset(tensors["images"], tensors["left"], tensors["right"], augment, mean, std)
+
+
+def held_out(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted indices of the ``round(fraction * n)`` training items held out for validation (a seeded permutation)
+    and of the rest; both non-empty."""
+    size = min(max(round(fraction * n), 1), n - 1)
+    if n < 2:
+        raise UserError(f"multi_fashion needs at least 2 training items to hold some out for val, got {n}")
+    order = torch.from_numpy(np.random.default_rng([seed, 9]).permutation(n))
+    return order[:size].sort().values, order[size:].sort().values
 
 
 def build_pairs(images: Tensor, labels: Tensor, count: int, rng: np.random.Generator) -> dict[str, Tensor]:

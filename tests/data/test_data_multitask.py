@@ -432,12 +432,19 @@ def test_multi_fashion_pairs_follow_the_construction(fake_fashion, tmp_path):
     )
     cached = next((tmp_path / "cache").glob("multi_fashion-train-*.pt"))
     tensors = torch.load(cached, weights_only=True)["tensors"]
-    assert torch.equal(tensors["left_index"], torch.arange(20))
+    val = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "cache"), split="val", val_size=20)
+    val_tensors = torch.load(next((tmp_path / "cache").glob("multi_fashion-val-*.pt")), weights_only=True)["tensors"]
+    held = set(val_tensors["left_index"].tolist()) | set(val_tensors["right_index"].tolist())
+    train_items = set(tensors["left_index"].tolist()) | set(tensors["right_index"].tolist())
+    assert len(val) == 20 and not held & train_items  # val pairs only from held-out training items
+    assert len(set(val_tensors["left_index"].tolist())) == round(0.1 * len(labels))  # 10 % held out, each used
+    kept = sorted(set(range(len(labels))) - set(val_tensors["left_index"].tolist()))
+    assert tensors["left_index"].tolist() == [kept[i % len(kept)] for i in range(20)]  # item i of the kept items
     assert torch.equal(ds.left, labels[tensors["left_index"]].long()) and torch.equal(
         ds.right, labels[tensors["right_index"]].long()
     )
     for i in range(0, 20, 4):
-        assert placements(ds.images[i, 0], images[i], images[tensors["right_index"][i]])
+        assert placements(ds.images[i, 0], images[tensors["left_index"][i]], images[tensors["right_index"][i]])
     assert torch.allclose(unnormalise(item["image"])[0], ds.images[3, 0].float() / 255, atol=1e-5)
 
 
@@ -447,13 +454,17 @@ def test_multi_fashion_deterministic_cached_and_sizes(fake_fashion, tmp_path, mo
     assert len(a) == 50 and torch.equal(a.images, b.images) and torch.equal(a.right, b.right)
     c = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "a"), train_size=50, seed=1)
     assert not torch.equal(a.images, c.images)
-    val = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "a"), split="test", val_size=7)
-    assert len(val) == 7
+    test = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "a"), split="test", test_size=7)
+    assert len(test) == 7
     monkeypatch.setattr(multi_fashion, "build_pairs", lambda *a, **k: pytest.fail("cache not used"))
     again = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "a"), train_size=50)
     assert torch.equal(again.images, a.images)
     aug = build("multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path / "a"), train_size=50, augment=True)
     assert aug[0]["image"].shape == (3, 36, 36)
+    for bad in ({"val_fraction": 1.0}, {"val_fraction": 0}, {"test_size": 0, "split": "test"}):
+        user_error(
+            "multi_fashion needs", build, "multi_fashion", root=str(fake_fashion), cache_dir=str(tmp_path), **bad
+        )
 
 
 def test_multi_fashion_missing_files(tmp_path):
@@ -471,14 +482,14 @@ def test_multi_fashion_missing_files(tmp_path):
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist in /usr/share/datasets"
 )
 def test_multi_fashion_real_data(tmp_path):
-    ds = build("multi_fashion", split="val", val_size=500, cache_dir=str(tmp_path))
+    ds = build("multi_fashion", split="test", test_size=500, cache_dir=str(tmp_path))
     assert len(ds) == 500 and ds[0]["image"].shape == (3, 36, 36)
     images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
-    tensors = torch.load(next(tmp_path.glob("multi_fashion-val-*.pt")), weights_only=True)["tensors"]
+    tensors = torch.load(next(tmp_path.glob("multi_fashion-test-*.pt")), weights_only=True)["tensors"]
     assert torch.equal(ds.left, labels[:500].long()) and torch.equal(ds.right, labels[tensors["right_index"]].long())
     for i in range(3):
-        assert placements(ds.images[i, 0], images[i], images[tensors["right_index"][i]])
+        assert placements(ds.images[i, 0], images[tensors["left_index"][i]], images[tensors["right_index"][i]])
 
 
 def test_celeba_whole_batches_match_items_and_train(tmp_path):
