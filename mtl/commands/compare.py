@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     parser.add_argument("--metrics", metavar="M1,M2", help="only these metric names, comma-separated")
     parser.add_argument(
+        "--time",
+        action="store_true",
+        help="also the training time per step (mean over seeds) and its ratio to the first group's",
+    )
+    parser.add_argument(
         "--plots",
         metavar="DIR",
         help="also write PNGs there: bars with error bars, Pareto front (two tasks), validation curves (mtl[plots])",
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.write_baseline}")
     else:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-        agg = aggregate(args.runs, select, args.baseline)
+        agg = aggregate(args.runs, select, args.baseline, timing=args.time)
         print(render(agg, args.format, metrics))
         if args.plots:
             for path in write_plots(agg, args.plots, metrics):

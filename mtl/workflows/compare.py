@@ -22,6 +22,8 @@ SELECT_CHOICES = "best, last or last:K (the mean over the last K epochs, K >= 1)
 RUN_ONLY_KEYS = ("name", "out_dir", "train.seed")
 DELTA_COLUMNS = {"flat": "delta_m_flat", "libmtl": "delta_m_libmtl"}
 DELTA_HEADERS = {"delta_m_flat": "Δm % (flat)", "delta_m_libmtl": "Δm % (LibMTL Δp)"}
+STEP_COLUMN = "step_ms"  # with timing: mean training time per step (summary.json time), ms
+HEADERS = {**DELTA_HEADERS, STEP_COLUMN: "train ms/step"}
 
 # --------------------------------------------------------------------------- runs
 
@@ -348,11 +350,15 @@ def _labels(keys: Sequence[Tuple[str, ...]], first: Mapping[Tuple[str, ...], Run
 
 
 def aggregate(
-    paths: Sequence[str | Path], select: str = "best", baseline: Optional[str | Path | Metrics] = None
+    paths: Sequence[str | Path],
+    select: str = "best",
+    baseline: Optional[str | Path | Metrics] = None,
+    timing: bool = False,
 ) -> Aggregate:
     """Runs under ``paths`` grouped by sweep point, else by resolved config apart from train.seed, name and out_dir
     (staged runs: per stage); per group and column (task.metric, and with ``baseline`` delta-m in both conventions,
-    computed per run) the values over seeds with mean, sample std and 95 % t-interval."""
+    computed per run; with ``timing`` the training time per step) the values over seeds with mean, sample std and
+    95 % t-interval."""
     mode, k = parse_select(select)
     runs, skipped = collect_runs(paths)
     if not runs:
@@ -376,6 +382,15 @@ def aggregate(
                     run.values[DELTA_COLUMNS[name]] = fn(metrics, base, directions)
     if base:
         columns.update(dict.fromkeys(DELTA_COLUMNS.values()))
+    if timing:
+        for run in runs:
+            steps, train_s = (
+                run.summary.get("steps_per_epoch"),
+                (run.summary.get("time") or {}).get("mean_train_epoch_s"),
+            )
+            if steps and train_s is not None:
+                run.values[STEP_COLUMN] = 1000.0 * float(train_s) / int(steps)
+        columns[STEP_COLUMN] = None
     first: Dict[Tuple[str, ...], Run] = {}
     members: Dict[Tuple[str, ...], List[Run]] = {}
     for run in runs:
@@ -407,7 +422,7 @@ def aggregate(
 
 
 def _shown_columns(agg: Aggregate, metrics: Optional[Sequence[str]]) -> List[str]:
-    task_columns = [c for c in agg.columns if c not in DELTA_HEADERS]
+    task_columns = [c for c in agg.columns if c not in HEADERS]
     reported = list(dict.fromkeys(c.rsplit(".", 1)[1] for c in task_columns))
     unknown = [m for m in metrics or [] if m not in reported]
     if unknown:
@@ -415,14 +430,14 @@ def _shown_columns(agg: Aggregate, metrics: Optional[Sequence[str]]) -> List[str
             f"--metrics: no run reports {', '.join(unknown)}; the runs report {', '.join(reported) or 'none'}"
         )
     shown = [c for c in task_columns if ((c.rsplit(".", 1)[1] in metrics) if metrics else not c.endswith(".loss"))]
-    return shown + [c for c in agg.columns if c in DELTA_HEADERS]
+    return shown + [c for c in agg.columns if c in HEADERS]
 
 
-def _cell(stat: Optional[Stat], n: int, delta: bool) -> str:
+def _cell(stat: Optional[Stat], n: int, delta: bool, step: bool = False) -> str:
     if stat is None:
         return "n/a" if delta else ""
-    f = "{:+.2f}" if delta else "{:.4f}"
-    spread = "{:.2f}" if delta else "{:.4f}"
+    f = "{:+.2f}" if delta else "{:.1f}" if step else "{:.4f}"
+    spread = "{:.2f}" if delta else "{:.1f}" if step else "{:.4f}"
     text = f.format(stat.mean)
     if stat.std is not None:
         text += f" ± {spread.format(stat.std)} [{f.format(stat.ci_low)}, {f.format(stat.ci_high)}]"
@@ -456,15 +471,26 @@ def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = N
         return buf.getvalue().rstrip("\n")
     if fmt != "md":
         raise UserError(f"--format must be md, csv or json; got {fmt!r}")
-    header = ["group", "n"] + [DELTA_HEADERS.get(c, c) for c in columns]
+    header = ["group", "n"] + [HEADERS.get(c, c) for c in columns]
+    reference = next((g for g in agg.groups if STEP_COLUMN in g.stats), None) if STEP_COLUMN in columns else None
+    if reference is not None:
+        header.append(f"× {reference.label}")
     lines = [agg.protocol, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in agg.groups:
         n = len(g.runs)
-        cells = [g.label, str(n)] + [_cell(g.stats.get(c), n, c in DELTA_HEADERS) for c in columns]
+        cells = [g.label, str(n)] + [_cell(g.stats.get(c), n, c in DELTA_HEADERS, c == STEP_COLUMN) for c in columns]
+        if reference is not None:
+            step = g.stats.get(STEP_COLUMN)
+            cells.append(f"{step.mean / reference.stats[STEP_COLUMN].mean:.2f}" if step else "")
         lines.append("| " + " | ".join(cells) + " |")
     notes = list(agg.notes)
     if any(len(g.runs) == 1 for g in agg.groups):
         notes.append("n = 1: the value of a single run, no ± or interval")
+    if reference is not None:
+        notes.append(
+            f"train ms/step: training time of an epoch over its steps, mean over seeds; × {reference.label}: the ratio "
+            "of those means (runs that shared the machine's cores with other jobs are not comparable)"
+        )
     if any(c in DELTA_HEADERS for c in columns):
         notes.append(
             "Δm flat: mean over all (task, metric) pairs (Maninis et al. 2019); LibMTL Δp: mean over tasks of each "
@@ -507,7 +533,7 @@ def write_baseline(paths: Sequence[str], out: str | Path, select: str = "best") 
     baseline: Dict[str, Dict[str, float]] = {}
     source: Dict[str, Group] = {}
     for g in agg.groups:
-        for task in dict.fromkeys(c.rsplit(".", 1)[0] for c in g.stats):
+        for task in dict.fromkeys(c.rsplit(".", 1)[0] for c in g.stats if c not in HEADERS):
             if task in source:
                 raise UserError(
                     f"task {task!r} is in both groups {source[task].label!r} and {g.label!r}; "

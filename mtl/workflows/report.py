@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
-from mtl.workflows.compare import DELTA_HEADERS, Aggregate, Group, render, run_curve
+from mtl.workflows.compare import HEADERS, Aggregate, Group, render, run_curve
 from mtl.workflows.plots import bar_chart, curve_chart, have_matplotlib, pareto_chart
 
 
@@ -44,12 +44,12 @@ def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]
     columns = [
         c
         for c in agg.columns
-        if c in DELTA_HEADERS or (not c.endswith(".loss") and (not metrics or c.rsplit(".", 1)[1] in metrics))
+        if c in HEADERS or (not c.endswith(".loss") and (not metrics or c.rsplit(".", 1)[1] in metrics))
     ]
     written: List[Path] = []
     groups = agg.groups
     split = "test" if agg.reported == "test" else "validation"
-    bars = {g.label: {DELTA_HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups}
+    bars = {g.label: {HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups}
     bars = {label: values for label, values in bars.items() if values}
     if bars:
         written.append(bar_chart(bars, out / "bars.png", f"{split} metrics, mean ± std over seeds"))

@@ -420,3 +420,28 @@ def test_unfinished_and_continual_runs_in_a_folder_are_named_not_counted(tmp_pat
     ]
     with pytest.raises(UserError, match="is a continual run"):
         aggregate([cl])
+
+
+def test_time_option_gives_ms_per_step_over_seeds_and_the_ratio_to_the_first_group(tmp_path, capsys):
+    # (train seconds per epoch, steps per epoch) of each run: equal 10 and 12 ms/step, pcgrad 25 and 27 ms/step
+    timings = {("equal", 0): (1.0, 100), ("equal", 1): (1.2, 100), ("pcgrad", 0): (2.5, 100), ("pcgrad", 1): (2.7, 100)}
+    for (w, seed), (train_s, steps) in timings.items():
+        path = tmp_path / "runs" / w / f"s{seed}"
+        fake_run(path, {"seg": {"miou": 0.5}}, w, config=config(seed, w))
+        summary = json.loads((path / "summary.json").read_text())
+        summary.update(steps_per_epoch=steps, time={"mean_train_epoch_s": train_s})
+        (path / "summary.json").write_text(json.dumps(summary))
+    agg = aggregate([tmp_path / "runs"], timing=True)
+    step = {g.label: g.stats["step_ms"] for g in agg.groups}
+    assert step["weighting.name=equal"].mean == pytest.approx(11.0) and step[
+        "weighting.name=pcgrad"
+    ].mean == pytest.approx(26.0)
+    assert step["weighting.name=equal"].std == pytest.approx(math.sqrt(2))  # (1^2 + 1^2) / (2 - 1)
+    assert main(["compare", str(tmp_path / "runs"), "--time"]) == 0
+    out = capsys.readouterr().out
+    assert "| train ms/step | × weighting.name=equal |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| weighting.name=pcgrad"))
+    assert row.endswith(f"| {26 / 11:.2f} |") and "26.0 ± 1.4" in row
+    assert "step_ms" not in aggregate([tmp_path / "runs"]).columns  # only with --time
+    write_baseline([tmp_path / "runs" / "equal"], tmp_path / "b.yaml")  # the time column is no task
+    assert set(load_baseline(tmp_path / "b.yaml")) == {"seg"}
