@@ -337,7 +337,7 @@ def _labels(keys: Sequence[Tuple[str, ...]], first: Mapping[Tuple[str, ...], Run
         if key[0] == "point":
             label = run.point[1]
             if len(sweeps) > 1:
-                label = f"{Path(run.point[0].rsplit('#', 1)[0]).name}: {label}"
+                label = f"{Path(run.point[0].rsplit('#', 1)[0]).name}: {label}".rstrip(": ")
         elif key[0] == "folder":
             label = str(run.dir)
         else:

@@ -115,7 +115,7 @@ def bar_figure(groups: Mapping[str, Mapping[str, Sequence[float]]], title: str =
     if not metrics:
         raise UserError("bar chart: the groups hold no metric")
     labels = list(groups)
-    cols = min(len(metrics), 3)
+    cols = min(len(metrics), 3 if len(labels) <= 6 else 2 if len(labels) <= 10 else 1)
     rows = math.ceil(len(metrics) / cols)
     width = max(3.2, 0.7 * len(labels) + 1.2)
     fig = _new_figure(width * cols, 3.4 * rows)

@@ -48,29 +48,32 @@ def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]
     ]
     written: List[Path] = []
     groups = agg.groups
+    short, axis = short_labels([g.label for g in groups])
     split = "test" if agg.reported == "test" else "validation"
-    bars = {g.label: {HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups}
+    bars = {short[g.label]: {HEADERS.get(c, c): v for c in columns if (v := _finite_values(g.runs, c))} for g in groups}
     bars = {label: values for label, values in bars.items() if values}
     if bars:
-        written.append(bar_chart(bars, out / "bars.png", f"{split} metrics, mean ± std over seeds"))
+        written.append(bar_chart(bars, out / "bars.png", f"{split} metrics{axis}, mean ± std over seeds"))
     order = [c.rsplit(".", 1)[0] for c in agg.columns]
     tasks = dict(sorted(_tasks(groups).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if len(tasks) == 2:
         (ta, (ma, da)), (tb, (mb, db)) = tasks.items()
         xa, yb = f"{ta}.{ma}", f"{tb}.{mb}"
         points = [
-            (g.label, r.values[xa], r.values[yb])
+            (short[g.label], r.values[xa], r.values[yb])
             for g in groups
             for r in g.runs
             if xa in r.values and yb in r.values and math.isfinite(r.values[xa]) and math.isfinite(r.values[yb])
         ]
         if points:
             maximize = (da.get(ma, True), db.get(mb, True))
-            written.append(pareto_chart(points, xa, yb, out / "pareto.png", maximize, f"{split}: one point per run"))
+            written.append(
+                pareto_chart(points, xa, yb, out / "pareto.png", maximize, f"{split}{axis}: one point per run")
+            )
     for task, (metric, _) in tasks.items():
-        curves = _curves(groups, task, metric)
+        curves = {short[label]: seeds for label, seeds in _curves(groups, task, metric).items()}
         if curves:
-            title = f"validation {task}.{metric} per epoch, mean ± std over seeds"
+            title = f"validation {task}.{metric} per epoch{axis}, mean ± std over seeds"
             written.append(curve_chart(curves, out / f"curves_{_file_part(task)}.png", metric, title))
     return written
 
@@ -89,6 +92,15 @@ def _curves(groups: Sequence[Group], task: str, metric: str) -> Mapping[str, Lis
         if seeds:
             curves[g.label] = seeds
     return curves
+
+
+def short_labels(labels: Sequence[str]) -> Tuple[Dict[str, str], str]:
+    """Group labels without the key they all vary alone (``weighting.name=pcgrad`` -> ``pcgrad``), and the text
+    naming that key for a title (`` by weighting.name``); the labels as they are otherwise."""
+    keys = {label.split("=", 1)[0] for label in labels}
+    if len(keys) == 1 and all(label.count("=") == 1 and " " not in label for label in labels):
+        return {label: label.split("=", 1)[1] for label in labels}, f" by {keys.pop()}"
+    return {label: label for label in labels}, ""
 
 
 def write_report(agg: Aggregate, out: str | Path) -> Path:

@@ -445,3 +445,16 @@ def test_time_option_gives_ms_per_step_over_seeds_and_the_ratio_to_the_first_gro
     assert "step_ms" not in aggregate([tmp_path / "runs"]).columns  # only with --time
     write_baseline([tmp_path / "runs" / "equal"], tmp_path / "b.yaml")  # the time column is no task
     assert set(load_baseline(tmp_path / "b.yaml")) == {"seg"}
+
+
+def test_sweeps_without_a_grid_are_labelled_by_their_folder(tmp_path):
+    for name, miou in (("base_seg", 0.5), ("base_other", 0.6)):
+        folder = tmp_path / name
+        folder.mkdir()
+        fake_run(folder / "default" / "seed0", {"seg": {"miou": miou}}, config=config(0))
+        manifest = {"version": 1, "config": "c.yaml", "seeds": [0], "grid": {}}
+        manifest["points"] = [{"id": "default", "label": "", "overrides": []}]
+        manifest["runs"] = [{"point": "default", "seed": 0, "dir": "default/seed0", "status": "done"}]
+        (folder / "sweep.json").write_text(json.dumps(manifest))
+    agg = aggregate([tmp_path / "base_seg", tmp_path / "base_other"])
+    assert [g.label for g in agg.groups] == ["base_seg", "base_other"]

@@ -50,19 +50,29 @@ def test_charts_get_each_runs_values_and_the_files_are_pngs(tmp_path, monkeypatc
     ((bars, *_),) = calls["bar_chart"]
     last = {k: epochs[-1] for k, epochs in RUNS.items()}
     for method in ("equal", "pcgrad"):
-        label = f"weighting.name={method}"
+        label = method  # the key all groups vary alone goes to the title
         assert sorted(bars[label]["seg.miou"]) == pytest.approx(sorted(last[(method, s)][0] for s in (0, 1)))
         assert sorted(bars[label]["depth.abs_err"]) == pytest.approx(sorted(last[(method, s)][1] for s in (0, 1)))
         assert not any(k.endswith("loss") for k in bars[label])
 
     ((points, x_name, y_name, _, maximize, _),) = calls["pareto_chart"]
     assert (x_name, y_name, maximize) == ("seg.miou", "depth.abs_err", (True, False))
-    expected = sorted((f"weighting.name={m}", v[0], v[1]) for (m, _), v in last.items())
+    expected = sorted((m, v[0], v[1]) for (m, _), v in last.items())
     assert sorted(points) == [pytest.approx(p) for p in expected]
 
     curves = {args[2]: args[0] for args in calls["curve_chart"]}
-    seeds = curves["miou"]["weighting.name=pcgrad"]
+    seeds = curves["miou"]["pcgrad"]
     assert sorted(seeds) == sorted([[(1, 0.30), (2, 0.45)], [(1, 0.36), (2, 0.47)]])
+
+
+def test_labels_drop_the_one_key_all_groups_vary():
+    assert report.short_labels(["weighting.name=equal", "weighting.name=pcgrad"]) == (
+        {"weighting.name=equal": "equal", "weighting.name=pcgrad": "pcgrad"},
+        " by weighting.name",
+    )
+    mixed = ["optim.lr=0.1 weighting.name=equal", "optim.lr=0.2 weighting.name=equal"]
+    assert report.short_labels(mixed) == ({m: m for m in mixed}, "")
+    assert report.short_labels(["stage=a", "lr=1"]) == ({"stage=a": "stage=a", "lr=1": "lr=1"}, "")
 
 
 def test_compare_plots_option_and_a_report_without_matplotlib(tmp_path, monkeypatch, capsys):
