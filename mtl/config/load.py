@@ -271,8 +271,20 @@ def build_config(raw: Mapping[str, Any], sources: Sources | None = None) -> Conf
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    """The fully resolved config as plain data, ready for ``yaml.safe_dump``."""
-    return dataclasses.asdict(cfg)
+    """The fully resolved config as plain data, ready for ``yaml.safe_dump``; deprecated keys (field metadata
+    ``deprecated``) that are not set are left out."""
+    data = dataclasses.asdict(cfg)
+    _drop_unset_deprecated(cfg, data)
+    return data
+
+
+def _drop_unset_deprecated(obj: Any, data: Dict[str, Any]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("deprecated") and value is None:
+            data.pop(f.name, None)
+        elif dataclasses.is_dataclass(value) and isinstance(data.get(f.name), dict):
+            _drop_unset_deprecated(value, data[f.name])
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

@@ -191,7 +191,7 @@ class WeightingCfg:
     grad_on: str = "params"  # gradient methods: params (shared encoder weights) | representation (encoder output)
     # removed: task weights are logged once per epoch, as their mean over the epoch's steps. Accepted with a warning,
     # so that the config.yaml of runs written before can still be read
-    log_every: Optional[int] = None
+    log_every: Optional[int] = field(default=None, metadata={"deprecated": True})
 
     def check(self) -> str:
         if self.grad_on not in ("params", "representation"):

@@ -16,7 +16,7 @@ from test_multitask import scenes_config
 
 from mtl.build.training import _hparams, run_hparams
 from mtl.cli import main
-from mtl.config.load import build_config
+from mtl.config.load import build_config, config_to_dict
 from mtl.engine.hooks import HOOKS, Hook, hparam_metrics
 from mtl.tasks.drawing import TILE
 from mtl.workflows.train import run
@@ -209,3 +209,9 @@ def test_run_hparams_of_a_continual_learner_keep_the_keys(tmp_path):
     assert list(hp) == list(run_hparams(cfg)) and hp["method"] == "finetune"
     with pytest.raises(ValueError, match="task"):
         _hparams(cfg, {"task": "seg"})
+
+
+def test_an_unset_deprecated_key_is_not_written_to_config_yaml(tmp_path):
+    assert "log_every" not in config_to_dict(build_config({}))["weighting"]
+    with pytest.warns(UserWarning, match="log_every is ignored"):
+        assert config_to_dict(build_config({"weighting": {"log_every": 5}}))["weighting"]["log_every"] == 5
