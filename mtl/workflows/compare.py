@@ -421,7 +421,7 @@ def aggregate(
 # --------------------------------------------------------------------------- output
 
 
-def _shown_columns(agg: Aggregate, metrics: Optional[Sequence[str]]) -> List[str]:
+def shown_columns(agg: Aggregate, metrics: Optional[Sequence[str]]) -> List[str]:
     task_columns = [c for c in agg.columns if c not in HEADERS]
     reported = list(dict.fromkeys(c.rsplit(".", 1)[1] for c in task_columns))
     unknown = [m for m in metrics or [] if m not in reported]
@@ -447,7 +447,7 @@ def _cell(stat: Optional[Stat], n: int, delta: bool, step: bool = False) -> str:
 def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = None) -> str:
     """The aggregate as a Markdown table (``md``), long-form ``csv`` (one row per group and column, with the
     per-seed values) or ``json``; each starts with the protocol."""
-    columns = _shown_columns(agg, metrics)
+    columns = shown_columns(agg, metrics)
     if fmt == "json":
         out = agg.as_dict()
         for g in out["groups"]:

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
-from mtl.workflows.compare import HEADERS, Aggregate, Group, render, run_curve
+from mtl.workflows.compare import HEADERS, Aggregate, Group, render, run_curve, shown_columns
 from mtl.workflows.plots import bar_chart, curve_chart, have_matplotlib, pareto_chart
 
 
@@ -34,18 +34,15 @@ def _finite_values(runs: Sequence, column: str) -> List[float]:
 
 
 def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]] = None) -> List[Path]:
-    """The PNGs of ``agg`` under ``out``: ``bars.png`` (every reported metric except losses, and delta-m);
+    """The PNGs of ``agg`` under ``out``: ``bars.png`` (the columns ``mtl compare`` shows: every metric
+    except losses unless ``metrics`` names them, delta-m and step time);
     ``pareto.png`` when the runs have exactly two tasks (their primary metrics, one point per run);
     ``curves_<task>.png`` (each task's primary validation metric per epoch, mean ± std over seeds). The stages of
     staged runs are groups like any other, so the strategies of one staged config share one chart. Runs whose
     value is not finite (a diverged run) are left out of the pictures; the tables still show them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = [
-        c
-        for c in agg.columns
-        if c in HEADERS or (not c.endswith(".loss") and (not metrics or c.rsplit(".", 1)[1] in metrics))
-    ]
+    columns = shown_columns(agg, metrics)
     written: List[Path] = []
     groups = agg.groups
     short, axis = short_labels([g.label for g in groups])
