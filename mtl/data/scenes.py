@@ -34,7 +34,7 @@ _FORMAT = 1  # bump when the rendering code changes, to invalidate caches
 _CHUNK = 64  # images rendered together (bounds memory to a few tens of MB)
 _FOCAL = 1.1  # focal length in image widths
 _HORIZON = 0.4  # principal point row, as a fraction of the height: the camera looks slightly down
-_SPLIT_IDS = {"train": 0, "val": 1}
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 class SceneDataset(Dataset):
@@ -112,18 +112,21 @@ def scenes(
     size: int = 64,
     train_size: int = 1000,
     val_size: int = 200,
+    test_size: int = 200,
     seed: int = 0,
     max_objects: int = 4,
 ) -> SceneDataset:
     """Generated scenes; targets ``seg`` (6 classes), ``depth``, ``normal`` and ``label`` (the object kind
-    covering the most pixels). ``augment`` = random horizontal flip. ``transform`` is not supported."""
-    split = resolve_split("scenes", split, ("train", "val"), {"test": "val"})
+    covering the most pixels). Splits ``train``, ``val`` and ``test`` are drawn from independent random streams
+    (``seed`` and the split), so no scene is shared. ``augment`` = random horizontal flip. ``transform`` is not
+    supported."""
+    split = resolve_split("scenes", split, ("train", "val", "test"))
     if transform is not None:
         raise UserError("data set 'scenes' normalises and augments itself; pass augment/mean/std, not a transform")
-    count = train_size if split == "train" else val_size
+    count = {"train": train_size, "val": val_size, "test": test_size}[split]
     if count < 1 or size < 16 or max_objects < 1:
         raise UserError(
-            f"scenes needs train_size and val_size >= 1, size >= 16 and max_objects >= 1, "
+            f"scenes needs {split}_size >= 1, size >= 16 and max_objects >= 1, "
             f"got {count}, {size} and {max_objects}"
         )
     key = {"count": count, "size": size, "seed": seed, "split": split, "max_objects": max_objects, "format": _FORMAT}

@@ -153,8 +153,10 @@ def test_scenes_deterministic_and_cached(tmp_path, scene_set):
     assert len(list((tmp_path / "a").glob("scenes-train-*.pt"))) == 1
     other = build("scenes", root=str(tmp_path / "a"), seed=1, **SCENE_OPTS)
     assert not torch.equal(other.tensors["images"], scene_set.tensors["images"])
-    val = build("scenes", root=str(tmp_path / "a"), split="test", **SCENE_OPTS)
+    val = build("scenes", root=str(tmp_path / "a"), split="val", **SCENE_OPTS)
     assert len(val) == 8 and not torch.equal(val.tensors["images"][:8], scene_set.tensors["images"][:8])
+    test = build("scenes", root=str(tmp_path / "a"), split="test", test_size=6, **SCENE_OPTS)
+    assert len(test) == 6 and not torch.equal(test.tensors["images"], val.tensors["images"][:6])
 
 
 def test_scenes_augment_flips_image_and_targets_together(tmp_path, scene_set):
@@ -177,6 +179,7 @@ def test_scenes_bad_options(tmp_path):
     user_error("size >= 16", build, "scenes", root=str(tmp_path), size=8)
     user_error("not a transform", build, "scenes", root=str(tmp_path), transform=lambda x: x)
     user_error("no split 'dev'", build, "scenes", root=str(tmp_path), split="dev")
+    user_error("test_size >= 1", build, "scenes", root=str(tmp_path), split="test", test_size=0)
 
 
 # --- captcha ----------------------------------------------------------------------------------------------------
