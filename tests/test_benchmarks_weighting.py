@@ -37,7 +37,7 @@ def _scenes(tmp_path):
     return [
         str(ROOT / "configs" / "mtl_scenes.yaml"),
         f"data.root={tmp_path / 'scenes'}",
-        "data.options={size: 16, train_size: 16, val_size: 8, seed: 0}",
+        "data.options={size: 16, train_size: 16, val_size: 8, test_size: 8, seed: 0}",
         "data.batch_size=8",
         "model.encoder_options.widths=[8,16,16,32]",
         "tasks.seg.head.options.channels=8",

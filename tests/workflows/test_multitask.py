@@ -26,7 +26,7 @@ def scenes_config(tmp_path: Path, *overrides: str, size: int = 32, n: int = 24):
     base = [
         f"out_dir={tmp_path / 'runs'}",
         f"data.root={tmp_path / 'scenes'}",
-        f"data.options={{size: {size}, train_size: {n}, val_size: 8, seed: 0}}",
+        f"data.options={{size: {size}, train_size: {n}, val_size: 8, test_size: 8, seed: 0}}",
         "data.batch_size=8",
         "model.encoder_options.widths=[8,16,16,32]",
         "tasks.seg.head.options.channels=16",
@@ -43,6 +43,10 @@ def test_scenes_run_reports_every_task_and_logs_weights(tmp_path):
 
     summary = run(scenes_config(tmp_path, "weighting.name=dwa"), quiet=True)
     assert set(summary["tasks"]) == {"seg", "depth", "normal", "label"}
+    # the shipped config selects on val and scores its own test scenes once, best epoch and last
+    assert summary["protocol"] == {"select": "val", "val": "split val", "test": "test"}
+    assert set(summary["test"]["best"]["tasks"]) == {"seg", "depth", "normal", "label"}
+    assert 0 <= summary["test"]["best"]["tasks"]["seg"]["miou"] <= 1
     assert summary["tasks"]["depth"] == {
         "type": "depth",
         "primary": "abs_err",
