@@ -184,7 +184,7 @@ class SchedCfg:
 class WeightingCfg:
     """How the task losses (or their gradients) are combined into one update."""
 
-    # loss level: equal | static | uncertainty | dwa | gradnorm | rlw | geometric_mean | famo
+    # loss level: equal | static | uncertainty | dwa | gradnorm | rlw | geometric_mean | famo | scale_invariant | stch
     # gradient level: mgda | pcgrad | gradvac | cagrad | imtl_g | nash_mtl | aligned_mtl | upgrad
     name: str = "equal"
     options: Dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. cagrad {c: 0.4}

@@ -7,7 +7,7 @@ returned total, i.e. ``d total / d L_t`` at this step (detached). Methods only a
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -262,3 +262,77 @@ class FAMO(LossWeighting):
         c = (z / shifted).sum().detach()
         self.last_weights.copy_((z / shifted.detach()) / c)
         return (z * torch.log(shifted)).sum() / c
+
+
+def _log_losses(losses: Tensor, eps: float) -> Tensor:
+    return torch.log(losses.clamp_min(eps))
+
+
+@WEIGHTINGS.register("scale_invariant")
+class ScaleInvariant(LossWeighting):
+    """Scale-invariant loss, the "SI" baseline of Navon et al. (Nash-MTL, ICML 2022, Sec. 6):
+    ``total = sum_t log L_t`` (with ``L_t`` clamped to ``eps``).
+
+    Multiplying a task's loss by any constant leaves the update unchanged; the gradient weights are ``1 / L_t``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, eps: float = 1e-8) -> None:
+        super().__init__(tasks, task_weights)
+        self.eps = float(eps)
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        self.last_weights.copy_(1.0 / losses.detach().clamp_min(self.eps))
+        return _log_losses(losses, self.eps).sum()
+
+
+@WEIGHTINGS.register("stch")
+class STCH(ScaleInvariant):
+    """Smooth Tchebycheff scalarization (Lin et al., ICML 2024, Eq. 6), in its multitask form (the authors' STCH_MTL
+    code, as in LibMTL):
+
+    ``total = T * mu * log sum_t exp(log(L_t / n_t) / mu)``
+
+    with preference ``lambda = 1`` and ideal point 0 in the normalised log losses ``log(L_t / n_t)``. The nadir
+    ``n`` is the mean training loss per task over the last of ``warmup_epochs`` epochs, which train on the
+    scale-invariant ``sum_t log L_t``. The default 5 matches LibMTL's ``STCH_warmup_epoch=4`` (epochs 0-4); there
+    ``n`` averages the batches' losses, here the examples' (equal unless the last batch is smaller). As
+    ``mu -> 0`` the total tends to ``T * max_t log(L_t / n_t)``, the Tchebycheff scalarization. Gradient weights:
+    ``T * softmax(log(L / n) / mu)_t / L_t``.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        mu: float = 1.0,
+        warmup_epochs: int = 5,
+        eps: float = 1e-20,
+    ) -> None:
+        super().__init__(tasks, task_weights, eps)
+        if mu <= 0:
+            raise UserError(f"weighting.options.mu must be > 0 for stch, got {mu}")
+        if int(warmup_epochs) != warmup_epochs or warmup_epochs < 1:
+            raise UserError(f"weighting.options.warmup_epochs must be an integer >= 1 for stch, got {warmup_epochs}")
+        self.mu, self.warmup_epochs = float(mu), int(warmup_epochs)
+        self.register_buffer("nadir", torch.ones(self.num_tasks))
+        self._epochs = 0  # training epochs seen; a Python int (checkpointed), so no step reads the device
+
+    def get_extra_state(self) -> Any:
+        return {**super().get_extra_state(), "epochs": self._epochs}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._epochs = int(state.get("epochs", 0)) if isinstance(state, dict) else 0
+
+    def end_epoch(self, mean_losses: Tensor) -> None:
+        self._epochs += 1
+        if self._epochs == self.warmup_epochs:
+            self.nadir.copy_(mean_losses.detach().to(self.nadir).clamp_min(self.eps))
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        if self._epochs < self.warmup_epochs:
+            return super().forward(losses, shared)
+        scaled = (_log_losses(losses, self.eps) - torch.log(self.nadir)) / self.mu
+        t = self.num_tasks
+        self.last_weights.copy_(t * torch.softmax(scaled.detach(), dim=0) / losses.detach().clamp_min(self.eps))
+        return t * self.mu * torch.logsumexp(scaled, dim=0)

@@ -177,3 +177,93 @@ def test_loss_weighting_contract(name):
     assert torch.equal(got, expected)
     assert torch.equal(fresh.last_weights, w.last_weights)
     assert not math.isnan(got.item())
+
+
+# --- scale-invariant loss and STCH ------------------------------------------------------------------------------
+
+
+def _two_task_model():
+    torch.manual_seed(0)
+    shared, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+
+    def losses(scale=(1.0, 1.0)):
+        err = (head(torch.tanh(shared(x))) - y) ** 2
+        return torch.stack([scale[0] * err[:, 0].mean(), scale[1] * err[:, 1].mean()])
+
+    return shared, losses
+
+
+def test_scale_invariant_update_ignores_each_loss_scale():
+    """Nash-MTL's SI baseline: d/dtheta sum log(c_t L_t) = sum grad L_t / L_t, whatever the c_t."""
+    shared, losses = _two_task_model()
+    w = build_weighting("scale_invariant", TASKS)
+    grads = []
+    for scale in [(1.0, 1.0), (1e-3, 50.0)]:
+        (g,) = torch.autograd.grad(w(losses(scale)), shared.weight)
+        grads.append(g)
+    each = losses()
+    by_hand = sum(torch.autograd.grad(each[t], shared.weight, retain_graph=True)[0] / each[t].item() for t in (0, 1))
+    assert torch.allclose(grads[0], by_hand, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[1], by_hand, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(w.last_weights, 1 / losses((1e-3, 50.0)).detach(), rtol=1e-6)
+
+
+def _stch_by_hand(losses, nadir, mu):
+    """T * mu * log sum_t exp(log(L_t / n_t) / mu), in float64 with math."""
+    terms = [math.log(loss / n) / mu for loss, n in zip(losses, nadir)]
+    top = max(terms)
+    return len(losses) * mu * (top + math.log(sum(math.exp(v - top) for v in terms)))
+
+
+def test_stch_warms_up_on_log_losses_then_takes_the_nadir_of_the_last_warmup_epoch():
+    w = build_weighting("stch", ["a", "b", "c"], warmup_epochs=3, mu=0.5)
+    losses = torch.tensor([0.5, 2.0, 4.0], requires_grad=True)
+    for epoch_means in ([9.0, 9.0, 9.0], [3.0, 1.0, 2.0]):
+        assert torch.allclose(w(losses), torch.log(losses).sum())  # warmup: the scale-invariant loss
+        w.end_epoch(torch.tensor(epoch_means))
+    w.end_epoch(torch.tensor([0.25, 4.0, 1.0]))  # the third, last warmup epoch gives the nadir
+    total = w(losses)
+    assert math.isclose(total.item(), _stch_by_hand([0.5, 2.0, 4.0], [0.25, 4.0, 1.0], 0.5), rel_tol=1e-6)
+    w.end_epoch(torch.tensor([7.0, 7.0, 7.0]))  # later epochs keep it
+    assert math.isclose(w(losses).item(), total.item(), rel_tol=1e-7)
+
+
+def test_stch_gradient_weights_and_its_limits():
+    nadir = [1.0, 2.0]
+    for mu in (2.0, 1.0, 0.1):
+        w = build_weighting("stch", TASKS, warmup_epochs=1, mu=mu)
+        w.end_epoch(torch.tensor(nadir))
+        losses = torch.tensor([0.7, 3.0], dtype=torch.float32, requires_grad=True)
+        (grad,) = torch.autograd.grad(w(losses), losses)
+        assert torch.allclose(grad, w.last_weights, rtol=1e-5)
+        for t in (0, 1):  # central differences of the by-hand formula
+            h = 1e-4
+            up = [0.7, 3.0]
+            down = [0.7, 3.0]
+            up[t] += h
+            down[t] -= h
+            numeric = (_stch_by_hand(up, nadir, mu) - _stch_by_hand(down, nadir, mu)) / (2 * h)
+            assert math.isclose(grad[t].item(), numeric, rel_tol=1e-3), (mu, t)
+    # mu -> 0: T * max_t log(L_t / n_t) (the Tchebycheff scalarization), within T * mu * log T
+    w = build_weighting("stch", TASKS, warmup_epochs=1, mu=1e-3)
+    w.end_epoch(torch.tensor(nadir))
+    tcheby = 2 * max(math.log(0.7 / 1.0), math.log(3.0 / 2.0))
+    assert abs(w(torch.tensor([0.7, 3.0])).item() - tcheby) <= 2 * 1e-3 * math.log(2) + 1e-5
+
+
+def test_stch_resumes_its_epoch_count_and_nadir():
+    w = build_weighting("stch", TASKS, warmup_epochs=2)
+    w.end_epoch(torch.tensor([1.0, 1.0]))
+    fresh = build_weighting("stch", TASKS, warmup_epochs=2)
+    fresh.load_state_dict(w.state_dict())
+    for m in (w, fresh):
+        m.end_epoch(torch.tensor([0.5, 2.0]))
+    losses = torch.tensor([0.3, 0.9])
+    assert torch.equal(fresh.nadir, torch.tensor([0.5, 2.0])) and torch.equal(fresh(losses), w(losses))
+
+
+@pytest.mark.parametrize("options, message", [({"mu": 0}, "mu must be > 0"), ({"warmup_epochs": 0}, ">= 1")])
+def test_stch_bad_options(options, message):
+    with pytest.raises(UserError, match=message):
+        build_weighting("stch", TASKS, **options)
