@@ -126,8 +126,7 @@ def scenes(
     count = {"train": train_size, "val": val_size, "test": test_size}[split]
     if count < 1 or size < 16 or max_objects < 1:
         raise UserError(
-            f"scenes needs {split}_size >= 1, size >= 16 and max_objects >= 1, "
-            f"got {count}, {size} and {max_objects}"
+            f"scenes needs {split}_size >= 1, size >= 16 and max_objects >= 1, got {count}, {size} and {max_objects}"
         )
     key = {"count": count, "size": size, "seed": seed, "split": split, "max_objects": max_objects, "format": _FORMAT}
     path = cache_path(root or DEFAULT_ROOT, "scenes", key)
