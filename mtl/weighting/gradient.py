@@ -318,3 +318,58 @@ class UPGrad(GradientWeighting):
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
+
+
+@WEIGHTINGS.register("dualproj")
+class DualProj(GradientWeighting):
+    """DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024; TorchJD's aggregator): the
+    weighted mean ``G^T p`` (``p = task_weights / T``) projected onto the dual cone ``{x : G x >= 0}``.
+
+    The projection is ``G^T v`` with ``v = argmin_{v >= p} v^T M v`` (``solvers.dual_cone_weights``, exact), so
+    ``g_j . d >= 0`` for every task j; a mean that conflicts with no task is returned unchanged.
+    ``d = G^T v``, ``w = v``.
+    """
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        p = (self.task_weights.double().cpu() / self.num_tasks).unsqueeze(1)
+        d, w = _combine(grads, solvers.dual_cone_weights(solvers.gram(grads), p)[:, 0])
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("config")
+class ConFIG(GradientWeighting):
+    """ConFIG (Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
+    ICLR 2025, Eq. 2): ``d = (sum_i g_i . e) e`` with ``e`` the unit vector of ``U^+ 1``, ``U`` the matrix of unit
+    gradients ``u_i = g_i / |g_i|`` (rows): the direction with the same cosine to every task gradient, scaled by
+    the sum of the gradients' projections on it.
+
+    Solved on the correlation matrix ``C = U U^T`` (float64): ``U^+ 1 = U^T c`` with ``c = C^+ 1`` (the
+    pseudo-inverse drops eigenvalues below ``lambda_max * T * 1e-12``, ``solvers.RANK_TOL``, as for Aligned-MTL),
+    so ``d = G^T alpha`` with ``alpha_i = s c_i / |g_i|`` and ``s = (sum_j (M a)_j) / (c^T C c)``, ``a = c / n``.
+    A zero gradient gets weight 0; unit gradients that cancel (``|U^+ 1|^2 <= T * 1e-12``) give ``d = 0``.
+    ``w = alpha``.
+    """
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        t = grads.shape[0]
+        m = solvers.host(solvers.gram(grads))
+        corr, n, valid = solvers.correlation(m)
+        corr = torch.where(valid.unsqueeze(0) & valid.unsqueeze(1), corr, 0.0)  # zero gradients take no part
+        lam, vec = torch.linalg.eigh(corr)
+        keep = lam > max(float(lam.max()), 0.0) * t * solvers.RANK_TOL
+        inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+        c = (vec * inv) @ (vec.T @ torch.ones(t, dtype=m.dtype))
+        a = torch.where(valid, c / torch.where(valid, n, 1.0), 0.0)
+        length2 = float(c @ corr @ c)  # |U^+ 1|^2
+        # |U^+ 1| = 0 when the unit gradients cancel (g_1 = -g_2): then no direction has a positive cosine with
+        # every task, and d = 0; below T * 1e-12 it is the float32 gradients' rounding
+        cancel = length2 <= t * solvers.RANK_TOL
+        alpha = torch.zeros(t, dtype=m.dtype) if cancel else a * (float((m @ a).sum()) / length2)
+        d, w = _combine(grads, alpha)
+        self.last_weights.copy_(w)
+        return d, w

@@ -66,28 +66,55 @@ def min_norm_point(grads: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def cone_projection(grads: Tensor, i: int) -> Tensor:
-    """The projection of ``g_i`` onto the dual cone ``{x : G x >= 0}``, as float64 (D,).
+    """The projection of ``g_i`` onto the dual cone ``{x : G x >= 0}``, as float64 (D,)."""
+    return cone_projection_of(grads, torch.eye(grads.shape[0], dtype=torch.float64)[i])
 
-    By the KKT conditions the projection is ``g_i`` projected onto the subspace ``{x : g_j . x = 0, j in A}``
-    of its active set A. Every A (the empty one too) gives a candidate ``x_A = g_i - G_A^T c`` with
-    ``M_AA c = M_Ai`` (least squares for dependent rows); each lies no farther from ``g_i`` than the projection
-    unless it leaves the cone, so the feasible candidate closest to ``g_i`` is the answer.
+
+def cone_projection_of(grads: Tensor, p: Tensor) -> Tensor:
+    """The projection of ``u = G^T p`` onto the dual cone ``{x : G x >= 0}``, as float64 (D,).
+
+    By the KKT conditions the projection is ``u`` projected onto the subspace ``{x : g_j . x = 0, j in A}``
+    of its active set A. Every A (the empty one too) gives a candidate ``x_A = u - G_A^T c`` with
+    ``M_AA c = (M p)_A`` (least squares for dependent rows); each lies no farther from ``u`` than the projection
+    unless it leaves the cone, so the feasible candidate closest to ``u`` is the answer.
     """
     m = gram64(grads)
     t = m.shape[0]
+    p = p.double()
+    mp = m @ p  # G u
     coefs = [torch.zeros(1, t, dtype=m.dtype)]
     for idx in _supports(t):
         sub = m[idx.unsqueeze(-1), idx.unsqueeze(-2)]
-        c_s = torch.linalg.lstsq(sub, m[idx, i].unsqueeze(-1), driver="gelsd").solution[..., 0]
+        c_s = torch.linalg.lstsq(sub, mp[idx].unsqueeze(-1), driver="gelsd").solution[..., 0]
         coefs.append(torch.zeros(idx.shape[0], t, dtype=m.dtype).scatter(1, idx, c_s))
     c = torch.cat(coefs)
     cm = c @ m
-    dist2 = (cm * c).sum(1)  # |x_A - g_i|^2 = c^T M c
-    gx = m[:, i].unsqueeze(0) - cm  # G x_A
+    dist2 = (cm * c).sum(1)  # |x_A - u|^2 = c^T M c
+    gx = mp.unsqueeze(0) - cm  # G x_A
     norms = m.diagonal().clamp_min(0).sqrt()
-    ok = (gx >= -1e-10 * norms * norms[i]).all(1)
+    ok = (gx >= -1e-10 * norms * float(p @ mp).__abs__() ** 0.5).all(1)
     best = int(torch.where(ok, dist2, torch.full_like(dist2, float("inf"))).argmin())
-    return grads.double()[i] - c[best] @ grads.double()
+    return p @ grads.double() - c[best] @ grads.double()
+
+
+def dualproj_direction(grads: Tensor) -> Tensor:
+    """DualProj: the mean gradient projected onto the dual cone."""
+    t = grads.shape[0]
+    return cone_projection_of(grads, torch.full((t,), 1.0 / t, dtype=torch.float64))
+
+
+def config_direction(grads: Tensor) -> Tensor:
+    """ConFIG from its definition in the gradients' space: ``e`` = unit vector of ``pinv(U) 1`` (an SVD of the
+    (T, D) unit gradients; singular values below ``sqrt(T * 1e-12)`` of the largest count as zero: float32 rounding),
+    ``d = (sum_i g_i . e) e``; 0 when ``|pinv(U) 1|^2 <= T * 1e-12`` (unit gradients that cancel)."""
+    g = grads.double()
+    t = g.shape[0]
+    u = g / g.norm(dim=1, keepdim=True)
+    direction = torch.linalg.pinv(u, rtol=(t * 1e-12) ** 0.5) @ torch.ones(t, dtype=torch.float64)
+    if float(direction @ direction) <= t * 1e-12:  # the unit gradients cancel (to float32 rounding): no direction
+        return torch.zeros(g.shape[1], dtype=torch.float64)
+    e = direction / direction.norm()
+    return (g @ e).sum() * e
 
 
 def upgrad_direction(grads: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -245,3 +245,39 @@ def test_zero_and_single_gradients_stay_finite():
         for grads in (torch.zeros(3, 7), torch.randn(1, 7), torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])):
             d, w = method_direction(name, grads)
             assert torch.isfinite(d).all() and torch.isfinite(w).all(), name
+
+
+def test_dualproj_is_the_exact_projection_of_the_mean_onto_the_dual_cone():
+    check_against("dualproj", ref.dualproj_direction)
+
+
+def test_dualproj_never_conflicts_and_keeps_a_harmless_mean():
+    for t, kind, spread, base in cases():
+        d, w = method_direction("dualproj", base)
+        g = base.double()
+        terms = float((w.double().abs() * g.norm(dim=1)).sum())
+        assert float(((g @ d.double()) / (g.norm(dim=1) * terms)).min()) >= -1e-6, (t, kind, spread)
+    grads = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.5]])  # the mean conflicts with none
+    d, w = method_direction("dualproj", grads)
+    assert torch.allclose(d, grads.mean(0), atol=1e-7) and torch.allclose(w, torch.full((3,), 1 / 3))
+
+
+def test_config_matches_its_definition_in_the_gradients_space():
+    check_against("config", ref.config_direction)
+
+
+def test_config_has_the_same_cosine_with_every_task():
+    for t, kind, spread, base in cases(("random", "correlated")):
+        for scale in SCALES:
+            d, _ = method_direction("config", base * scale)
+            g = base.double()
+            cos = (g @ d.double()) / (g.norm(dim=1) * d.double().norm())
+            assert float(cos.min()) > 0 and float(cos.max() - cos.min()) <= 1e-5, (t, kind, spread, scale)
+
+
+def test_config_by_hand():
+    # orthogonal: e = (1, 1) / sqrt(2), sum of projections (1 + 2) / sqrt(2), so d = (1.5, 1.5)
+    d, w = method_direction("config", torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert torch.allclose(d, torch.tensor([1.5, 1.5])) and torch.allclose(w, torch.tensor([1.5, 0.75]))
+    d, w = method_direction("config", torch.tensor([[3.0, 0.0], [-1.0, 0.0]]))  # opposed: no common direction
+    assert torch.equal(d, torch.zeros(2)) and torch.equal(w, torch.zeros(2))
