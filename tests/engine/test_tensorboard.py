@@ -66,10 +66,14 @@ def test_every_scalar_is_at_the_epoch_and_task_weights_are_the_epoch_mean(tmp_pa
     summary = run(cfg, quiet=True)
     acc = events(summary["run_dir"])
     scalars = acc.Tags()["scalars"]
-    per_epoch = [t for t in scalars if not t.startswith("hparam/")]
+    per_epoch = [t for t in scalars if not t.startswith(("hparam/", "test/"))]
     assert {"weight/seg", "weight/label", "loss/train", "seg/miou/val", "lr/group0"} <= set(per_epoch)
     for tag in per_epoch:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+    once = [t for t in scalars if t.startswith("test/")]  # the test split, scored once: at the last epoch
+    assert "test/best/seg/miou" in once
+    for tag in once:
+        assert [e.step for e in acc.Scalars(tag)] == [2], tag
     lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [len(steps) for steps in RecordWeights.seen] == [summary["steps_per_epoch"]] * 2
     for epoch, steps in enumerate(RecordWeights.seen):

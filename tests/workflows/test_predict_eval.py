@@ -24,7 +24,8 @@ def _events(run_dir, eval_split=None):
 
     files = sorted(Path(run_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     suffix = f".eval_{eval_split}" if eval_split else None
-    path = [p for p in files if (p.name.endswith(suffix) if suffix else ".eval_" not in p.name)][-1]
+    training = [p for p in files if ".eval_" not in p.name and not p.name.endswith(".test")]  # .test: the test split's
+    path = [p for p in files if p.name.endswith(suffix)][-1] if suffix else training[-1]
     acc = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     return acc
