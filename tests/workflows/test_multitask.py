@@ -218,6 +218,7 @@ def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
             "tasks.normal=null",
             "tasks.label=null",
             "train.epochs=1",
+            "data.test_split=null",  # Δm on validation, as train.baseline uses it
             n=16,
             size=16,
         ),
@@ -231,6 +232,7 @@ def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
             "tasks.normal=null",
             "tasks.label=null",
             "train.epochs=1",
+            "data.test_split=null",  # Δm on validation, as train.baseline uses it
             n=16,
             size=16,
         ),
@@ -249,6 +251,7 @@ def test_single_task_baselines_compare_and_delta_m(tmp_path, capsys):
             "tasks.label=null",
             f"train.baseline={baseline}",
             "train.epochs=1",
+            "data.test_split=null",  # Δm on validation, as train.baseline uses it
             n=16,
             size=16,
         ),
