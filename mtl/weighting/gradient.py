@@ -373,3 +373,26 @@ class ConFIG(GradientWeighting):
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
+
+
+@WEIGHTINGS.register("fairgrad")
+class FairGrad(GradientWeighting):
+    """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, Eq. 8): ``d = G^T alpha``
+    with ``alpha > 0`` solving ``G G^T alpha = alpha^(-1/a)``, the update that maximises the alpha-fair utility of the
+    tasks' improvements ``g_i . d`` (``a`` = the option ``alpha``; 1 is proportional fairness, Nash-MTL's equation;
+    larger values favour the worst-off task). Solved to rounding (``solvers.fair_newton``) instead of the paper's
+    least-squares iterations. Unlike ``a = 1``, other values make ``|d|`` scale with the gradients. ``w = alpha``.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, alpha: float = 1.0) -> None:
+        super().__init__(tasks, task_weights)
+        if not alpha > 0:
+            raise UserError(f"weighting.options.alpha must be > 0 for fairgrad, got {alpha}")
+        self.alpha = float(alpha)
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        d, w = _combine(grads, solvers.fair_newton(solvers.gram(grads), self.alpha))
+        self.last_weights.copy_(w)
+        return d, w

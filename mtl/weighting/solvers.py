@@ -260,3 +260,54 @@ def nash_newton(m: Tensor, max_iter: int = 100, ridge: float = 1e-12) -> Tensor:
     n_max = float(n.amax())
     floor = 1e-6 * n_max if n_max > 0 else 1.0
     return b / torch.where(valid, n, torch.full_like(n, floor))
+
+
+def fair_newton(m: Tensor, p: float, max_iter: int = 200, ridge: float = 1e-12) -> Tensor:
+    """``alpha > 0`` with ``(M alpha)_i = alpha_i^(-1/p)`` (FairGrad's alpha-fair weights; p = 1 is Nash-MTL's
+    equation), CPU float64.
+
+    Solved on ``M~ = M / s`` (s: the largest diagonal entry), then ``alpha = s^(-p/(p+1)) alpha~``, which solves the
+    original. ``alpha~`` minimises the strictly convex ``a^T M~ a / 2 - sum phi(a_i)`` with ``phi' = a^(-1/p)``
+    (``phi = log`` for p = 1): Newton steps, halved until they stay positive and decrease the objective, stopped
+    when the Newton decrement is at rounding level. A tiny ridge, relative to each task's squared norm, keeps
+    cancelling gradients finite; a zero gradient gets the weight of one of norm ``1e-6 * max |g|`` (ones when all are
+    zero).
+    """
+    m = m.detach().to("cpu", torch.float64)
+    t = m.shape[0]
+    s = float(m.diagonal().max())
+    if not s > 0:  # every gradient is zero: nothing to balance
+        return torch.ones(t, dtype=m.dtype)
+    mt = m / s
+    diag = mt.diagonal()
+    # a relative ridge (scale-free per task); a zero gradient counts as one of norm 1e-6 * max |g|, as in nash_newton
+    mt = mt + torch.diag(ridge * diag + torch.where(diag < 1e-12, 1e-12, 0.0))
+    q = 1.0 / p
+
+    def phi(a: Tensor) -> Tensor:
+        return torch.log(a) if p == 1 else a ** (1 - q) / (1 - q)
+
+    def objective(a: Tensor) -> float:
+        return float(a @ mt @ a / 2 - phi(a).sum())
+
+    a = torch.ones(t, dtype=m.dtype)
+    value = objective(a)
+    for _ in range(max_iter):
+        grad = mt @ a - a ** (-q)
+        hess = mt + torch.diag(q * a ** (-q - 1))
+        step = torch.linalg.solve(hess, grad)
+        dec2 = float(grad @ step)
+        if dec2 < 1e-28 * t:
+            break
+        size = 1.0
+        while size > 1e-12:
+            trial = a - size * step
+            if bool((trial > 0).all()):
+                trial_value = objective(trial)
+                if trial_value <= value:
+                    break
+            size /= 2
+        else:
+            break
+        a, value = trial, trial_value
+    return a * s ** (-p / (p + 1))
