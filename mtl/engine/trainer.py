@@ -447,6 +447,7 @@ class Trainer:
                 "is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder"
             )
         owned = self._owned()
+        losses = self.weighting.transform_losses(losses)
         grads, owned_grads = _task_gradients(losses, shared, owned)
         dist.all_reduce_mean_([grads, *(g for per_task in owned_grads for g in per_task)])
         if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
@@ -472,6 +473,7 @@ class Trainer:
                 "use a loss-level weighting or unfreeze the encoder"
             )
         owned = self._owned()
+        losses = self.weighting.transform_losses(losses)
         grads, owned_grads = _task_gradients(losses, [rep[k] for k in keys], owned)
         if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
             return False

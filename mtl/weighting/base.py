@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,13 @@ class GradientWeighting(Weighting):
     """Combines per-task gradients of the shared part into one gradient."""
 
     gradient_level = True
+
+    def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
+        """The per-task objectives whose gradients :meth:`forward` balances, from the task losses (each a scalar with
+        grad), on training steps only; by default the losses themselves. A method that learns parameters of its
+        own from these objectives (IMTL's loss scales) sets their ``.grad`` here: the trainer differentiates the
+        returned objectives only with respect to the model."""
+        return losses
 
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """``grads``: (T, D) float32, row t = gradient of task t's loss w.r.t. the shared parameters (or the

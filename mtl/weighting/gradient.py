@@ -15,10 +15,10 @@ weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtl.core.errors import UserError
 from mtl.weighting import solvers
@@ -231,6 +231,29 @@ class IMTLG(GradientWeighting):
         d, w = _combine(grads, alpha)
         self.last_weights.copy_(w)
         return d, w
+
+
+@WEIGHTINGS.register("imtl")
+class IMTL(IMTLG):
+    """IMTL, the full method (Liu et al., ICLR 2021, Alg. 1): IMTL-L scales each loss, IMTL-G balances the gradients
+    of the scaled losses.
+
+    IMTL-L (Sec. 3.1, Eq. 2): task t's objective is ``e^{s_t} L_t - s_t`` with a learnable ``s_t`` (init 0, trained by
+    the run's optimizer, in the group ``weighting``) that descends its gradient ``e^{s_t} L_t - 1``, which pulls
+    every scaled loss ``e^{s_t} L_t`` towards 1. IMTL-G (Sec. 3.2) then combines the gradients of ``e^{s_t} L_t`` as
+    ``imtl_g`` does; the heads train on ``sum_t w_t e^{s_t} L_t``. ``last_weights`` are the coefficients on the
+    scaled losses' gradients.
+    """
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
+        super().__init__(tasks, task_weights)
+        self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
+
+    def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
+        scales = torch.exp(self.log_scales.detach())
+        values = torch.stack([loss.detach() for loss in losses]).to(scales)
+        self.log_scales.grad = scales * values - 1  # d/ds (e^s L - s); the constant -s moves no model weight
+        return [scale.to(loss.dtype) * loss for scale, loss in zip(scales, losses)]
 
 
 @WEIGHTINGS.register("nash_mtl")

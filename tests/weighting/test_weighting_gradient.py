@@ -1,5 +1,7 @@
 """Gradient-level weightings: each method's defining property on hand-made gradients, plus the contract."""
 
+import math
+
 import pytest
 import torch
 
@@ -288,3 +290,21 @@ def test_cagrad_logged_weights_zero_c_are_the_mean():
     """c = 0: d is the mean gradient, so each coefficient is 1/T."""
     _, _, method = run("cagrad", G([1, 0, 2], [0, 3, -1], [4, 1, 0]), c=0.0)
     assert torch.allclose(method.last_weights, torch.full((3,), 1 / 3), atol=1e-7)
+
+
+def test_imtl_scales_the_losses_and_sets_the_scale_gradient():
+    """IMTL-L: objectives e^{s_t} L_t (gradients e^{s_t} grad L_t), and d/ds_t (e^{s_t} L_t - s_t) = e^{s_t} L_t - 1."""
+    method = build_weighting("imtl", TASKS3)
+    s = torch.tensor([0.0, 1.0, -2.0])
+    with torch.no_grad():
+        method.log_scales.copy_(s)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = [x[0] ** 2, x.sum(), 3 * x[1]]  # values 1, 3, 6
+    scaled = method.transform_losses(losses)
+    values = torch.tensor([1.0, 3.0, 6.0])
+    assert torch.allclose(method.log_scales.grad, torch.exp(s) * values - 1)
+    for t in range(3):
+        (mine,) = torch.autograd.grad(scaled[t], x, retain_graph=True)
+        (plain,) = torch.autograd.grad(losses[t], x, retain_graph=True)
+        assert torch.allclose(mine, math.exp(s[t]) * plain)
+    assert isinstance(method.log_scales, torch.nn.Parameter) and "log_scales" in method.state_dict()

@@ -13,7 +13,7 @@ from mtl.cli import main
 from mtl.config.load import build_config, load_config
 from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
-from mtl.engine.trainer import Trainer
+from mtl.engine.trainer import Hook, Trainer
 from mtl.weighting import WEIGHTINGS
 from mtl.workflows.train import resume_run, run
 
@@ -125,6 +125,38 @@ def test_gradient_methods_on_the_shared_representation(tmp_path, name):
         quiet=True,
     )
     assert math.isfinite(summary["final"]["train"]["loss"])
+
+
+@pytest.mark.parametrize("grad_on", ["params", "representation"])
+def test_imtl_learns_its_loss_scales_by_descent_on_the_scaled_losses(tmp_path, grad_on):
+    """IMTL-L through the trainer: plain SGD moves s_t by -lr (e^{s_t} L_t - 1) at each step, L_t the step's loss."""
+    cfg = scenes_config(tmp_path, "weighting.name=imtl", f"weighting.grad_on={grad_on}", n=16, size=16)
+    exp = build_experiment(cfg)
+    seen = []
+
+    class Record(Hook):
+        def after_step(self, trainer, losses):
+            seen.append(torch.stack(list(losses.values())).double())
+
+    lr = 0.05
+    optimizer = torch.optim.SGD(list(exp.model.parameters()) + list(exp.weighting.parameters()), lr=lr)
+    trainer = Trainer(
+        exp.model,
+        exp.tasks,
+        {"train": exp.loaders["train"]},
+        optimizer,
+        None,
+        epochs=1,
+        device=exp.device,
+        progress=False,
+        weighting=exp.weighting,
+        hooks=[Record()],
+    )
+    trainer.fit()
+    s = torch.zeros(4, dtype=torch.float64)
+    for losses in seen:
+        s = s - lr * (torch.exp(s) * losses - 1)
+    assert len(seen) == 2 and torch.allclose(exp.weighting.log_scales.detach().double(), s, rtol=1e-5, atol=1e-7)
 
 
 def test_representation_mode_with_equal_weights_matches_plain_backward(tmp_path):
