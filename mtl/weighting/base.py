@@ -70,6 +70,9 @@ class GradientWeighting(Weighting):
     """Combines per-task gradients of the shared part into one gradient."""
 
     gradient_level = True
+    # True when ``d`` combines running averages of the task gradients (DB-MTL) rather than this step's: then
+    # ``last_weights`` are the coefficients on those averages
+    from_history: bool = False
 
     def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
         """The per-task objectives whose gradients :meth:`forward` balances, from the task losses (each a scalar with

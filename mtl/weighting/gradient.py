@@ -15,7 +15,7 @@ weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -419,3 +419,62 @@ class FairGrad(GradientWeighting):
         d, w = _combine(grads, solvers.fair_newton(solvers.gram(grads), self.alpha))
         self.last_weights.copy_(w)
         return d, w
+
+
+@WEIGHTINGS.register("db_mtl")
+class DBMTL(GradientWeighting):
+    """DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", 2023, Sec. 3): loss-scale balancing, then
+    gradient-magnitude balancing.
+
+    Each task's objective is ``log(L_t + eps)`` (Eq. 3), whose gradients ``g_t`` are averaged over steps,
+    ``h_t <- beta_k h_t + (1 - beta_k) g_t`` with ``beta_k = beta / k^beta_sigma`` at step k (Eq. 4; from zeros,
+    without bias correction, as in the authors' code in LibMTL), and rescaled to the largest average's norm (Eq. 5):
+    ``d = sum_t (max_j |h_j| / |h_t|) h_t``. The heads train on ``sum_t log(L_t + eps)`` (``w = 1``). ``last_weights``
+    are the coefficients on the averages ``h_t``. The averages (T x D floats) are checkpointed for exact resume.
+    """
+
+    from_history = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if not 0 <= beta < 1:
+            raise UserError(f"weighting.options.beta must be in [0, 1) for db_mtl, got {beta}")
+        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+        self.register_buffer("averages", torch.zeros(0))  # (T, D) once the first gradients are seen
+        self._steps = 0
+
+    def get_extra_state(self) -> Any:
+        return {**super().get_extra_state(), "steps": self._steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._steps = int(state.get("steps", 0)) if isinstance(state, dict) else 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        saved = state_dict.get(prefix + "averages")
+        if saved is not None and saved.shape != self.averages.shape:  # the size is known once gradients were seen
+            self.averages = torch.zeros_like(saved, device=self.averages.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
+        return [torch.log(loss + self.eps) for loss in losses]
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        if self.averages.shape != grads.shape:
+            self.averages = torch.zeros_like(grads)
+        self._steps += 1
+        beta = self.beta / self._steps**self.beta_sigma
+        self.averages.mul_(beta).add_(grads, alpha=1 - beta)
+        norms = self.averages.norm(dim=1)
+        alpha = norms.amax() / (norms + 1e-8)
+        self.last_weights.copy_(alpha)
+        return alpha @ self.averages, torch.ones_like(alpha)

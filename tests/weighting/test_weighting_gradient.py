@@ -246,7 +246,7 @@ def test_contract(name):
     d2, w2 = fresh(grads2, losses)
     assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.isfinite(d).all() and torch.isfinite(w).all()
-    if name not in ("pcgrad", "gradvac", "cagrad"):  # these three train the heads with w = 1, not their coefficients
+    if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl"):  # these train the heads with w = 1, not their coefficients
         assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
@@ -264,7 +264,8 @@ def test_logged_weights_are_the_coefficients_of_the_update(name, t):
     for _ in range(3):
         grads = torch.randn(t, 40) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:t, None]
         d, _ = method(grads, torch.rand(t) + 0.5)
-        combined = method.last_weights.double() @ grads.double()
+        rows = method.averages if method.from_history else grads  # DB-MTL combines running averages
+        combined = method.last_weights.double() @ rows.double()
         assert torch.allclose(combined, d.double(), atol=1e-5 * float(grads.norm(dim=1).max()), rtol=1e-4)
 
 
@@ -308,3 +309,33 @@ def test_imtl_scales_the_losses_and_sets_the_scale_gradient():
         (plain,) = torch.autograd.grad(losses[t], x, retain_graph=True)
         assert torch.allclose(mine, math.exp(s[t]) * plain)
     assert isinstance(method.log_scales, torch.nn.Parameter) and "log_scales" in method.state_dict()
+
+
+def test_db_mtl_averages_log_loss_gradients_and_rescales_them_to_the_largest():
+    """Eq. 3-5 by hand: h <- beta h + (1 - beta) g from zeros, d = sum_t (max_j |h_j| / |h_t|) h_t, heads w = 1."""
+    method = build_weighting("db_mtl", TASKS2, beta=0.5)
+    x = torch.tensor([2.0], requires_grad=True)
+    (objective,) = method.transform_losses([x[0] ** 2])
+    (grad,) = torch.autograd.grad(objective, x)
+    assert torch.allclose(objective, torch.log(torch.tensor(4.0 + 1e-8))) and torch.allclose(grad, torch.tensor([1.0]))
+    steps = [G([2, 0], [0, 1]), G([0, 2], [0, 3])]
+    h = torch.zeros(2, 2, dtype=torch.float64)
+    for grads in steps:
+        d, w = method(grads, torch.ones(2))
+        h = 0.5 * h + 0.5 * grads.double()
+        norms = h.norm(dim=1)
+        expected = sum(float(norms.max() / norms[t]) * h[t] for t in range(2))
+        assert torch.allclose(d.double(), expected, atol=1e-6) and torch.equal(w, torch.ones(2))
+    # the second step by hand: h = ((0.5, 1), (0, 1.75)), |h| = (sqrt(1.25), 1.75): d = (1.75 / sqrt(1.25)) h_1 + h_2
+    assert torch.allclose(d, torch.tensor([0.5, 1.0]) * (1.75 / 1.25**0.5) + torch.tensor([0.0, 1.75]), atol=1e-6)
+    fresh = build_weighting("db_mtl", TASKS2, beta=0.5)
+    fresh.load_state_dict(method.state_dict())  # the averages' size is known only after the first step
+    assert torch.equal(fresh.averages, method.averages) and fresh(steps[0], torch.ones(2))[0].shape == (2,)
+
+
+def test_db_mtl_sigma_decays_beta_with_the_step():
+    method = build_weighting("db_mtl", TASKS2, beta=0.8, beta_sigma=1.0)
+    method(G([1, 0], [0, 1]), torch.ones(2))  # step 1: beta 0.8
+    method(G([0, 1], [1, 0]), torch.ones(2))  # step 2: beta 0.4
+    h1 = 0.2 * torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(method.averages, 0.4 * h1 + 0.6 * torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
