@@ -246,7 +246,7 @@ def test_contract(name):
     d2, w2 = fresh(grads2, losses)
     assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.isfinite(d).all() and torch.isfinite(w).all()
-    if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl"):  # these train the heads with w = 1, not their coefficients
+    if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl"):  # heads trained with w = 1, not the coefficients
         assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
