@@ -2,14 +2,16 @@
 
 Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
 the task losses for the task-specific parts (heads). Methods that combine gradients linearly
-(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad)
-return ones, as in their papers' multitask code. Every method's update is a linear combination of the task
-gradients, and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``: for
-PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
-The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad) form it on
-the gradients' device in float64, read it to the host once per step and solve their T x T problem there exactly
-(see solvers.py). No direction depends on the gradients' global scale. ``task_weights`` are used as preference
-weights by ``aligned_mtl`` and ``upgrad`` and ignored by the other methods.
+(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad) or
+combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or authors'
+multitask code. Every method's update is a linear combination of the task gradients (of their running averages
+for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``:
+for PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
+The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, IMTL, Nash-MTL, FairGrad, Aligned-MTL, UPGrad,
+DualProj, ConFIG) form it on the gradients' device in float64, read it to the host once per step and solve their
+T x T problem there exactly (see solvers.py). No direction depends on the gradients' global scale, except FairGrad's
+for ``alpha != 1``, as in its paper. ``task_weights`` are used as preference weights by ``aligned_mtl``, ``upgrad``
+and ``dualproj`` and ignored by the other methods.
 """
 
 from __future__ import annotations
@@ -421,33 +423,15 @@ class FairGrad(GradientWeighting):
         return d, w
 
 
-@WEIGHTINGS.register("db_mtl")
-class DBMTL(GradientWeighting):
-    """DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", 2023, Sec. 3): loss-scale balancing, then
-    gradient-magnitude balancing.
-
-    Each task's objective is ``log(L_t + eps)`` (Eq. 3), whose gradients ``g_t`` are averaged over steps,
-    ``h_t <- beta_k h_t + (1 - beta_k) g_t`` with ``beta_k = beta / k^beta_sigma`` at step k (Eq. 4; from zeros,
-    without bias correction, as in the authors' code in LibMTL), and rescaled to the largest average's norm (Eq. 5):
-    ``d = sum_t (max_j |h_j| / |h_t|) h_t``. The heads train on ``sum_t log(L_t + eps)`` (``w = 1``). ``last_weights``
-    are the coefficients on the averages ``h_t``. The averages (T x D floats) are checkpointed for exact resume.
-    """
+class _Tracked(GradientWeighting):
+    """A method whose update combines running averages ``averages`` (T x D, sized by the first gradients seen,
+    checkpointed for exact resume) of the task gradients; ``_steps`` counts its training steps."""
 
     from_history = True
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        task_weights: Sequence[float] | None = None,
-        beta: float = 0.9,
-        beta_sigma: float = 0.0,
-        eps: float = 1e-8,
-    ) -> None:
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__(tasks, task_weights)
-        if not 0 <= beta < 1:
-            raise UserError(f"weighting.options.beta must be in [0, 1) for db_mtl, got {beta}")
-        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
-        self.register_buffer("averages", torch.zeros(0))  # (T, D) once the first gradients are seen
+        self.register_buffer("averages", torch.zeros(0))
         self._steps = 0
 
     def get_extra_state(self) -> Any:
@@ -463,18 +447,108 @@ class DBMTL(GradientWeighting):
             self.averages = torch.zeros_like(saved, device=self.averages.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _track(self, grads: Tensor, rate: float) -> Tensor:
+        """``averages <- averages - rate * (averages - grads)`` (zeros before the first step, or when the shared
+        parameters change, e.g. with train.unfreeze); returns the averages."""
+        if self.averages.shape != grads.shape:
+            self.averages = torch.zeros_like(grads)
+        return self.averages.sub_((self.averages - grads) * rate)
+
+
+@WEIGHTINGS.register("db_mtl")
+class DBMTL(_Tracked):
+    """DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", 2023, Sec. 3): loss-scale balancing, then
+    gradient-magnitude balancing.
+
+    Each task's objective is ``log(L_t + eps)`` (Eq. 3), whose gradients ``g_t`` are averaged over steps,
+    ``h_t <- beta_k h_t + (1 - beta_k) g_t`` with ``beta_k = beta / k^beta_sigma`` at step k (Eq. 4; from zeros,
+    without bias correction, as in the authors' code in LibMTL), and rescaled to the largest average's norm (Eq. 5):
+    ``d = sum_t (max_j |h_j| / |h_t|) h_t``. The heads train on ``sum_t log(L_t + eps)`` (``w = 1``). ``last_weights``
+    are the coefficients on the averages ``h_t``. The averages (T x D floats) are checkpointed for exact resume.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if not 0 <= beta < 1:
+            raise UserError(f"weighting.options.beta must be in [0, 1) for db_mtl, got {beta}")
+        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+
     def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
         return [torch.log(loss + self.eps) for loss in losses]
 
     @torch.no_grad()
     def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
-        grads = grads.float()
-        if self.averages.shape != grads.shape:
-            self.averages = torch.zeros_like(grads)
         self._steps += 1
-        beta = self.beta / self._steps**self.beta_sigma
-        self.averages.mul_(beta).add_(grads, alpha=1 - beta)
-        norms = self.averages.norm(dim=1)
+        averages = self._track(grads.float(), 1 - self.beta / self._steps**self.beta_sigma)
+        norms = averages.norm(dim=1)
         alpha = norms.amax() / (norms + 1e-8)
         self.last_weights.copy_(alpha)
-        return alpha @ self.averages, torch.ones_like(alpha)
+        return alpha @ averages, torch.ones_like(alpha)
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` onto the probability simplex (Duchi et al., ICML 2008, Fig. 1), on its device."""
+    u = torch.sort(v, descending=True).values
+    cumulative = u.cumsum(0) - 1
+    k = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
+    rho = (u - cumulative / k > 0).sum()  # the number of positive entries
+    tau = cumulative.gather(0, (rho - 1).clamp_min(0).unsqueeze(0)) / rho.clamp_min(1).to(v.dtype)
+    return (v - tau).clamp_min(0)
+
+
+@WEIGHTINGS.register("moco")
+class MoCo(_Tracked):
+    """MoCo (Fernando et al., "Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach",
+    ICLR 2023, Alg. 1): tracked gradients ``y_t <- y_t - beta_k (y_t - g_t)`` and weights
+    ``lambda <- Pi(lambda - gamma_k (Y Y^T + rho I) lambda)``, ``d = Y^T lambda``, with ``beta_k = beta / k^beta_sigma``
+    and ``gamma_k = gamma / k^gamma_sigma`` at step k (from ``y = 0``, ``lambda = 1/T``).
+
+    ``simplex: projection`` (the paper's Euclidean projection ``Pi`` onto the simplex) or ``softmax`` (the authors'
+    code, as in LibMTL); ``grad_scale: none`` (the paper) or ``loss`` (the authors' code: each ``g_t`` rescaled to
+    norm ``L_t`` before tracking). Defaults otherwise are LibMTL's. The heads train on ``sum_t L_t`` (``w = 1``), as
+    in the authors' code. ``last_weights`` = ``lambda``, the coefficients on the tracked ``y_t``. The tracked gradients
+    (T x D floats) are checkpointed for exact resume.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        simplex: str = "projection",
+        grad_scale: str = "none",
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if simplex not in ("projection", "softmax"):
+            raise UserError(f"weighting.options.simplex for moco must be projection or softmax, got {simplex!r}")
+        if grad_scale not in ("none", "loss"):
+            raise UserError(f"weighting.options.grad_scale for moco must be none or loss, got {grad_scale!r}")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
+        self.simplex, self.grad_scale = simplex, grad_scale
+        self.register_buffer("lam", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        if self.grad_scale == "loss":
+            grads = grads / (grads.norm(dim=1, keepdim=True) + 1e-8) * losses.to(grads).unsqueeze(1)
+        self._steps += 1
+        y = self._track(grads, self.beta / self._steps**self.beta_sigma)
+        step = (y @ y.T + self.rho * torch.eye(self.num_tasks, device=y.device)) @ self.lam.to(y)
+        moved = self.lam.to(y) - self.gamma / self._steps**self.gamma_sigma * step
+        lam = _project_simplex(moved) if self.simplex == "projection" else torch.softmax(moved, dim=0)
+        self.lam.copy_(lam)
+        self.last_weights.copy_(lam)
+        return lam @ y, torch.ones_like(lam)

@@ -246,7 +246,7 @@ def test_contract(name):
     d2, w2 = fresh(grads2, losses)
     assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.isfinite(d).all() and torch.isfinite(w).all()
-    if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl"):  # heads trained with w = 1, not the coefficients
+    if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl", "moco"):  # heads: w = 1, not the coefficients
         assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
@@ -339,3 +339,55 @@ def test_db_mtl_sigma_decays_beta_with_the_step():
     method(G([0, 1], [1, 0]), torch.ones(2))  # step 2: beta 0.4
     h1 = 0.2 * torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert torch.allclose(method.averages, 0.4 * h1 + 0.6 * torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def _simplex_by_brute_force(v):
+    """The closest point of the simplex to v: on each support S, x_S = v_S - (sum v_S - 1) / |S|; best feasible."""
+    import itertools
+
+    v = v.double()
+    best, best_x = None, None
+    for k in range(1, len(v) + 1):
+        for support in itertools.combinations(range(len(v)), k):
+            x = torch.zeros_like(v)
+            idx = list(support)
+            x[idx] = v[idx] - (v[idx].sum() - 1) / k
+            if (x >= -1e-12).all() and (best is None or float((x - v).norm()) < best):
+                best, best_x = float((x - v).norm()), x
+    return best_x
+
+
+def test_simplex_projection_matches_brute_force():
+    torch.manual_seed(0)
+    for t in (1, 2, 3, 5, 7):
+        for scale in (0.1, 1.0, 10.0):
+            v = torch.randn(t, dtype=torch.float64) * scale
+            assert torch.allclose(gw._project_simplex(v), _simplex_by_brute_force(v), atol=1e-12), (t, scale)
+
+
+@pytest.mark.parametrize("simplex, grad_scale", [("projection", "none"), ("softmax", "loss")])
+def test_moco_tracks_gradients_and_weights_step_by_step(simplex, grad_scale):
+    """Alg. 1 by hand in float64: y <- y - beta_k (y - g), lambda <- Pi(lambda - gamma_k (Y Y^T + rho I) lambda)."""
+    options = dict(
+        beta=0.5, beta_sigma=0.5, gamma=0.3, gamma_sigma=0.5, rho=0.1, simplex=simplex, grad_scale=grad_scale
+    )
+    method = build_weighting("moco", TASKS3, **options)
+    torch.manual_seed(1)
+    y, lam = torch.zeros(3, 6, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    for k in range(1, 5):
+        grads, losses = torch.randn(3, 6) * torch.tensor([[1.0], [5.0], [0.2]]), torch.rand(3) + 0.5
+        d, w = method(grads, losses)
+        g = grads.double()
+        if grad_scale == "loss":
+            g = g / (g.norm(dim=1, keepdim=True) + 1e-8) * losses.double().unsqueeze(1)
+        y = y - 0.5 / k**0.5 * (y - g)
+        moved = lam - 0.3 / k**0.5 * ((y @ y.T + 0.1 * torch.eye(3, dtype=torch.float64)) @ lam)
+        lam = _simplex_by_brute_force(moved) if simplex == "projection" else torch.softmax(moved, 0)
+        assert torch.allclose(method.last_weights.double(), lam, atol=1e-6), k
+        assert torch.allclose(d.double(), lam @ y, atol=1e-5) and torch.equal(w, torch.ones(3))
+
+
+def test_moco_bad_options():
+    for options, message in (({"simplex": "nope"}, "projection or softmax"), ({"grad_scale": "l2"}, "none or loss")):
+        with pytest.raises(UserError, match=message):
+            build_weighting("moco", TASKS2, **options)
