@@ -268,8 +268,9 @@ def fair_newton(m: Tensor, p: float, max_iter: int = 200, ridge: float = 1e-12) 
 
     Solved on ``M~ = M / s`` (s: the largest diagonal entry), then ``alpha = s^(-p/(p+1)) alpha~``, which solves the
     original. ``alpha~`` minimises the strictly convex ``a^T M~ a / 2 - sum phi(a_i)`` with ``phi' = a^(-1/p)``
-    (``phi = log`` for p = 1): Newton steps, halved until they stay positive and decrease the objective, stopped
-    when the Newton decrement is at rounding level. A tiny ridge, relative to each task's squared norm, keeps
+    (``phi = log`` for p = 1), from the orthogonal gradients' answer: Newton steps, halved until they stay positive
+    and decrease the objective (near the minimum, only positive), stopped when the Newton decrement is at rounding
+    level. A tiny ridge, relative to each task's squared norm, keeps
     cancelling gradients finite; a zero gradient gets the weight of one of norm ``1e-6 * max |g|`` (ones when all are
     zero).
     """
@@ -290,21 +291,23 @@ def fair_newton(m: Tensor, p: float, max_iter: int = 200, ridge: float = 1e-12) 
     def objective(a: Tensor) -> float:
         return float(a @ mt @ a / 2 - phi(a).sum())
 
-    a = torch.ones(t, dtype=m.dtype)
+    a = mt.diagonal() ** (-p / (p + 1))  # the answer for orthogonal gradients: a close start
     value = objective(a)
     for _ in range(max_iter):
         grad = mt @ a - a ** (-q)
         hess = mt + torch.diag(q * a ** (-q - 1))
         step = torch.linalg.solve(hess, grad)
-        dec2 = float(grad @ step)
-        if dec2 < 1e-28 * t:
+        dec2 = float(grad @ step)  # the Newton decrement squared: about twice the distance to the minimum
+        if not dec2 > 1e-28 * t:
             break
         size = 1.0
         while size > 1e-12:
             trial = a - size * step
             if bool((trial > 0).all()):
+                # close to the minimum a full step converges quadratically; there the objective's change can be
+                # below its rounding, so only the sign constraint is checked
                 trial_value = objective(trial)
-                if trial_value <= value:
+                if dec2 < 1e-6 or trial_value <= value:
                     break
             size /= 2
         else:
