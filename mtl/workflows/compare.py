@@ -421,15 +421,22 @@ def aggregate(
 # --------------------------------------------------------------------------- output
 
 
+def split_column(column: str) -> Tuple[str, str]:
+    """``(task, metric)`` of a ``task.metric`` column: task names hold no dot, metric names may
+    (``normal.within_11.25``)."""
+    task, metric = column.split(".", 1)
+    return task, metric
+
+
 def shown_columns(agg: Aggregate, metrics: Optional[Sequence[str]]) -> List[str]:
     task_columns = [c for c in agg.columns if c not in HEADERS]
-    reported = list(dict.fromkeys(c.rsplit(".", 1)[1] for c in task_columns))
+    reported = list(dict.fromkeys(split_column(c)[1] for c in task_columns))
     unknown = [m for m in metrics or [] if m not in reported]
     if unknown:
         raise UserError(
             f"--metrics: no run reports {', '.join(unknown)}; the runs report {', '.join(reported) or 'none'}"
         )
-    shown = [c for c in task_columns if ((c.rsplit(".", 1)[1] in metrics) if metrics else not c.endswith(".loss"))]
+    shown = [c for c in task_columns if ((split_column(c)[1] in metrics) if metrics else not c.endswith(".loss"))]
     return shown + [c for c in agg.columns if c in HEADERS]
 
 
@@ -533,7 +540,7 @@ def write_baseline(paths: Sequence[str], out: str | Path, select: str = "best") 
     baseline: Dict[str, Dict[str, float]] = {}
     source: Dict[str, Group] = {}
     for g in agg.groups:
-        for task in dict.fromkeys(c.rsplit(".", 1)[0] for c in g.stats if c not in HEADERS):
+        for task in dict.fromkeys(split_column(c)[0] for c in g.stats if c not in HEADERS):
             if task in source:
                 raise UserError(
                     f"task {task!r} is in both groups {source[task].label!r} and {g.label!r}; "
@@ -542,9 +549,9 @@ def write_baseline(paths: Sequence[str], out: str | Path, select: str = "best") 
             source[task] = g
             # a zero baseline cannot be improved on relatively (e.g. no pixel within 11.25 degrees yet): left out
             baseline[task] = {
-                c.rsplit(".", 1)[1]: s.mean
+                split_column(c)[1]: s.mean
                 for c, s in g.stats.items()
-                if c.rsplit(".", 1)[0] == task and not c.endswith(".loss") and s.mean != 0
+                if c not in HEADERS and split_column(c)[0] == task and not c.endswith(".loss") and s.mean != 0
             }
     header = [
         "single-task baselines for delta_m: {task: {metric: value}}, each the mean over n runs",

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
-from mtl.workflows.compare import HEADERS, Aggregate, Group, render, run_curve, shown_columns
+from mtl.workflows.compare import HEADERS, Aggregate, Group, render, run_curve, shown_columns, split_column
 from mtl.workflows.plots import bar_chart, curve_chart, have_matplotlib, pareto_chart
 
 
@@ -51,7 +51,7 @@ def write_plots(agg: Aggregate, out: str | Path, metrics: Optional[Sequence[str]
     bars = {label: values for label, values in bars.items() if values}
     if bars:
         written.append(bar_chart(bars, out / "bars.png", f"{split} metrics{axis}, mean ± std over seeds"))
-    order = [c.rsplit(".", 1)[0] for c in agg.columns]
+    order = [split_column(c)[0] for c in agg.columns if c not in HEADERS]
     tasks = dict(sorted(_tasks(groups).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if len(tasks) == 2:
         (ta, (ma, da)), (tb, (mb, db)) = tasks.items()

@@ -15,7 +15,11 @@ from mtl.core.stats import describe, t_cdf, t_quantile
 from mtl.engine.monitor import delta_m, delta_p, load_baseline
 from mtl.workflows.compare import aggregate, compare_table, run_curve, write_baseline
 
-DIRECTIONS = {"seg": {"miou": True, "loss": False}, "depth": {"abs_err": False, "loss": False}}
+DIRECTIONS = {
+    "seg": {"miou": True, "loss": False},
+    "depth": {"abs_err": False, "loss": False},
+    "normal": {"mean_angle": False, "within_11.25": True, "loss": False},
+}
 
 
 # --------------------------------------------------------------------------- delta-m
@@ -338,6 +342,18 @@ def test_write_baseline_averages_seeds_and_refuses_a_task_from_two_groups(tmp_pa
     with pytest.raises(UserError, match=r"task 'seg' is in both groups 'optim.lr=0.01' and 'optim.lr=0.1'"):
         write_baseline([tmp_path / "seg", other], tmp_path / "refused.yaml")
     assert not (tmp_path / "refused.yaml").exists()
+
+
+def test_metric_names_with_dots_stay_whole(tmp_path, capsys):
+    """normal.within_11.25 is task normal, metric within_11.25, in the baseline, --metrics and the table."""
+    runs = [
+        fake_run(tmp_path / "n" / f"s{i}", {"normal": {"mean_angle": 20.0 + i, "within_11.25": 0.4}}, config=config(i))
+        for i in range(2)
+    ]
+    base = write_baseline(runs, tmp_path / "b.yaml")
+    assert base == {"normal": {"mean_angle": pytest.approx(20.5), "within_11.25": pytest.approx(0.4)}}
+    assert main(["compare", *runs, "--metrics", "within_11.25"]) == 0
+    assert "| normal.within_11.25 |" in capsys.readouterr().out
 
 
 def test_a_baseline_from_validation_is_refused_for_a_table_on_test(tmp_path):
