@@ -62,9 +62,10 @@ def _new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height))
 
 
-def _finish(fig: Any, caption: str = "") -> Any:
-    """Lay the panels out, then put ``caption`` under them (``_save`` crops the PNG to everything drawn)."""
-    fig.tight_layout()
+def _finish(fig: Any, caption: str = "", titled: bool = False) -> Any:
+    """Lay the panels out (below the figure's title when ``titled``: tight_layout does not see it), then put
+    ``caption`` under them (``_save`` crops the PNG to everything drawn)."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if titled else None)
     if caption:
         fig.text(0.01, 0.0, caption, ha="left", va="top", fontsize=8)
     return fig
@@ -139,7 +140,9 @@ def bar_figure(groups: Mapping[str, Mapping[str, Sequence[float]]], title: str =
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _finish(fig, "bars: mean over seeds; error bars: sample std (ddof=1, none for n=1); dots: one run each")
+    return _finish(
+        fig, "bars: mean over seeds; error bars: sample std (ddof=1, none for n=1); dots: one run each", bool(title)
+    )
 
 
 def bar_chart(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:

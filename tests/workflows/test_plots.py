@@ -220,3 +220,17 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(tmp_path, monkeypatch):
         plots.bar_chart({"a": {"acc": [0.5]}}, tmp_path / "bars.png")
     assert str(err.value) == "plots need matplotlib: pip install 'mtl[plots]'"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_figure_title_stays_above_every_panel_title():
+    """Seven panels of sixteen groups (the scenes' table): the title does not cover the first row's panel titles."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    groups = {f"method{i}": {f"metric{k}": [0.1 * k, 0.1 * k + 0.01] for k in range(7)} for i in range(16)}
+    fig = plots.bar_figure(groups, "test metrics by weighting.name, mean ± std over seeds")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert ax.title.get_window_extent(renderer).y1 <= title.y0 + 1, ax.get_title()
