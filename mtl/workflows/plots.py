@@ -41,6 +41,12 @@ def color(i: int) -> str:
     return COLORS[i % len(COLORS)]
 
 
+def line_style(i: int) -> str:
+    """The line style of the ``i``-th group: solid for the first ten, then dashed and dotted, so that with the
+    repeating colours every group's line is still its own."""
+    return ("-", "--", ":")[i // len(COLORS) % 3]
+
+
 MISSING = "plots need matplotlib: pip install 'mtl[plots]'"
 
 
@@ -271,7 +277,7 @@ def curve_figure(curves: Mapping[str, Sequence[Sequence[Tuple[int, float]]]], y_
         epochs = [b[0] for b in band]
         means = [b[1] for b in band]
         stds = [b[2] or 0.0 for b in band]
-        ax.plot(epochs, means, color=color(i), marker="." if len(band) < 30 else None, label=group)
+        ax.plot(epochs, means, color=color(i), ls=line_style(i), marker="." if len(band) < 30 else None, label=group)
         ax.fill_between(
             epochs,
             [m - s for m, s in zip(means, stds)],
@@ -288,7 +294,10 @@ def curve_figure(curves: Mapping[str, Sequence[Sequence[Tuple[int, float]]]], y_
     ax.set_xlabel("epoch")
     ax.set_ylabel(y_name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(curves) > 6:  # beside the lines rather than over them
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     text = "lines: mean over seeds; bands: ± sample std (ddof=1, none where one seed)"

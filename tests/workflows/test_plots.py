@@ -234,3 +234,13 @@ def test_the_figure_title_stays_above_every_panel_title():
     title = fig._suptitle.get_window_extent(renderer)
     for ax in fig.axes:
         assert ax.title.get_window_extent(renderer).y1 <= title.y0 + 1, ax.get_title()
+
+
+def test_many_curves_get_distinct_lines_and_a_legend_beside_them():
+    curves = {f"method{i}": [[(1, 0.1 * i), (2, 0.1 * i + 0.05)]] for i in range(16)}
+    fig = plots.curve_figure(curves, "acc")
+    lines = fig.axes[0].get_lines()
+    assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == 16
+    fig.canvas.draw()
+    legend = fig.axes[0].get_legend().get_window_extent()
+    assert legend.x0 >= fig.axes[0].get_window_extent().x1  # right of the plot area, not over the lines
