@@ -87,16 +87,11 @@ def test_scenes_multitask_learns(tmp_path):
     assert last["normal"]["mean_angle"] < first["normal"]["mean_angle"]
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHTINGS.names()))
-def test_every_weighting_trains_through_the_trainer(tmp_path, name):
-    """Contract: two training steps with each registered method leave finite, changed parameters."""
-    cfg = scenes_config(tmp_path, f"weighting.name={name}", n=16, size=16)
-    exp = build_experiment(cfg)
-    model = exp.model
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(list(model.parameters()) + list(exp.weighting.parameters()), lr=0.01)
-    trainer = Trainer(
-        model,
+def _one_epoch_of_sgd(exp, lr, hooks=()):
+    """A trainer of one epoch of plain SGD over the model and the weighting's own parameters."""
+    optimizer = torch.optim.SGD(list(exp.model.parameters()) + list(exp.weighting.parameters()), lr=lr)
+    return Trainer(
+        exp.model,
         exp.tasks,
         {"train": exp.loaders["train"]},
         optimizer,
@@ -105,8 +100,18 @@ def test_every_weighting_trains_through_the_trainer(tmp_path, name):
         device=exp.device,
         progress=False,
         weighting=exp.weighting,
+        hooks=hooks,
     )
-    history = trainer.fit()
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS.names()))
+def test_every_weighting_trains_through_the_trainer(tmp_path, name):
+    """Contract: two training steps with each registered method leave finite, changed parameters."""
+    cfg = scenes_config(tmp_path, f"weighting.name={name}", n=16, size=16)
+    exp = build_experiment(cfg)
+    model = exp.model
+    before = [p.detach().clone() for p in model.parameters()]
+    history = _one_epoch_of_sgd(exp, lr=0.01).fit()
     assert math.isfinite(history[0]["train"]["loss"])
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
@@ -139,20 +144,7 @@ def test_imtl_learns_its_loss_scales_by_descent_on_the_scaled_losses(tmp_path, g
             seen.append(torch.stack(list(losses.values())).double())
 
     lr = 0.05
-    optimizer = torch.optim.SGD(list(exp.model.parameters()) + list(exp.weighting.parameters()), lr=lr)
-    trainer = Trainer(
-        exp.model,
-        exp.tasks,
-        {"train": exp.loaders["train"]},
-        optimizer,
-        None,
-        epochs=1,
-        device=exp.device,
-        progress=False,
-        weighting=exp.weighting,
-        hooks=[Record()],
-    )
-    trainer.fit()
+    _one_epoch_of_sgd(exp, lr, hooks=[Record()]).fit()
     s = torch.zeros(4, dtype=torch.float64)
     for losses in seen:
         s = s - lr * (torch.exp(s) * losses - 1)
