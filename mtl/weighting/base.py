@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,11 +47,16 @@ class Weighting(nn.Module):
         self._draws += 1
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self._draws)
 
+    # Python-int counters checkpointed as extra state ({key: attribute}); subclasses add theirs (a step or epoch
+    # count kept on the host, so that no training step reads it from the device)
+    counters: Dict[str, str] = {"draws": "_draws"}
+
     def get_extra_state(self) -> Any:
-        return {"draws": self._draws}
+        return {key: getattr(self, attr) for key, attr in self.counters.items()}
 
     def set_extra_state(self, state: Any) -> None:
-        self._draws = int(state.get("draws", 0)) if isinstance(state, dict) else 0
+        for key, attr in self.counters.items():
+            setattr(self, attr, int(state.get(key, 0)) if isinstance(state, dict) else 0)
 
     def end_epoch(self, mean_losses: Tensor) -> None:
         """Called after each training epoch with the epoch's mean loss per task (DWA uses it)."""

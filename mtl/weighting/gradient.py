@@ -17,7 +17,7 @@ and ``dualproj`` and ignored by the other methods.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -428,18 +428,12 @@ class _Tracked(GradientWeighting):
     checkpointed for exact resume) of the task gradients; ``_steps`` counts its training steps."""
 
     from_history = True
+    counters = {**GradientWeighting.counters, "steps": "_steps"}
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__(tasks, task_weights)
         self.register_buffer("averages", torch.zeros(0))
         self._steps = 0
-
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "steps": self._steps}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._steps = int(state.get("steps", 0)) if isinstance(state, dict) else 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         saved = state_dict.get(prefix + "averages")

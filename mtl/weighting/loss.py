@@ -7,7 +7,7 @@ returned total, i.e. ``d total / d L_t`` at this step (detached). Methods only a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -300,6 +300,8 @@ class STCH(ScaleInvariant):
     ``T * softmax(log(L / n) / mu)_t / L_t``.
     """
 
+    counters = {**ScaleInvariant.counters, "epochs": "_epochs"}
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -315,14 +317,7 @@ class STCH(ScaleInvariant):
             raise UserError(f"weighting.options.warmup_epochs must be an integer >= 1 for stch, got {warmup_epochs}")
         self.mu, self.warmup_epochs = float(mu), int(warmup_epochs)
         self.register_buffer("nadir", torch.ones(self.num_tasks))
-        self._epochs = 0  # training epochs seen; a Python int (checkpointed), so no step reads the device
-
-    def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "epochs": self._epochs}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._epochs = int(state.get("epochs", 0)) if isinstance(state, dict) else 0
+        self._epochs = 0  # training epochs seen
 
     def end_epoch(self, mean_losses: Tensor) -> None:
         self._epochs += 1
