@@ -314,8 +314,7 @@ def aligned_matrix(m: Tensor) -> Tensor:
     """Aligned-MTL's ``B = sigma_min M^{+1/2}`` (pseudo-inverse square root on the non-zero eigenvalues), CPU
     float64."""
     t = m.shape[0]
-    lam, vec = torch.linalg.eigh(solvers.host(m))
-    keep = lam > max(float(lam.max()), 0.0) * t * solvers.RANK_TOL
+    lam, vec, keep = solvers.nonzero_eigen(solvers.host(m))
     if not bool(keep.any()):
         return torch.zeros(t, t, dtype=torch.float64)
     lam_safe = torch.where(keep, lam, 1.0)
@@ -385,8 +384,7 @@ class ConFIG(GradientWeighting):
         m = solvers.host(solvers.gram(grads))
         corr, n, valid = solvers.correlation(m)
         corr = torch.where(valid.unsqueeze(0) & valid.unsqueeze(1), corr, 0.0)  # zero gradients take no part
-        lam, vec = torch.linalg.eigh(corr)
-        keep = lam > max(float(lam.max()), 0.0) * t * solvers.RANK_TOL
+        lam, vec, keep = solvers.nonzero_eigen(corr)
         inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
         c = (vec * inv) @ (vec.T @ torch.ones(t, dtype=m.dtype))
         a = torch.where(valid, c / torch.where(valid, n, 1.0), 0.0)

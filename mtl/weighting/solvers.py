@@ -39,6 +39,14 @@ def host(m: Tensor) -> Tensor:
     return m / max(float(m.diagonal().max()), TINY) if m.numel() else m
 
 
+def nonzero_eigen(m: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(lambda, V, keep)`` of the symmetric PSD ``m`` (CPU float64): its eigen-decomposition, and which eigenvalues
+    count as non-zero, those above ``lambda_max * T * RANK_TOL`` (below is the float32 gradients' rounding)."""
+    lam, vec = torch.linalg.eigh(m)
+    keep = lam > max(float(lam.max()), 0.0) * m.shape[0] * RANK_TOL
+    return lam, vec, keep
+
+
 def active_set_qp(h: Tensor, q: Tensor, simplex: bool = False, max_iter: Optional[int] = None) -> Tensor:
     """Row k of the result: ``argmin_x x^T H x / 2 + q_k^T x`` over ``x >= 0`` (and ``sum(x) = 1`` with
     ``simplex``), for each row ``q_k`` of ``q`` (K, T); H is symmetric positive semi-definite (CPU, float64).
