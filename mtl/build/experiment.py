@@ -63,7 +63,7 @@ def build_experiment(cfg: Config) -> Experiment:
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
     check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
-    model = build_model(cfg, encoder, tasks).to(device)
+    model = build_model(cfg, encoder, tasks, input_size).to(device)
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
     weighting = build_weighting(
@@ -75,6 +75,12 @@ def build_experiment(cfg: Config) -> Experiment:
         raise UserError(
             f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
             f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)"
+        )
+    shared_rep = getattr(model.encoder, "representation", "the encoder's output")
+    if weighting.gradient_level and cfg.weighting.grad_on == "representation" and shared_rep is None:
+        raise UserError(
+            f"model.arch={cfg.model.arch} has no representation that every task shares, so "
+            f"weighting.grad_on=representation is undefined for it; set weighting.grad_on=params"
         )
     if getattr(weighting, "from_history", False) and cfg.weighting.grad_on == "representation":
         raise UserError(

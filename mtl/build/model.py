@@ -1,16 +1,18 @@
-"""The model from the config: encoder, heads (through MTAN with ``model.arch: mtan``), input-size checks."""
+"""The model from the config: encoder, heads (through MTAN or another ``model.arch``), input-size checks."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
 from mtl.config.schema import Config, HeadCfg
 from mtl.core.errors import UserError
 from mtl.data import DATASETS
+from mtl.models.arch import ARCHS, Architecture, arch_names
 from mtl.models.encoders import build_encoder, check_input_size
+from mtl.models.freezing import apply_freeze
 from mtl.models.heads import DENSE, create_head, head_input
 from mtl.models.mtan import MTAN
 from mtl.models.transfer import TransferModel
@@ -35,22 +37,69 @@ def parameter_counts(model: nn.Module) -> Dict[str, int]:
     return {"total": n_params, "trainable": n_train, "frozen": n_params - n_train}
 
 
-def build_model(cfg: Config, encoder: nn.Module, tasks: Dict[str, Task]) -> TransferModel:
-    """Heads on the shared encoder (through MTAN attention with ``model.arch: mtan``)."""
+def build_model(
+    cfg: Config, encoder: nn.Module, tasks: Dict[str, Task], input_size: Optional[Sequence[int]] = None
+) -> TransferModel:
+    """Heads on the shared encoder, through MTAN attention with ``model.arch: mtan``, or on the features of a
+    registered architecture (``mtl.models.arch``) built around ``encoder``. ``input_size``: the (H, W) of the images
+    (gates of mixture-of-experts architectures read them whole); ``data.image_size`` when None."""
     mtan = None
     feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
-    if cfg.model.arch == "mtan":
+    arch = cfg.model.arch
+    if arch == "mtan":
         if not feature_info:
             raise UserError(f"model.arch=mtan needs an encoder with stage features; {cfg.model.encoder} has none")
         mtan = MTAN(feature_info, list(tasks))
         in_dim = mtan.out_dim
-    elif cfg.model.arch != "hard":
-        raise UserError(f"model.arch must be hard or mtan, got {cfg.model.arch!r}")
-    bias = mtan is None and getattr(encoder, "classifier_bias", True)
+    elif arch in ARCHS:
+        encoder = build_arch(cfg, encoder, list(tasks), input_size)
+        feature_info, in_dim = encoder.feature_info or None, encoder.out_dim
+    elif arch != "hard":
+        raise UserError(f"model.arch must be one of {', '.join(arch_names())}, got {arch!r}")
+    elif cfg.model.arch_options:
+        raise UserError(f"model.arch_options is for architectures other than {arch}; remove it or set model.arch")
+    bias = mtan is None and arch == "hard" and getattr(encoder, "classifier_bias", True)
     heads = {
         name: build_head(cfg, name, task, in_dim, feature_info, classifier_bias=bias) for name, task in tasks.items()
     }
     return TransferModel(encoder, heads, mtan)
+
+
+def build_arch(
+    cfg: Config, encoder: nn.Module, tasks: List[str], input_size: Optional[Sequence[int]] = None
+) -> Architecture:
+    """The architecture ``model.arch`` names, with ``model.arch_options``; its experts or columns are copies of
+    ``encoder`` (more encoders like it are built from the config, with ``model.freeze`` applied)."""
+    name = cfg.model.arch
+    if cfg.model.freeze in ("all", True) and not cfg.train.unfreeze:
+        raise UserError(
+            f"model.arch={name} with model.freeze=all makes every expert or column the same frozen encoder; "
+            f"freeze part of it (e.g. model.freeze={{until: ...}}) or use model.arch=hard"
+        )
+    if cfg.train.unfreeze:
+        raise UserError(f"train.unfreeze is not supported with model.arch={name}; freeze with model.freeze only")
+    if cfg.optim.l2sp > 0:
+        raise UserError(f"optim.l2sp is not supported with model.arch={name} (it regularises one encoder)")
+    weights_given = encoder  # the first copy keeps the weights already loaded
+
+    def make_encoder() -> nn.Module:
+        other = config_encoder(cfg)
+        apply_freeze(other, cfg.model.freeze)
+        return other.to(next(weights_given.parameters()).device)
+
+    height, width = input_size if input_size is not None else (cfg.data.image_size, cfg.data.image_size)
+    channels = cfg.model.encoder_options.get("in_channels", 3)
+    cls = ARCHS.get(name)
+    known = [p for p in inspect.signature(cls.__init__).parameters][5:]
+    unknown = [k for k in cfg.model.arch_options if k not in known]
+    if unknown:
+        raise UserError(
+            f"unknown option model.arch_options.{unknown[0]} for model.arch={name}; known: {', '.join(known) or 'none'}"
+        )
+    arch = cls(encoder, make_encoder, tasks, (channels, height, width), **cfg.model.arch_options)
+    if hasattr(arch, "seed"):
+        arch.seed = cfg.train.seed
+    return arch
 
 
 def config_encoder(cfg: Config, weights: bool = True) -> nn.Module:

@@ -144,7 +144,10 @@ class ModelCfg:
 
     encoder: str = "resnet18"  # any torchvision classification model, or small_cnn
     encoder_options: Dict[str, Any] = field(default_factory=dict)
-    arch: str = "hard"  # how tasks share the encoder: hard (one shared encoder) | mtan (task attention per stage)
+    # how tasks share the encoder: hard (one shared encoder) | mtan (task attention per stage) | cross_stitch | mmoe
+    #   | cgc | ple | dselect_k | ltb (see the README's architecture table)
+    arch: str = "hard"
+    arch_options: Dict[str, Any] = field(default_factory=dict)  # e.g. mmoe {num_experts: 4}
     weights: Optional[str] = None  # null | DEFAULT | IMAGENET1K_V1 | path/to/file.pth | run:runs/<name>/<time>
     freeze: FreezeSpec = "none"  # none | all | {until: layer3} | {from: layer3} | {freeze: [...]} | {train: [...]}
 

@@ -20,6 +20,7 @@ from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import evaluating
 from mtl.data.batches import loader_batch_size
+from mtl.models.arch import Architecture
 from mtl.models.heads import POOLED, head_input
 from mtl.models.transfer import TransferModel
 
@@ -28,7 +29,7 @@ def feature_cache_blocker(model: nn.Module, *, unfreezing: bool, augmenting: boo
     """Why the features of ``model`` cannot be cached under ``train.cache_features=mode`` (None: they can)."""
     if mode == "off":
         return "train.cache_features is off"
-    if not isinstance(model, TransferModel) or model.mtan is not None:
+    if not isinstance(model, TransferModel) or model.mtan is not None or isinstance(model.encoder, Architecture):
         return "the model is not one shared encoder with heads"
     if any(p.requires_grad for p in model.encoder.parameters()) or unfreezing:
         return "the encoder trains (set model.freeze=all without train.unfreeze)"

@@ -228,6 +228,9 @@ class Trainer:
 
     def _train_phase(self) -> Dict[str, Any]:
         self.model.train(True)
+        for module in self.model.modules():  # e.g. LTB's temperature follows the epoch
+            if hasattr(module, "set_epoch"):
+                module.set_epoch(self.epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
         meter = Meter(self.tasks, self.device)
@@ -280,7 +283,7 @@ class Trainer:
         with self.autocast():
             if representation:
                 features = self.model.encode(x)
-                rep = {k: v.detach().requires_grad_() for k, v in features.items()}
+                rep = {k: v.detach().requires_grad_(v.requires_grad) for k, v in features.items()}
                 outputs = self.model.decode(rep, tuple(x.shape[-2:]))
             else:
                 outputs = self.model(x)

@@ -7,6 +7,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
+from mtl.models.arch import Architecture
 from mtl.models.freezing import eval_frozen
 from mtl.models.heads import call_head, head_input
 
@@ -35,7 +36,10 @@ class TransferModel(nn.Module):
 
     def decode(self, features: Dict[str, Tensor], size: Tuple[int, int]) -> Dict[str, Tensor]:
         """Task outputs from the shared features; dense outputs at ``size``."""
-        per_task = self.mtan(features) if self.mtan is not None else None
+        if isinstance(self.encoder, Architecture):
+            per_task = self.encoder.split(features)
+        else:
+            per_task = self.mtan(features) if self.mtan is not None else None
         outputs = {}
         for task, head in self.heads.items():
             f = per_task[task] if per_task is not None else features
@@ -46,11 +50,16 @@ class TransferModel(nn.Module):
         return self.decode(self.encode(x), tuple(x.shape[-2:]))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters every task's loss depends on (the encoder's)."""
+        """Parameters every task's loss depends on (the encoder's, or those its architecture declares shared)."""
+        if isinstance(self.encoder, Architecture):
+            return self.encoder.shared_parameters()
         return self.encoder.parameters()
 
     def task_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters owned by single tasks: heads and, with MTAN, the attention modules."""
+        """Parameters owned by single tasks: heads and, with MTAN, the attention modules (with an architecture: what
+        it declares task-owned, e.g. gates)."""
+        if isinstance(self.encoder, Architecture):
+            return chain(self.heads.parameters(), self.encoder.task_parameters())
         return chain(self.heads.parameters(), self.mtan.parameters() if self.mtan is not None else ())
 
     def train(self, mode: bool = True) -> "TransferModel":

@@ -32,6 +32,7 @@ from torchvision.utils import make_grid, save_image
 
 from mtl.core.errors import UserError
 from mtl.core.runtime import evaluating
+from mtl.models.arch import Architecture
 from mtl.models.encoders import check_input_size
 from mtl.workflows.runs import image_tensor, load_model
 
@@ -301,6 +302,14 @@ def summary_command(
         f"freeze {cfg.model.freeze!r} ({source}), input {list(shape)}"
     )
     notes = [f"note: {note}" for note in getattr(encoder, "notes", ())]
+    if isinstance(encoder, Architecture):
+        shared = sum(p.numel() for p in model.shared_parameters())
+        owned = sum(p.numel() for p in model.task_parameters())
+        rep = encoder.representation or "none (grad_on=representation is refused)"
+        notes.append(
+            f"note: model.arch={cfg.model.arch}: {shared:,} shared parameters (gradient methods balance their "
+            f"gradients), {owned:,} task-owned (heads included); shared representation: {rep}"
+        )
     return "\n".join([title, *notes, summary_table(model, shape, depth=depth)])
 
 

@@ -78,6 +78,7 @@ dist.shutdown()
 )
 
 WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda", "imtl", "db_mtl"]
+ARCHS = ["arch=ltb", "arch=mmoe"]  # MGDA over the architecture's declared shared parameters
 
 
 def _config(root, weighting):
@@ -106,6 +107,9 @@ def _config(root, weighting):
             "model.encoder_options": {"widths": [8, 16, 16, 32], "norm": "group"},
         },
     )
+    if weighting.startswith("arch="):
+        cfg["model"]["arch"] = weighting.partition("=")[2]
+        weighting = "mgda"
     if weighting != "equal":
         cfg["tasks"] = {"a": {"target": "label"}, "b": {"target": "label", "head": {"name": "mlp", "hidden": 16}}}
         cfg["weighting"] = {"name": weighting}
@@ -122,7 +126,7 @@ def _write(root, weighting, processes):
 def two_processes(tmp_path_factory):
     """Per-step (gradient, task weights) of every config below, trained under torchrun with 2 processes."""
     root = tmp_path_factory.mktemp("torchrun")
-    paths = {w: _write(root / w, w, 2) for w in WEIGHTINGS + ["scenes"] if (root / w).mkdir() is None}
+    paths = {w: _write(root / w, w, 2) for w in WEIGHTINGS + ARCHS + ["scenes"] if (root / w).mkdir() is None}
     script, out = root / "steps.py", root / "steps.pt"
     script.write_text(STEPS)
     cmd = [
@@ -178,6 +182,12 @@ def test_two_processes_compute_what_one_computes(tmp_path, monkeypatch, two_proc
     _compare(one, two_processes[weighting])
     if weighting not in ("equal", "pcgrad"):  # (PCGrad's weights are ones)
         assert len({tuple(s["weights"].tolist()) for s in one}) > 1  # the weights do move from step to step
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_processes_compute_what_one_computes_with_an_architecture(tmp_path, monkeypatch, two_processes, arch):
+    """LTB draws its tree at random each step (every process must draw the same); MMoE's gates are task-owned."""
+    _compare(_one_process(tmp_path, arch, monkeypatch), two_processes[arch])
 
 
 def test_two_processes_compute_what_one_computes_on_batched_multitask_scenes(tmp_path, monkeypatch, two_processes):

@@ -239,3 +239,16 @@ def test_features_errors(tiny_run, capsys):
     assert "missing.png" in capsys.readouterr().err
     assert main(["features", str(run_dir), "--image", str(image), "--layers", "nothing_like_it"]) == 2
     assert "top-level modules: encoder, heads" in capsys.readouterr().err
+
+
+def test_summary_of_an_architecture_counts_its_shared_and_task_owned_parameters(tiny_run):
+    config = tiny_run[1]
+    table = summary_command(str(config), ["model.arch=mmoe", "model.arch_options={num_experts: 2}"], None, 2)
+    note = next(line for line in table.splitlines() if line.startswith("note: model.arch=mmoe"))
+    r = rows(table)
+    experts = r["encoder.shared.0"][2] + r["encoder.shared.1"][2]
+    assert f"{experts:,} shared parameters" in note and "shared representation: the shared experts'" in note
+    total = totals(table)[0]
+    assert f"{total - experts:,} task-owned" in note  # gates and heads
+    refused = summary_command(str(config), ["model.arch=cross_stitch"], None, 1)
+    assert "shared representation: none (grad_on=representation is refused)" in refused

@@ -209,6 +209,27 @@ def test_mtan_trains_and_its_parameters_belong_to_tasks(tmp_path):
     assert set(summary["final"]["val"]["tasks"]) == {"seg", "depth", "normal", "label"}
 
 
+ARCHS = ["cross_stitch", "mmoe", "cgc", "ple", "dselect_k", "ltb"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_trains_dense_and_pooled_heads_from_a_config(tmp_path, monkeypatch, arch):
+    epochs = 2 if arch == "ltb" else 1
+    cfg = scenes_config(tmp_path, f"model.arch={arch}", "weighting.name=mgda", f"train.epochs={epochs}", n=8, size=16)
+    exp = build_experiment(cfg)
+    shared, owned = list(exp.model.shared_parameters()), list(exp.model.task_parameters())
+    assert {id(p) for p in shared}.isdisjoint(id(p) for p in owned)
+    assert len(shared) + len(owned) == len(list(exp.model.parameters()))
+    epochs_seen = []
+    if arch == "ltb":  # its temperature follows the epoch: the trainer tells it each one
+        original = type(exp.model.encoder).set_epoch
+        monkeypatch.setattr(type(exp.model.encoder), "set_epoch", lambda m, e: (epochs_seen.append(e), original(m, e)))
+    summary = run(cfg, quiet=True)
+    assert summary["final"]["val"]["tasks"].keys() == {"seg", "depth", "normal", "label"}
+    assert math.isfinite(summary["final"]["val"]["loss"])
+    assert epochs_seen == ([0, 1] if arch == "ltb" else [])
+
+
 @pytest.mark.parametrize("name", ["uncertainty", "famo"])
 def test_resume_restores_weighting_state(tmp_path, monkeypatch, name):
     full = run(scenes_config(tmp_path / "a", f"weighting.name={name}", n=16, size=16), quiet=True)
@@ -322,7 +343,11 @@ def test_monitor_picks_best_by_named_metric(tmp_path):
         (["weighting.name=pcgrad", "model.freeze=all"], "loss-level weighting"),
         (["weighting.name=nope"], "nope"),
         (["weighting.name=cagrad", "weighting.options={bogus: 1}"], "bogus"),
-        (["model.arch=cross"], "hard or mtan"),
+        (["model.arch=cross"], "must be one of hard, mtan, cgc"),
+        (["model.arch=ple", "weighting.name=mgda", "weighting.grad_on=representation"], "no representation"),
+        (["model.arch=mmoe", "model.freeze=all"], "same frozen encoder"),
+        (["model.arch=mmoe", "model.arch_options={experts: 2}"], "known: num_experts"),
+        (["model.arch_options={num_experts: 2}"], "remove it or set model.arch"),
         (["weighting.name=db_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
     ],
 )
