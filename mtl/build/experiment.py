@@ -76,12 +76,9 @@ def build_experiment(cfg: Config) -> Experiment:
             f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
             f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)"
         )
-    if getattr(weighting, "from_history", False) and cfg.weighting.grad_on == "representation":
-        raise UserError(
-            f"weighting {cfg.weighting.name} averages each task's gradients over steps, which needs gradients with "
-            f"respect to the shared parameters (the representation's belong to each batch's own images); "
-            f"set weighting.grad_on=params"
-        )
+    modes = getattr(weighting, "grad_on_modes", ())
+    if weighting.gradient_level and cfg.weighting.grad_on not in modes:
+        raise UserError(f"weighting {cfg.weighting.name} {weighting.grad_on_reason}; set weighting.grad_on={modes[0]}")
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
 

@@ -78,6 +78,10 @@ class GradientWeighting(Weighting):
     # True when ``d`` combines running averages of the task gradients (DB-MTL) rather than this step's: then
     # ``last_weights`` are the coefficients on those averages
     from_history: bool = False
+    # the ``weighting.grad_on`` modes the method is defined for; the experiment refuses the others in one line that
+    # says why (``grad_on_reason``, completing "weighting <name> ...")
+    grad_on_modes: Tuple[str, ...] = ("params", "representation")
+    grad_on_reason: str = ""
 
     def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
         """The per-task objectives whose gradients :meth:`forward` balances, from the task losses (each a scalar with

@@ -426,6 +426,11 @@ class _Tracked(GradientWeighting):
     checkpointed for exact resume) of the task gradients; ``_steps`` counts its training steps."""
 
     from_history = True
+    grad_on_modes = ("params",)
+    grad_on_reason = (
+        "averages each task's gradients over steps, which needs gradients with respect to the shared parameters "
+        "(the representation's belong to each batch's own images)"
+    )
     counters = {**GradientWeighting.counters, "steps": "_steps"}
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
