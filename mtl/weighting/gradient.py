@@ -549,3 +549,77 @@ class MoCo(_Tracked):
         self.lam.copy_(lam)
         self.last_weights.copy_(lam)
         return lam @ y, torch.ones_like(lam)
+
+
+@WEIGHTINGS.register("excess_mtl")
+class ExcessMTL(GradientWeighting):
+    """ExcessMTL (He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024): task weights that grow with
+    each task's excess risk (its distance to convergence), so that a noisy task's large Bayes error does not draw them.
+
+    Excess risks by the second-order Taylor estimate ``E_t = 1/2 g_t^T H_t^{-1} g_t`` (Eq. 6), with the Hessian
+    approximated by AdaGrad's diagonal ``H_t = diag(sqrt(S_t + 1e-7))``, ``S_t`` the sum of the squared task
+    gradients over the steps so far, this one included (Eq. 7; 1e-7 as in the authors' code). Scaled by the initial
+    excess risks ``E_t^0`` (their mean over the first ``warmup_steps`` steps, during which the weights stay uniform;
+    1, the authors' code: the first step), the weights take an exponentiated-gradient step
+    ``alpha_t <- alpha_t exp(robust_step_size E_t / E_t^0)``, normalised to sum to 1 (Eq. 9), from ``alpha = 1/T``;
+    ``d = G^T alpha``, ``w = alpha``. The 1/2 cancels in ``E_t / E_t^0``. ``robust_step_size`` 0.01 is the authors'
+    code's; their code keeps weights that sum to T (the same direction, T times longer). A task whose initial excess
+    risk is 0 (a zero gradient) gets ``E_t / E_t^0 = 0``. ``S`` (T x D floats), the weights and the initial risks are
+    checkpointed for exact resume; ``S`` and the initial risks start over when the shared parameters change
+    (train.unfreeze). Needs grad_on=params: ``S`` sums squared gradients coordinate by coordinate over steps.
+    """
+
+    EPS = 1e-7
+    grad_on_modes = ("params",)
+    grad_on_reason = (
+        "sums each task's squared gradients over steps, which needs gradients with respect to the shared parameters "
+        "(the representation's belong to each batch's own images)"
+    )
+    counters = {**GradientWeighting.counters, "steps": "_steps"}
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        robust_step_size: float = 0.01,
+        warmup_steps: int = 1,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if not robust_step_size > 0:
+            raise UserError(f"weighting.options.robust_step_size must be > 0 for excess_mtl, got {robust_step_size}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise UserError(
+                f"weighting.options.warmup_steps must be an integer >= 1 for excess_mtl, got {warmup_steps!r}"
+            )
+        self.robust_step_size, self.warmup_steps = float(robust_step_size), warmup_steps
+        self.register_buffer("squares", torch.zeros(0))  # S, sized by the first gradients seen
+        self.register_buffer("initial", torch.zeros(self.num_tasks))  # E^0 (a running mean during the warmup)
+        self.register_buffer("alpha", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
+        self._steps = 0  # steps since S started
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        saved = state_dict.get(prefix + "squares")
+        if saved is not None and saved.shape != self.squares.shape:  # the size is known once gradients were seen
+            self.squares = torch.zeros_like(saved, device=self.squares.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        if self.squares.shape != grads.shape:
+            self.squares = torch.zeros_like(grads)
+            self._steps = 0
+        self._steps += 1
+        squared = grads * grads
+        self.squares.add_(squared)
+        risks = (squared / (self.squares + self.EPS).sqrt()).sum(1)
+        if self._steps <= self.warmup_steps:
+            if self._steps == 1:
+                self.initial.zero_()
+            self.initial.add_(risks / self.warmup_steps)
+        else:
+            scaled = torch.where(self.initial > 0, risks / self.initial, 0.0)
+            # alpha exp(eta E / E^0), normalised, computed as a softmax of the logarithms (no overflow)
+            self.alpha.copy_(torch.softmax(self.alpha.log() + self.robust_step_size * scaled, dim=0))
+        self.last_weights.copy_(self.alpha)
+        return self.alpha @ grads, self.alpha.clone()

@@ -324,6 +324,7 @@ def test_monitor_picks_best_by_named_metric(tmp_path):
         (["weighting.name=cagrad", "weighting.options={bogus: 1}"], "bogus"),
         (["model.arch=cross"], "hard or mtan"),
         (["weighting.name=db_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
+        (["weighting.name=excess_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
     ],
 )
 def test_bad_multitask_configs_fail_before_training(tmp_path, overrides, message):
