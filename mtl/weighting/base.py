@@ -82,6 +82,10 @@ class GradientWeighting(Weighting):
     # says why (``grad_on_reason``, completing "weighting <name> ...")
     grad_on_modes: Tuple[str, ...] = ("params", "representation")
     grad_on_reason: str = ""
+    # True when :meth:`forward` needs the shared representation itself (GradDrop: the signs of the activations); with
+    # grad_on=representation the trainer sets ``representation`` before each call: the detached feature tensors
+    # (batch first) whose flattened gradients are the columns of ``grads``, in that order
+    needs_representation: bool = False
 
     def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
         """The per-task objectives whose gradients :meth:`forward` balances, from the task losses (each a scalar with

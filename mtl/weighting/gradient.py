@@ -623,3 +623,58 @@ class ExcessMTL(GradientWeighting):
             self.alpha.copy_(torch.softmax(self.alpha.log() + self.robust_step_size * scaled, dim=0))
         self.last_weights.copy_(self.alpha)
         return self.alpha @ grads, self.alpha.clone()
+
+
+@WEIGHTINGS.register("graddrop")
+class GradDrop(GradientWeighting):
+    """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
+    NeurIPS 2020, Eq. 1-2 and Alg. 1), on the gradients with respect to the shared representation (activations).
+
+    For each feature tensor ``A`` (batch first) and task i, the batch-separated gradient ``G_i = sum_batch sign(A) *
+    dL_i/dA`` (one value per feature position); the Gradient Positive Sign Purity ``P = 1/2 (1 + sum_i G_i /
+    sum_i |G_i|)`` (Eq. 1; 1/2 where every ``G_i`` is 0); with ``U ~ Uniform(0, 1)`` drawn per position, the masks
+    ``M_i = [P > U] [G_i > 0] + [P < U] [G_i < 0]`` (Eq. 2, ``f`` the identity), so that at each position only the
+    gradients of one sign survive, positive ones with probability P. ``d = sum_i (leak + (1 - leak) M_i) * dL_i/dA``,
+    the masks repeated over the batch (``leak`` 0, LibMTL's default; the paper's ``l_i``, one value for all tasks).
+    ``U`` is drawn on the CPU from :meth:`generator`. The heads get their own task's gradient (``w = 1``). ``d`` is
+    not a linear combination of the task gradients (each coordinate keeps its own subset of tasks), so
+    ``last_weights`` logs ones: every task's gradient enters unscaled where its sign survives. Needs
+    grad_on=representation: the trainer gives the features as ``representation``.
+    """
+
+    grad_on_modes = ("representation",)
+    grad_on_reason = "drops gradient signs at the shared activations, where its paper defines it"
+    needs_representation = True
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, leak: float = 0.0) -> None:
+        super().__init__(tasks, task_weights)
+        if not 0.0 <= leak <= 1.0:
+            raise UserError(f"weighting.options.leak must be in [0, 1] for graddrop, got {leak}")
+        self.leak = float(leak)
+        self.representation: List[Tensor] = []
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        t = grads.shape[0]
+        if not self.representation or sum(a.numel() for a in self.representation) != grads.shape[1]:
+            raise UserError(
+                "weighting graddrop drops gradient signs at the shared activations, but none came with these "
+                "gradients; set weighting.grad_on=representation"
+            )
+        generator = self.generator()
+        parts, offset = [], 0
+        for a in self.representation:
+            n, batch = a.numel(), a.shape[0]
+            g = grads[:, offset : offset + n].reshape(t, batch, -1)
+            offset += n
+            separated = (g * a.reshape(batch, -1).sign().float()).sum(1)  # G_i: (T, positions)
+            total = separated.abs().sum(0)
+            purity = 0.5 * (1.0 + torch.where(total > 0, separated.sum(0) / torch.where(total > 0, total, 1.0), 0.0))
+            u = torch.rand(purity.shape, generator=generator).to(purity.device, non_blocking=True)
+            keep = ((purity > u) & (separated > 0)) | ((purity < u) & (separated < 0))
+            mask = self.leak + (1.0 - self.leak) * keep.float()
+            parts.append((g * mask.unsqueeze(1)).sum(0).reshape(-1))
+        ones = torch.ones(t, device=grads.device)
+        self.last_weights.copy_(ones)
+        return torch.cat(parts), ones

@@ -83,3 +83,71 @@ def test_excess_mtl_bad_options():
     for options, message in (({"robust_step_size": 0.0}, "robust_step_size"), ({"warmup_steps": 0}, "warmup_steps")):
         with pytest.raises(UserError, match=message):
             build_weighting("excess_mtl", TASKS2, **options)
+
+
+def graddrop(tasks, representation, **options):
+    method = build_weighting("graddrop", tasks, **options)
+    method.representation = representation
+    return method
+
+
+def graddrop_reference(grads, representation, draws, leak=0.0):
+    """d in float64, one feature position at a time: G_i = sum over the batch of sign(a) * g_i; P = (1 + sum_i G_i /
+    sum_i |G_i|) / 2 (1/2 when all G_i are 0); task i's gradient kept at that position for every batch item when
+    (P > U and G_i > 0) or (P < U and G_i < 0), else scaled by ``leak``. ``draws`` gives U for each tensor."""
+    t = grads.shape[0]
+    out, offset = [], 0
+    for a, u in zip(representation, draws):
+        batch, positions = a.shape[0], a[0].numel()
+        g = grads[:, offset : offset + a.numel()].double().reshape(t, batch, positions)
+        offset += a.numel()
+        signs = a.reshape(batch, positions).double().sign()
+        d = torch.zeros(batch, positions, dtype=torch.float64)
+        for p in range(positions):
+            sep = [float((signs[:, p] * g[i, :, p]).sum()) for i in range(t)]
+            total = sum(abs(s) for s in sep)
+            purity = 0.5 * (1 + sum(sep) / total) if total > 0 else 0.5
+            for i in range(t):
+                kept = (purity > u[p] and sep[i] > 0) or (purity < u[p] and sep[i] < 0)
+                d[:, p] += (1.0 if kept else leak) * g[i, :, p]
+        out.append(d.reshape(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_matches_a_per_position_loop(leak):
+    torch.manual_seed(0)
+    representation = [torch.randn(2, 2, 3), torch.randn(2, 4)]  # two feature tensors, batch 2
+    grads = torch.randn(3, 2 * 6 + 2 * 4)
+    method = graddrop(TASKS3, representation, leak=leak)
+    generator = build_weighting("graddrop", TASKS3).generator()  # a fresh method's first draw
+    draws = [torch.rand(6, generator=generator).tolist(), torch.rand(4, generator=generator).tolist()]
+    d, w = method(grads, torch.ones(3))
+    assert torch.allclose(d.double(), graddrop_reference(grads, representation, draws, leak), atol=1e-6)
+    assert torch.equal(w, torch.ones(3)) and torch.equal(method.last_weights, torch.ones(3))
+    assert not torch.allclose(d, grads.sum(0))  # something was dropped, so the check above means something
+
+
+def test_graddrop_extremes_whatever_the_draws():
+    torch.manual_seed(0)
+    positive = torch.rand(3, 2 * 32) + 0.1
+    for sign in (1.0, -1.0):  # every G_i of one sign (P = 1 or 0): nothing is dropped
+        method = graddrop(TASKS3, [sign * (torch.rand(2, 32) + 0.1)])
+        assert torch.allclose(method(positive, torch.ones(3))[0], positive.sum(0))
+    g = torch.randn(64)
+    method = graddrop(TASKS2, [torch.rand(1, 64) + 0.1])
+    d, _ = method(torch.stack([g, -g]), torch.ones(2))  # exactly opposed: P = 1/2, exactly one of the two survives
+    assert torch.equal(d.abs(), g.abs()) and (d == g).any() and (d == -g).any()
+    # batch-separated: a = (1, -1) makes task 1's G = 1 - 1 = 0 (dropped) and task 2's G = 2 - 1 = 1, so P = 1
+    method = graddrop(TASKS2, [torch.tensor([[1.0], [-1.0]])])
+    d, _ = method(torch.tensor([[1.0, 1.0], [2.0, 1.0]]), torch.ones(2))
+    assert torch.equal(d, torch.tensor([2.0, 1.0]))
+
+
+def test_graddrop_needs_the_representation_and_a_sane_leak():
+    with pytest.raises(UserError, match="grad_on=representation"):
+        build_weighting("graddrop", TASKS2)(torch.randn(2, 8), torch.ones(2))
+    with pytest.raises(UserError, match="grad_on=representation"):  # a stale representation of another size
+        graddrop(TASKS2, [torch.randn(2, 3)])(torch.randn(2, 8), torch.ones(2))
+    with pytest.raises(UserError, match="leak"):
+        build_weighting("graddrop", TASKS2, leak=1.5)
