@@ -21,7 +21,8 @@ class Weighting(nn.Module):
     ``task_weights`` are the config's static ``tasks.<t>.weight`` values (methods may ignore them).
     ``last_weights`` (buffer, ``(T,)``) holds the weights of the latest step, for logging: a loss-level method's
     loss weights, a gradient-level method's coefficients of its update in the task gradients
-    (``d = sum_i last_weights_i g_i``), which for PCGrad, GradVac and CAGrad differ from the heads' ``w``.
+    (``d = sum_i last_weights_i g_i``), which for PCGrad, GradVac and CAGrad differ from the heads' ``w`` (GradDrop's
+    update is no such combination: it logs ones).
     """
 
     gradient_level: bool = False

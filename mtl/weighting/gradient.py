@@ -2,11 +2,12 @@
 
 Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
 the task losses for the task-specific parts (heads). Methods that combine gradients linearly
-(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad) or
-combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or authors'
-multitask code. Every method's update is a linear combination of the task gradients (of their running averages
-for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``:
-for PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
+(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad,
+GradDrop) or combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or
+authors' multitask code. Every method's update but GradDrop's is a linear combination of the task gradients (of their
+running averages for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients,
+``d = sum_i last_weights_i g_i``: for PCGrad and GradVac they are tracked through the projections, for CAGrad they
+follow from its closed form. GradDrop keeps a different set of tasks at each coordinate and logs ones.
 The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, IMTL, Nash-MTL, FairGrad, Aligned-MTL, UPGrad,
 DualProj, ConFIG) form it on the gradients' device in float64, read it to the host once per step and solve their
 T x T problem there exactly (see solvers.py). No direction depends on the gradients' global scale, except FairGrad's
