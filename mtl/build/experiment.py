@@ -76,17 +76,14 @@ def build_experiment(cfg: Config) -> Experiment:
             f"weighting {cfg.weighting.name} balances gradients on the shared encoder, but model.freeze "
             f"freezes all of it; unfreeze some of it or use a loss-level weighting (e.g. weighting.name=equal)"
         )
-    shared_rep = getattr(model.encoder, "representation", "the encoder's output")
-    if weighting.gradient_level and cfg.weighting.grad_on == "representation" and shared_rep is None:
+    modes = getattr(weighting, "grad_on_modes", ())
+    if weighting.gradient_level and cfg.weighting.grad_on not in modes:
+        raise UserError(f"weighting {cfg.weighting.name} {weighting.grad_on_reason}; set weighting.grad_on={modes[0]}")
+    if weighting.gradient_level and cfg.weighting.grad_on == "representation" and model.encoder_representation is None:
+        fix = "set weighting.grad_on=params" if "params" in modes else "choose another model.arch"
         raise UserError(
             f"model.arch={cfg.model.arch} has no representation that every task shares, so "
-            f"weighting.grad_on=representation is undefined for it; set weighting.grad_on=params"
-        )
-    if getattr(weighting, "from_history", False) and cfg.weighting.grad_on == "representation":
-        raise UserError(
-            f"weighting {cfg.weighting.name} averages each task's gradients over steps, which needs gradients with "
-            f"respect to the shared parameters (the representation's belong to each batch's own images); "
-            f"set weighting.grad_on=params"
+            f"weighting.grad_on=representation is undefined for it; {fix}"
         )
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)

@@ -480,6 +480,8 @@ class Trainer:
         grads, owned_grads = _task_gradients(losses, [rep[k] for k in keys], owned)
         if not self._finite(torch.stack(losses).detach(), _nonfinite_rows(grads, owned_grads)):
             return False
+        if self.weighting.needs_representation:  # GradDrop: the features themselves, in the order of grads' columns
+            self.weighting.representation = [rep[k].detach() for k in keys]
         d, w = self.weighting(grads, torch.stack(losses).detach())
         _set_owned_grads(owned, owned_grads, w)
         chunks, offset = [], 0

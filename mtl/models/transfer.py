@@ -49,6 +49,13 @@ class TransferModel(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         return self.decode(self.encode(x), tuple(x.shape[-2:]))
 
+    @property
+    def encoder_representation(self) -> Optional[str]:
+        """What ``grad_on: representation`` differentiates (None: no tensor is shared by every task)."""
+        if isinstance(self.encoder, Architecture):
+            return self.encoder.representation
+        return "the encoder's output"
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on (the encoder's, or those its architecture declares shared)."""
         if isinstance(self.encoder, Architecture):

@@ -21,7 +21,8 @@ class Weighting(nn.Module):
     ``task_weights`` are the config's static ``tasks.<t>.weight`` values (methods may ignore them).
     ``last_weights`` (buffer, ``(T,)``) holds the weights of the latest step, for logging: a loss-level method's
     loss weights, a gradient-level method's coefficients of its update in the task gradients
-    (``d = sum_i last_weights_i g_i``), which for PCGrad, GradVac and CAGrad differ from the heads' ``w``.
+    (``d = sum_i last_weights_i g_i``), which for PCGrad, GradVac and CAGrad differ from the heads' ``w`` (GradDrop's
+    update is no such combination: it logs ones).
     """
 
     gradient_level: bool = False
@@ -78,6 +79,14 @@ class GradientWeighting(Weighting):
     # True when ``d`` combines running averages of the task gradients (DB-MTL) rather than this step's: then
     # ``last_weights`` are the coefficients on those averages
     from_history: bool = False
+    # the ``weighting.grad_on`` modes the method is defined for; the experiment refuses the others in one line that
+    # says why (``grad_on_reason``, completing "weighting <name> ...")
+    grad_on_modes: Tuple[str, ...] = ("params", "representation")
+    grad_on_reason: str = ""
+    # True when :meth:`forward` needs the shared representation itself (GradDrop: the signs of the activations); with
+    # grad_on=representation the trainer sets ``representation`` before each call: the detached feature tensors
+    # (batch first) whose flattened gradients are the columns of ``grads``, in that order
+    needs_representation: bool = False
 
     def transform_losses(self, losses: List[Tensor]) -> List[Tensor]:
         """The per-task objectives whose gradients :meth:`forward` balances, from the task losses (each a scalar with

@@ -2,11 +2,12 @@
 
 Every method returns ``(d, w)``: ``d`` (D,) float32 replaces the shared gradient, ``w`` (T,) float32 weighs
 the task losses for the task-specific parts (heads). Methods that combine gradients linearly
-(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad) or
-combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or authors'
-multitask code. Every method's update is a linear combination of the task gradients (of their running averages
-for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``:
-for PCGrad and GradVac they are tracked through the projections, for CAGrad they follow from its closed form.
+(``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad,
+GradDrop) or combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or
+authors' multitask code. Every method's update but GradDrop's is a linear combination of the task gradients (of their
+running averages for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients,
+``d = sum_i last_weights_i g_i``: for PCGrad and GradVac they are tracked through the projections, for CAGrad they
+follow from its closed form. GradDrop keeps a different set of tasks at each coordinate and logs ones.
 The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, IMTL, Nash-MTL, FairGrad, Aligned-MTL, UPGrad,
 DualProj, ConFIG) form it on the gradients' device in float64, read it to the host once per step and solve their
 T x T problem there exactly (see solvers.py). No direction depends on the gradients' global scale, except FairGrad's
@@ -426,6 +427,11 @@ class _Tracked(GradientWeighting):
     checkpointed for exact resume) of the task gradients; ``_steps`` counts its training steps."""
 
     from_history = True
+    grad_on_modes = ("params",)
+    grad_on_reason = (
+        "averages each task's gradients over steps, which needs gradients with respect to the shared parameters "
+        "(the representation's belong to each batch's own images)"
+    )
     counters = {**GradientWeighting.counters, "steps": "_steps"}
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
@@ -544,3 +550,132 @@ class MoCo(_Tracked):
         self.lam.copy_(lam)
         self.last_weights.copy_(lam)
         return lam @ y, torch.ones_like(lam)
+
+
+@WEIGHTINGS.register("excess_mtl")
+class ExcessMTL(GradientWeighting):
+    """ExcessMTL (He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024): task weights that grow with
+    each task's excess risk (its distance to convergence), so that a noisy task's large Bayes error does not draw them.
+
+    Excess risks by the second-order Taylor estimate ``E_t = 1/2 g_t^T H_t^{-1} g_t`` (Eq. 6), with the Hessian
+    approximated by AdaGrad's diagonal ``H_t = diag(sqrt(S_t + 1e-7))``, ``S_t`` the sum of the squared task
+    gradients over the steps so far, this one included (Eq. 7; 1e-7 as in the authors' code). Scaled by the initial
+    excess risks ``E_t^0`` (their mean over the first ``warmup_steps`` steps, during which the weights stay uniform;
+    1, the authors' code: the first step), the weights take an exponentiated-gradient step
+    ``alpha_t <- alpha_t exp(robust_step_size E_t / E_t^0)``, normalised to sum to 1 (Eq. 9), from ``alpha = 1/T``;
+    ``d = G^T alpha``, ``w = alpha``. The 1/2 cancels in ``E_t / E_t^0``. ``robust_step_size`` 0.01 is the authors'
+    code's; their code keeps weights that sum to T (the same direction, T times longer). A task whose initial excess
+    risk is 0 (a zero gradient) gets ``E_t / E_t^0 = 0``. ``S`` (T x D floats), the weights and the initial risks are
+    checkpointed for exact resume; ``S`` and the initial risks start over when the shared parameters change
+    (train.unfreeze). Needs grad_on=params: ``S`` sums squared gradients coordinate by coordinate over steps.
+    """
+
+    EPS = 1e-7
+    grad_on_modes = ("params",)
+    grad_on_reason = (
+        "sums each task's squared gradients over steps, which needs gradients with respect to the shared parameters "
+        "(the representation's belong to each batch's own images)"
+    )
+    counters = {**GradientWeighting.counters, "steps": "_steps"}
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        robust_step_size: float = 0.01,
+        warmup_steps: int = 1,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if not robust_step_size > 0:
+            raise UserError(f"weighting.options.robust_step_size must be > 0 for excess_mtl, got {robust_step_size}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise UserError(
+                f"weighting.options.warmup_steps must be an integer >= 1 for excess_mtl, got {warmup_steps!r}"
+            )
+        self.robust_step_size, self.warmup_steps = float(robust_step_size), warmup_steps
+        self.register_buffer("squares", torch.zeros(0))  # S, sized by the first gradients seen
+        self.register_buffer("initial", torch.zeros(self.num_tasks))  # E^0 (a running mean during the warmup)
+        self.register_buffer("alpha", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
+        self._steps = 0  # steps since S started
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        saved = state_dict.get(prefix + "squares")
+        if saved is not None and saved.shape != self.squares.shape:  # the size is known once gradients were seen
+            self.squares = torch.zeros_like(saved, device=self.squares.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        if self.squares.shape != grads.shape:
+            self.squares = torch.zeros_like(grads)
+            self._steps = 0
+        self._steps += 1
+        squared = grads * grads
+        self.squares.add_(squared)
+        risks = (squared / (self.squares + self.EPS).sqrt()).sum(1)
+        if self._steps <= self.warmup_steps:
+            if self._steps == 1:
+                self.initial.zero_()
+            self.initial.add_(risks / self.warmup_steps)
+        else:
+            scaled = torch.where(self.initial > 0, risks / self.initial, 0.0)
+            # alpha exp(eta E / E^0), normalised, computed as a softmax of the logarithms (no overflow)
+            self.alpha.copy_(torch.softmax(self.alpha.log() + self.robust_step_size * scaled, dim=0))
+        self.last_weights.copy_(self.alpha)
+        return self.alpha @ grads, self.alpha.clone()
+
+
+@WEIGHTINGS.register("graddrop")
+class GradDrop(GradientWeighting):
+    """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
+    NeurIPS 2020, Eq. 1-2 and Alg. 1), on the gradients with respect to the shared representation (activations).
+
+    For each feature tensor ``A`` (batch first) and task i, the batch-separated gradient ``G_i = sum_batch sign(A) *
+    dL_i/dA`` (one value per feature position); the Gradient Positive Sign Purity ``P = 1/2 (1 + sum_i G_i /
+    sum_i |G_i|)`` (Eq. 1; 1/2 where every ``G_i`` is 0); with ``U ~ Uniform(0, 1)`` drawn per position, the masks
+    ``M_i = [P > U] [G_i > 0] + [P < U] [G_i < 0]`` (Eq. 2, ``f`` the identity), so that at each position only the
+    gradients of one sign survive, positive ones with probability P. ``d = sum_i (leak + (1 - leak) M_i) * dL_i/dA``,
+    the masks repeated over the batch (``leak`` 0, LibMTL's default; the paper's ``l_i``, one value for all tasks).
+    ``U`` is drawn on the CPU from :meth:`generator`. The heads get their own task's gradient (``w = 1``). ``d`` is
+    not a linear combination of the task gradients (each coordinate keeps its own subset of tasks), so
+    ``last_weights`` logs ones: every task's gradient enters unscaled where its sign survives. Needs
+    grad_on=representation: the trainer gives the features as ``representation``.
+    """
+
+    grad_on_modes = ("representation",)
+    grad_on_reason = "drops gradient signs at the shared activations, where its paper defines it"
+    needs_representation = True
+
+    def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, leak: float = 0.0) -> None:
+        super().__init__(tasks, task_weights)
+        if not 0.0 <= leak <= 1.0:
+            raise UserError(f"weighting.options.leak must be in [0, 1] for graddrop, got {leak}")
+        self.leak = float(leak)
+        self.representation: List[Tensor] = []
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        grads = grads.float()
+        t = grads.shape[0]
+        if not self.representation or sum(a.numel() for a in self.representation) != grads.shape[1]:
+            raise UserError(
+                "weighting graddrop drops gradient signs at the shared activations, but none came with these "
+                "gradients; set weighting.grad_on=representation"
+            )
+        generator = self.generator()
+        parts, offset = [], 0
+        for a in self.representation:
+            n, batch = a.numel(), a.shape[0]
+            g = grads[:, offset : offset + n].reshape(t, batch, -1)
+            offset += n
+            separated = (g * a.reshape(batch, -1).sign().float()).sum(1)  # G_i: (T, positions)
+            total = separated.abs().sum(0)
+            purity = 0.5 * (1.0 + torch.where(total > 0, separated.sum(0) / torch.where(total > 0, total, 1.0), 0.0))
+            u = torch.rand(purity.shape, generator=generator).to(purity.device, non_blocking=True)
+            keep = ((purity > u) & (separated > 0)) | ((purity < u) & (separated < 0))
+            mask = self.leak + (1.0 - self.leak) * keep.float()
+            parts.append((g * mask.unsqueeze(1)).sum(0).reshape(-1))
+        ones = torch.ones(t, device=grads.device)
+        self.last_weights.copy_(ones)
+        return torch.cat(parts), ones

@@ -230,14 +230,22 @@ def test_upgrad_no_conflict_with_any_task():
         assert float((grads @ d).min()) >= -1e-5
 
 
+def build_fed(name, tasks, dim=64):
+    """A method as the trainer gives it: with a (batch 4) representation of ``dim`` values when it needs one."""
+    method = build_weighting(name, tasks)
+    if method.needs_representation:  # GradDrop
+        method.representation = [torch.randn(4, dim // 4, generator=torch.Generator().manual_seed(0))]
+    return method
+
+
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_contract(name):
     torch.manual_seed(0)
     tasks = TASKS3
     grads, losses = torch.randn(3, 64), torch.rand(3) + 0.1
-    method = build_weighting(name, tasks)
+    method = build_fed(name, tasks)
     method(grads, losses)  # advance any running state
-    fresh = build_weighting(name, tasks)
+    fresh = build_fed(name, tasks)
     fresh.load_state_dict(method.state_dict())
     grads2 = torch.randn(3, 64)
     torch.manual_seed(1)
@@ -250,11 +258,13 @@ def test_contract(name):
         assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
-        d, w = build_weighting(name, [f"t{i}" for i in range(g.shape[0])])(g, torch.ones(g.shape[0]))
+        d, w = build_fed(name, [f"t{i}" for i in range(g.shape[0])])(g, torch.ones(g.shape[0]))
         assert torch.isfinite(d).all() and torch.isfinite(w).all() and d.shape == (64,)
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+# GradDrop's update is not a linear combination of the task gradients (each coordinate keeps its own subset of
+# tasks): it logs ones, the weight of each task's gradient where its sign survives (its docstring says so)
+@pytest.mark.parametrize("name", [n for n in GRADIENT_METHODS if n != "graddrop"])
 @pytest.mark.parametrize("t", [2, 4])
 def test_logged_weights_are_the_coefficients_of_the_update(name, t):
     """``last_weights`` (what TensorBoard plots) are the coefficients of the update: d = sum_i w_i g_i, checked on

@@ -101,13 +101,15 @@ def _one_epoch_of_sgd(exp, lr, hooks=()):
         progress=False,
         weighting=exp.weighting,
         hooks=hooks,
+        grad_on=exp.cfg.weighting.grad_on,
     )
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS.names()))
 def test_every_weighting_trains_through_the_trainer(tmp_path, name):
     """Contract: two training steps with each registered method leave finite, changed parameters."""
-    cfg = scenes_config(tmp_path, f"weighting.name={name}", n=16, size=16)
+    grad_on = getattr(WEIGHTINGS.get(name), "grad_on_modes", ("params",))[0]  # graddrop: representation only
+    cfg = scenes_config(tmp_path, f"weighting.name={name}", f"weighting.grad_on={grad_on}", n=16, size=16)
     exp = build_experiment(cfg)
     model = exp.model
     before = [p.detach().clone() for p in model.parameters()]
@@ -345,10 +347,13 @@ def test_monitor_picks_best_by_named_metric(tmp_path):
         (["weighting.name=cagrad", "weighting.options={bogus: 1}"], "bogus"),
         (["model.arch=cross"], "must be one of hard, mtan, cgc"),
         (["model.arch=ple", "weighting.name=mgda", "weighting.grad_on=representation"], "no representation"),
+        (["model.arch=ple", "weighting.name=graddrop", "weighting.grad_on=representation"], "choose another model"),
         (["model.arch=mmoe", "model.freeze=all"], "same frozen encoder"),
         (["model.arch=mmoe", "model.arch_options={experts: 2}"], "known: num_experts"),
         (["model.arch_options={num_experts: 2}"], "remove it or set model.arch"),
         (["weighting.name=db_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
+        (["weighting.name=excess_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
+        (["weighting.name=graddrop"], "set weighting.grad_on=representation"),
     ],
 )
 def test_bad_multitask_configs_fail_before_training(tmp_path, overrides, message):
@@ -497,3 +502,53 @@ def test_gradient_methods_give_heads_the_weighted_sum_gradient(tmp_path, grad_on
     total.backward()
     for n, p in model.heads.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_graddrop_through_the_trainer_masks_the_representation_gradients(tmp_path):
+    """grad_on=representation: GradDrop gets each feature map (batch first, in the order of the gradients' columns),
+    and its update is the per-position sign dropout of those gradients (checked against the per-position loop with
+    the step's own draws); the encoder is trained with it."""
+    from test_weighting_excess_graddrop import graddrop_reference
+
+    from mtl.engine.trainer import _Meter
+
+    cfg = scenes_config(
+        tmp_path, "weighting.name=graddrop", "weighting.grad_on=representation", "tasks.normal=null", n=8, size=16
+    )
+    exp = build_experiment(cfg)
+    method, seen = exp.weighting, {}
+    forward = method.forward
+
+    def spy(grads, losses):
+        seen["grads"], seen["representation"] = grads.clone(), list(method.representation)
+        seen["d"], w = forward(grads, losses)
+        return seen["d"], w
+
+    method.forward = spy
+    model = exp.model
+    model.train()
+    trainer = Trainer(
+        model,
+        exp.tasks,
+        {},
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        None,
+        epochs=1,
+        device=exp.device,
+        progress=False,
+        weighting=method,
+        grad_on="representation",
+    )
+    batch = next(iter(exp.loaders["train"]))
+    trainer.step(batch, _Meter(exp.tasks, exp.device), train=True)
+    representation = seen["representation"]
+    assert all(a.shape[0] == len(batch["image"]) for a in representation)
+    assert sum(a.numel() for a in representation) == seen["grads"].shape[1]
+    fresh = WEIGHTINGS.get("graddrop")(list(exp.tasks))
+    fresh.seed = method.seed
+    generator = fresh.generator()  # the step's draw: the first
+    draws = [torch.rand(a[0].numel(), generator=generator).tolist() for a in representation]
+    expected = graddrop_reference(seen["grads"], representation, draws)
+    torch.testing.assert_close(seen["d"].double(), expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(seen["d"], seen["grads"].sum(0))  # signs were dropped
+    assert all(p.grad is not None for p in model.encoder.parameters())
