@@ -8,7 +8,7 @@ import os
 import random
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import torch
@@ -76,6 +76,31 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # also replaces torch's worker handler, which dies on a foreign SIGTERM
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def memory_mark(device: torch.device) -> float:
+    """Start measuring training memory on ``device``: resets CUDA's peak, or returns the process's peak resident
+    memory so far (MiB) on the CPU, where only the process's high-water mark is known."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    return _peak_rss_mib()
+
+
+def training_memory(device: torch.device, mark: float) -> Dict[str, Any]:
+    """``{"peak_mib", "measure"}`` since :func:`memory_mark`: CUDA's peak allocated memory, or on the CPU how much
+    the process's peak resident memory grew (what training needed beyond the model and data loaded before)."""
+    if device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "measure": "peak CUDA memory allocated"}
+    grown = max(_peak_rss_mib() - mark, 0.0)
+    return {"peak_mib": grown, "measure": "growth of the process's peak resident memory while training and validating"}
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

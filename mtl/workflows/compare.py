@@ -23,7 +23,8 @@ RUN_ONLY_KEYS = ("name", "out_dir", "train.seed")
 DELTA_COLUMNS = {"flat": "delta_m_flat", "libmtl": "delta_m_libmtl"}
 DELTA_HEADERS = {"delta_m_flat": "Δm % (flat)", "delta_m_libmtl": "Δm % (LibMTL Δp)"}
 STEP_COLUMN = "step_ms"  # with timing: mean training time per step (summary.json time), ms
-HEADERS = {**DELTA_HEADERS, STEP_COLUMN: "train ms/step"}
+MEMORY_COLUMN = "peak_mib"  # with timing: training memory (summary.json memory), MiB
+HEADERS = {**DELTA_HEADERS, STEP_COLUMN: "train ms/step", MEMORY_COLUMN: "train peak MiB"}
 
 # --------------------------------------------------------------------------- runs
 
@@ -390,7 +391,12 @@ def aggregate(
             )
             if steps and train_s is not None:
                 run.values[STEP_COLUMN] = 1000.0 * float(train_s) / int(steps)
+            peak = (run.summary.get("memory") or {}).get("peak_mib")
+            if peak is not None:
+                run.values[MEMORY_COLUMN] = float(peak)
         columns[STEP_COLUMN] = None
+        if any(MEMORY_COLUMN in run.values for run in runs):
+            columns[MEMORY_COLUMN] = None
     first: Dict[Tuple[str, ...], Run] = {}
     members: Dict[Tuple[str, ...], List[Run]] = {}
     for run in runs:
@@ -478,25 +484,37 @@ def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = N
         return buf.getvalue().rstrip("\n")
     if fmt != "md":
         raise UserError(f"--format must be md, csv or json; got {fmt!r}")
+    costs = [c for c in (STEP_COLUMN, MEMORY_COLUMN) if c in columns]  # each followed by its ratio
+    columns = [c for c in columns if c not in costs]
+    reference = {c: next((g for g in agg.groups if c in g.stats), None) for c in costs}
     header = ["group", "n"] + [HEADERS.get(c, c) for c in columns]
-    reference = next((g for g in agg.groups if STEP_COLUMN in g.stats), None) if STEP_COLUMN in columns else None
-    if reference is not None:
-        header.append(f"× {reference.label}")
+    for c in costs:
+        ref = reference[c]
+        header += [HEADERS[c]] + ([f"× {ref.label}"] if ref is not None else [])
     lines = [agg.protocol, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in agg.groups:
         n = len(g.runs)
-        cells = [g.label, str(n)] + [_cell(g.stats.get(c), n, c in DELTA_HEADERS, c == STEP_COLUMN) for c in columns]
-        if reference is not None:
-            step = g.stats.get(STEP_COLUMN)
-            cells.append(f"{step.mean / reference.stats[STEP_COLUMN].mean:.2f}" if step else "")
+        cells = [g.label, str(n)] + [_cell(g.stats.get(c), n, c in DELTA_HEADERS) for c in columns]
+        for c in costs:
+            stat, ref = g.stats.get(c), reference[c]
+            cells.append(_cell(stat, n, False, True))
+            if ref is not None:
+                cells.append(f"{stat.mean / ref.stats[c].mean:.2f}" if stat and ref.stats[c].mean > 0 else "")
         lines.append("| " + " | ".join(cells) + " |")
     notes = list(agg.notes)
     if any(len(g.runs) == 1 for g in agg.groups):
         notes.append("n = 1: the value of a single run, no ± or interval")
-    if reference is not None:
+    if reference.get(STEP_COLUMN) is not None:
         notes.append(
-            f"train ms/step: training time of an epoch over its steps, mean over seeds; × {reference.label}: the ratio "
-            "of those means (runs that shared the machine's cores with other jobs are not comparable)"
+            "train ms/step: training time of an epoch over its steps, mean over seeds; "
+            f"× {reference[STEP_COLUMN].label}: the ratio of those means (runs that shared the machine's cores with "
+            "other jobs are not comparable)"
+        )
+    if reference.get(MEMORY_COLUMN) is not None:
+        notes.append(
+            "train peak MiB: peak CUDA memory allocated while training, or on the CPU how much the process's peak "
+            "resident memory grew while training and validating (beyond the model and data loaded before), mean over "
+            "seeds; × the ratio of those means"
         )
     if any(c in DELTA_HEADERS for c in columns):
         notes.append(

@@ -33,6 +33,7 @@ from mtl.core.rundir import (
     no_checkpoint_yet,
     resume_hint,
 )
+from mtl.core.runtime import memory_mark, training_memory
 from mtl.data.holdout import val_text
 from mtl.engine.hooks import flat_row, phase_text
 from mtl.engine.trainer import Hook, Trainer
@@ -149,9 +150,12 @@ def _train(
             f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
             + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else "")
         )
+    mark = memory_mark(exp.device)
     history = trainer.fit()
+    memory = training_memory(exp.device, mark)
     test = _evaluate_test(trainer, run_dir) if "test" in trainer.loaders else None
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
+    summary["memory"] = memory
     if test is not None:
         summary["test"] = test
     summary["processes"] = dist.world_size()

@@ -446,6 +446,7 @@ def test_time_option_gives_ms_per_step_over_seeds_and_the_ratio_to_the_first_gro
         fake_run(path, {"seg": {"miou": 0.5}}, w, config=config(seed, w))
         summary = json.loads((path / "summary.json").read_text())
         summary.update(steps_per_epoch=steps, time={"mean_train_epoch_s": train_s})
+        summary["memory"] = {"peak_mib": 100.0 if w == "equal" else 150.0 + seed}
         (path / "summary.json").write_text(json.dumps(summary))
     agg = aggregate([tmp_path / "runs"], timing=True)
     step = {g.label: g.stats["step_ms"] for g in agg.groups}
@@ -455,9 +456,9 @@ def test_time_option_gives_ms_per_step_over_seeds_and_the_ratio_to_the_first_gro
     assert step["weighting.name=equal"].std == pytest.approx(math.sqrt(2))  # (1^2 + 1^2) / (2 - 1)
     assert main(["compare", str(tmp_path / "runs"), "--time"]) == 0
     out = capsys.readouterr().out
-    assert "| train ms/step | × weighting.name=equal |" in out
+    assert "| train ms/step | × weighting.name=equal | train peak MiB | × weighting.name=equal |" in out
     row = next(line for line in out.splitlines() if line.startswith("| weighting.name=pcgrad"))
-    assert row.endswith(f"| {26 / 11:.2f} |") and "26.0 ± 1.4" in row
+    assert row.endswith(f"| {26 / 11:.2f} | 150.5 ± 0.7 [144.1, 156.9] | {150.5 / 100:.2f} |") and "26.0 ± 1.4" in row
     assert "step_ms" not in aggregate([tmp_path / "runs"]).columns  # only with --time
     write_baseline([tmp_path / "runs" / "equal"], tmp_path / "b.yaml")  # the time column is no task
     assert set(load_baseline(tmp_path / "b.yaml")) == {"seg"}

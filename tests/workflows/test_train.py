@@ -34,6 +34,7 @@ def test_short_run_writes_artifacts_and_learns(color_folder, tmp_path):
     assert saved["best"]["val"]["acc"] > 0.6  # 3 classes: chance is 1/3
     assert saved["train_size"] == 48 and saved["val_size"] == 24 and saved["classes"] == ["blue", "green", "red"]
     assert saved["time"]["mean_epoch_s"] > 0 and len(saved["time"]["epoch_s"]) == 3
+    assert saved["memory"]["peak_mib"] >= 0 and "resident memory" in saved["memory"]["measure"]  # CPU: RSS growth
     best = load_checkpoint(d / "checkpoints" / "best.pt")
     assert best["epoch"] == saved["best"]["epoch"] and best["classes"] == {"label": ["blue", "green", "red"]}
 
