@@ -82,6 +82,12 @@ def build_experiment(cfg: Config) -> Experiment:
             f"respect to the shared parameters (the representation's belong to each batch's own images); "
             f"set weighting.grad_on=params"
         )
+    if weighting.samples > 1 and cfg.weighting.grad_on == "representation":
+        raise UserError(
+            f"weighting {cfg.weighting.name} pairs the task gradients of {weighting.samples} different batches, which "
+            f"needs gradients with respect to the shared parameters (the representation's belong to each batch's own "
+            f"images); set weighting.grad_on=params"
+        )
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
 
