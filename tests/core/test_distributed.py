@@ -77,7 +77,7 @@ dist.shutdown()
 """
 )
 
-WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda", "imtl", "db_mtl"]
+WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda", "imtl", "db_mtl", "modo"]
 
 
 def _config(root, weighting):
@@ -173,7 +173,8 @@ def _compare(one, two):
 def test_two_processes_compute_what_one_computes(tmp_path, monkeypatch, two_processes, weighting):
     """One test per kind of weighting: plain sum, loss weights from gradient norms (GradNorm), random loss weights
     (RLW), random task order on gradients (PCGrad), a solver on gradients (MGDA), learned loss scales on transformed
-    losses (IMTL), gradients averaged over steps (DB-MTL)."""
+    losses (IMTL), gradients averaged over steps (DB-MTL), three batches' gradients per step (MoDo: its 6 batches make
+    2 steps)."""
     one = _one_process(tmp_path, weighting, monkeypatch)
     _compare(one, two_processes[weighting])
     if weighting not in ("equal", "pcgrad"):  # (PCGrad's weights are ones)
