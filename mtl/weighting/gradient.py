@@ -612,8 +612,9 @@ class SDMGrad(_ThreeSamples):
     """SDMGrad (Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
     Algorithms", NeurIPS 2023, Alg. 1): the weights ``w`` of ``min_{w in simplex} |G^T w + lamda g_0|^2 / 2`` (``g_0``
     the mean gradient, the direction it is kept near) move by ``niter`` steps of projected SGD along the unbiased
-    estimate ``G_1 (G_2^T w + lamda g_0(2))`` from two independent batches; the third gives the update
-    ``d = (G_3^T w + lamda g_0(3)) / (1 + lamda)``.
+    estimate ``G_1 (G_2^T w + lamda g_0(2))`` from two independent batches (the same pair for all ``niter`` steps);
+    the third gives the update ``d = (G_3^T w + lamda g_0(3)) / (1 + lamda)`` (divided by ``1 + lamda`` as in the
+    authors' code and LibMTL).
 
     As in LibMTL: ``G_1 G_2^T`` is divided by ``s^2``, ``s`` the mean over tasks of ``sqrt(max(g_1t . g_2t, 0))``
     (without LibMTL's ``+ 1e-8``, so that ``w`` does not depend on the gradients' scale); the steps are SGD with

@@ -257,12 +257,15 @@ def simplex_projection(v: Tensor) -> Tensor:
     closest point of the affine hull is ``v_S - (sum v_S - 1) / |S|``; the nearest candidate that is >= 0 wins."""
     v = v.double()
     best, best_x = math.inf, None
-    for idx in _supports(v.numel()):
-        for support in idx.tolist():
-            x = torch.zeros_like(v)
-            x[support] = v[support] - (v[support].sum() - 1) / len(support)
-            if bool((x >= -1e-12).all()) and float((x - v).norm()) < best:
-                best, best_x = float((x - v).norm()), x.clamp_min(0.0)
+    for idx in _supports(v.numel()):  # (n, k): every support of size k
+        on = v[idx]
+        x = torch.zeros(idx.shape[0], v.numel(), dtype=v.dtype).scatter(
+            1, idx, on - (on.sum(1, keepdim=True) - 1) / idx.shape[1]
+        )
+        gap = torch.where((x >= -1e-12).all(1), (x - v).norm(dim=1), math.inf)
+        i = int(gap.argmin())
+        if float(gap[i]) < best:
+            best, best_x = float(gap[i]), x[i].clamp_min(0.0)
     return best_x
 
 
