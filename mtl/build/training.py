@@ -191,7 +191,8 @@ def build_trainer(
                 "name": "weighting",
             }
         )
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]))
+    samples = weighting.samples if weighting is not None else 1  # MoDo, SDMGrad: one step per `samples` batches
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]) // samples)
     return Trainer(
         model,
         tasks,

@@ -189,7 +189,8 @@ class WeightingCfg:
 
     # loss level: equal | static | uncertainty | dwa | gradnorm | rlw | geometric_mean | famo | scale_invariant | stch
     # gradient level: mgda | pcgrad | gradvac | cagrad | imtl_g | imtl | nash_mtl | aligned_mtl | upgrad
-    #   | dualproj | config | fairgrad | db_mtl | moco | excess_mtl | graddrop
+    #   | dualproj | config | fairgrad | db_mtl | moco | excess_mtl | graddrop | modo | sdmgrad (these two: 3 batches
+    #   per step)
     name: str = "equal"
     options: Dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. cagrad {c: 0.4}
     grad_on: str = "params"  # gradient methods: params (shared encoder weights) | representation (encoder output)

@@ -236,6 +236,7 @@ class Trainer:
         meter = Meter(self.tasks, self.device)
         self._weight_sum, self._weight_steps = torch.zeros(len(self.tasks), device=self.device), 0
         loader = self.loaders["train"]
+        samples, steps = self._steps_per_epoch(loader)
         batches, done = iter(loader), 0
         if self._partial is not None:  # resume inside this epoch: same batches, same random draws
             partial, self._partial = self._partial, None
@@ -248,9 +249,11 @@ class Trainer:
                 self._weight_sum = partial["weight_sum"].to(self.device)
                 self._weight_steps = partial["weight_steps"]
             set_rng_state(partial["rng"])
+        if samples > 1:  # steps of `samples` consecutive batches; `done` counts batches, so that resume skips them
+            batches, done = _grouped(batches, samples, steps - done // samples), done // samples
         bar = tqdm(
             batches,
-            total=len(loader),
+            total=steps,
             initial=done,
             desc=f"train {self.epoch + 1}/{self.epochs}",
             leave=False,
@@ -259,12 +262,12 @@ class Trainer:
         )
         with torch.enable_grad():
             for i, batch in enumerate(bar, start=done):
-                losses = self.step(batch, meter, True)
+                losses = self.step(batch, meter, True) if samples == 1 else self._samples_step(batch, meter)
                 self._call("after_step", losses)
                 if self._should_stop():
                     bar.close()
-                    self._interrupt(i + 1, meter)
-                if self.progress and (i % 10 == 0 or i == len(loader) - 1):
+                    self._interrupt((i + 1) * samples, meter)
+                if self.progress and (i % 10 == 0 or i == steps - 1):
                     bar.set_postfix(_postfix(meter.result()))
         bar.close()
         meter.all_reduce()
@@ -315,19 +318,23 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._restore(saved)
                 return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip
-                )
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.global_step += 1
-            if self._weight_sum is not None:
-                self._weight_sum += self.weighting.last_weights.detach().to(self._weight_sum.device)
-                self._weight_steps += 1
+            self._update()
         meter.update(local, outputs, targets, x.shape[0])
         return dict(zip(self.tasks, losses.detach()))
+
+    def _update(self) -> None:
+        """The optimizer step from the gradients in place (clipped by ``grad_clip``), the scheduler's, the counts."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+        if self._weight_sum is not None:
+            self._weight_sum += self.weighting.last_weights.detach().to(self._weight_sum.device)
+            self._weight_steps += 1
 
     def _finite(
         self, losses: Optional[Tensor], task_grads_bad: Optional[Tensor] = None, grads: Sequence[Tensor] = ()
@@ -496,6 +503,77 @@ class Trainer:
         )
         return True
 
+    def _steps_per_epoch(self, loader: Any) -> Tuple[int, int]:
+        """``(samples, steps)``: the weighting's batches per step, and the training steps of one pass over ``loader``
+        (``len(loader) // samples``: the last ``len(loader) % samples`` batches of an epoch are left out)."""
+        samples = self.weighting.samples
+        if samples > 1 and len(loader) < samples:
+            raise UserError(
+                f"weighting {type(self.weighting).__name__} takes {samples} batches per step, but the training data "
+                f"gives {len(loader)} per epoch{' on each process' if dist.world_size() > 1 else ''}; "
+                f"lower data.batch_size (or use more training data)"
+            )
+        return samples, len(loader) // samples
+
+    def _samples_step(self, batches: Sequence[Mapping[str, Any]], meter: Meter) -> Dict[str, Tensor]:
+        """One training step from ``S = weighting.samples`` batches (MoDo, SDMGrad): each batch's (T, D) task gradients
+        w.r.t. the shared parameters (averaged over processes, as in :meth:`_parameter_backward`) go to the weighting
+        together, (S, T, D) with the losses (S, T); its ``d`` replaces the shared gradient, and the heads get the
+        gradient of ``sum_t w_t L_t`` on the last batch, the one ``d`` combines. ``meter`` counts every batch of a step
+        that is taken. Returns the task losses averaged over the batches."""
+        if self.grad_on == "representation":
+            raise UserError(
+                f"weighting {type(self.weighting).__name__} combines the task gradients of {len(batches)} batches, "
+                f"which needs gradients with respect to the shared parameters; set weighting.grad_on=params"
+            )
+        shared, owned = self._shared(), self._owned()
+        if not shared:
+            raise UserError(
+                f"weighting {type(self.weighting).__name__} balances gradients of the shared (encoder) parameters, but "
+                f"the encoder is frozen; use a loss-level weighting (e.g. weighting.name=equal) or unfreeze the encoder"
+            )
+        saved = self._snapshot() if self.nonfinite == "skip" else None
+        self.optimizer.zero_grad(set_to_none=True)
+        rows, values, plain, seen, heads = [], [], [], [], []
+        for s, batch in enumerate(batches):
+            x = batch["image"].to(self.device, non_blocking=True)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
+            with self.autocast():
+                outputs = self.model(x)
+            each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
+            local = torch.stack([loss.detach() for loss in each])
+            if dist.world_size() > 1:  # loss values as over the global batch; gradients stay local
+                mean = dist.all_reduce_sum(local) / dist.world_size()
+                each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+            plain.append(torch.stack([loss.detach() for loss in each]))
+            each = self.weighting.transform_losses(each)
+            grads, heads = _task_gradients(each, shared, owned if s == len(batches) - 1 else ())
+            rows.append(grads)
+            values.append(torch.stack(each).detach())
+            seen.append((local, {t: o.detach() for t, o in outputs.items()}, targets, x.shape[0]))
+        grads, losses = torch.stack(rows), torch.stack(values)
+        dist.all_reduce_mean_([grads, *(g for per_task in heads for g in per_task)])
+        bad = (~torch.isfinite(grads).all(2)).any(0) | _nonfinite_rows(grads[-1], heads)
+        if not self._finite(losses.mean(0), bad):  # a non-finite loss in any batch makes its mean non-finite
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            return dict(zip(self.tasks, torch.stack(plain).mean(0)))  # skipped: no update, not counted
+        d, w = self.weighting(grads, losses)
+        _set_owned_grads(owned, heads, w)
+        offset = 0
+        for p in shared:
+            n = p.numel()
+            p.grad = d[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        if self.l2sp is not None:
+            self.l2sp.penalty().backward()
+        self._update()
+        for args in seen:
+            meter.update(*args)
+        return dict(zip(self.tasks, torch.stack(plain).mean(0)))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
@@ -578,6 +656,12 @@ def _task_gradients(
         )
         owned_grads.append(grads[len(inputs) :])
     return torch.stack(rows), owned_grads
+
+
+def _grouped(batches: Iterator[Any], samples: int, count: int) -> Iterator[List[Any]]:
+    """The next ``count`` lists of ``samples`` consecutive batches (no batch beyond them is loaded)."""
+    for _ in range(count):
+        yield [next(batches) for _ in range(samples)]
 
 
 def _nonfinite_rows(grads: Tensor, owned_grads: List[Tuple[Optional[Tensor], ...]]) -> Tensor:

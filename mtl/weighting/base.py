@@ -26,6 +26,9 @@ class Weighting(nn.Module):
     """
 
     gradient_level: bool = False
+    # independent training batches per step: a gradient-level method with samples = S > 1 (MoDo, SDMGrad) gets the
+    # task gradients and losses of S consecutive batches at once (see GradientWeighting.forward)
+    samples: int = 1
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -100,7 +103,10 @@ class GradientWeighting(Weighting):
         shared representation), flattened. ``losses``: (T,) detached. Returns ``(d, w)``: the combined
         gradient (D,) used for the shared part, and (T,) weights for the task-specific parts (heads), which
         are trained with ``sum(w * losses)``. Sets ``last_weights`` to the coefficients of ``d`` in the rows of
-        ``grads``. Must not sync with the host."""
+        ``grads``. Must not sync with the host.
+
+        With ``samples = S > 1``: ``grads`` (S, T, D) and ``losses`` (S, T), one row block per batch; ``d`` and ``w``
+        then refer to the last batch (``d = sum_t last_weights_t grads[-1, t]``, heads trained on its losses)."""
         raise NotImplementedError
 
 

@@ -5,14 +5,17 @@ the task losses for the task-specific parts (heads). Methods that combine gradie
 (``d = G^T alpha``) return ``w = alpha``; those that edit the gradients themselves (PCGrad, GradVac, CAGrad,
 GradDrop) or combine running averages of them (DB-MTL, MoCo: ``from_history``) return ones, as in their papers' or
 authors' multitask code. Every method's update but GradDrop's is a linear combination of the task gradients (of their
-running averages for DB-MTL and MoCo), and ``last_weights`` (what is logged) holds its coefficients,
-``d = sum_i last_weights_i g_i``: for PCGrad and GradVac they are tracked through the projections, for CAGrad they
-follow from its closed form. GradDrop keeps a different set of tasks at each coordinate and logs ones.
+running averages for DB-MTL and MoCo; of the last batch's for MoDo and SDMGrad, which read three batches per step),
+and ``last_weights`` (what is logged) holds its coefficients, ``d = sum_i last_weights_i g_i``: for PCGrad and
+GradVac they are tracked through the projections, for CAGrad they follow from its closed form. GradDrop keeps a
+different set of tasks at each coordinate and logs ones.
 The methods built on the Gram matrix ``G G^T`` (MGDA, CAGrad, IMTL-G, IMTL, Nash-MTL, FairGrad, Aligned-MTL, UPGrad,
 DualProj, ConFIG) form it on the gradients' device in float64, read it to the host once per step and solve their
-T x T problem there exactly (see solvers.py). No direction depends on the gradients' global scale, except FairGrad's
-for ``alpha != 1``, as in its paper. ``task_weights`` are used as preference weights by ``aligned_mtl``, ``upgrad``
-and ``dualproj`` and ignored by the other methods.
+T x T problem there exactly (see solvers.py); MoDo and SDMGrad form ``G_1 G_2^T`` of two batches the same way and
+take their projected steps on the device. No direction depends on the gradients' global scale, except FairGrad's
+for ``alpha != 1`` and MoCo's and MoDo's (their step on the weights is proportional to ``G G^T``), as in their
+papers. ``task_weights`` are used as preference weights by ``aligned_mtl``, ``upgrad`` and ``dualproj`` and ignored
+by the other methods.
 """
 
 from __future__ import annotations
@@ -679,3 +682,119 @@ class GradDrop(GradientWeighting):
         ones = torch.ones(t, device=grads.device)
         self.last_weights.copy_(ones)
         return torch.cat(parts), ones
+
+
+class _ThreeSamples(GradientWeighting):
+    """A stochastic method that needs independent estimates within one step: ``forward`` gets the task gradients of
+    three batches, ``(3, T, D)``; the first two set the weights (their product is unbiased, unlike one batch's
+    ``G G^T``), the third gives the update ``d = G_3^T last_weights`` and the heads' ``w = last_weights``."""
+
+    samples = 3
+    grad_on_modes = ("params",)
+    grad_on_reason = (
+        "pairs the task gradients of 3 different batches, which needs gradients with respect to the shared "
+        "parameters (the representation's belong to each batch's own images)"
+    )
+
+    def _batches(self, grads: Tensor) -> Tensor:
+        if grads.dim() != 3 or grads.shape[0] != self.samples or grads.shape[1] != self.num_tasks:
+            raise ValueError(
+                f"{type(self).__name__} takes ({self.samples}, {self.num_tasks}, D) gradients, got {tuple(grads.shape)}"
+            )
+        return grads.float()
+
+
+def _number(value: float, name: str, method: str, low: float = 0.0, high: float = math.inf) -> float:
+    """``value`` as a float in ``[low, high)`` (and finite), else a UserError naming the option."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and low <= number < high):
+        bound = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g})"
+        raise UserError(f"weighting.options.{name} must be a number {bound} for {method}, got {value!r}")
+    return number
+
+
+@WEIGHTINGS.register("modo")
+class MoDo(_ThreeSamples):
+    """MoDo (Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,
+    Generalization and Conflict-Avoidance", NeurIPS 2023, Alg. 1): with the task gradients ``G_1, G_2, G_3`` of three
+    independent batches, ``lambda <- Pi(lambda - gamma (G_1 G_2^T lambda + rho lambda))`` (``Pi``: the Euclidean
+    projection onto the simplex; from ``lambda = 1/T``), then ``d = G_3^T lambda``.
+
+    Defaults are LibMTL's (``MoDo_gamma``, ``MoDo_rho``). As in the paper, the step on ``lambda`` scales with the
+    gradients (``gamma G_1 G_2^T``). ``w = last_weights = lambda``: the heads train on ``sum_t lambda_t L_t`` of the
+    third batch, as the paper updates every parameter along ``G_3^T lambda`` (LibMTL gives them the mean over the
+    three batches of ``sum_t L_t``). ``lambda`` is a buffer, checkpointed.
+    """
+
+    def __init__(
+        self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, gamma: float = 1e-3, rho: float = 0.1
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        self.gamma, self.rho = _number(gamma, "gamma", "modo"), _number(rho, "rho", "modo")
+        self.register_buffer("lam", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        g = self._batches(grads)
+        lam = self.lam.double()
+        lam = _project_simplex(lam - self.gamma * (solvers.gram(g[0], g[1]) @ lam + self.rho * lam))
+        self.lam.copy_(lam)
+        d, w = _combine(g[2], lam)
+        self.last_weights.copy_(w)
+        return d, w
+
+
+@WEIGHTINGS.register("sdmgrad")
+class SDMGrad(_ThreeSamples):
+    """SDMGrad (Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms", NeurIPS 2023, Alg. 1): the weights ``w`` of ``min_{w in simplex} |G^T w + lamda g_0|^2 / 2`` (``g_0``
+    the mean gradient, the direction it is kept near) move by ``niter`` steps of projected SGD along the unbiased
+    estimate ``G_1 (G_2^T w + lamda g_0(2))`` from two independent batches (the same pair for all ``niter`` steps);
+    the third gives the update ``d = (G_3^T w + lamda g_0(3)) / (1 + lamda)`` (divided by ``1 + lamda`` as in the
+    authors' code and LibMTL).
+
+    As in LibMTL: ``G_1 G_2^T`` is divided by ``s^2``, ``s`` the mean over tasks of ``sqrt(max(g_1t . g_2t, 0))``
+    (without LibMTL's ``+ 1e-8``, so that ``w`` does not depend on the gradients' scale); the steps are SGD with
+    learning rate ``lr`` and heavy-ball ``momentum`` (its velocity from zero at each training step) followed by the
+    projection onto the simplex; ``w`` starts from ``1/T`` and carries over between steps (a buffer, checkpointed).
+    ``lamda`` (LibMTL's spelling: ``lambda`` is a Python keyword), ``niter``, ``lr`` and ``momentum`` default to
+    LibMTL's values. ``w = last_weights = (w + lamda / T) / (1 + lamda)``, the coefficients of ``d``: the heads train
+    on ``sum_t last_weights_t L_t`` of the third batch, as the paper updates every parameter along ``d`` (LibMTL gives
+    them the sum over the three batches of ``sum_t L_t``).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        lamda: float = 0.3,
+        niter: int = 20,
+        lr: float = 5.0,
+        momentum: float = 0.5,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if isinstance(niter, bool) or not isinstance(niter, int) or niter < 1:
+            raise UserError(f"weighting.options.niter must be an integer >= 1 for sdmgrad, got {niter!r}")
+        self.lamda, self.niter = _number(lamda, "lamda", "sdmgrad"), niter
+        self.lr, self.momentum = _number(lr, "lr", "sdmgrad"), _number(momentum, "momentum", "sdmgrad", high=1.0)
+        self.register_buffer("weights", torch.full((self.num_tasks,), 1.0 / self.num_tasks))
+
+    @torch.no_grad()
+    def forward(self, grads: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        g = self._batches(grads)
+        m = solvers.gram(g[0], g[1])
+        s2 = m.diagonal().clamp_min(0.0).sqrt().mean() ** 2
+        m = m / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        target = m.mean(1)  # G_1 g_0(2), scaled like m
+        w = self.weights.double()
+        velocity = torch.zeros_like(w)
+        for _ in range(self.niter):
+            velocity = self.momentum * velocity + (m @ w + self.lamda * target)
+            w = _project_simplex(w - self.lr * velocity)
+        self.weights.copy_(w)
+        d, coefficients = _combine(g[2], (w + self.lamda / self.num_tasks) / (1.0 + self.lamda))
+        self.last_weights.copy_(coefficients)
+        return d, coefficients

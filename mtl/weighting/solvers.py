@@ -23,13 +23,14 @@ CHUNK = 1 << 20  # columns of G turned into float64 at a time
 ORIGIN = 1e-6
 
 
-def gram(grads: Tensor) -> Tensor:
-    """``G G^T`` in float64 on the gradients' device, ``(T, T)``, a chunk of columns at a time (bounded memory)."""
+def gram(grads: Tensor, other: Optional[Tensor] = None) -> Tensor:
+    """``G G^T`` (``G H^T`` with ``other`` = H, of the same shape) in float64 on the gradients' device, ``(T, T)``, a
+    chunk of columns at a time (bounded memory)."""
     t, d = grads.shape
     m = torch.zeros(t, t, dtype=torch.float64, device=grads.device)
     for start in range(0, d, CHUNK):
         g = grads[:, start : start + CHUNK].double()
-        m.addmm_(g, g.T)
+        m.addmm_(g, g.T if other is None else other[:, start : start + CHUNK].double().T)
     return m
 
 

@@ -253,7 +253,7 @@ def _summary(
         "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]}
         if history
         else None,
-        "steps_per_epoch": len(exp.loaders["train"]),
+        "steps_per_epoch": len(exp.loaders["train"]) // exp.weighting.samples,
         "skipped_steps": trainer.skipped_steps,
         "time": {
             "total_s": total_s,

@@ -77,8 +77,8 @@ dist.shutdown()
 """
 )
 
-WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda", "imtl", "db_mtl", "excess_mtl"]
 ARCHS = ["arch=ltb", "arch=mmoe"]  # MGDA over the architecture's declared shared parameters
+WEIGHTINGS = ["equal", "gradnorm", "rlw", "pcgrad", "mgda", "imtl", "db_mtl", "excess_mtl", "modo"]
 
 
 def _config(root, weighting):
@@ -178,8 +178,9 @@ def test_two_processes_compute_what_one_computes(tmp_path, monkeypatch, two_proc
     """One test per kind of weighting: plain sum, loss weights from gradient norms (GradNorm), random loss weights
     (RLW), random task order on gradients (PCGrad), a solver on gradients (MGDA), learned loss scales on transformed
     losses (IMTL), gradients averaged over steps (DB-MTL), squared gradients summed over steps behind multiplicative
-    weights (ExcessMTL). GradDrop is not here: it needs grad_on=representation, where each process balances its own
-    samples' gradients (its sign purity sums over the local batch), so 2 processes do not compute what 1 does."""
+    weights (ExcessMTL), three batches' gradients per step (MoDo: its 6 batches make 2 steps). GradDrop is not here:
+    it needs grad_on=representation, where each process balances its own samples' gradients (its sign purity sums
+    over the local batch), so 2 processes do not compute what 1 does."""
     one = _one_process(tmp_path, weighting, monkeypatch)
     _compare(one, two_processes[weighting])
     if weighting not in ("equal", "pcgrad"):  # (PCGrad's weights are ones)

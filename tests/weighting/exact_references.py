@@ -3,13 +3,17 @@
 Brute force in float64: every support (subset of tasks) is tried and the best feasible candidate kept. No
 iteration, no tolerance-driven search: a candidate is either feasible or not, and among feasible points the
 objective decides. Used by ``tests/weighting/test_weighting_exact.py`` and ``benchmarks/solver_accuracy.py``.
-Each function takes the (T, D) gradients (any dtype) and works from their float64 Gram matrix.
+Each function takes the (T, D) gradients (any dtype) and works from their float64 Gram matrix. The stochastic
+methods MoDo and SDMGrad are iterations by definition: ``modo_steps`` and ``sdmgrad_steps`` follow their papers' loops
+step by step in float64, on the gradient vectors rather than a Gram matrix, projecting by brute force
+(``simplex_projection``).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Tuple
+import math
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -246,3 +250,87 @@ def agreement(d: Tensor, reference: Tensor, largest: float) -> float:
     if float(reference.norm()) < 1e-3 * largest:
         return 1.0 if float((d.double() - reference).norm()) <= 1e-5 * largest else -1.0
     return cosine(d, reference)
+
+
+def simplex_projection(v: Tensor) -> Tensor:
+    """The closest point of the probability simplex to ``v`` (float64), by brute force: on each support S the
+    closest point of the affine hull is ``v_S - (sum v_S - 1) / |S|``; the nearest candidate that is >= 0 wins."""
+    v = v.double()
+    best, best_x = math.inf, None
+    for idx in _supports(v.numel()):  # (n, k): every support of size k
+        on = v[idx]
+        x = torch.zeros(idx.shape[0], v.numel(), dtype=v.dtype).scatter(
+            1, idx, on - (on.sum(1, keepdim=True) - 1) / idx.shape[1]
+        )
+        gap = torch.where((x >= -1e-12).all(1), (x - v).norm(dim=1), math.inf)
+        i = int(gap.argmin())
+        if float(gap[i]) < best:
+            best, best_x = float(gap[i]), x[i].clamp_min(0.0)
+    return best_x
+
+
+def modo_steps(batches: Sequence[Tensor], gamma: float, rho: float) -> List[Tuple[Tensor, Tensor]]:
+    """MoDo (Chen et al., NeurIPS 2023, Alg. 1) step by step in float64, from ``lambda = 1/T``: for each step's three
+    batches' gradients (3, T, D), ``lambda <- Pi(lambda - gamma (G_1 (G_2^T lambda) + rho lambda))``, then
+    ``d = G_3^T lambda``. Returns ``(lambda, d)`` after each step."""
+    out = []
+    lam = None
+    for grads in batches:
+        g1, g2, g3 = grads.double()
+        t = g1.shape[0]
+        lam = torch.full((t,), 1.0 / t, dtype=torch.float64) if lam is None else lam
+        toward = sum(lam[j] * g2[j] for j in range(t))  # G_2^T lambda, a vector of the parameters' space
+        step = torch.stack([g1[i] @ toward + rho * lam[i] for i in range(t)])
+        lam = simplex_projection(lam - gamma * step)
+        out.append((lam, sum(lam[i] * g3[i] for i in range(t))))
+    return out
+
+
+def sdmgrad_steps(
+    batches: Sequence[Tensor], lamda: float, niter: int, lr: float, momentum: float
+) -> List[Tuple[Tensor, Tensor]]:
+    """SDMGrad (Xiao et al., NeurIPS 2023, Alg. 1, with LibMTL's scaling and heavy-ball steps) step by step in float64,
+    from ``w = 1/T``: for each step's three batches' gradients (3, T, D), ``niter`` times
+    ``v <- momentum v + G_1 (G_2^T w + lamda g_0(2)) / s^2`` (v from 0; ``s`` the mean of
+    ``sqrt(max(g_1t . g_2t, 0))``) and ``w <- Pi(w - lr v)``; then ``c = (w + lamda / T) / (1 + lamda)`` and
+    ``d = G_3^T c``. Returns ``(c, d)`` after each step."""
+    out = []
+    w = None
+    for grads in batches:
+        g1, g2, g3 = grads.double()
+        t = g1.shape[0]
+        w = torch.full((t,), 1.0 / t, dtype=torch.float64) if w is None else w
+        s = sum(math.sqrt(max(float(g1[i] @ g2[i]), 0.0)) for i in range(t)) / t
+        s2 = s * s if s > 0 else 1.0
+        mean2 = g2.sum(0) / t
+        v = torch.zeros(t, dtype=torch.float64)
+        for _ in range(niter):
+            u = sum(w[j] * g2[j] for j in range(t)) + lamda * mean2  # G_2^T w + lamda g_0(2)
+            v = momentum * v + torch.stack([g1[i] @ u for i in range(t)]) / s2
+            w = simplex_projection(w - lr * v)
+        c = (w + lamda / t) / (1 + lamda)
+        out.append((c, sum(c[i] * g3[i] for i in range(t))))
+    return out
+
+
+def direction_oriented_weights(grads: Tensor, lamda: float) -> Tensor:
+    """SDMGrad's subproblem ``argmin_{w in simplex} |G^T w + lamda g_0|^2 / 2`` (g_0 the mean gradient), float64,
+    by brute force over supports: on S, ``[[M_SS, 1], [1^T, 0]] [w_S; mu] = [-lamda (M 1 / T)_S; 1]``; the feasible
+    candidate with the least objective wins (a convex problem: the KKT point of its support is the minimum)."""
+    m = gram64(grads)
+    t = m.shape[0]
+    b = lamda * m.mean(1)
+    best, best_w = math.inf, None
+    for idx in _supports(t):
+        n, k = idx.shape
+        rhs = torch.zeros(n, k + 1, 1, dtype=m.dtype)
+        rhs[:, :k, 0] = -b[idx]
+        rhs[:, k] = 1.0
+        sol = torch.linalg.lstsq(_bordered(m, idx), rhs).solution
+        for row in range(n):
+            w = torch.zeros(t, dtype=m.dtype).index_put_((idx[row],), sol[row, :k, 0])
+            if bool((w >= -1e-12).all()):
+                value = float(w @ m @ w / 2 + w @ b)
+                if value < best:
+                    best, best_w = value, w.clamp_min(0.0)
+    return best_w

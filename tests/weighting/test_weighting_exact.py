@@ -9,6 +9,7 @@ import exact_references as ref
 import pytest
 import torch
 
+from mtl.core.errors import UserError
 from mtl.weighting import build_weighting, solvers
 from mtl.weighting import gradient as gw
 
@@ -316,3 +317,93 @@ def test_fairgrad_bad_alpha():
 
     with pytest.raises(UserError, match="alpha must be > 0"):
         build_weighting("fairgrad", ["a", "b"], alpha=0)
+
+
+def _three_batches(steps, t, d=6, seed=0):
+    """``steps`` draws of three batches' task gradients (3, T, D), with task norms spread over 50x."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = torch.tensor([1.0, 7.0, 0.3, 2.0, 50.0])[:t, None]
+    return [torch.randn(3, t, d, generator=gen) * norms + 0.5 * torch.randn(d, generator=gen) for _ in range(steps)]
+
+
+def _run_steps(name, batches, **options):
+    method = build_weighting(name, [f"t{i}" for i in range(batches[0].shape[1])], **options)
+    return [method(g, torch.ones(3, g.shape[1])) + (method.last_weights.clone(),) for g in batches], method
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_modo_follows_its_update_step_by_step(t):
+    """lambda <- Pi(lambda - gamma (G_1 G_2^T lambda + rho lambda)), d = G_3^T lambda, against a float64 loop on the
+    gradient vectors; gamma large enough that the projection clips weights to 0."""
+    batches = _three_batches(4, t, seed=t)
+    got, method = _run_steps("modo", batches, gamma=0.05, rho=0.1)
+    clipped = False
+    for k, ((d, w, logged), (lam, exact)) in enumerate(zip(got, ref.modo_steps(batches, 0.05, 0.1))):
+        assert torch.allclose(w.double(), lam, atol=1e-6) and torch.equal(w, logged), k
+        assert float((d.double() - exact).norm()) <= 1e-5 * float(batches[k].norm()), k
+        clipped |= bool((lam == 0).any())
+    assert clipped
+    assert torch.allclose(method.lam.double(), lam, atol=1e-6)
+
+
+def test_modo_by_hand():
+    """T = 2, G_1 = G_2 = diag(1, 2): G_1 G_2^T lambda = (0.5, 2) at lambda = (0.5, 0.5); with gamma 0.1 and rho 0,
+    (0.45, 0.3) projects to (0.575, 0.425), and d = G_3^T lambda."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    d, w = build_weighting("modo", ["a", "b"], gamma=0.1, rho=0.0)(torch.stack([g, g, 3 * g]), torch.ones(3, 2))
+    assert torch.allclose(w, torch.tensor([0.575, 0.425])) and torch.allclose(d, torch.tensor([1.725, 2.55]))
+
+
+@pytest.mark.parametrize("t", [3, 5])
+def test_sdmgrad_follows_its_update_step_by_step(t):
+    """niter heavy-ball steps of projected SGD on w along G_1 (G_2^T w + lamda g_0(2)) / s^2, then
+    d = G_3^T (w + lamda / T) / (1 + lamda), against a float64 loop on the gradient vectors, for LibMTL's options and
+    others; w carries over between steps."""
+    batches = _three_batches(3, t, seed=10 + t)
+    for options in ({}, {"lamda": 0.0, "niter": 3, "lr": 0.5, "momentum": 0.0}, {"lamda": 2.0, "niter": 7}):
+        got, method = _run_steps("sdmgrad", batches, **options)
+        full = {"lamda": 0.3, "niter": 20, "lr": 5.0, "momentum": 0.5, **options}
+        for k, ((d, w, logged), (c, exact)) in enumerate(zip(got, ref.sdmgrad_steps(batches, **full))):
+            assert torch.allclose(w.double(), c, atol=1e-5) and torch.equal(w, logged), (options, k)
+            assert abs(float(w.sum()) - 1) < 1e-6 and float(w.min()) >= full["lamda"] / t / (1 + full["lamda"]) - 1e-7
+            assert float((d.double() - exact).norm()) <= 1e-5 * float(batches[k].norm()), (options, k)
+
+
+@pytest.mark.parametrize("lamda", [0.0, 0.3, 3.0])
+def test_sdmgrad_solves_the_direction_oriented_problem_with_one_batch(lamda):
+    """Given the same batch three times, enough small steps reach argmin_{w in simplex} |G^T w + lamda g_0|^2 / 2 (the
+    paper's subproblem, by brute force over supports): d = (G^T w* + lamda g_0) / (1 + lamda). lamda = 0 is MGDA."""
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(3, 8, generator=gen) * torch.tensor([[1.0], [4.0], [0.5]]) + torch.randn(8, generator=gen)
+    method = build_weighting("sdmgrad", ["a", "b", "c"], lamda=lamda, niter=300, lr=0.2, momentum=0.5)
+    d, _ = method(grads.expand(3, 3, 8), torch.ones(3, 3))
+    w = ref.direction_oriented_weights(grads, lamda)
+    assert torch.allclose(method.weights.double(), w, atol=1e-5)
+    exact = (w @ grads.double() + lamda * grads.double().mean(0)) / (1 + lamda)
+    assert float((d.double() - exact).norm()) <= 1e-5 * float(grads.norm())
+    if lamda == 0.0:
+        assert torch.allclose(d.double(), ref.min_norm_point(grads)[1], atol=1e-5)
+
+
+def test_sdmgrad_weights_are_scale_free_and_modo_steps_are_not():
+    """SDMGrad divides G_1 G_2^T by its scale: the same weights at 1e-6 and 1e6; MoDo's step is gamma G_1 G_2^T, as in
+    its paper, so tiny gradients leave lambda at 1/T."""
+    (g,) = _three_batches(1, 3)
+    ws = [build_weighting("sdmgrad", ["a", "b", "c"])(g * s, torch.ones(3, 3))[1] for s in (1e-6, 1.0, 1e6)]
+    assert torch.allclose(ws[0], ws[1], atol=1e-6) and torch.allclose(ws[2], ws[1], atol=1e-6)
+    _, w = build_weighting("modo", ["a", "b", "c"])(g * 1e-6, torch.ones(3, 3))
+    assert torch.allclose(w, torch.full((3,), 1 / 3), atol=1e-6)
+
+
+def test_three_sample_methods_refuse_bad_options_and_shapes():
+    for name, options, message in (
+        ("modo", {"gamma": -1.0}, "gamma must be a number >= 0 for modo"),
+        ("modo", {"rho": "x"}, "rho must be a number"),
+        ("sdmgrad", {"niter": 0}, "niter must be an integer >= 1"),
+        ("sdmgrad", {"momentum": 1.0}, r"momentum must be a number in \[0, 1\)"),
+        ("sdmgrad", {"lamda": float("nan")}, "lamda must be a number >= 0"),
+    ):
+        with pytest.raises(UserError, match=message):
+            build_weighting(name, ["a", "b"], **options)
+    with pytest.raises(ValueError, match=r"takes \(3, 2, D\) gradients"):
+        build_weighting("modo", ["a", "b"])(torch.randn(2, 5), torch.ones(2))

@@ -238,27 +238,37 @@ def build_fed(name, tasks, dim=64):
     return method
 
 
+def per_step(name, grads, losses):
+    """A step's input for the method: ``grads`` (T, D) and ``losses`` (T,), or for a method that reads S > 1 batches
+    per step (MoDo, SDMGrad) S batches' worth, (S, T, D) and (S, T): here ``grads`` with its columns rolled by 0..S-1,
+    unequal gradients of the same norms (zeros stay zeros), the last batch's being ``grads`` rolled by S - 1."""
+    s = WEIGHTINGS.get(name).samples
+    if s == 1:
+        return grads, losses
+    return torch.stack([grads.roll(k, dims=1) for k in range(s)]), losses.expand(s, -1)
+
+
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_contract(name):
     torch.manual_seed(0)
     tasks = TASKS3
     grads, losses = torch.randn(3, 64), torch.rand(3) + 0.1
     method = build_fed(name, tasks)
-    method(grads, losses)  # advance any running state
+    method(*per_step(name, grads, losses))  # advance any running state
     fresh = build_fed(name, tasks)
     fresh.load_state_dict(method.state_dict())
     grads2 = torch.randn(3, 64)
     torch.manual_seed(1)
-    d, w = method(grads2, losses)
+    d, w = method(*per_step(name, grads2, losses))
     torch.manual_seed(1)
-    d2, w2 = fresh(grads2, losses)
+    d2, w2 = fresh(*per_step(name, grads2, losses))
     assert d.shape == (64,) and w.shape == (3,) and d.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.isfinite(d).all() and torch.isfinite(w).all()
     if name not in ("pcgrad", "gradvac", "cagrad", "db_mtl", "moco"):  # heads: w = 1, not the coefficients
         assert torch.equal(method.last_weights, w)
     assert torch.allclose(d, d2) and torch.allclose(w, w2)
     for g in (torch.zeros(3, 64), torch.randn(1, 64)):  # all-zero gradients, a single task
-        d, w = build_fed(name, [f"t{i}" for i in range(g.shape[0])])(g, torch.ones(g.shape[0]))
+        d, w = build_fed(name, [f"t{i}" for i in range(g.shape[0])])(*per_step(name, g, torch.ones(g.shape[0])))
         assert torch.isfinite(d).all() and torch.isfinite(w).all() and d.shape == (64,)
 
 
@@ -273,8 +283,10 @@ def test_logged_weights_are_the_coefficients_of_the_update(name, t):
     method = build_weighting(name, [f"t{i}" for i in range(t)])
     for _ in range(3):
         grads = torch.randn(t, 40) * torch.tensor([1.0, 10.0, 0.1, 3.0])[:t, None]
-        d, _ = method(grads, torch.rand(t) + 0.5)
-        rows = method.averages if method.from_history else grads  # DB-MTL combines running averages
+        step = per_step(name, grads, torch.rand(t) + 0.5)
+        d, _ = method(*step)
+        # DB-MTL and MoCo combine running averages, MoDo and SDMGrad the last batch's gradients
+        rows = method.averages if method.from_history else step[0][-1] if method.samples > 1 else grads
         combined = method.last_weights.double() @ rows.double()
         assert torch.allclose(combined, d.double(), atol=1e-5 * float(grads.norm(dim=1).max()), rtol=1e-4)
 

@@ -107,9 +107,12 @@ def _one_epoch_of_sgd(exp, lr, hooks=()):
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS.names()))
 def test_every_weighting_trains_through_the_trainer(tmp_path, name):
-    """Contract: two training steps with each registered method leave finite, changed parameters."""
-    grad_on = getattr(WEIGHTINGS.get(name), "grad_on_modes", ("params",))[0]  # graddrop: representation only
-    cfg = scenes_config(tmp_path, f"weighting.name={name}", f"weighting.grad_on={grad_on}", n=16, size=16)
+    """Contract: two training steps with each registered method leave finite, changed parameters (two batches; 2 x 3
+    for MoDo and SDMGrad, which take three per step)."""
+    method = WEIGHTINGS.get(name)
+    grad_on = getattr(method, "grad_on_modes", ("params",))[0]  # graddrop: representation only
+    n = 16 * method.samples
+    cfg = scenes_config(tmp_path, f"weighting.name={name}", f"weighting.grad_on={grad_on}", n=n, size=16)
     exp = build_experiment(cfg)
     model = exp.model
     before = [p.detach().clone() for p in model.parameters()]
@@ -354,6 +357,7 @@ def test_monitor_picks_best_by_named_metric(tmp_path):
         (["weighting.name=db_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
         (["weighting.name=excess_mtl", "weighting.grad_on=representation"], "set weighting.grad_on=params"),
         (["weighting.name=graddrop"], "set weighting.grad_on=representation"),
+        (["weighting.name=modo", "weighting.grad_on=representation"], "pairs the task gradients of 3 different"),
     ],
 )
 def test_bad_multitask_configs_fail_before_training(tmp_path, overrides, message):
@@ -552,3 +556,83 @@ def test_graddrop_through_the_trainer_masks_the_representation_gradients(tmp_pat
     torch.testing.assert_close(seen["d"].double(), expected, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(seen["d"], seen["grads"].sum(0))  # signs were dropped
     assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_a_three_batch_step_balances_each_batchs_task_gradients_and_trains_the_heads_on_the_last(tmp_path):
+    """SDMGrad's step through the trainer: the weighting gets the (3, T, D) task gradients of three batches, the
+    shared parameters get its d and the heads the gradient of sum_t w_t L_t on the third batch; an epoch of 7 batches
+    is 2 steps (the 7th batch is left out) and every batch of a step is counted; 2 batches cannot make a step."""
+    import copy
+
+    from mtl.engine.meter import Meter
+
+    exp = build_experiment(scenes_config(tmp_path, "weighting.name=sdmgrad", "data.batch_size=4", n=28, size=16))
+    model, batches = exp.model, list(exp.loaders["train"])
+    trainer = _one_epoch_of_sgd(exp, lr=0.0)
+    before = copy.deepcopy(exp.weighting)
+    model.train()
+    meter = Meter(exp.tasks, exp.device)
+    trainer._samples_step(batches[:3], meter)
+    assert meter.n == sum(len(b["image"]) for b in batches[:3]) and trainer.global_step == 1
+    shared, heads = list(model.shared_parameters()), list(model.heads.parameters())
+    rows, losses = [], []
+    for batch in batches[:3]:
+        out = model(batch["image"])
+        each = [task.loss(out[t], batch["targets"][t]) for t, task in exp.tasks.items()]
+        rows.append(
+            torch.stack(
+                [torch.cat([g.reshape(-1) for g in torch.autograd.grad(x, shared, retain_graph=True)]) for x in each]
+            )
+        )
+        losses.append(each)
+    d, w = before(torch.stack(rows), torch.stack([torch.stack(x).detach() for x in losses]))
+    assert torch.allclose(w, exp.weighting.last_weights)
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(got, d, rtol=1e-4, atol=1e-6)
+    expected = torch.autograd.grad(sum(w[i] * x for i, x in enumerate(losses[-1])), heads, allow_unused=True)
+    for p, g in zip(heads, expected):
+        torch.testing.assert_close(p.grad, g if g is not None else None, rtol=1e-4, atol=1e-6)
+
+    seen = []
+    exp.weighting.register_forward_hook(lambda module, args, result: seen.append(tuple(args[0].shape[:2])))
+    trainer.global_step = 0
+    trainer.fit()
+    assert trainer.global_step == 2 and seen == [(3, 4), (3, 4)]
+    assert trainer.history[0]["train"]["tasks"]["seg"]["loss"] > 0
+
+    small = build_experiment(scenes_config(tmp_path / "small", "weighting.name=sdmgrad", n=16, size=16))
+    with pytest.raises(UserError, match="takes 3 batches per step, but the training data gives 2 per epoch"):
+        _one_epoch_of_sgd(small, lr=0.01).fit()
+
+
+def test_a_three_batch_method_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    """MoDo on 7 batches an epoch (2 steps of 3, the 7th left out), stopped after its first step: the checkpoint
+    counts the 3 batches taken, and the resumed run ends exactly where the uninterrupted one does."""
+    from mtl.engine.hooks import UnfreezeHook
+
+    def config(out):
+        options = ("weighting.name=modo", "weighting.options={gamma: 0.5}", "data.batch_size=4", "train.epochs=1")
+        return scenes_config(out, *options, "train.log_images=0", "data.test_split=null", n=28, size=16)
+
+    whole = run(config(tmp_path / "a"), quiet=True)
+    assert whole["steps_per_epoch"] == 2
+
+    def stop_after_the_first_step(self, trainer, losses):
+        trainer.request_stop()
+
+    monkeypatch.setattr(UnfreezeHook, "after_step", stop_after_the_first_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "b"), quiet=True)
+    monkeypatch.undo()
+    (run_dir,) = [p for p in (tmp_path / "b" / "runs").glob("*/*") if p.is_dir()]
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["partial"]["step"] == 3 and state["global_step"] == 1
+    resumed = resume_run(str(run_dir))
+    assert resumed["epochs"] == 1
+    for phase in ("train", "val"):
+        assert resumed["final"][phase] == whole["final"][phase]
+    a = load_checkpoint(Path(whole["run_dir"]) / "checkpoints" / "last.pt")
+    b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["weighting"]["lam"], b["weighting"]["lam"])
+    assert not torch.equal(a["weighting"]["lam"], torch.full((4,), 0.25))  # lambda moved
