@@ -202,3 +202,32 @@ def test_frozen_model_is_refused():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # trains nothing of the model
     with pytest.raises(UserError, match="needs trainable model parameters"):
         MetaProblem(model, LOSSES, opt, _batch(), _batch())
+
+
+def test_virtual_step_is_the_sgd_step_the_optimizer_would_take_plus_l2sp():
+    """Without dampening or Nesterov, ``theta - lr (mu b + g + wd theta)`` is torch.optim.SGD's step; L2-SP's
+    gradient ``alpha (theta - theta_0)`` joins ``g`` for the encoder's parameters."""
+    import copy
+
+    from mtl.models.freezing import L2SP
+
+    model, opt = _setup(Linear)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    with MetaProblem(model, LOSSES, opt, _batch(), _batch()) as problem:
+        virtual = problem.virtual_step(grads)
+    twin, twin_opt = copy.deepcopy((model, opt))
+    for n, p in twin.named_parameters():
+        p.grad = grads[n].clone()
+    twin_opt.step()
+    for n, p in twin.named_parameters():
+        torch.testing.assert_close(virtual[n], p, rtol=1e-12, atol=1e-12)
+        assert virtual[n].requires_grad and virtual[n].grad_fn is None
+    l2sp = L2SP(model.shared, alpha=0.5)
+    with torch.no_grad():
+        model.shared.weight.add_(0.25)
+    with MetaProblem(model, LOSSES, opt, _batch(), _batch(), l2sp) as problem:
+        with_l2sp = problem.virtual_step(grads)
+        plain = MetaProblem(model, LOSSES, opt, _batch(), _batch()).virtual_step(grads)
+    lr = opt.param_groups[0]["lr"]
+    torch.testing.assert_close(with_l2sp["shared.weight"], plain["shared.weight"] - lr * 0.5 * 0.25)
+    torch.testing.assert_close(with_l2sp["a.weight"], plain["a.weight"])
