@@ -336,7 +336,7 @@ class STCH(ScaleInvariant):
 
 @WEIGHTINGS.register("auto_lambda")
 class AutoLambda(LossWeighting):
-    """Auto-Lambda (Liu, James, Davison & Johns, TMLR 2022, Sec. 3), as in the authors' code (lorenmt/auto-lambda).
+    """Auto-Lambda (Liu, James, Davison & Johns, TMLR 2022), as in the authors' code (lorenmt/auto-lambda).
 
     ``total = sum_t lambda_t L_t``. The weights ``lambda`` (buffer, init ``init``) follow the bilevel problem
     ``min_lambda L_meta(theta - alpha grad_theta sum_t lambda_t L_t(theta; train); meta)`` with
@@ -344,7 +344,8 @@ class AutoLambda(LossWeighting):
     learning). Before each training step (:meth:`meta_step`, on this step's batch and a meta batch):
 
     1. virtual step ``theta' = theta - alpha (mu b + g + wd theta)``, ``g = grad_theta sum_t lambda_t L_t(theta;
-       train)``, ``alpha`` each parameter's learning rate, ``mu b`` the SGD momentum term, ``wd`` its weight decay;
+       train)``, ``alpha`` each parameter's learning rate (the authors take the first group's for all), ``mu b``
+       the SGD momentum term, ``wd`` the weight decay;
     2. ``d = grad_theta' L_meta(theta'; meta)``;
     3. ``dL_meta/dlambda_t = -alpha d . grad_theta L_t(theta; train)``, the dot product taken by the central
        difference ``(L_t(theta + eps alpha d) - L_t(theta - eps alpha d)) / (2 eps)``, ``eps = 0.01 / ||alpha d||``
@@ -373,6 +374,8 @@ class AutoLambda(LossWeighting):
         super().__init__(tasks, task_weights)
         if not lr > 0:
             raise UserError(f"weighting.options.lr must be > 0 for auto_lambda, got {lr}")
+        if not -float("inf") < float(init) < float("inf"):
+            raise UserError(f"weighting.options.init must be a finite number for auto_lambda, got {init}")
         chosen = list(self.tasks) if primary is None else [primary] if isinstance(primary, str) else list(primary)
         if not chosen or any(t not in self.tasks for t in chosen):
             raise UserError(

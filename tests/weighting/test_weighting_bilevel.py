@@ -188,6 +188,7 @@ def test_nonfinite_hypergradient_leaves_the_weights_and_nonnegative_clamps():
         ({"primary": ["a", "c"]}, "must list tasks among a, b"),
         ({"primary": []}, "must list tasks among a, b"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"init": float("nan")}, "init must be a finite number"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
