@@ -188,6 +188,7 @@ class WeightingCfg:
     """How the task losses (or their gradients) are combined into one update."""
 
     # loss level: equal | static | uncertainty | dwa | gradnorm | rlw | geometric_mean | famo | scale_invariant | stch
+    #   | auto_lambda (bilevel: a meta step on a reshuffled training batch before each step)
     # gradient level: mgda | pcgrad | gradvac | cagrad | imtl_g | imtl | nash_mtl | aligned_mtl | upgrad
     #   | dualproj | config | fairgrad | db_mtl | moco | excess_mtl | graddrop | modo | sdmgrad (these two: 3 batches
     #   per step)

@@ -30,6 +30,7 @@ from mtl.core import distributed as dist
 from mtl.core.checkpoint import rng_state, set_rng_state
 from mtl.core.errors import UserError, out_of_memory
 from mtl.data.batches import loader_batch_size
+from mtl.data.loaders import reshuffled
 from mtl.engine.evaluate import evaluate
 from mtl.engine.meter import Meter
 from mtl.engine.monitor import default_monitor
@@ -37,6 +38,7 @@ from mtl.models.freezing import L2SP
 from mtl.tasks.base import Task
 from mtl.weighting import build_weighting
 from mtl.weighting.base import Weighting
+from mtl.weighting.bilevel import MetaProblem
 
 
 class Hook:
@@ -154,6 +156,7 @@ class Trainer:
         self._stop_requested = False
         self._end_requested = False
         self._partial: Optional[Dict[str, Any]] = None  # where an interrupted epoch resumes
+        self._meta: Dict[str, Any] = {}  # bilevel weightings' meta batches: epoch, position (checkpointed), iterator
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
@@ -283,6 +286,8 @@ class Trainer:
         # a skipped step leaves no trace: the weighting's state (running targets, learned weights, random draws) and
         # the model's buffers (BatchNorm statistics, which the forward pass moves) are put back as they were
         saved = self._snapshot() if train and self.nonfinite == "skip" else None
+        if train and self.weighting.bilevel:
+            self._meta_step(x, targets)
         with self.autocast():
             if representation:
                 features = self.model.encode(x)
@@ -574,6 +579,47 @@ class Trainer:
             meter.update(*args)
         return dict(zip(self.tasks, torch.stack(plain).mean(0)))
 
+    # ------------------------------------------------------------------ bilevel weighting
+    def _meta_step(self, x: Tensor, targets: Dict[str, Tensor]) -> None:
+        """A bilevel weighting's update before this step (``weighting.meta_step``), from this step's batch and the
+        next meta batch."""
+        meta = self._meta_batch()
+        mx = meta["image"].to(self.device, non_blocking=True)
+        if self.channels_last and mx.ndim == 4:
+            mx = mx.contiguous(memory_format=torch.channels_last)
+        mt = {t: y.to(self.device, non_blocking=True) for t, y in meta["targets"].items()}
+        losses = {t: self.tasks[t].loss for t in self.weighting.tasks}
+        with MetaProblem(self.model, losses, self.optimizer, (x, targets), (mx, mt), self.l2sp) as problem:
+            self.weighting.meta_step(problem)
+
+    def _meta_batch(self) -> Dict[str, Any]:
+        """The next batch of this epoch's independent reshuffle of the training split (as the authors of Auto-Lambda
+        draw their meta batches), never of the split that selects results. The reshuffle and each batch's
+        augmentation are seeded by (train seed, epoch, position) and draw nothing from the global random state, so
+        a resumed run, which skips the ``position`` batches drawn before, continues with the same meta batches."""
+        if "train" not in self.loaders:
+            raise UserError("a bilevel weighting draws meta batches from the training loader; pass loaders['train']")
+        if self._meta.get("epoch") != self.epoch:
+            self._meta = {"epoch": self.epoch, "position": 0}
+        seed = ((self.seed * 100_003 + self.epoch) * 1_000_003 + 7_919) % 2**62
+        if self._meta.get("batches") is None:
+            loader = reshuffled(self.loaders["train"], torch.Generator().manual_seed(seed))
+            self._meta["batches"] = iter(loader)
+            for position in range(self._meta["position"]):
+                self._draw_meta(seed + position)
+        batch = self._draw_meta(seed + self._meta["position"])
+        self._meta["position"] += 1
+        return batch
+
+    def _draw_meta(self, seed: int) -> Dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):  # per-item transforms draw from the global CPU generator
+            torch.default_generator.manual_seed(seed)
+            try:
+                return next(self._meta["batches"])
+            except StopIteration:  # (a reshuffle has as many batches as the epoch) a custom loader ran out: again
+                self._meta["batches"] = iter(reshuffled(self.loaders["train"], torch.Generator().manual_seed(seed)))
+                return next(self._meta["batches"])
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
@@ -595,6 +641,7 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "rng": rng_state(),
+            "meta_batches": {k: self._meta[k] for k in ("epoch", "position") if k in self._meta},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -607,6 +654,7 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = dict(state["best"]), list(state["history"])
         self._partial = state.get("partial")
+        self._meta = dict(state.get("meta_batches") or {})
         self._call("on_resume")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

@@ -65,6 +65,15 @@ class Weighting(nn.Module):
     def end_epoch(self, mean_losses: Tensor) -> None:
         """Called after each training epoch with the epoch's mean loss per task (DWA uses it)."""
 
+    # True for bilevel (meta-learned) methods: before each training step the trainer calls ``meta_step`` with a
+    # ``mtl.weighting.bilevel.MetaProblem`` (the step's batch, a meta batch from an independent reshuffle of the
+    # training split, the trainable parameters, the optimizer's virtual step)
+    bilevel: bool = False
+
+    def meta_step(self, problem: Any) -> None:  # pragma: no cover - abstract
+        """Bilevel methods: update the method's own state (buffers) from ``problem``, on training steps only."""
+        raise NotImplementedError
+
 
 class LossWeighting(Weighting):
     """Combines the task losses into the scalar that is backpropagated."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.weighting.base import WEIGHTINGS, LossWeighting
+from mtl.weighting.bilevel import MetaProblem, finite_difference_hypergradient
 
 
 def _is_train_step(losses: Tensor) -> bool:
@@ -331,3 +332,90 @@ class STCH(ScaleInvariant):
         t = self.num_tasks
         self.last_weights.copy_(t * torch.softmax(scaled.detach(), dim=0) / losses.detach().clamp_min(self.eps))
         return t * self.mu * torch.logsumexp(scaled, dim=0)
+
+
+@WEIGHTINGS.register("auto_lambda")
+class AutoLambda(LossWeighting):
+    """Auto-Lambda (Liu, James, Davison & Johns, TMLR 2022), as in the authors' code (lorenmt/auto-lambda).
+
+    ``total = sum_t lambda_t L_t``. The weights ``lambda`` (buffer, init ``init``) follow the bilevel problem
+    ``min_lambda L_meta(theta - alpha grad_theta sum_t lambda_t L_t(theta; train); meta)`` with
+    ``L_meta = sum_{t in primary} L_t`` (every task by default, the multitask setting; a subset is their auxiliary
+    learning). Before each training step (:meth:`meta_step`, on this step's batch and a meta batch):
+
+    1. virtual step ``theta' = theta - alpha (mu b + g + wd theta)``, ``g = grad_theta sum_t lambda_t L_t(theta;
+       train)``, ``alpha`` each parameter's learning rate (the authors take the first group's for all), ``mu b``
+       the SGD momentum term, ``wd`` the weight decay;
+    2. ``d = grad_theta' L_meta(theta'; meta)``;
+    3. ``dL_meta/dlambda_t = -alpha d . grad_theta L_t(theta; train)``, the dot product taken by the central
+       difference ``(L_t(theta + eps alpha d) - L_t(theta - eps alpha d)) / (2 eps)``, ``eps = 0.01 / ||alpha d||``
+       (DARTS' approximation of the second-order term; exact for losses quadratic in theta);
+    4. one Adam step on ``lambda`` (lr ``lr``, betas 0.9/0.999, eps 1e-8: the authors' meta optimizer). A
+       non-finite hypergradient leaves ``lambda`` and Adam's state as they were. ``nonnegative`` clamps ``lambda``
+       at 0 (not in the authors' code, which lets weights go negative).
+
+    Defaults are the authors' (``init`` 0.1, ``lr`` 1e-4 for NYUv2; they use 3e-5 on CityScapes). Meta batches: the
+    authors draw them from "a copy of train_loader with different data order", and so does the trainer (an
+    independent reshuffle of the training split, seeded by ``train.seed`` and the epoch); never the validation
+    split that selects results. Each step costs two forward-backward passes and two forwards more than ``static``.
+    """
+
+    bilevel = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Sequence[float] | None = None,
+        init: float = 0.1,
+        lr: float = 1e-4,
+        primary: str | Sequence[str] | None = None,
+        nonnegative: bool = False,
+    ) -> None:
+        super().__init__(tasks, task_weights)
+        if not lr > 0:
+            raise UserError(f"weighting.options.lr must be > 0 for auto_lambda, got {lr}")
+        if not -float("inf") < float(init) < float("inf"):
+            raise UserError(f"weighting.options.init must be a finite number for auto_lambda, got {init}")
+        chosen = list(self.tasks) if primary is None else [primary] if isinstance(primary, str) else list(primary)
+        if not chosen or any(t not in self.tasks for t in chosen):
+            raise UserError(
+                f"weighting.options.primary for auto_lambda must list tasks among {', '.join(self.tasks)} "
+                f"(or be omitted: all of them), got {primary!r}"
+            )
+        self.lr, self.nonnegative = float(lr), bool(nonnegative)
+        self.betas, self.eps = (0.9, 0.999), 1e-8
+        self.register_buffer("primary", torch.tensor([float(t in chosen) for t in self.tasks]), persistent=False)
+        self.register_buffer("loss_weights", torch.full((self.num_tasks,), float(init)))
+        self.register_buffer("exp_avg", torch.zeros(self.num_tasks))
+        self.register_buffer("exp_avg_sq", torch.zeros(self.num_tasks))
+        self.register_buffer("adam_step", torch.zeros(()))
+        self.last_weights.copy_(self.loss_weights)
+
+    def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
+        weights = self.loss_weights.clone()
+        self.last_weights.copy_(weights)
+        return (weights * losses).sum()
+
+    def hypergradient(self, problem: MetaProblem) -> Tensor:
+        """(T,) ``dL_meta / dlambda`` by steps 1-3 above."""
+        theta = problem.params
+        g = problem.grad((self.loss_weights * problem.losses(theta, "train")).sum(), theta)
+        virtual = problem.virtual_step(g)
+        d = problem.grad((self.primary * problem.losses(virtual, "meta")).sum(), virtual)
+        lrs = problem.step_sizes()
+        return -finite_difference_hypergradient(problem, {k: lrs[k] * v for k, v in d.items()})
+
+    def meta_step(self, problem: MetaProblem) -> None:
+        grad = self.hypergradient(problem).to(self.loss_weights)
+        beta1, beta2 = self.betas
+        step = self.adam_step + 1
+        exp_avg = beta1 * self.exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * self.exp_avg_sq + (1 - beta2) * grad * grad
+        denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + self.eps
+        weights = self.loss_weights - self.lr * (exp_avg / (1 - beta1**step)) / denom
+        if self.nonnegative:
+            weights = weights.clamp_min(0.0)
+        ok = torch.isfinite(grad).all()
+        for buffer, new in ((self.loss_weights, weights), (self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq)):
+            buffer.copy_(torch.where(ok, new, buffer))
+        self.adam_step.copy_(torch.where(ok, step, self.adam_step))

@@ -199,10 +199,12 @@ def test_two_processes_compute_what_one_computes_on_batched_multitask_scenes(tmp
 
 WEIGHTS_AGREE = """
 import json, sys
+from types import SimpleNamespace
 import torch
 import torch.distributed as tdist
 from mtl.core import distributed as dist
 from mtl.weighting import build_weighting
+from mtl.weighting.bilevel import MetaProblem
 
 dist.init_from_env()
 torch.manual_seed(0)
@@ -225,6 +227,39 @@ for name in ("gradnorm", "rlw", "pcgrad"):
     everyone = [torch.zeros_like(mine) for _ in range(dist.world_size())]
     tdist.all_gather(everyone, mine)
     seen[name] = [e.tolist() for e in everyone]
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.head(torch.tanh(self.body(x)))
+        return {"a": out[:, 0], "b": out[:, 1], "c": out[:, 2]}
+
+
+torch.manual_seed(1)
+net = Net()  # the same start everywhere; below, each process its own train and meta batches
+torch.manual_seed(200 + dist.rank())
+fns = {t: (lambda out, y: (out - y).pow(2).mean()) for t in "abc"}
+# what MetaProblem reads of an optimizer (torch.optim's first use imports torch._dynamo: seconds)
+opt = SimpleNamespace(param_groups=[{"params": list(net.parameters()), "lr": 0.1, "weight_decay": 0.0}], state={})
+method = build_weighting("auto_lambda", ["a", "b", "c"], lr=0.01)
+for step in range(3):
+    train, meta = [(torch.randn(8, 4), {t: torch.randn(8) for t in "abc"}) for _ in range(2)]
+    with MetaProblem(net, fns, opt, train, meta) as problem:
+        method.meta_step(problem)
+    out = net(train[0])
+    method(dist.global_mean(torch.stack([fns[t](out[t], train[1][t]) for t in "abc"]))).backward()
+    dist.all_reduce_mean_([p.grad for p in net.parameters()])
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= 0.1 * p.grad
+            p.grad = None
+everyone = [torch.zeros(3) for _ in range(dist.world_size())]
+tdist.all_gather(everyone, method.loss_weights.clone())
+seen["auto_lambda"] = [e.tolist() for e in everyone]
 if dist.rank() == 0:
     json.dump(seen, open(sys.argv[1], "w"))
 dist.shutdown()
@@ -232,8 +267,9 @@ dist.shutdown()
 
 
 def test_weighting_state_agrees_across_processes(tmp_path):
-    """GradNorm's weights come from gradient norms and RLW's and PCGrad's from random draws: each process must
-    reach the same values although its data and global RNG differ."""
+    """GradNorm's weights come from gradient norms, RLW's and PCGrad's from random draws and Auto-Lambda's from
+    meta steps on each process's share of the batches: each process must reach the same values although its data
+    and global RNG differ."""
     script = tmp_path / "agree.py"
     script.write_text(WEIGHTS_AGREE)
     out = tmp_path / "seen.json"
@@ -244,6 +280,7 @@ def test_weighting_state_agrees_across_processes(tmp_path):
     for name, (rank0, rank1) in seen.items():
         assert rank0 == rank1, name
     assert seen["gradnorm"][0] != [1.0, 1.0, 1.0]  # the weights did move
+    assert any(abs(w - 0.1) > 1e-3 for w in seen["auto_lambda"][0]), seen["auto_lambda"]
 
 
 def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):

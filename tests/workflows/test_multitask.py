@@ -1,6 +1,7 @@
 """Multitask end to end: the shipped configs on tiny generated data, every weighting through the trainer,
 resume with weighting state, TensorBoard task weights, monitors, clean errors."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -636,3 +637,125 @@ def test_a_three_batch_method_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["weighting"]["lam"], b["weighting"]["lam"])
     assert not torch.equal(a["weighting"]["lam"], torch.full((4,), 0.25))  # lambda moved
+
+
+# --------------------------------------------------------------------------- bilevel weighting (auto_lambda)
+
+
+class _NoisyItems(torch.utils.data.Dataset):
+    """12 fixed items with noise drawn from the global generator at each read, as per-item augmentation draws."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.a = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        self.b = torch.randn(12, generator=g)
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return {"image": self.x[i] + 0.1 * torch.randn(6), "a": self.a[i], "b": self.b[i]}
+
+
+class _TinyMultitask(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2))
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 3), "b": nn.Linear(8, 1)})
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return {t: head(h) for t, head in self.heads.items()}
+
+    def shared_parameters(self):
+        return self.encoder.parameters()
+
+    def task_parameters(self):
+        return self.heads.parameters()
+
+
+def _auto_lambda_trainer(hooks=(), epochs=2):
+    """3 steps an epoch of SGD with momentum; auto_lambda with a large meta lr, so that the weights move."""
+    from mtl.data.loaders import collate_targets
+    from mtl.tasks.classification import Classification
+    from mtl.tasks.regression import Regression
+    from mtl.weighting import build_weighting
+
+    torch.manual_seed(0)
+    model = _TinyMultitask()
+    tasks = {"a": Classification("a", "a", 3), "b": Regression("b", "b", 1)}
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        _NoisyItems(), batch_size=4, shuffle=True, generator=generator, collate_fn=collate_targets({"a": "a", "b": "b"})
+    )
+    return Trainer(
+        model,
+        tasks,
+        {"train": loader},
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+        None,
+        epochs=epochs,
+        device=torch.device("cpu"),
+        progress=False,
+        generator=generator,
+        seed=3,
+        weighting=build_weighting("auto_lambda", list(tasks), lr=0.01),
+        hooks=hooks,
+    )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_auto_lambda_meta_steps_leave_batchnorm_statistics_and_draw_other_training_batches(monkeypatch):
+    from mtl.weighting.loss import AutoLambda
+
+    seen = []
+    original = AutoLambda.meta_step
+
+    def meta_step(self, problem):
+        buffers = [b.clone() for b in problem.model.buffers()]
+        original(self, problem)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, problem.model.buffers()))
+        seen.append((problem.batches["train"][0].clone(), problem.batches["meta"][0].clone()))
+
+    monkeypatch.setattr(AutoLambda, "meta_step", meta_step)
+    trainer = _auto_lambda_trainer(epochs=1)
+    running = trainer.model.encoder[1].running_mean.clone()
+    trainer.fit()
+    assert len(seen) == 3 and trainer.global_step == 3
+    assert not torch.equal(trainer.model.encoder[1].running_mean, running)  # the steps themselves do move them
+    assert not torch.allclose(trainer.weighting.loss_weights, torch.full((2,), 0.1))
+    assert all(train.shape == meta.shape and not torch.allclose(train, meta) for train, meta in seen)
+    items = _NoisyItems().x
+    for _, meta in seen:  # training items (within their noise), none from another split
+        assert ((meta[:, None] - items[None]).abs().amax(-1).amin(1) < 0.6).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("stop_at", [2, 4])  # in the first epoch; in the second, after a checkpointed epoch end
+def test_auto_lambda_resumes_mid_epoch_exactly(stop_at):
+    whole = _auto_lambda_trainer()
+    whole.fit()
+
+    class StopAt(Hook):
+        def after_step(self, trainer, losses):
+            if trainer.global_step == stop_at:
+                trainer.request_stop()
+
+        def on_interrupt(self, trainer, state):
+            saved.update(copy.deepcopy(state))
+
+    saved = {}
+    with pytest.raises(KeyboardInterrupt):
+        _auto_lambda_trainer(hooks=[StopAt()]).fit()
+    in_epoch = (stop_at - 1) % 3 + 1
+    assert saved["partial"]["step"] == in_epoch
+    assert saved["meta_batches"] == {"epoch": (stop_at - 1) // 3, "position": in_epoch}
+    resumed = _auto_lambda_trainer()
+    resumed.load_state_dict(saved)
+    resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for key, value in whole.weighting.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed.weighting.state_dict()[key]), key
