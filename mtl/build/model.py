@@ -38,11 +38,17 @@ def parameter_counts(model: nn.Module) -> Dict[str, int]:
 
 
 def build_model(
-    cfg: Config, encoder: nn.Module, tasks: Dict[str, Task], input_size: Optional[Sequence[int]] = None
+    cfg: Config,
+    encoder: nn.Module,
+    tasks: Dict[str, Task],
+    input_size: Optional[Sequence[int]] = None,
+    weights: bool = True,
 ) -> TransferModel:
     """Heads on the shared encoder, through MTAN attention with ``model.arch: mtan``, or on the features of a
     registered architecture (``mtl.models.arch``) built around ``encoder``. ``input_size``: the (H, W) of the images
-    (gates of mixture-of-experts architectures read them whole); ``data.image_size`` when None."""
+    (gates of mixture-of-experts architectures read them whole); ``data.image_size`` when None. ``weights`` False:
+    an architecture's further experts or columns get no ``model.weights`` either (as ``encoder``, the architecture
+    only)."""
     mtan = None
     feature_info, in_dim = getattr(encoder, "feature_info", None), encoder.out_dim
     arch = cfg.model.arch
@@ -52,7 +58,7 @@ def build_model(
         mtan = MTAN(feature_info, list(tasks))
         in_dim = mtan.out_dim
     elif arch in ARCHS:
-        encoder = build_arch(cfg, encoder, list(tasks), input_size)
+        encoder = build_arch(cfg, encoder, list(tasks), input_size, weights)
         feature_info, in_dim = encoder.feature_info or None, encoder.out_dim
     elif arch != "hard":
         raise UserError(f"model.arch must be one of {', '.join(arch_names())}, got {arch!r}")
@@ -66,7 +72,11 @@ def build_model(
 
 
 def build_arch(
-    cfg: Config, encoder: nn.Module, tasks: List[str], input_size: Optional[Sequence[int]] = None
+    cfg: Config,
+    encoder: nn.Module,
+    tasks: List[str],
+    input_size: Optional[Sequence[int]] = None,
+    weights: bool = True,
 ) -> Architecture:
     """The architecture ``model.arch`` names, with ``model.arch_options``; its experts or columns are copies of
     ``encoder`` (more encoders like it are built from the config, with ``model.freeze`` applied)."""
@@ -83,7 +93,7 @@ def build_arch(
     weights_given = encoder  # the first copy keeps the weights already loaded
 
     def make_encoder() -> nn.Module:
-        other = config_encoder(cfg)
+        other = config_encoder(cfg, weights=weights)
         apply_freeze(other, cfg.model.freeze)
         return other.to(next(weights_given.parameters()).device)
 

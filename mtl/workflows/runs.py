@@ -86,7 +86,7 @@ def load_model(
         tasks, input_size = tasks_from_config(cfg)
     encoder = config_encoder(cfg, weights=weights and not run)
     apply_freeze(encoder, cfg.model.freeze)
-    model = build_model(cfg, encoder, tasks, input_size)
+    model = build_model(cfg, encoder, tasks, input_size, weights=weights and not run)
     if state is not None:
         _load_state(model, state["model"], path)
     model.eval()
