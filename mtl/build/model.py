@@ -10,7 +10,7 @@ from torch import nn
 from mtl.config.schema import Config, HeadCfg
 from mtl.core.errors import UserError
 from mtl.data import DATASETS
-from mtl.models.arch import ARCHS, Architecture, arch_names
+from mtl.models.architectures import ARCHS, Architecture, arch_names
 from mtl.models.encoders import build_encoder, check_input_size
 from mtl.models.freezing import apply_freeze
 from mtl.models.heads import DENSE, create_head, head_input

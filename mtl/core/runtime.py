@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import signal
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
@@ -98,8 +99,6 @@ def training_memory(device: torch.device, mark: float) -> Dict[str, Any]:
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

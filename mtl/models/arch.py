@@ -6,7 +6,8 @@ heads read exactly as they read an encoder's. It declares which of its parameter
 may depend on them: gradient methods balance their gradients) and which belong to one task (trained with the
 weighted sum of the losses, like the heads). ``representation`` says what ``weighting.grad_on: representation``
 differentiates for it, or is None when no tensor is shared by every task (then that setting is refused).
-``hard`` and ``mtan`` are built in :func:`mtl.build.model.build_model` and need no class here.
+``hard`` and ``mtan`` are built in :func:`mtl.build.model.build_model` and need no class here; the built-in
+architectures register themselves when ``mtl.models.architectures`` is imported.
 """
 
 from __future__ import annotations
@@ -81,7 +82,3 @@ def register_arch(name: str) -> Callable[[type], type]:
 def arch_names() -> List[str]:
     """Every ``model.arch`` value: the two built in and the registered ones."""
     return ["hard", "mtan", *ARCHS.names()]
-
-
-# the registered architectures (imported last: they subclass Architecture)
-from mtl.models import columns, experts  # noqa: E402, F401

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtl.core.errors import UserError
-from mtl.models.arch import ARCHS
+from mtl.models.architectures import ARCHS
 from mtl.models.encoders import build_encoder
 from mtl.models.experts import smooth_step
 from mtl.models.stages import run_chain, stage_chain
