@@ -286,7 +286,7 @@ def test_a_multi_input_run_reports_and_mtl_eval_scores_each_task_on_its_own_spli
 @pytest.mark.skipif(
     not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist in /usr/share/datasets/fashion-mnist"
 )
-def test_the_shipped_config_trains_fashion_mnist_and_captcha_characters_as_two_tasks(tmp_path):
+def test_the_shipped_config_trains_fashion_mnist_and_captcha_digits_as_two_tasks(tmp_path):
     overrides = [
         f"out_dir={tmp_path / 'runs'}",
         "train.epochs=1",
@@ -295,13 +295,13 @@ def test_the_shipped_config_trains_fashion_mnist_and_captcha_characters_as_two_t
         "data.val_split=0.002",  # 120 Fashion-MNIST images
         "data.test_split=null",
         "tasks.clothes.data.labels_per_class=2",
-        f"tasks.chars.data.root={tmp_path / 'chars'}",
-        "tasks.chars.data.options={charset: '0123', per_class: 10, val_per_class: 1, size: 28, seed: 0}",
-        "tasks.chars.data.val_split=val",
+        f"tasks.digits.data.root={tmp_path / 'digits'}",
+        "tasks.digits.data.options={charset: '0123', per_class: 10, val_per_class: 1, size: 28, seed: 0}",
+        "tasks.digits.data.val_split=val",
         "data.batch_size=8",
         "model.encoder_options.widths=[4,8,8,16]",
     ]
     summary = run(build_config(*load_config(CONFIGS / "multi_input.yaml", overrides)), quiet=True)
-    assert set(summary["final"]["val"]["tasks"]) == {"clothes", "chars"}
-    assert summary["inputs"]["clothes"]["train_size"] == 20 and summary["inputs"]["chars"]["val_size"] == 4
-    assert summary["steps_per_epoch"] == 5  # the characters' 40 images in batches of 8
+    assert set(summary["final"]["val"]["tasks"]) == {"clothes", "digits"}
+    assert summary["inputs"]["clothes"]["train_size"] == 20 and summary["inputs"]["digits"]["val_size"] == 4
+    assert summary["steps_per_epoch"] == 5  # the digits' 40 images in batches of 8
