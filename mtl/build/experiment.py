@@ -61,9 +61,16 @@ def build_experiment(cfg: Config) -> Experiment:
     encoder = config_encoder(cfg)
     input_size = model_input_size(loaders.get("val", loaders["train"]))
     if cfg.multi_input:  # the encoder takes every task's images
+        sizes = {}
         for name, one in task_configs(cfg).items():
-            own = loaders.get("val", loaders["train"]).loaders[name]
-            check_data_size(one, encoder, model_input_size(own), f"tasks.{name}.data")
+            sizes[name] = model_input_size(loaders.get("val", loaders["train"]).loaders[name])
+            check_data_size(one, encoder, sizes[name], f"tasks.{name}.data")
+        if cfg.model.arch not in ("hard", "mtan") and len({tuple(s) for s in sizes.values()}) > 1:
+            shown = ", ".join(f"{name} {h}x{w}" for name, (h, w) in sizes.items())
+            raise UserError(
+                f"the tasks' images differ in size ({shown}), but model.arch={cfg.model.arch} is built for one "
+                f"size; give every task's data the same image size, or use model.arch=hard or mtan"
+            )
     else:
         check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
@@ -95,6 +102,12 @@ def build_experiment(cfg: Config) -> Experiment:
         raise UserError(
             "weighting.grad_on=representation needs one shared representation, but a multi-input run "
             "(tasks.<t>.data) encodes each task's own images; set weighting.grad_on=params"
+        )
+    if cfg.multi_input and (weighting.samples > 1 or weighting.bilevel):
+        what = "draws meta batches of all tasks at once" if weighting.bilevel else "takes several batches per step"
+        raise UserError(
+            f"weighting {cfg.weighting.name} {what}, which multi-input runs (tasks.<t>.data) do not support; "
+            f"choose another weighting.name"
         )
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)

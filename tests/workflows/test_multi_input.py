@@ -136,6 +136,14 @@ def test_what_a_multi_input_run_cannot_do_is_refused_in_one_line(roots, tmp_path
     one_test_split["tasks"]["char"]["data"].update(val_split=0.4, test_split="test")
     with pytest.raises(UserError, match="tasks char has a test split and the others' not; set data.test_split"):
         build_experiment(build_config(one_test_split))
+    refused = {"sdmgrad": "takes several batches per step", "auto_lambda": "draws meta batches of all tasks at once"}
+    for name, words in refused.items():
+        with pytest.raises(UserError, match=f"^weighting {name} {words}, which multi-input runs .* do not support"):
+            build_experiment(build_config(raw_config(roots, tmp_path, **{"weighting.name": name})))
+    sizes = raw_config(roots, tmp_path, **{"model.arch": "mmoe"})
+    sizes["tasks"]["char"]["data"].update(image_size=20, resize_size=20)
+    with pytest.raises(UserError, match=r"differ in size \(shape 16x16, char 20x20\), but model.arch=mmoe"):
+        build_experiment(build_config(sizes))
     frozen = {"train.cache_features": "on", "model.freeze": "all", "data.augment": "none"}  # cacheable if one input
     cfg = build_config(raw_config(roots, tmp_path, **frozen))
     with pytest.raises(UserError, match="cannot be cached: a multi-input run"):
@@ -178,6 +186,18 @@ def test_a_step_encodes_each_tasks_own_batch_and_runs_only_that_tasks_head_on_it
     for (x, features), t in zip(encoded, ["shape", "char"]):
         assert torch.equal(x, batch["inputs"][t]["image"])
         assert len(heads[t]) == 1 and heads[t][0] is features  # this task's head, on this task's images only
+
+
+@pytest.mark.parametrize("arch", ["mtan", "mmoe"])
+def test_an_architecture_trains_on_each_tasks_own_batch(roots, tmp_path, arch):
+    exp = build_experiment(build_config(raw_config(roots, tmp_path, **{"model.arch": arch})))
+    before = [p.detach().clone() for p in exp.model.parameters()]
+    trainer = _trainer(exp)
+    trainer.optimizer = torch.optim.SGD(exp.model.parameters(), lr=0.1)
+    losses = trainer.step(_first_batch(exp), MultiInputMeter(exp.tasks, exp.device), True)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, exp.model.parameters()))
+    assert set(trainer.run_phase("val")["tasks"]) == {"shape", "char"}
 
 
 def _by_hand(model, batch):
