@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.build.tasks import build_tasks, config_targets, dataset_targets
+from mtl.config.load import task_configs
 from mtl.config.schema import Config, DataCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
@@ -26,7 +27,13 @@ from mtl.data.dense_batches import DenseBatches, can_gather
 from mtl.data.device_augment import BatchAugment
 from mtl.data.holdout import carve_validation, same_items, selects_on_test
 from mtl.data.loaders import SignalSafeLoader, collate_targets
+from mtl.data.multi_input import MultiInputLoader
 from mtl.tasks.base import Task
+
+
+def data_name(cfg: Config) -> str:
+    """The data set a run trains on: ``data.name``, or a multi-input run's, one per task (``fashion_mnist+shapes``)."""
+    return "+".join(one.data.name for one in task_configs(cfg).values()) or cfg.data.name
 
 
 def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
@@ -77,7 +84,8 @@ def build_data(
     ``data.batch_size`` is the global batch, split evenly over the processes.
     """
     world = dist.world_size()
-    for size in (cfg.data.batch_size, cfg.data.val_batch_size or cfg.data.batch_size):
+    data = [c.data for c in task_configs(cfg).values()] or [cfg.data]
+    for size in (s for d in data for s in (d.batch_size, d.val_batch_size or d.batch_size)):
         if size % world:
             raise UserError(
                 f"data.batch_size {size} does not split over {world} processes; under torchrun it is "
@@ -100,6 +108,8 @@ def build_data(
 def _build_data(
     cfg: Config, device: torch.device
 ) -> Tuple[Dict[str, Task], Dict[str, Dataset], Dict[str, Any], torch.Generator, Dict[str, Any]]:
+    if cfg.multi_input:
+        return _build_inputs(cfg, device)
     datasets, skipped = _split_datasets(cfg)
     train_ds = datasets["train"]
     classes = list(getattr(train_ds, "classes", []))
@@ -118,6 +128,45 @@ def _build_data(
         )
         loaders = {split: _item_loader(cfg, ds, split == "train", generator, common) for split, ds in datasets.items()}
         info["pipeline"] = "per item"
+    return tasks, datasets, loaders, generator, info
+
+
+def _build_inputs(
+    cfg: Config, device: torch.device
+) -> Tuple[Dict[str, Task], Dict[str, Any], Dict[str, MultiInputLoader], torch.Generator, Dict[str, Any]]:
+    """A multi-input run's data: each task's built as a one-task run of its own (``task_configs``), and per split one
+    loader that draws a batch of every task (``MultiInputLoader``). ``datasets``: {split: {task: data set}}; ``info``
+    sums the sizes and keeps each task's own under ``inputs``."""
+    tasks: Dict[str, Task] = {}
+    per_split: Dict[str, Dict[str, Any]] = {}
+    datasets: Dict[str, Dict[str, Dataset]] = {}
+    generators, inputs = {}, {}
+    for name, one in task_configs(cfg).items():
+        own_tasks, own_datasets, own_loaders, generators[name], own_info = _build_data(one, device)
+        tasks.update(own_tasks)
+        for split, loader in own_loaders.items():
+            per_split.setdefault(split, {})[name] = loader
+            datasets.setdefault(split, {})[name] = own_datasets[split]
+        inputs[name] = {"data": one.data.name, **own_info}
+    partial = [split for split, loaders in per_split.items() if len(loaders) < len(tasks)]
+    if partial:
+        given = ", ".join(t for t in tasks if t in per_split[partial[0]])
+        raise UserError(
+            f"the data of tasks {given} has a {partial[0]} split and the others' not; set data.test_split for "
+            f"every task or for none"
+        )
+    generator = torch.Generator()  # the trainer's: re-seeded each epoch, it seeds every task's own
+    loaders = {
+        split: MultiInputLoader(own, generator if split == "train" else None, generators)
+        for split, own in per_split.items()
+    }
+    info: Dict[str, Any] = {
+        "inputs": inputs,
+        "classes": {name: own["classes"] for name, own in inputs.items()},
+        "skipped_images": sum(own["skipped_images"] for own in inputs.values()),
+        "pipeline": "; ".join(f"{name}: {own['pipeline']}" for name, own in inputs.items()),
+        **{f"{split}_size": sum(own[f"{split}_size"] for own in inputs.values()) for split in loaders},
+    }
     return tasks, datasets, loaders, generator, info
 
 
@@ -298,7 +347,15 @@ def _dense_batches(
 
 def tasks_from_config(cfg: Config) -> Tuple[Dict[str, Task], Optional[List[int]]]:
     """The config's tasks, completed from the training data when the config does not give every output size, and
-    the (H, W) of that data's images (None when no data was needed)."""
+    the (H, W) of that data's images (None when no data was needed; a multi-input config's: the first task's)."""
+    if cfg.multi_input:  # every task from its own data
+        tasks: Dict[str, Task] = {}
+        size = None
+        for one in task_configs(cfg).values():
+            own, own_size = tasks_from_config(one)
+            tasks.update(own)
+            size = size or own_size
+        return tasks, size
     declared = config_targets(cfg)
     if declared is not None:
         return build_tasks(cfg, declared), None

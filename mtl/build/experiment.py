@@ -18,6 +18,7 @@ from mtl.build.model import (
     model_input_size,
     parameter_counts,
 )
+from mtl.config.load import task_configs
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
@@ -59,7 +60,19 @@ def build_experiment(cfg: Config) -> Experiment:
 
     encoder = config_encoder(cfg)
     input_size = model_input_size(loaders.get("val", loaders["train"]))
-    check_data_size(cfg, encoder, input_size)
+    if cfg.multi_input:  # the encoder takes every task's images
+        sizes = {}
+        for name, one in task_configs(cfg).items():
+            sizes[name] = model_input_size(loaders.get("val", loaders["train"]).loaders[name])
+            check_data_size(one, encoder, sizes[name], f"tasks.{name}.data")
+        if cfg.model.arch not in ("hard", "mtan") and len({tuple(s) for s in sizes.values()}) > 1:
+            shown = ", ".join(f"{name} {h}x{w}" for name, (h, w) in sizes.items())
+            raise UserError(
+                f"the tasks' images differ in size ({shown}), but model.arch={cfg.model.arch} is built for one "
+                f"size; give every task's data the same image size, or use model.arch=hard or mtan"
+            )
+    else:
+        check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
     check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
@@ -84,6 +97,17 @@ def build_experiment(cfg: Config) -> Experiment:
         raise UserError(
             f"model.arch={cfg.model.arch} has no representation that every task shares, so "
             f"weighting.grad_on=representation is undefined for it; {fix}"
+        )
+    if cfg.multi_input and weighting.gradient_level and cfg.weighting.grad_on == "representation":
+        raise UserError(
+            "weighting.grad_on=representation needs one shared representation, but a multi-input run "
+            "(tasks.<t>.data) encodes each task's own images; set weighting.grad_on=params"
+        )
+    if cfg.multi_input and (weighting.samples > 1 or weighting.bilevel):
+        what = "draws meta batches of all tasks at once" if weighting.bilevel else "takes several batches per step"
+        raise UserError(
+            f"weighting {cfg.weighting.name} {what}, which multi-input runs (tasks.<t>.data) do not support; "
+            f"choose another weighting.name"
         )
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
@@ -141,6 +165,8 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     )
     if blocker is None and exp.l2sp is not None:
         blocker = "optim.l2sp needs the encoder's weights in the loss"
+    if blocker is None and cfg.multi_input:
+        blocker = "a multi-input run (tasks.<t>.data) encodes each task's own images"
     if blocker is None:
         views = t.feature_views if cfg.data.augment != "none" else 1
         amp = use_amp(t.amp, exp.device)

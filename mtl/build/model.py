@@ -19,15 +19,16 @@ from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
 
 
-def check_data_size(cfg: Config, encoder: nn.Module, input_size: List[int]) -> None:
-    """Refuse images (``input_size``: the (H, W) the data gives the model) that the encoder cannot take."""
+def check_data_size(cfg: Config, encoder: nn.Module, input_size: List[int], key: str = "data") -> None:
+    """Refuse images (``input_size``: the (H, W) the data gives the model) that the encoder cannot take; ``key``: the
+    config section of ``cfg.data`` (a multi-input task's is ``tasks.<t>.data``)."""
     height, width = input_size
     if "augment" in inspect.signature(DATASETS.get(cfg.data.name)).parameters:  # sizes its own images
-        given = f"data set {cfg.data.name} gives {height}x{width} images (data.image_size does not apply to it)"
-        fix = "change the image size in data.options if the data set has one, or choose another model.encoder"
+        given = f"data set {cfg.data.name} gives {height}x{width} images ({key}.image_size does not apply to it)"
+        fix = f"change the image size in {key}.options if the data set has one, or choose another model.encoder"
     else:
-        given = f"data.image_size={cfg.data.image_size}"
-        fix = "change data.image_size, or choose another model.encoder"
+        given = f"{key}.image_size={cfg.data.image_size}"
+        fix = f"change {key}.image_size, or choose another model.encoder"
     check_input_size(encoder, height, width, given, fix)
 
 

@@ -6,6 +6,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from torch.utils.data import Dataset
 
+from mtl.config.load import task_configs
 from mtl.config.schema import Config
 from mtl.core.errors import UserError
 from mtl.tasks.base import (
@@ -100,6 +101,21 @@ def task_targets(tasks: Mapping[str, Task]) -> TargetSpecs:
             info[task.outputs_key] = n
         out[task.target] = info
     return out
+
+
+def run_targets(cfg: Config, tasks: Mapping[str, Task]) -> Dict[str, Any]:
+    """What a checkpoint keeps to rebuild the tasks without data: ``task_targets``, per task in a multi-input run
+    (every task has its own data set, whose target keys may coincide, e.g. two ``label``s)."""
+    if cfg.multi_input:
+        return {name: task_targets({name: task}) for name, task in tasks.items()}
+    return task_targets(tasks)
+
+
+def tasks_from_targets(cfg: Config, saved: Mapping[str, Any]) -> Dict[str, Task]:
+    """The tasks of ``cfg`` from what ``run_targets`` saved."""
+    if cfg.multi_input:
+        return {name: build_tasks(one, saved[name])[name] for name, one in task_configs(cfg).items()}
+    return build_tasks(cfg, saved)
 
 
 def config_targets(cfg: Config) -> Optional[TargetSpecs]:

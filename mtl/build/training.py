@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from mtl.build.data import data_name
 from mtl.config.schema import Config, HookCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
@@ -133,7 +134,7 @@ def run_hparams(cfg: Config) -> Dict[str, Any]:
     multitask = len(cfg.tasks) > 1
     gradient = multitask and getattr(WEIGHTINGS.get(cfg.weighting.name), "gradient_level", False)
     return {
-        "data": cfg.data.name,
+        "data": data_name(cfg),
         "tasks": ",".join(cfg.tasks),
         "encoder": cfg.model.encoder,
         "arch": cfg.model.arch,

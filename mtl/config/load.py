@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import yaml
 
-from mtl.config.schema import Config
+from mtl.config.schema import Config, DataCfg
 from mtl.core.errors import UserError
 
 Sources = Dict[Tuple[str, ...], str]  # key path -> the file (or "command line") that set it
@@ -267,7 +267,32 @@ def build_config(raw: Mapping[str, Any], sources: Sources | None = None) -> Conf
     if not isinstance(raw, Mapping):
         raise UserError(f"a config must be a mapping of keys to values, not a {type(raw).__name__}")
     _check_shape(raw, "the config")
-    return _convert(Config, raw, (), sources or {})
+    cfg = _convert(Config, raw, (), sources or {})
+    task_configs(cfg, sources)  # a multi-input config's task data, validated like the top-level data
+    return cfg
+
+
+_DATA_SET_KEYS = ("root", "options", "classes")  # settings of one data set: not passed on to a task on another set
+
+
+def task_configs(cfg: Config, sources: Sources | None = None) -> Dict[str, Config]:
+    """A multi-input config (``tasks.<t>.data``) as one single-input config per task: that task alone, with its data
+    resolved: the top-level ``data`` with the task's keys over it (``options`` merged key by key); a task that names
+    another data set than the top level's inherits none of its root, options and classes. Empty for other configs.
+    Errors name the key as ``tasks.<t>.data.<key>``."""
+    if not cfg.multi_input:
+        return {}
+    top = dataclasses.asdict(cfg.data)
+    out = {}
+    for name, task in cfg.tasks.items():
+        base = top
+        if task.data.get("name", cfg.data.name) != cfg.data.name:
+            base = {k: v for k, v in top.items() if k not in _DATA_SET_KEYS}
+        one = copy.deepcopy(cfg)
+        one.data = _convert(DataCfg, deep_merge(base, task.data), ("tasks", name, "data"), sources or {})
+        one.tasks = {name: dataclasses.replace(one.tasks[name], data=None)}
+        out[name] = one
+    return out
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:

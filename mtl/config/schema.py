@@ -136,6 +136,10 @@ class TaskCfg:
     metrics: Optional[List[str]] = None  # report only these metrics (all of the type's by default)
     label_smoothing: float = bounded(0.0, ge=0, lt=1)
     options: Dict[str, Any] = field(default_factory=dict)  # type-specific, e.g. classification {topk: 5}
+    # multi-input runs: this task's own data set, a `data` mapping whose missing keys come from the top-level data
+    # (root, options and classes only when it names the same data set); {}: the top-level data itself. Every task
+    # has one or none does; each step draws one batch of every task (README: Multi-input multitask learning)
+    data: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -356,9 +360,25 @@ class Config:
     def __post_init__(self) -> None:
         self.tasks = {name: task for name, task in self.tasks.items() if task is not None}
 
+    @property
+    def multi_input(self) -> bool:
+        """Every task has its own data set (``tasks.<t>.data``)."""
+        return any(task.data is not None for task in self.tasks.values())
+
     def check(self) -> str:
         if not self.tasks:
             return "tasks must name at least one task (all are null)"
+        if self.multi_input:
+            lacking = [name for name, task in self.tasks.items() if task.data is None]
+            if lacking:
+                given = ", ".join(f"tasks.{t}.data" for t in self.tasks if t not in lacking)
+                return (
+                    f"{given} is set but {', '.join(f'tasks.{t}.data' for t in lacking)} is not: in a multi-input "
+                    f"run every task names its data set; set tasks.{lacking[0]}.data ({{}} takes the top-level "
+                    f"data) or remove tasks.<t>.data everywhere"
+                )
+            if self.continual.methods:
+                return "continual.methods runs one task per stage; it does not take tasks.<t>.data (multi-input)"
         if self.continual.methods and self.data.test_split is not None:
             return (
                 "data.test_split is not scored by continual runs (continual.methods), which measure on "

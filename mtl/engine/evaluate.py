@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtl.core.runtime import evaluating
-from mtl.engine.meter import Meter
+from mtl.data.multi_input import MultiInputLoader
+from mtl.engine.meter import Meter, overall
 from mtl.tasks.base import Task
 
 
@@ -66,6 +67,30 @@ def evaluate(
     those sums are added up over torchrun's processes (each saw its share of the split). ``progress``: a bar
     (None: only on a terminal). The model's train/eval mode is restored afterwards (``core.runtime.evaluating``).
     """
+    if isinstance(loader, MultiInputLoader):  # every task on its own data, through its own head
+        parts = {
+            t: evaluate(
+                _OneTask(model, t),
+                loader.loaders[t],
+                {t: task},
+                device,
+                autocast=autocast,
+                channels_last=channels_last,
+                metrics=metrics,
+                confusion=confusion,
+                reduce=reduce,
+                progress=progress,
+                desc=f"{desc} {t}",
+            )
+            for t, task in tasks.items()
+        }
+        per = {t: part.metrics[t] for t, part in parts.items() if t in part.metrics}
+        return Evaluation(
+            size=sum(part.size for part in parts.values()),
+            metrics=per,
+            confusion={t: c for part in parts.values() for t, c in part.confusion.items()},
+            overall=overall(per, tasks) if per else {},
+        )
     names = confusion_tasks(tasks) if confusion else []
     sizes = {t: tasks[t].confusion_classes() for t in names}
     confusion = {t: torch.zeros(n * n + 1, dtype=torch.long, device=device) for t, n in sizes.items()}  # + overflow
@@ -105,6 +130,17 @@ def evaluate(
         result.metrics = phase.pop("tasks")
         result.overall = phase
     return result
+
+
+class _OneTask(nn.Module):
+    """``model`` computing one task's output only (``model(x, tasks=(task,))``)."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        return self.model(x, tasks=(self.task,))
 
 
 # --------------------------------------------------------------------------- mtl eval

@@ -350,6 +350,9 @@ class TensorBoardHook(Hook):
         if grid_task is None and not dense:
             return
         self._load_images(trainer.loaders["val"])
+        if grid_task not in self._targets:  # a multi-input run's grid shows its first task's images only
+            grid_task = None
+        dense = [t for t in dense if t in self._targets]
         with evaluating(trainer.model), trainer.autocast():
             outputs = trainer.model(self._images.to(trainer.device))
         images = (self._images.float() * self.std[:, None, None] + self.mean[:, None, None]).clamp(0, 1)

@@ -31,8 +31,9 @@ from mtl.core.checkpoint import rng_state, set_rng_state
 from mtl.core.errors import UserError, out_of_memory
 from mtl.data.batches import loader_batch_size
 from mtl.data.loaders import reshuffled
+from mtl.data.multi_input import MultiInputLoader
 from mtl.engine.evaluate import evaluate
-from mtl.engine.meter import Meter
+from mtl.engine.meter import Meter, MultiInputMeter
 from mtl.engine.monitor import default_monitor
 from mtl.models.freezing import L2SP
 from mtl.tasks.base import Task
@@ -236,7 +237,9 @@ class Trainer:
                 module.set_epoch(self.epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.seed * 100_003 + self.epoch)  # shuffle order = f(seed, epoch)
-        meter = Meter(self.tasks, self.device)
+        meter = (MultiInputMeter if isinstance(self.loaders["train"], MultiInputLoader) else Meter)(
+            self.tasks, self.device
+        )
         self._weight_sum, self._weight_steps = torch.zeros(len(self.tasks), device=self.device), 0
         loader = self.loaders["train"]
         samples, steps = self._steps_per_epoch(loader)
@@ -278,6 +281,8 @@ class Trainer:
         return meter.result()
 
     def step(self, batch: Mapping[str, Any], meter: Meter, train: bool) -> Dict[str, Tensor]:
+        if "inputs" in batch:  # multi-input: every task its own batch
+            return self._multi_input_step(batch, meter, train)
         x = batch["image"].to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -288,6 +293,7 @@ class Trainer:
         saved = self._snapshot() if train and self.nonfinite == "skip" else None
         if train and self.weighting.bilevel:
             self._meta_step(x, targets)
+        features = rep = None
         with self.autocast():
             if representation:
                 features = self.model.encode(x)
@@ -295,6 +301,23 @@ class Trainer:
                 outputs = self.model.decode(rep, tuple(x.shape[-2:]))
             else:
                 outputs = self.model(x)
+        return self._step_outputs(outputs, targets, x.shape[0], meter, train, saved, features, rep)
+
+    def _step_outputs(
+        self,
+        outputs: Dict[str, Tensor],
+        targets: Dict[str, Tensor],
+        n: Any,
+        meter: Meter,
+        train: bool,
+        saved: Optional[Dict[str, Any]],
+        features: Optional[Dict[str, Tensor]] = None,
+        rep: Optional[Dict[str, Tensor]] = None,
+    ) -> Dict[str, Tensor]:
+        """The rest of a step, from the task outputs: losses, the weighting's update (``features`` and ``rep``: the
+        encoder's output and its detached copy, with ``grad_on: representation``), the running metrics (``n``: the
+        batch size, per task in a multi-input run)."""
+        representation = features is not None
         # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
         # (zero) gradients through every other task's head as well
         each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
@@ -324,7 +347,7 @@ class Trainer:
                 self._restore(saved)
                 return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
             self._update()
-        meter.update(local, outputs, targets, x.shape[0])
+        meter.update(local, outputs, targets, n)
         return dict(zip(self.tasks, losses.detach()))
 
     def _update(self) -> None:
@@ -340,6 +363,27 @@ class Trainer:
         if self._weight_sum is not None:
             self._weight_sum += self.weighting.last_weights.detach().to(self._weight_sum.device)
             self._weight_steps += 1
+
+    def _multi_input_step(self, batch: Mapping[str, Any], meter: Meter, train: bool) -> Dict[str, Tensor]:
+        """A step of a multi-input run (``batch["inputs"]``: one batch per task): each task's images through the shared
+        encoder and that task's head only; the task losses then take the same weighting path as ``step``'s."""
+        if train and self.weighting.gradient_level and self.grad_on == "representation":
+            raise UserError(
+                "weighting.grad_on=representation needs one shared representation, but a multi-input run encodes "
+                "each task's own images; use weighting.grad_on=params"
+            )
+        saved = self._snapshot() if train and self.nonfinite == "skip" else None
+        outputs, targets, sizes = {}, {}, []
+        for t in self.tasks:
+            part = batch["inputs"][t]
+            x = part["image"].to(self.device, non_blocking=True)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets[t] = part["targets"][t].to(self.device, non_blocking=True)
+            with self.autocast():
+                outputs[t] = self.model(x, tasks=(t,))[t]
+            sizes.append(x.shape[0])
+        return self._step_outputs(outputs, targets, sizes, meter, train, saved)
 
     def _finite(
         self, losses: Optional[Tensor], task_grads_bad: Optional[Tensor] = None, grads: Sequence[Tensor] = ()

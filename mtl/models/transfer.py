@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from itertools import chain
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -34,20 +34,25 @@ class TransferModel(nn.Module):
         """The shared representation: stage maps and pooled ``"out"``."""
         return self.encoder(x)
 
-    def decode(self, features: Dict[str, Tensor], size: Tuple[int, int]) -> Dict[str, Tensor]:
-        """Task outputs from the shared features; dense outputs at ``size``."""
+    def decode(
+        self, features: Dict[str, Tensor], size: Tuple[int, int], tasks: Optional[Sequence[str]] = None
+    ) -> Dict[str, Tensor]:
+        """Task outputs from the shared features; dense outputs at ``size``. ``tasks``: only these tasks' heads run
+        (a multi-input run's batch belongs to one task); None: all."""
         if isinstance(self.encoder, Architecture):
             per_task = self.encoder.split(features)
         else:
             per_task = self.mtan(features) if self.mtan is not None else None
         outputs = {}
         for task, head in self.heads.items():
+            if tasks is not None and task not in tasks:
+                continue
             f = per_task[task] if per_task is not None else features
             outputs[task] = call_head(head, self.head_inputs[task], f, size)
         return outputs
 
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        return self.decode(self.encode(x), tuple(x.shape[-2:]))
+    def forward(self, x: Tensor, tasks: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        return self.decode(self.encode(x), tuple(x.shape[-2:]), tasks)
 
     @property
     def encoder_representation(self) -> Optional[str]:

@@ -7,12 +7,14 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torchvision.transforms.v2.functional import to_pil_image
 
 from mtl.build.data import build_data
+from mtl.config.load import task_configs
+from mtl.config.schema import DataCfg
 from mtl.core.checkpoint import save_json
 from mtl.core.errors import UserError
 from mtl.core.runtime import select_device, use_amp
@@ -22,23 +24,39 @@ from mtl.tasks.base import Task
 from mtl.workflows.predict import open_run
 
 
-def _split_loader(cfg: Any, split: str, device: torch.device) -> tuple[Dict[str, Task], Any]:
+def _split_loader(
+    cfg: Any, split: str, device: torch.device, task_splits: Optional[Mapping[str, Any]] = None
+) -> tuple[Dict[str, Task], Any]:
     """Tasks and the loader of ``split`` as the run validated: the run's data pipeline with eval transforms.
 
     ``build_data`` with both of its splits set to ``split``: no other split is listed or decoded (``split`` is
     built twice, as the unused training split too). ``split`` a fraction (``data.val_split``): the run's own
-    validation set, carved from the training split again.
+    validation set, carved from the training split again. A multi-input run: each task's data on its own split
+    (``task_splits``).
     """
 
     eval_cfg = copy.deepcopy(cfg)
-    if not isinstance(split, float):  # a fraction: the validation set the run carved (data.split_seed)
-        eval_cfg.data.train_split = eval_cfg.data.val_split = split
-    eval_cfg.data.labels_per_class = None
-    eval_cfg.data.test_split = None
+    for key, value in _only(split).items():
+        setattr(eval_cfg.data, key, value)
+    for t, own in (task_splits or {}).items():
+        eval_cfg.tasks[t].data.update(_only(own))
     with warnings.catch_warnings():  # scoring a test split on request selects nothing on it
         warnings.filterwarnings("ignore", message="data.val_split .* is its test split")
         tasks, _, loaders, _, _ = build_data(eval_cfg, device)
     return tasks, loaders["val"]
+
+
+def _only(split: Any) -> Dict[str, Any]:
+    """The data keys that make ``split`` the validation split and nothing else (a fraction: the carved set)."""
+    keys: Dict[str, Any] = {"labels_per_class": None, "test_split": None}
+    if not isinstance(split, float):  # a fraction: the validation set the run carved (data.split_seed)
+        keys["train_split"] = keys["val_split"] = split
+    return keys
+
+
+def _data_split(d: DataCfg, split: str) -> Any:
+    """The split of data ``d`` that ``--split`` names: val, train and test as the run used them, else itself."""
+    return {"val": d.val_split, "train": d.train_split, "test": d.test_split or "test"}.get(split, split)
 
 
 def _check_classes(run_classes: Mapping[str, List[str]], data_tasks: Mapping[str, Task], split: str) -> None:
@@ -68,11 +86,10 @@ def eval_command(run: str, split: str = "val") -> str:
     loaded = open_run(run)
     run_dir = Path(loaded.run_dir)
     cfg = loaded.cfg
-    data_split = {"val": cfg.data.val_split, "train": cfg.data.train_split, "test": cfg.data.test_split or "test"}.get(
-        split, split
-    )
+    data_split = _data_split(cfg.data, split)
+    task_splits = {t: _data_split(one.data, split) for t, one in task_configs(cfg).items()}  # multi-input
     device = select_device("auto")
-    data_tasks, loader = _split_loader(cfg, data_split, device)
+    data_tasks, loader = _split_loader(cfg, data_split, device, task_splits)
     _check_classes(loaded.classes, data_tasks, split)
     amp = use_amp(cfg.train.amp, device)
     model = loaded.model.to(device)
@@ -92,7 +109,7 @@ def eval_command(run: str, split: str = "val") -> str:
     report: Dict[str, Any] = {
         "run_dir": str(run_dir),
         "split": split,
-        "data_split": data_split,
+        "data_split": task_splits or data_split,
         "size": result.size,
         "checkpoint": "checkpoints/best.pt",
         **result.overall,

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from mtl.build.data import tasks_from_config
 from mtl.build.model import build_model, config_encoder
-from mtl.build.tasks import build_tasks
+from mtl.build.tasks import build_tasks, tasks_from_targets
 from mtl.config.load import build_config, load_config
 from mtl.config.schema import Config
 from mtl.config.stages import stage_configs
@@ -80,7 +80,7 @@ def load_model(
         else:  # runs from before task targets were saved: the classes are enough for single-label runs
             classes = next(iter(state.get("classes", {}).values()), [])
             declared = {"label": {"type": "classification", "num_classes": len(classes), "classes": classes}}
-        tasks = build_tasks(cfg, declared)
+        tasks = tasks_from_targets(cfg, declared)
         input_size = state.get("input_size")
     else:
         tasks, input_size = tasks_from_config(cfg)

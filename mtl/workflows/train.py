@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from mtl.build.data import data_name
 from mtl.build.experiment import (
     Experiment,
     _delta_m_fn,
@@ -17,7 +18,7 @@ from mtl.build.experiment import (
     build_experiment,
     build_monitor,
 )
-from mtl.build.tasks import task_targets
+from mtl.build.tasks import run_targets
 from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import build_config, config_to_dict, dump_config, load_config
 from mtl.config.schema import Config
@@ -107,7 +108,7 @@ def _train(
         "config": config_to_dict(cfg),
         "classes": classes,
         "encoder": cfg.model.encoder,
-        "targets": task_targets(exp.tasks),
+        "targets": run_targets(cfg, exp.tasks),
         "input_size": exp.input_size,
     }
     hooks = build_hooks(
@@ -143,7 +144,7 @@ def _train(
     if not quiet and main_process:
         p = exp.info["params"]
         print(
-            f"run {run_dir}  |  {cfg.model.encoder} on {cfg.data.name}: {exp.info['train_size']} train / "
+            f"run {run_dir}  |  {cfg.model.encoder} on {data_name(cfg)}: {exp.info['train_size']} train / "
             f"{exp.info['val_size']} val"
             + (f" / {exp.info['test_size']} test" if "test_size" in exp.info else "")
             + f" images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
