@@ -513,6 +513,11 @@ class Trainer:
             return False
         d, w = self.weighting(grads, torch.stack(losses).detach())
         _set_owned_grads(owned, owned_grads, w)
+        self._set_shared_grads(shared, d)
+        return True
+
+    def _set_shared_grads(self, shared: Sequence[nn.Parameter], d: Tensor) -> None:
+        """The shared parameters get the combined gradient ``d`` (flattened in their order), plus L2-SP's."""
         offset = 0
         for p in shared:
             n = p.numel()
@@ -520,7 +525,6 @@ class Trainer:
             offset += n
         if self.l2sp is not None:
             self.l2sp.penalty().backward()
-        return True
 
     def _representation_backward(
         self, losses: List[Tensor], features: Dict[str, Tensor], rep: Dict[str, Tensor]
@@ -611,13 +615,7 @@ class Trainer:
             return dict(zip(self.tasks, torch.stack(plain).mean(0)))  # skipped: no update, not counted
         d, w = self.weighting(grads, losses)
         _set_owned_grads(owned, heads, w)
-        offset = 0
-        for p in shared:
-            n = p.numel()
-            p.grad = d[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
-        if self.l2sp is not None:
-            self.l2sp.penalty().backward()
+        self._set_shared_grads(shared, d)
         self._update()
         for args in seen:
             meter.update(*args)

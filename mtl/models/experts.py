@@ -31,14 +31,16 @@ def _count(value: object, what: str, arch: str, *, power_of_two: bool = False) -
     return value
 
 
+def _weighted(weights: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_k weights[:, k] * tensors[k]`` (weights: (B, K), each tensor batch first)."""
+    stacked = torch.stack(list(tensors), dim=1)  # (B, K, ...)
+    w = weights.reshape(*weights.shape, *([1] * (stacked.dim() - 2))).to(stacked.dtype)
+    return (w * stacked).sum(1)
+
+
 def _mix(weights: Tensor, outputs: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
     """``sum_k weights[:, k] * outputs[k][key]`` for every key (weights: (B, K))."""
-    mixed = {}
-    for key in outputs[0]:
-        stacked = torch.stack([o[key] for o in outputs], dim=1)  # (B, K, ...)
-        w = weights.reshape(*weights.shape, *([1] * (stacked.dim() - 2))).to(stacked.dtype)
-        mixed[key] = (w * stacked).sum(1)
-    return mixed
+    return {key: _weighted(weights, [o[key] for o in outputs]) for key in outputs[0]}
 
 
 def _experts(encoder: nn.Module, make_encoder: Callable[[], nn.Module], n: int) -> nn.ModuleList:
@@ -251,11 +253,11 @@ class PLE(Architecture):
             new = {}
             for t in self.tasks:
                 gate = self.task_gates[j][t](rearrange(streams[t], "b ... -> b (...)")).softmax(-1)
-                new[t] = _mix(gate, [{"m": o} for o in own[t] + common])["m"]
+                new[t] = _weighted(gate, own[t] + common)
             if j < self.levels - 1:
                 everyone = [o for t in self.tasks for o in own[t]] + common
                 gate = self.shared_gates[j](rearrange(shared, "b ... -> b (...)")).softmax(-1)
-                shared = _mix(gate, [{"m": o} for o in everyone])["m"]
+                shared = _weighted(gate, everyone)
             streams = new
             rep |= {f"{t}.{self.stage_names[j]}": new[t] for t in self.tasks}
         return rep
