@@ -39,28 +39,26 @@ from torch.utils.tensorboard.summary import hparams
 
 from mtl.build.data import build_data
 from mtl.build.experiment import build_monitor
-from mtl.build.model import (
-    build_head,
-    check_data_size,
-    config_encoder,
-    model_input_size,
-    parameter_counts,
-)
+from mtl.build.model import check_data_size, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
 from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import dump_config
-from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
-from mtl.core.checkpoint import atomic_write, load_checkpoint, rng_state, save_json, set_rng_state
+from mtl.config.schema import Config
+from mtl.core.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_json,
+    set_rng_state,
+)
 from mtl.core.errors import UserError
 from mtl.core.rundir import lock_run_dir
-from mtl.core.runtime import seed_everything, select_device, use_amp
+from mtl.core.runtime import memory_mark, seed_everything, select_device, training_memory, use_amp
 from mtl.engine.evaluate import evaluate
 from mtl.models.encoders import build_encoder
-from mtl.models.freezing import apply_freeze
-from mtl.models.heads import POOLED, head_input
-from mtl.models.progressive import ProgressiveNet
-from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
+from mtl.workflows.learners import Learner, build_learner, pooled_head
 from mtl.workflows.plots import MISSING, have_matplotlib, heatmap_chart
 from mtl.workflows.train import check_resumable, new_run_dir
 
@@ -81,94 +79,15 @@ class SequenceTask:
         return self.cfg.name
 
 
-def _head(st: SequenceTask, in_dim: int) -> nn.Module:
-    head_cfg = next(iter(st.cfg.tasks.values())).head or HeadCfg()
-    message = f"stage {st.name!r}: continual methods need a pooled head (linear or mlp), not {head_cfg.name!r}"
-    try:
-        head = build_head(st.cfg, st.name, st.task, in_dim, feature_info=None)
-    except UserError as e:
-        if "feature_info" in str(e):
-            raise UserError(message) from None
-        raise
-    if head_input(head) != POOLED:
-        raise UserError(message)
-    return head
-
-
-class Learner:
-    """A continual-learning method: the model trained on task k, and the model that predicts task j."""
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        raise NotImplementedError
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        raise NotImplementedError
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        """Parameters added for task k (a column with its laterals, or a head)."""
-        raise NotImplementedError
-
-
-class ColumnLearner(Learner):
-    """``progressive`` (laterals on) or ``independent`` (laterals off): one column per task."""
-
-    def __init__(self, lateral: bool, alpha: float, adapter_channels: Optional[int], device: torch.device) -> None:
-        self.net = ProgressiveNet(alpha=alpha, lateral=lateral, adapter_channels=adapter_channels)
-        self.device = device
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        encoder = config_encoder(st.cfg)
-        self.net.add_column(st.name, _head(st, encoder.out_dim), encoder=encoder)
-        self.net.to(self.device)
-        return self.net.view(st.name)
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        return self.net.view(st.name)
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        return self.net.column_parameters(st.name)["total"]
-
-
-class SharedEncoderLearner(Learner):
-    """``finetune`` (the encoder keeps training) or ``head_only`` (frozen after the first task): a head per task."""
-
-    def __init__(self, freeze_after_first: bool, device: torch.device) -> None:
-        self.freeze_after_first = freeze_after_first
-        self.encoder: Optional[nn.Module] = None
-        self.heads: Dict[str, nn.Module] = {}
-        self.device = device
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        if self.encoder is None:
-            self.encoder = config_encoder(st.cfg).to(self.device)
-            apply_freeze(self.encoder, st.cfg.model.freeze)
-        elif self.freeze_after_first:
-            apply_freeze(self.encoder, "all")
-        for head in self.heads.values():  # earlier heads keep what they learnt; only the encoder may drift
-            head.requires_grad_(False)
-        self.heads[st.name] = _head(st, self.encoder.out_dim).to(self.device)
-        return TransferModel(self.encoder, {st.name: self.heads[st.name]})
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        return TransferModel(self.encoder, {st.name: self.heads[st.name]})
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        head = sum(p.numel() for p in self.heads[st.name].parameters())
-        return head + (sum(p.numel() for p in self.encoder.parameters()) if k == 0 else 0)
-
-
-def build_learner(method: str, top: Config, device: torch.device) -> Learner:
-    if method in ("progressive", "independent"):
-        return ColumnLearner(method == "progressive", top.continual.alpha, top.continual.adapter_channels, device)
-    return SharedEncoderLearner(method == "head_only", device)
-
-
-def _accuracy(model: nn.Module, st: SequenceTask, device: torch.device, channels_last: bool) -> float:
-    """Validation accuracy of ``model`` on task ``st``: the one evaluation loop (``mtl.engine.evaluate``)."""
+def _accuracy(
+    model: nn.Module, st: SequenceTask, device: torch.device, channels_last: bool, task: Optional[Task] = None
+) -> float:
+    """Validation accuracy of ``model`` on task ``st`` (scored as ``task``, by default the stage's own): the one
+    evaluation loop (``mtl.engine.evaluate``)."""
     amp = use_amp(st.cfg.train.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None
     result = evaluate(
-        model, st.loaders["val"], {st.name: st.task}, device, autocast=autocast, channels_last=channels_last
+        model, st.loaders["val"], {st.name: task or st.task}, device, autocast=autocast, channels_last=channels_last
     )
     return result.metrics[st.name]["acc"]
 
@@ -250,8 +169,6 @@ def stage_model(method: str, top: Config, configs: List[Config], tasks: List[Tas
     """The architecture ``method`` predicts task ``upto`` with (no weights loaded): columns 0..upto with their
     laterals (earlier ones frozen) for column methods, the shared encoder with that task's head otherwise.
     ``configs`` are stage configs (``as_sequence_stage``), ``tasks`` their tasks."""
-    if method not in CONTINUAL_METHODS:
-        raise UserError(f"unknown continual method {method!r}; known: {', '.join(CONTINUAL_METHODS)}")
     learner = build_learner(method, top, torch.device("cpu"))
     model: Optional[nn.Module] = None
     for k in range(upto + 1):
@@ -288,7 +205,7 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         if "acc" not in task.metric_directions:
             raise UserError(f"stage {cfg.name!r}: continual metrics need an accuracy; a {task.type_name} task has none")
         sequence.append(SequenceTask(cfg, task, loaders, generator, info, build_monitor(cfg, {cfg.name: task})))
-        _head(sequence[-1], in_dim=8)  # refuse a dense or stage-map head before anything trains
+        pooled_head(cfg, cfg.name, task, in_dim=8)  # refuse a dense or stage-map head before anything trains
     encoders = {(c.model.encoder, str(c.model.encoder_options)) for c in configs}
     if len(encoders) > 1:
         raise UserError(
@@ -302,12 +219,36 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
     return sequence
 
 
+def check_methods(top: Config, sequence: List[SequenceTask]) -> None:
+    """Every method of ``continual.methods`` known, with valid options, able to run the scenario, whose stages fit
+    it: refused in one line before anything is written."""
+    for method in top.continual.methods:
+        build_learner(method, top, torch.device("cpu"))
+    scenario = top.continual.scenario
+    if scenario == "class":
+        other = [f"{st.name} ({st.task.type_name})" for st in sequence if st.task.type_name != "classification"]
+        if other:
+            raise UserError(
+                f"continual.scenario: class needs classification stages (one head over every class seen); "
+                f"{', '.join(other)} is not; use continual.scenario: task"
+            )
+    if scenario == "domain":
+        sizes = {st.name: int(st.task.out_dim) for st in sequence}
+        if len(set(sizes.values())) > 1:
+            raise UserError(
+                "continual.scenario: domain needs the same classes in every stage (one head for all), but they have "
+                + ", ".join(f"{n}: {c}" for n, c in sizes.items())
+                + " outputs; use continual.scenario: task or class"
+            )
+
+
 def run_continual(
     top: Config, configs: List[Config], quiet: bool = False, root: Optional[Path] = None
 ) -> Dict[str, Any]:
     """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/`` (``root``,
     else a new run directory), holding the run's lock throughout."""
     sequence = prepare_sequence(configs, select_device(top.train.device))
+    check_methods(top, sequence)
     root = root or new_run_dir(top)
     root.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(root)
@@ -328,6 +269,7 @@ def resume_continual(root: Path, top: Config, configs: List[Config], quiet: bool
         print(f"{root} is complete: every method and task has its summary.json; nothing to resume")
         return json.loads((root / "summary.json").read_text())
     sequence = prepare_sequence(configs, select_device(top.train.device))
+    check_methods(top, sequence)
     lock = lock_run_dir(root)
     try:
         return _run_sequence(top, sequence, root, quiet, resume=True)
@@ -439,7 +381,7 @@ def _random_init_accuracy(method: str, top: Config, sequence: List[SequenceTask]
         for k, st in enumerate(sequence):
             seed_everything(st.cfg.train.seed, st.cfg.train.deterministic)
             model = learner.train_model(k, st)
-            accuracies.append(_accuracy(model, st, device, _memory_format(model, st.cfg)))
+            accuracies.append(_accuracy(model, st, device, _memory_format(model, st.cfg), learner.task(k, st)))
     return accuracies
 
 
@@ -457,23 +399,37 @@ def _run_method(
     seed_everything(top.train.seed, top.train.deterministic)
     learner = build_learner(method, top, device)
     R: List[List[float]] = []
-    params, times, before = [], [], []
+    params, times, before, memory = [], [], [], []
     for k, st in enumerate(sequence):
         cfg, run_dir = st.cfg, root / method / st.name
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = learner.train_model(k, st)
         channels_last = _memory_format(model, cfg)
         with _rng_untouched([s.generator for s in sequence]):  # R[k-1][k]: task k's model before training on it
-            before.append(_accuracy(model, st, device, channels_last))
+            before.append(_accuracy(model, st, device, channels_last, learner.task(k, st)))
         done = resume and (run_dir / "summary.json").is_file()
         if not quiet:
             print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name}{' (done: reused)' if done else ''} ===")
         if done:
-            row, seconds = _reuse_task(model, run_dir, k)
+            row, seconds, used = _reuse_task(model, run_dir, k)
+            state = run_dir / "learner.pt"
+            if state.is_file():
+                learner.load_state_dict(load_checkpoint(state))
+            else:  # a learner that keeps nothing across tasks (or a run written before learners kept state)
+                learner.end_task(k, st, model)
         else:
-            seconds = _train_task(method, k, sequence, model, run_dir, device, channels_last, quiet, resume)
+            mark = memory_mark(device)
+            seconds = _train_task(method, k, sequence, learner, model, run_dir, device, channels_last, quiet, resume)
+            used = training_memory(device, mark)
+            learner.end_task(k, st, model)
+            kept = learner.state_dict()
+            if kept:  # written before summary.json: a task with a summary always has the state later tasks need
+                save_checkpoint(kept, run_dir / "learner.pt")
             row = [
-                _accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, channels_last) for j in range(k + 1)
+                _accuracy(
+                    learner.eval_model(j, sequence[j]), sequence[j], device, channels_last, learner.task(j, sequence[j])
+                )
+                for j in range(k + 1)
             ]
             for j, acc in enumerate(row):
                 tb.add_scalar(f"R/{method}/{sequence[j].name}", acc, k + 1)
@@ -487,11 +443,13 @@ def _run_method(
                     "acc_random_init": random_init[k],
                     "params": parameter_counts(model),
                     "time_s": seconds,
+                    "memory": used,
                 },
                 run_dir / "summary.json",
             )
         R.append(row)
         times.append(seconds)
+        memory.append(used)
         params.append(learner.added_parameters(k, st))
     return {
         "R": R,
@@ -499,12 +457,13 @@ def _run_method(
         "acc_random_init": random_init,
         "params_per_task": params,
         "time_s": times,
+        "memory": memory,
     }
 
 
-def _reuse_task(model: nn.Module, run_dir: Path, k: int) -> Tuple[List[float], float]:
+def _reuse_task(model: nn.Module, run_dir: Path, k: int) -> Tuple[List[float], float, Any]:
     """A finished task run: its weights (``best.pt``, which training ended with, else ``last.pt``) go into
-    ``model``, and its R row and time come from its ``summary.json``."""
+    ``model``, and its R row, time and memory come from its ``summary.json``."""
     saved = json.loads((run_dir / "summary.json").read_text())
     row = saved.get("R_row")
     if not isinstance(row, list) or len(row) != k + 1:
@@ -514,13 +473,14 @@ def _reuse_task(model: nn.Module, run_dir: Path, k: int) -> Tuple[List[float], f
         )
     best = run_dir / "checkpoints" / "best.pt"
     model.load_state_dict(load_checkpoint(best if best.is_file() else run_dir / "checkpoints" / "last.pt")["model"])
-    return [float(a) for a in row], float(saved.get("time_s", 0.0))
+    return [float(a) for a in row], float(saved.get("time_s", 0.0)), saved.get("memory")
 
 
 def _train_task(
     method: str,
     k: int,
     sequence: List[SequenceTask],
+    learner: Learner,
     model: nn.Module,
     run_dir: Path,
     device: torch.device,
@@ -552,13 +512,14 @@ def _train_task(
     trainer = build_trainer(
         cfg,
         model,
-        {st.name: st.task},
+        {st.name: learner.task(k, st)},
         st.loaders,
         device=device,
         generator=st.generator,
         hooks=hooks,
         quiet=quiet,
         grad_on=cfg.weighting.grad_on,
+        extension=learner.extension(k, st),
         monitor=st.monitor,
         channels_last=channels_last,
         nonfinite=cfg.train.nonfinite,

@@ -282,7 +282,11 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["continual.methods=[progressive, ewc]"], "unknown ewc"),
+        (["continual.methods=[progressive, finetuned]"], "unknown continual method 'finetuned'. Did you mean finetune"),
+        (["continual.scenario=class"], "'progressive' cannot run continual.scenario: class"),
+        (["continual.scenario=sideways"], "continual.scenario must be one of task, class, domain"),
+        (["continual.options={progressive: {alpha: 1}}"], "unknown option.s. alpha for method 'progressive'"),
+        (["continual.methods=[progressive]", "continual.options={finetune: {}}"], "'finetune' is not in continual"),
         (["stages=[{name: a}]"], "two or more stages"),
         (["stages=[{name: a}, {name: b, tasks: {label: {}, other: {}}}]"], "one task"),
         (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
@@ -299,9 +303,10 @@ def test_bad_continual_configs(tmp_path, overrides, message):
 
 
 def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
-    code = main(["train", str(CONFIGS / "progressive.yaml"), *tiny(tmp_path, "continual.methods=[lwf]")])
+    code = main(["train", str(CONFIGS / "progressive.yaml"), *tiny(tmp_path, "continual.methods=[lwf_x]")])
     assert code == 2
-    assert "unknown lwf" in capsys.readouterr().err
+    assert "unknown continual method 'lwf_x'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 class RecordOptions(Hook):
@@ -359,7 +364,7 @@ def test_new_columns_start_from_pretrained_weights(tmp_path):
     """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
     pytest.importorskip("captcha")
     from mtl.models.encoders import build_encoder
-    from mtl.workflows.continual import ColumnLearner, prepare_sequence
+    from mtl.workflows.continual import build_learner, prepare_sequence
 
     torch.manual_seed(5)
     saved = build_encoder("small_cnn", widths=[8, 8, 16, 16]).state_dict()
@@ -373,7 +378,7 @@ def test_new_columns_start_from_pretrained_weights(tmp_path):
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
     sequence = prepare_sequence(stage_configs(raw, sources)[:2], torch.device("cpu"))
-    learner = ColumnLearner(lateral=True, alpha=0.1, adapter_channels=None, device=torch.device("cpu"))
+    learner = build_learner("progressive", build_config(raw, sources), torch.device("cpu"))
     for k, st in enumerate(sequence):
         learner.train_model(k, st)
         column = learner.net.columns[k]
