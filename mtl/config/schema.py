@@ -398,9 +398,4 @@ class Config:
                 )
             if self.continual.methods:
                 return "continual.methods runs one task per stage; it does not take tasks.<t>.data (multi-input)"
-        if self.continual.methods and self.data.test_split is not None:
-            return (
-                "data.test_split is not scored by continual runs (continual.methods), which measure on "
-                "data.val_split; set data.test_split: null (data.val_split: 0.1 measures on held-out training images)"
-            )
         return name_problem(self.name)
