@@ -1,16 +1,21 @@
 """The learner registry, the continual scenarios (task, class, domain) and the trainer's step extension."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from test_continual import CONFIGS, tiny
 from torch import nn
 
+from mtl.cli import main
 from mtl.config.schema import CONTINUAL_METHODS
+from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
 from mtl.engine.extension import StepExtension
 from mtl.engine.meter import Meter
 from mtl.engine.trainer import Trainer
+from mtl.plugins import HOOKS, Hook
 from mtl.tasks.classification import Classification
 from mtl.workflows.learners import LEARNERS, ClassIncrementalTask, ConcatHeads
 from mtl.workflows.stages import train_from_file
@@ -205,3 +210,66 @@ def test_new_columns_can_start_from_the_previous_column(tmp_path):
     learner.train_model(1, sequence[1])
     second = [p.detach() for p in learner.net.columns[1].stages.parameters()]
     assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+class StopOnce(Hook):
+    """Asks the trainer to stop (as SIGTERM does) when it reaches global step ``step`` of task ``task`` by training,
+    when armed: so once per method (a resumed trainer starts past that step)."""
+
+    armed = False
+    stops = 0
+
+    def __init__(self, task, step):
+        self.task, self.step = task, step
+
+    def after_step(self, trainer, losses):
+        if StopOnce.armed and self.task in trainer.tasks and trainer.global_step == self.step:
+            StopOnce.stops += 1
+            trainer.request_stop()
+
+
+def _summary_of(root):
+    return json.loads((root / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_every_learner_resumes_exactly_after_a_kill_in_the_middle_of_a_task(tmp_path, monkeypatch, scenario):
+    """Killed in the middle of an epoch of the second task and resumed, every learner ends with the same R matrix
+    and the same weights as without the kill (deterministic CPU run). Each method is killed once: the run is
+    resumed until it completes."""
+    pytest.importorskip("captcha")
+    monkeypatch.setitem(HOOKS._entries, "stop_once", StopOnce)
+    methods = [m for m in LEARNERS.names() if scenario in LEARNERS.get(m).scenarios]
+    overrides = [
+        f"continual.methods=[{','.join(methods)}]",
+        f"continual.scenario={scenario}",
+        "stages=[{name: a, data: {classes: [0, 1]}}, {name: b, data: {classes: [2, 3]}}]",
+        "train.deterministic=true",
+        "train.log_images=0",
+        "train.hooks=[{name: stop_once, options: {task: b, step: 3}}]",  # 2 steps per epoch: epoch 2, step 1
+    ]
+    runs = {}
+    for name, armed in (("whole", False), ("killed", True)):
+        StopOnce.armed = armed
+        args = tiny(tmp_path / name, *overrides)
+        if armed:
+            StopOnce.stops = 0
+            with pytest.raises(KeyboardInterrupt):
+                train_from_file(str(CONFIGS / "progressive.yaml"), args)
+            (root,) = (tmp_path / name / "runs" / "progressive").iterdir()
+            first = "independent" if "independent" in methods else methods[0]  # the order a run trains them in
+            assert (root / first / "b" / "checkpoints" / "last.pt").is_file()
+            assert not (root / first / "b" / "summary.json").exists()
+            codes = [main(["train", "--resume", str(root)]) for _ in methods]
+            assert codes[-1] == 0 and StopOnce.stops == len(methods), codes
+        else:
+            train_from_file(str(CONFIGS / "progressive.yaml"), args)
+            (root,) = (tmp_path / name / "runs" / "progressive").iterdir()
+        runs[name] = root
+    whole, resumed = _summary_of(runs["whole"]), _summary_of(runs["killed"])
+    for m in methods:
+        assert resumed["methods"][m]["R"] == whole["methods"][m]["R"], m
+        for task in ("a", "b"):
+            a = load_checkpoint(runs["whole"] / m / task / "checkpoints" / "last.pt")["model"]
+            b = load_checkpoint(runs["killed"] / m / task / "checkpoints" / "last.pt")["model"]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (m, task)
