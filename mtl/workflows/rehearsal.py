@@ -3,7 +3,8 @@
 Each keeps stored training samples (at most ``continual.buffer_size`` in all) and replays them through the heads
 they were learnt with: task ``j``'s own head in the ``task`` scenario, the one growing head with task ``j``'s labels
 at their offset in ``class``, the one head in ``domain``. A sample is stored as the loader gave it (the augmented
-input on the device), with its local label, its task index and, for DER++, the logits it had.
+input on the device), with its local label, its task index and, for DER++, the logits it had. The stream is every
+batch trained on, in order: with several epochs each image is offered once per epoch (and may be held twice).
 
 Random draws (reservoir decisions, replay batches) use a ``torch.Generator`` seeded from ``train.seed`` and the task
 index, kept with the buffer in the extension's state within a task (``last.pt``) and in the learner's across tasks
@@ -138,7 +139,7 @@ class Rehearsal(SharedEncoderLearner):
         return self.replay_batch_size or int(st.cfg.data.batch_size)
 
     def replay_outputs(self, x: Tensor, task: Tensor) -> List[Tuple[Tensor, Tensor, int]]:
-        """The stored inputs ``x`` (of tasks ``task``, on the CPU) through the encoder once, then through the head each
+        """Stored inputs ``x`` of tasks ``task`` (a CPU tensor) through the encoder once, then each through the head its
         task is predicted with now: ``(rows, outputs, j)`` per task ``j`` in the batch."""
         pooled = self.encoder(x)["out"]
         groups = []
