@@ -325,18 +325,30 @@ STAGES = "stages=[{name: a, data: {classes: [0, 1]}}, {name: b, data: {classes: 
 METHODS = ("er", "derpp", "agem")
 
 
-def _run(tmp_path, *overrides):
+@pytest.fixture(scope="module")
+def chars(tmp_path_factory):
+    """One folder of rendered characters for every run of this file."""
+    pytest.importorskip("captcha")
+    return tmp_path_factory.mktemp("chars")
+
+
+@pytest.fixture
+def no_heatmaps(monkeypatch):
+    """No R heatmaps (most of a tiny run's time; tests/workflows/test_continual.py checks them)."""
+    monkeypatch.setattr("mtl.workflows.continual.have_matplotlib", lambda: False)
+
+
+def _run(out, chars, *overrides):
     return train_from_file(
         str(CONFIGS / "progressive.yaml"),
-        tiny(tmp_path, "continual.methods=[er,derpp,agem]", STAGES, "train.epochs=1", *overrides),
+        tiny(out, "continual.methods=[er,derpp,agem]", STAGES, "train.epochs=1", f"data.root={chars}", *overrides),
     )
 
 
-def test_rehearsal_learners_run_the_class_scenario(tmp_path):
+def test_rehearsal_learners_run_the_class_scenario(tmp_path, chars, no_heatmaps):
     """One growing head: every learner trains both tasks, stores samples of both (DER++ with the logits of the head
     as it was: 2 columns for task a's samples, 5 for task b's) and scores each task over all 5 classes."""
-    pytest.importorskip("captcha")
-    (summary,) = _run(tmp_path, "continual.scenario=class", "continual.buffer_size=16")
+    (summary,) = _run(tmp_path, chars, "continual.scenario=class", "continual.buffer_size=16")
     root = Path(summary["run_dir"])
     for method in METHODS:
         assert [len(row) for row in summary["methods"][method]["R"]] == [1, 2]
@@ -349,10 +361,9 @@ def test_rehearsal_learners_run_the_class_scenario(tmp_path):
     assert [len(part["task"]) for part in memory] == [8, 8]  # 16 in equal shares; tasks of 12 and 18 samples
 
 
-def test_a_rehearsal_run_killed_in_the_middle_of_a_task_resumes_exactly(tmp_path, monkeypatch):
+def test_a_rehearsal_run_killed_in_the_middle_of_a_task_resumes_exactly(tmp_path, chars, no_heatmaps, monkeypatch):
     """Each learner's run is stopped after the first step of its second task (a SIGTERM's path: a resumable last.pt)
     and resumed; with train.deterministic the results and every weight and buffer equal an uninterrupted run's."""
-    pytest.importorskip("captcha")
     from mtl.engine.hooks import MetricsFileHook
 
     overrides = (
@@ -360,7 +371,7 @@ def test_a_rehearsal_run_killed_in_the_middle_of_a_task_resumes_exactly(tmp_path
         "continual.buffer_size=8",
         "continual.options={agem: {replay_batch_size: 4}}",
     )
-    (whole,) = _run(tmp_path / "whole", *overrides)
+    (whole,) = _run(tmp_path / "whole", chars, *overrides)
     for method in METHODS:
         assert [len(row) for row in whole["methods"][method]["R"]] == [1, 2]
 
@@ -374,7 +385,7 @@ def test_a_rehearsal_run_killed_in_the_middle_of_a_task_resumes_exactly(tmp_path
 
     monkeypatch.setattr(MetricsFileHook, "after_step", stop_in_the_second_task)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut", *overrides)
+        _run(tmp_path / "cut", chars, *overrides)
     (root,) = (tmp_path / "cut" / "runs" / "progressive").iterdir()
     codes = [main(["train", "--resume", str(root)]) for _ in range(len(METHODS))]
     assert codes == [130, 130, 0] and len(stopped) == len(METHODS)
