@@ -306,6 +306,9 @@ class ContinualCfg:
     # where a new column's encoder starts: config (model.weights: random when null, else that pretrained file) |
     # previous (a copy of the previous column's trained encoder; the first column from model.weights)
     column_init: str = "config"
+    # rehearsal methods (er, derpp, agem): samples stored in all, shared by every past task; 200 is the smallest memory
+    # of the DER paper's (Buzzega et al. 2020) and mammoth's Seq-MNIST / Seq-CIFAR-10 benchmarks (200, 500, 5120)
+    buffer_size: int = bounded(200, ge=1)
 
     def check(self) -> str:
         if len(set(self.methods)) != len(self.methods):
