@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+import mtl.workflows.regularization  # noqa: F401  (registers ewc, online_ewc, si, lwf)
 from mtl.build.data import build_data
 from mtl.build.experiment import build_monitor
 from mtl.build.model import check_data_size, model_input_size, parameter_counts
