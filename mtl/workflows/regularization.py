@@ -183,8 +183,9 @@ class EWC(RegularizedLearner):
         m = self.method
         _check(m, "lambda_", _number(lambda_) and lambda_ >= 0, lambda_, "a number >= 0")
         _check(m, "fisher", fisher in ("exact", "empirical"), fisher, "exact (the Fisher) or empirical (data labels)")
-        ok = fisher_samples is None or (isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool))
-        _check(m, "fisher_samples", ok and (fisher_samples or 1) >= 1, fisher_samples, "an integer >= 1 or null (all)")
+        whole = isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool)
+        ok = fisher_samples is None or (whole and fisher_samples >= 1)
+        _check(m, "fisher_samples", ok, fisher_samples, "an integer >= 1 or null (all)")
         self.lambda_, self.fisher, self.fisher_samples = float(lambda_), fisher, fisher_samples
         self.fishers: List[Params] = []  # one per penalty term
         self.anchors: List[Params] = []
@@ -322,7 +323,7 @@ class SI(RegularizedLearner):
     and later tasks add the surrogate loss ``c sum_j Omega_j (theta~_j - theta_j)^2`` (theta~: the weights task k
     ended with). g is the gradient of the task loss without the surrogate ("unreg_grads" in the authors' code,
     github.com/ganguli-lab/pathint), and the clamp at 0 is theirs too (a ReLU on Omega). Defaults c = 1 and
-    xi = 1e-3: the paper's split MNIST values (its permuted MNIST used c = 0.1, xi = 0.1).
+    xi = 1e-3: the authors' split MNIST setting (their permuted MNIST used xi = 0.1).
     """
 
     method = "si"
