@@ -285,7 +285,7 @@ def test_si_importance_is_the_path_integral_over_the_squared_total_change_plus_x
 # --------------------------------------------------------------------------- LwF
 
 
-def test_the_distillation_term_is_the_modified_cross_entropy_of_eq_3():
+def test_the_distillation_term_is_the_cross_entropy_of_eqs_2_and_3():
     """Hand-made: old probabilities (0.8, 0.2) raised to 1/2 and renormalised are (2/3, 1/3); against a uniform
     new output that is ln 2. Then random logits against eq. 3 written with probabilities, and T = 1 as plain soft
     cross-entropy."""
