@@ -283,7 +283,19 @@ class TrainCfg:
 
 # the built-in continual methods (mtl.workflows.learners.LEARNERS registers them, and plugins may add more; a test
 # checks that the two agree)
-CONTINUAL_METHODS = ("progressive", "independent", "finetune", "head_only")
+CONTINUAL_METHODS = (
+    "progressive",
+    "independent",
+    "finetune",
+    "head_only",
+    "ewc",
+    "online_ewc",
+    "si",
+    "lwf",
+    "er",
+    "derpp",
+    "agem",
+)
 CONTINUAL_SCENARIOS = ("task", "class", "domain")
 
 
@@ -293,7 +305,8 @@ class ContinualCfg:
 
     # progressive (a new column per task, laterals from the frozen earlier ones) | independent (a fresh column per
     # task, no laterals) | finetune (one encoder trained through the sequence) | head_only (the encoder trained on the
-    # first task only, then frozen). Empty: stages run one by one.
+    # first task only, then frozen) | ewc | online_ewc | si | lwf (penalties) | er | derpp | agem (a sample memory).
+    # Empty: stages run one by one.
     methods: List[str] = field(default_factory=list)
     # task: the task identity is given at test time (a head or column per task) | class: one head growing by each
     # task's classes, no task identity | domain: the same classes in every task, one head, no task identity

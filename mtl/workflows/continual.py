@@ -1,4 +1,4 @@
-"""Task-incremental continual learning: a sequence of tasks (the config's ``stages``) learnt by several methods.
+"""Continual learning: a sequence of tasks (the config's ``stages``) learnt by several methods.
 
 After training task i, every task j <= i seen so far is evaluated: ``R[i][j]`` is the validation accuracy on
 task j after task i. Before training task i, its model (the earlier tasks' training plus task i's new column or
@@ -13,9 +13,10 @@ of each task (built with the same seeds) is evaluated on it: ``b_i``. With T tas
     transfer_pnn   = 1/(T-1) sum_{k>=1} transfer_pnn_k
 
 where ``S_k`` is the accuracy of an independent column trained on task k alone (the progressive-nets paper's
-baseline 1), so ``transfer_pnn`` needs ``independent`` among the methods. Methods: ``progressive`` (Rusu et al.
-2016), ``independent``, ``finetune`` (one encoder trained through the sequence, one head per task) and
-``head_only`` (the encoder trained on the first task, then frozen; a new head per task).
+baseline 1), so ``transfer_pnn`` needs ``independent`` among the methods. The methods are the registered learners
+(``mtl.workflows.learners``: progressive and independent columns, finetune, head_only; ``regularization``: ewc,
+online_ewc, si, lwf; ``rehearsal``: er, derpp, agem), in the scenario ``continual.scenario`` names. Every accuracy
+is measured on the validation split and, with data.test_split, on the test split (``R_test`` and its metrics).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+import mtl.workflows.regularization  # noqa: F401  (registers ewc, online_ewc, si, lwf)
 import mtl.workflows.rehearsal  # noqa: F401  (registers er, derpp, agem)
 from mtl.build.data import build_data
 from mtl.build.experiment import build_monitor
