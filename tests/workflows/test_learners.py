@@ -239,6 +239,7 @@ def test_every_learner_resumes_exactly_after_a_kill_in_the_middle_of_a_task(tmp_
     resumed until it completes."""
     pytest.importorskip("captcha")
     monkeypatch.setitem(HOOKS._entries, "stop_once", StopOnce)
+    monkeypatch.setattr("mtl.workflows.continual.have_matplotlib", lambda: False)  # no pictures: half the time
     methods = [m for m in LEARNERS.names() if scenario in LEARNERS.get(m).scenarios]
     overrides = [
         f"continual.methods=[{','.join(methods)}]",
@@ -247,6 +248,8 @@ def test_every_learner_resumes_exactly_after_a_kill_in_the_middle_of_a_task(tmp_
         "train.deterministic=true",
         "train.log_images=0",
         "train.hooks=[{name: stop_once, options: {task: b, step: 3}}]",  # 2 steps per epoch: epoch 2, step 1
+        "continual.buffer_size=8",  # smaller than a task's 12 samples: the reservoir replaces
+        "continual.options={agem: {replay_batch_size: 4}}",
     ]
     runs = {}
     for name, armed in (("whole", False), ("killed", True)):
@@ -273,3 +276,15 @@ def test_every_learner_resumes_exactly_after_a_kill_in_the_middle_of_a_task(tmp_
             a = load_checkpoint(runs["whole"] / m / task / "checkpoints" / "last.pt")["model"]
             b = load_checkpoint(runs["killed"] / m / task / "checkpoints" / "last.pt")["model"]
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (m, task)
+            kept = runs["whole"] / m / task / "learner.pt"  # what later tasks need: Fisher, memory, old model, ...
+            if kept.is_file():
+                la, lb = _flat(load_checkpoint(kept)), _flat(load_checkpoint(runs["killed"] / m / task / "learner.pt"))
+                assert la and len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb)), (m, task)
+
+
+def _flat(state):
+    """Every tensor of a nested state, in order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [t for v in items for t in _flat(v)]

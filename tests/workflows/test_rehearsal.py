@@ -3,7 +3,6 @@ an independent computation of its equation, and whole continual runs (task and c
 
 import copy
 import io
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from test_continual import CONFIGS, tiny
 
-from mtl.cli import main
 from mtl.config.load import build_config
 from mtl.config.schema import Config, TaskCfg
 from mtl.core.checkpoint import load_checkpoint
@@ -359,54 +357,3 @@ def test_rehearsal_learners_run_the_class_scenario(tmp_path, chars, no_heatmaps)
     assert (derpp["width"] == torch.where(derpp["task"] == 0, 2, 5)).all()
     memory = load_checkpoint(root / "agem" / "b" / "learner.pt")["memory"]
     assert [len(part["task"]) for part in memory] == [8, 8]  # 16 in equal shares; tasks of 12 and 18 samples
-
-
-def test_a_rehearsal_run_killed_in_the_middle_of_a_task_resumes_exactly(tmp_path, chars, no_heatmaps, monkeypatch):
-    """Each learner's run is stopped after the first step of its second task (a SIGTERM's path: a resumable last.pt)
-    and resumed; with train.deterministic the results and every weight and buffer equal an uninterrupted run's."""
-    from mtl.engine.hooks import MetricsFileHook
-
-    overrides = (
-        "train.deterministic=true",
-        "continual.buffer_size=8",
-        "continual.options={agem: {replay_batch_size: 4}}",
-    )
-    (whole,) = _run(tmp_path / "whole", chars, *overrides)
-    for method in METHODS:
-        assert [len(row) for row in whole["methods"][method]["R"]] == [1, 2]
-
-    stopped = []
-
-    def stop_in_the_second_task(self, trainer, losses):
-        ext = trainer.extension
-        if ext is not None and ext.k == 1 and trainer.global_step == 1 and type(ext) not in stopped:
-            stopped.append(type(ext))
-            trainer.request_stop()
-
-    monkeypatch.setattr(MetricsFileHook, "after_step", stop_in_the_second_task)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut", chars, *overrides)
-    (root,) = (tmp_path / "cut" / "runs" / "progressive").iterdir()
-    codes = [main(["train", "--resume", str(root)]) for _ in range(len(METHODS))]
-    assert codes == [130, 130, 0] and len(stopped) == len(METHODS)
-    again = load_checkpoint(root / "er" / "b" / "checkpoints" / "last.pt")
-    assert again["history"] and "partial" not in again
-
-    resumed = json.loads((root / "summary.json").read_text())
-    first = Path(whole["run_dir"])
-    for method in METHODS:
-        assert resumed["methods"][method]["R"] == whole["methods"][method]["R"], method
-        a = load_checkpoint(first / method / "b" / "checkpoints" / "last.pt")
-        b = load_checkpoint(root / method / "b" / "checkpoints" / "last.pt")
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), method
-        la, lb = (load_checkpoint(r / method / "b" / "learner.pt") for r in (first, root))
-        assert _flat(la) and len(_flat(la)) == len(_flat(lb))
-        assert all(torch.equal(x, y) for x, y in zip(_flat(la), _flat(lb))), method
-
-
-def _flat(state):
-    """Every tensor of a nested state, in order."""
-    if isinstance(state, torch.Tensor):
-        return [state]
-    items = state.values() if isinstance(state, dict) else state if isinstance(state, list) else []
-    return [t for v in items for t in _flat(v)]
