@@ -196,7 +196,7 @@ def _split_datasets(cfg: Config) -> Tuple[Dict[str, Dataset], int]:
             )
     elif selects_on_test(d.name, d.val_split) and not isinstance(getattr(train_ds, "targets", None), dict):
         fix = (
-            "measure on held-out training images with data.val_split=0.1 (continual runs do not score a test split yet)"
+            "measure on held-out training images with data.val_split=0.1"
             if cfg.continual.methods
             else "select on a carved validation set and report test once with data.val_split=0.1 data.test_split=test"
         )

@@ -14,6 +14,7 @@ from mtl.config.schema import Config, HookCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
+from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (
     HOOKS,
     CheckpointHook,
@@ -174,6 +175,7 @@ def build_trainer(
     optimized: Optional[nn.Module] = None,
     weighting: Optional[Weighting] = None,
     l2sp: Optional[L2SP] = None,
+    extension: Optional[StepExtension] = None,
     quiet: bool = False,
     **options: Any,
 ) -> Trainer:
@@ -204,4 +206,5 @@ def build_trainer(
         hooks=hooks,
         weighting=weighting,
         l2sp=l2sp,
+        extension=extension,
     )

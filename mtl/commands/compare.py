@@ -4,6 +4,7 @@ import argparse
 
 from mtl.core.errors import UserError
 from mtl.workflows.compare import SELECT_CHOICES, aggregate, render, write_baseline
+from mtl.workflows.continual_compare import continual_groups, continual_plots, continual_table, find_continual_runs
 from mtl.workflows.report import write_plots
 
 
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if which and args.select and args.select != which:
         raise UserError(f"--which {args.which} and --select {args.select} disagree; give only --select")
     select = args.select or which or "best"
+    roots, skipped, others = find_continual_runs(args.runs)
+    if roots:
+        return _continual(args, roots, skipped, others)
     if args.write_baseline:
         write_baseline(args.runs, args.write_baseline, select)
         print(f"wrote {args.write_baseline}")
@@ -55,4 +59,25 @@ def run(args: argparse.Namespace) -> int:
         if args.plots:
             for path in write_plots(agg, args.plots, metrics):
                 print(f"wrote {path}")
+    return 0
+
+
+def _continual(args: argparse.Namespace, roots: list, skipped: list, others: list) -> int:
+    """Continual runs: each method's metrics as mean ± std over seeds; --plots: mean R heatmaps, ACC vs params."""
+    if others:
+        raise UserError(f"{roots[0]} is a continual run and {others[0]} is not: compare continual runs on their own")
+    given = [f"--{k.replace('_', '-')}" for k in ("baseline", "select", "which", "metrics", "time", "write_baseline")]
+    used = [flag for flag in given if getattr(args, flag[2:].replace("-", "_"))]
+    if used or args.format != "md":
+        raise UserError(
+            f"{', '.join(used + ([f'--format {args.format}'] if args.format != 'md' else []))} "
+            "does not apply to continual runs; their table takes --plots only"
+        )
+    groups = continual_groups(roots)
+    print(continual_table(groups))
+    for line in skipped:
+        print(f"left out: {line}")
+    if args.plots:
+        for path in continual_plots(groups, args.plots):
+            print(f"wrote {path}")
     return 0

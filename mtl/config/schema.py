@@ -281,7 +281,22 @@ class TrainCfg:
         return ""
 
 
-CONTINUAL_METHODS = ("progressive", "independent", "finetune", "head_only")
+# the built-in continual methods (mtl.workflows.learners.LEARNERS registers them, and plugins may add more; a test
+# checks that the two agree)
+CONTINUAL_METHODS = (
+    "progressive",
+    "independent",
+    "finetune",
+    "head_only",
+    "ewc",
+    "online_ewc",
+    "si",
+    "lwf",
+    "er",
+    "derpp",
+    "agem",
+)
+CONTINUAL_SCENARIOS = ("task", "class", "domain")
 
 
 @dataclass
@@ -289,20 +304,40 @@ class ContinualCfg:
     """Runs ``stages`` as a task sequence, one task per stage, with each method (a learner) in turn."""
 
     # progressive (a new column per task, laterals from the frozen earlier ones) | independent (a fresh column per
-    # task, no laterals) | finetune (one encoder trained through the sequence, a head per task) | head_only (the
-    # encoder trained on the first task only, then frozen; a new head per task). Empty: stages run one by one.
+    # task, no laterals) | finetune (one encoder trained through the sequence) | head_only (the encoder trained on the
+    # first task only, then frozen) | ewc | online_ewc | si | lwf (penalties) | er | derpp | agem (a sample memory).
+    # Empty: stages run one by one.
     methods: List[str] = field(default_factory=list)
+    # task: the task identity is given at test time (a head or column per task) | class: one head growing by each
+    # task's classes, no task identity | domain: the same classes in every task, one head, no task identity
+    scenario: str = "task"
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per method, e.g. {ewc: {lambda_: 100}}
     alpha: float = 0.1  # initial value of the learned scale on each lateral connection
     adapter_channels: Optional[int] = bounded(
         None, ge=1
     )  # 1x1 reduction width of the conv laterals; null: the new column's width
+    # where a new column's encoder starts: config (model.weights: random when null, else that pretrained file) |
+    # previous (a copy of the previous column's trained encoder; the first column from model.weights)
+    column_init: str = "config"
+    # rehearsal methods (er, derpp, agem): samples stored in all, shared by every past task; 200 is the smallest memory
+    # of the DER paper's (Buzzega et al. 2020) and mammoth's Seq-MNIST / Seq-CIFAR-10 benchmarks (200, 500, 5120)
+    buffer_size: int = bounded(200, ge=1)
 
     def check(self) -> str:
-        unknown = [m for m in self.methods if m not in CONTINUAL_METHODS]
-        if unknown:
-            return f"continual.methods: unknown {', '.join(unknown)}; choose from {', '.join(CONTINUAL_METHODS)}"
         if len(set(self.methods)) != len(self.methods):
             return "continual.methods lists a method twice"
+        if self.scenario not in CONTINUAL_SCENARIOS:
+            return f"continual.scenario must be one of {', '.join(CONTINUAL_SCENARIOS)}, got {self.scenario!r}"
+        if self.column_init not in ("config", "previous"):
+            return f"continual.column_init must be config or previous, got {self.column_init!r}"
+        for name, options in self.options.items():
+            if name not in self.methods:
+                return (
+                    f"continual.options.{name}: {name!r} is not in continual.methods "
+                    f"({', '.join(self.methods) or 'empty'}); add it there or remove its options"
+                )
+            if not isinstance(options, dict):
+                return f"continual.options.{name} must be a mapping of option: value, got {options!r}"
         return ""
 
 
@@ -379,9 +414,4 @@ class Config:
                 )
             if self.continual.methods:
                 return "continual.methods runs one task per stage; it does not take tasks.<t>.data (multi-input)"
-        if self.continual.methods and self.data.test_split is not None:
-            return (
-                "data.test_split is not scored by continual runs (continual.methods), which measure on "
-                "data.val_split; set data.test_split: null (data.val_split: 0.1 measures on held-out training images)"
-            )
         return name_problem(self.name)

@@ -49,7 +49,7 @@ MOVED: Dict[str, Tuple[str, ...]] = {
         "mtl.data.loaders",
         "mtl.config.stages",
     ),
-    "mtl.continual": ("mtl.workflows.continual",),
+    "mtl.continual": ("mtl.workflows.continual", "mtl.workflows.learners"),
     "mtl.runs": ("mtl.workflows.runs", "mtl.build.tasks", "mtl.build.data", "mtl.build.model"),
     "mtl.predict": ("mtl.workflows.predict",),
     "mtl.inspection": ("mtl.workflows.inspect", "mtl.core.runtime"),

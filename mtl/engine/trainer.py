@@ -33,6 +33,7 @@ from mtl.data.batches import loader_batch_size
 from mtl.data.loaders import reshuffled
 from mtl.data.multi_input import MultiInputLoader
 from mtl.engine.evaluate import evaluate
+from mtl.engine.extension import StepExtension
 from mtl.engine.meter import Meter, MultiInputMeter
 from mtl.engine.monitor import default_monitor
 from mtl.models.freezing import L2SP
@@ -141,6 +142,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         weighting: Optional[Weighting] = None,
         l2sp: Optional[L2SP] = None,
+        extension: Optional[StepExtension] = None,
         **settings: Any,
     ) -> None:
         unknown = [k for k in settings if k not in _OPTION_NAMES]
@@ -151,6 +153,12 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.l2sp, self.hooks = l2sp, list(hooks)
         self.weighting = weighting if weighting is not None else _default_weighting(self.tasks).to(self.device)
+        if extension is not None and self.weighting.gradient_level:
+            raise UserError(
+                f"a step extension (a continual learner's penalty, replay or projection) works with loss-level "
+                f"weightings only, not {type(self.weighting).__name__}; use weighting.name=equal"
+            )
+        self.extension = extension
         self.skipped_steps = 0
         self._weight_sum: Optional[Tensor] = None  # the task weights summed over this epoch's updates
         self._weight_steps = 0
@@ -301,7 +309,7 @@ class Trainer:
                 outputs = self.model.decode(rep, tuple(x.shape[-2:]))
             else:
                 outputs = self.model(x)
-        return self._step_outputs(outputs, targets, x.shape[0], meter, train, saved, features, rep)
+        return self._step_outputs(outputs, targets, x.shape[0], meter, train, saved, features, rep, x=x)
 
     def _step_outputs(
         self,
@@ -313,10 +321,11 @@ class Trainer:
         saved: Optional[Dict[str, Any]],
         features: Optional[Dict[str, Tensor]] = None,
         rep: Optional[Dict[str, Tensor]] = None,
+        x: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """The rest of a step, from the task outputs: losses, the weighting's update (``features`` and ``rep``: the
         encoder's output and its detached copy, with ``grad_on: representation``), the running metrics (``n``: the
-        batch size, per task in a multi-input run)."""
+        batch size, per task in a multi-input run; ``x``: the inputs, for a step extension)."""
         representation = features is not None
         # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
         # (zero) gradients through every other task's head as well
@@ -332,8 +341,13 @@ class Trainer:
                 total = self.weighting(losses, self._shared())
                 if self.l2sp is not None:
                     total = total + self.l2sp.penalty()
+                extra = self.extension.extra_loss(self.model, x, targets, outputs) if self.extension else None
+                if extra is not None:
+                    total = total + extra
                 total.backward()
                 self._average_gradients()
+                if self.extension is not None:
+                    self.extension.before_update(self.model)
                 ok = self._finite(losses, grads=self._trained_grads())
             elif representation:
                 ok = self._representation_backward(each, features, rep)
@@ -347,6 +361,8 @@ class Trainer:
                 self._restore(saved)
                 return dict(zip(self.tasks, losses.detach()))  # skipped: no update, not counted
             self._update()
+            if self.extension is not None:
+                self.extension.after_update(self.model, x, targets, outputs)
         meter.update(local, outputs, targets, n)
         return dict(zip(self.tasks, losses.detach()))
 
@@ -438,13 +454,17 @@ class Trainer:
         )
 
     def _snapshot(self) -> Dict[str, Any]:
+        generator = getattr(self.extension, "generator", None)
         return {
             "weighting": copy.deepcopy(self.weighting.state_dict()),
             "buffers": [b.detach().clone() for b in self.model.buffers()],
+            "extension_rng": generator.get_state() if generator is not None else None,
         }
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         self.weighting.load_state_dict(saved["weighting"])
+        if saved["extension_rng"] is not None:  # a replay draw of a skipped step is drawn again
+            self.extension.generator.set_state(saved["extension_rng"])
         with torch.no_grad():
             for b, old in zip(self.model.buffers(), saved["buffers"]):
                 b.copy_(old)
@@ -684,6 +704,7 @@ class Trainer:
             "history": self.history,
             "rng": rng_state(),
             "meta_batches": {k: self._meta[k] for k in ("epoch", "position") if k in self._meta},
+            **({"extension": self.extension.state_dict()} if self.extension is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -697,6 +718,8 @@ class Trainer:
         self.best, self.history = dict(state["best"]), list(state["history"])
         self._partial = state.get("partial")
         self._meta = dict(state.get("meta_batches") or {})
+        if self.extension is not None and "extension" in state:
+            self.extension.load_state_dict(state["extension"])
         self._call("on_resume")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

@@ -1,4 +1,4 @@
-"""Task-incremental continual learning: a sequence of tasks (the config's ``stages``) learnt by several methods.
+"""Continual learning: a sequence of tasks (the config's ``stages``) learnt by several methods.
 
 After training task i, every task j <= i seen so far is evaluated: ``R[i][j]`` is the validation accuracy on
 task j after task i. Before training task i, its model (the earlier tasks' training plus task i's new column or
@@ -13,9 +13,10 @@ of each task (built with the same seeds) is evaluated on it: ``b_i``. With T tas
     transfer_pnn   = 1/(T-1) sum_{k>=1} transfer_pnn_k
 
 where ``S_k`` is the accuracy of an independent column trained on task k alone (the progressive-nets paper's
-baseline 1), so ``transfer_pnn`` needs ``independent`` among the methods. Methods: ``progressive`` (Rusu et al.
-2016), ``independent``, ``finetune`` (one encoder trained through the sequence, one head per task) and
-``head_only`` (the encoder trained on the first task, then frozen; a new head per task).
+baseline 1), so ``transfer_pnn`` needs ``independent`` among the methods. The methods are the registered learners
+(``mtl.workflows.learners``: progressive and independent columns, finetune, head_only; ``regularization``: ewc,
+online_ewc, si, lwf; ``rehearsal``: er, derpp, agem), in the scenario ``continual.scenario`` names. Every accuracy
+is measured on the validation split and, with data.test_split, on the test split (``R_test`` and its metrics).
 """
 
 from __future__ import annotations
@@ -37,31 +38,31 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+import mtl.workflows.regularization  # noqa: F401  (registers ewc, online_ewc, si, lwf)
+import mtl.workflows.rehearsal  # noqa: F401  (registers er, derpp, agem)
 from mtl.build.data import build_data
 from mtl.build.experiment import build_monitor
-from mtl.build.model import (
-    build_head,
-    check_data_size,
-    config_encoder,
-    model_input_size,
-    parameter_counts,
-)
+from mtl.build.model import check_data_size, model_input_size, parameter_counts
 from mtl.build.tasks import task_targets
 from mtl.build.training import build_hooks, build_trainer, config_hooks
 from mtl.config.load import dump_config
-from mtl.config.schema import CONTINUAL_METHODS, Config, HeadCfg
-from mtl.core.checkpoint import atomic_write, load_checkpoint, rng_state, save_json, set_rng_state
+from mtl.config.schema import Config
+from mtl.core.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_json,
+    set_rng_state,
+)
 from mtl.core.errors import UserError
 from mtl.core.rundir import lock_run_dir
-from mtl.core.runtime import seed_everything, select_device, use_amp
+from mtl.core.runtime import memory_mark, seed_everything, select_device, training_memory, use_amp
 from mtl.engine.evaluate import evaluate
 from mtl.models.encoders import build_encoder
-from mtl.models.freezing import apply_freeze
-from mtl.models.heads import POOLED, head_input
-from mtl.models.progressive import ProgressiveNet
-from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
-from mtl.workflows.plots import MISSING, have_matplotlib, heatmap_chart
+from mtl.workflows.learners import Learner, build_learner, pooled_head
+from mtl.workflows.plots import MISSING, have_matplotlib, heatmap_chart, pareto_chart
 from mtl.workflows.train import check_resumable, new_run_dir
 
 
@@ -81,94 +82,20 @@ class SequenceTask:
         return self.cfg.name
 
 
-def _head(st: SequenceTask, in_dim: int) -> nn.Module:
-    head_cfg = next(iter(st.cfg.tasks.values())).head or HeadCfg()
-    message = f"stage {st.name!r}: continual methods need a pooled head (linear or mlp), not {head_cfg.name!r}"
-    try:
-        head = build_head(st.cfg, st.name, st.task, in_dim, feature_info=None)
-    except UserError as e:
-        if "feature_info" in str(e):
-            raise UserError(message) from None
-        raise
-    if head_input(head) != POOLED:
-        raise UserError(message)
-    return head
-
-
-class Learner:
-    """A continual-learning method: the model trained on task k, and the model that predicts task j."""
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        raise NotImplementedError
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        raise NotImplementedError
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        """Parameters added for task k (a column with its laterals, or a head)."""
-        raise NotImplementedError
-
-
-class ColumnLearner(Learner):
-    """``progressive`` (laterals on) or ``independent`` (laterals off): one column per task."""
-
-    def __init__(self, lateral: bool, alpha: float, adapter_channels: Optional[int], device: torch.device) -> None:
-        self.net = ProgressiveNet(alpha=alpha, lateral=lateral, adapter_channels=adapter_channels)
-        self.device = device
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        encoder = config_encoder(st.cfg)
-        self.net.add_column(st.name, _head(st, encoder.out_dim), encoder=encoder)
-        self.net.to(self.device)
-        return self.net.view(st.name)
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        return self.net.view(st.name)
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        return self.net.column_parameters(st.name)["total"]
-
-
-class SharedEncoderLearner(Learner):
-    """``finetune`` (the encoder keeps training) or ``head_only`` (frozen after the first task): a head per task."""
-
-    def __init__(self, freeze_after_first: bool, device: torch.device) -> None:
-        self.freeze_after_first = freeze_after_first
-        self.encoder: Optional[nn.Module] = None
-        self.heads: Dict[str, nn.Module] = {}
-        self.device = device
-
-    def train_model(self, k: int, st: SequenceTask) -> nn.Module:
-        if self.encoder is None:
-            self.encoder = config_encoder(st.cfg).to(self.device)
-            apply_freeze(self.encoder, st.cfg.model.freeze)
-        elif self.freeze_after_first:
-            apply_freeze(self.encoder, "all")
-        for head in self.heads.values():  # earlier heads keep what they learnt; only the encoder may drift
-            head.requires_grad_(False)
-        self.heads[st.name] = _head(st, self.encoder.out_dim).to(self.device)
-        return TransferModel(self.encoder, {st.name: self.heads[st.name]})
-
-    def eval_model(self, j: int, st: SequenceTask) -> nn.Module:
-        return TransferModel(self.encoder, {st.name: self.heads[st.name]})
-
-    def added_parameters(self, k: int, st: SequenceTask) -> int:
-        head = sum(p.numel() for p in self.heads[st.name].parameters())
-        return head + (sum(p.numel() for p in self.encoder.parameters()) if k == 0 else 0)
-
-
-def build_learner(method: str, top: Config, device: torch.device) -> Learner:
-    if method in ("progressive", "independent"):
-        return ColumnLearner(method == "progressive", top.continual.alpha, top.continual.adapter_channels, device)
-    return SharedEncoderLearner(method == "head_only", device)
-
-
-def _accuracy(model: nn.Module, st: SequenceTask, device: torch.device, channels_last: bool) -> float:
-    """Validation accuracy of ``model`` on task ``st``: the one evaluation loop (``mtl.engine.evaluate``)."""
+def _accuracy(
+    model: nn.Module,
+    st: SequenceTask,
+    device: torch.device,
+    channels_last: bool,
+    task: Optional[Task] = None,
+    split: str = "val",
+) -> float:
+    """Accuracy of ``model`` on task ``st``'s ``split`` (scored as ``task``, by default the stage's own): the one
+    evaluation loop (``mtl.engine.evaluate``)."""
     amp = use_amp(st.cfg.train.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else None
     result = evaluate(
-        model, st.loaders["val"], {st.name: st.task}, device, autocast=autocast, channels_last=channels_last
+        model, st.loaders[split], {st.name: task or st.task}, device, autocast=autocast, channels_last=channels_last
     )
     return result.metrics[st.name]["acc"]
 
@@ -209,18 +136,30 @@ def continual_metrics(
 METRIC_COLUMNS = (("acc", "ACC"), ("bwt", "BWT"), ("fwt_gem", "FWT (GEM)"), ("forgetting", "forgetting"))
 
 
-def results_table(tasks: List[str], results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: per method, final accuracy per task, ACC, BWT, FWT (GEM), forgetting, the progressive-nets
-    transfer in % and parameters added per task; a metric a method lacks is n/a."""
+def split_view(r: Mapping[str, Any], split: str) -> Mapping[str, Any]:
+    """A method's results as measured on ``split``: its R and metrics on it, with the split-free entries."""
+    if split == "val":
+        return r
+    return {**r, **r[split], "R": r[f"R_{split}"]}
+
+
+def results_table(tasks: List[str], results: Mapping[str, Mapping[str, Any]], split: str = "val") -> str:
+    """Markdown: per method, final accuracy per task on ``split``, ACC, BWT, FWT (GEM), forgetting, the
+    progressive-nets transfer in %, parameters added, training seconds and peak memory per task; a metric a method
+    lacks is n/a."""
     header = ["method"] + [f"{t} acc" for t in tasks] + [title for _, title in METRIC_COLUMNS]
-    header += ["transfer PNN %", "params per task"]
+    header += ["transfer PNN %", "params per task", "train s per task", "peak MiB per task"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for method, r in results.items():
+        r = split_view(r, split)
         cells = [method] + [f"{a:.4f}" for a in r["R"][-1]]
         cells += [f"{r[key]:+.4f}" if key in r else "n/a" for key, _ in METRIC_COLUMNS]
         cells[len(tasks) + 1] = f"{r['acc']:.4f}"  # an accuracy, not a difference
         cells.append(f"{r['transfer_pnn']:+.2f}" if "transfer_pnn" in r else "n/a")
         cells.append(" / ".join(f"{n:,}" for n in r["params_per_task"]))
+        cells.append(" / ".join(f"{t:.0f}" for t in r.get("time_s", [])) or "n/a")
+        peaks = [m.get("peak_mib") if isinstance(m, dict) else None for m in r.get("memory", [])]
+        cells.append(" / ".join("n/a" if p is None else f"{p:.0f}" for p in peaks) or "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -250,8 +189,6 @@ def stage_model(method: str, top: Config, configs: List[Config], tasks: List[Tas
     """The architecture ``method`` predicts task ``upto`` with (no weights loaded): columns 0..upto with their
     laterals (earlier ones frozen) for column methods, the shared encoder with that task's head otherwise.
     ``configs`` are stage configs (``as_sequence_stage``), ``tasks`` their tasks."""
-    if method not in CONTINUAL_METHODS:
-        raise UserError(f"unknown continual method {method!r}; known: {', '.join(CONTINUAL_METHODS)}")
     learner = build_learner(method, top, torch.device("cpu"))
     model: Optional[nn.Module] = None
     for k in range(upto + 1):
@@ -288,7 +225,7 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
         if "acc" not in task.metric_directions:
             raise UserError(f"stage {cfg.name!r}: continual metrics need an accuracy; a {task.type_name} task has none")
         sequence.append(SequenceTask(cfg, task, loaders, generator, info, build_monitor(cfg, {cfg.name: task})))
-        _head(sequence[-1], in_dim=8)  # refuse a dense or stage-map head before anything trains
+        pooled_head(cfg, cfg.name, task, in_dim=8)  # refuse a dense or stage-map head before anything trains
     encoders = {(c.model.encoder, str(c.model.encoder_options)) for c in configs}
     if len(encoders) > 1:
         raise UserError(
@@ -302,12 +239,36 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
     return sequence
 
 
+def check_methods(top: Config, sequence: List[SequenceTask]) -> None:
+    """Every method of ``continual.methods`` known, with valid options, able to run the scenario, whose stages fit
+    it: refused in one line before anything is written."""
+    for method in top.continual.methods:
+        build_learner(method, top, torch.device("cpu"))
+    scenario = top.continual.scenario
+    if scenario == "class":
+        other = [f"{st.name} ({st.task.type_name})" for st in sequence if st.task.type_name != "classification"]
+        if other:
+            raise UserError(
+                f"continual.scenario: class needs classification stages (one head over every class seen); "
+                f"{', '.join(other)} is not; use continual.scenario: task"
+            )
+    if scenario == "domain":
+        sizes = {st.name: int(st.task.out_dim) for st in sequence}
+        if len(set(sizes.values())) > 1:
+            raise UserError(
+                "continual.scenario: domain needs the same classes in every stage (one head for all), but they have "
+                + ", ".join(f"{n}: {c}" for n, c in sizes.items())
+                + " outputs; use continual.scenario: task or class"
+            )
+
+
 def run_continual(
     top: Config, configs: List[Config], quiet: bool = False, root: Optional[Path] = None
 ) -> Dict[str, Any]:
     """Train the task sequence with every ``continual.methods`` entry into ``<run>/<method>/<task>/`` (``root``,
     else a new run directory), holding the run's lock throughout."""
     sequence = prepare_sequence(configs, select_device(top.train.device))
+    check_methods(top, sequence)
     root = root or new_run_dir(top)
     root.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(root)
@@ -328,6 +289,7 @@ def resume_continual(root: Path, top: Config, configs: List[Config], quiet: bool
         print(f"{root} is complete: every method and task has its summary.json; nothing to resume")
         return json.loads((root / "summary.json").read_text())
     sequence = prepare_sequence(configs, select_device(top.train.device))
+    check_methods(top, sequence)
     lock = lock_run_dir(root)
     try:
         return _run_sequence(top, sequence, root, quiet, resume=True)
@@ -349,26 +311,34 @@ def _run_sequence(top: Config, sequence: List[SequenceTask], root: Path, quiet: 
     with SummaryWriter(str(root)) as tb:
         for method in order:
             results[method] = _run_method(method, top, sequence, device, root, tb, quiet, resume)
-        single = [results["independent"]["R"][k][k] for k in range(len(names))] if "independent" in results else None
+        splits = _splits(sequence)
+        for split in splits:
+            key = f"R{_suffix(split)}"
+            single = (
+                [results["independent"][key][k][k] for k in range(len(names))] if "independent" in results else None
+            )
+            for method in order:
+                r = results[method]
+                metrics = continual_metrics(
+                    r[key], single, r[f"acc_before{_suffix(split)}"], r[f"acc_random_init{_suffix(split)}"]
+                )
+                if split == "val":
+                    r.update(metrics)
+                else:
+                    r[split] = metrics
+                for name in TB_METRICS:
+                    if name in metrics:
+                        tb.add_scalar(f"continual{_suffix(split)}/{name}/{method}", metrics[name], len(names))
         for method in order:
-            r = results[method]
-            r.update(continual_metrics(r["R"], single, r["acc_before"], r["acc_random_init"]))
-            for key in TB_METRICS:
-                if key in r:
-                    tb.add_scalar(f"continual/{key}/{method}", r[key], len(names))
-            _write_hparams(root / method, method, top, names, r)
+            _write_hparams(root / method, method, top, names, results[method])
         results = {m: results[m] for m in methods}
-        pictures = _heatmaps(root, names, results, tb)
-    table = results_table(names, results)
-    matrices = "\n\n".join(
-        f"R for {m} (rows: after training on; columns: evaluated on)\n\n{matrix_table(names, r['R'])}"
-        for m, r in results.items()
-    )
-    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table + "\n\n" + matrices + "\n"))
+        pictures = _heatmaps(root, names, results, tb, splits[-1])
+    text = _results_text(names, results, splits)
+    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text + "\n"))
     summary = {"run_dir": str(root), "tasks": names, "methods": results}
     save_json(summary, root / "summary.json")
     if not quiet:
-        print("\n" + table + "\n\n" + matrices)
+        print("\n" + text)
         print(f"\nwritten: {root / 'results.md'}, {root / 'summary.json'}; curves: tensorboard --logdir {root}")
         print(f"heatmaps: {root / 'plots'}" if pictures else f"no heatmaps: {MISSING}")
     return summary
@@ -376,24 +346,64 @@ def _run_sequence(top: Config, sequence: List[SequenceTask], root: Path, quiet: 
 
 TB_METRICS = ("acc", "bwt", "fwt_gem", "forgetting", "transfer_pnn")
 
+SPLIT_TITLES = {
+    "val": "On data.val_split (each task's best epoch is picked on it)",
+    "test": "On data.test_split (each task's best epoch picked on data.val_split)",
+}
 
-def _heatmaps(root: Path, names: List[str], results: Mapping[str, Mapping[str, Any]], tb: SummaryWriter) -> List[Path]:
-    """Each method's accuracy matrix R as a heatmap, ``<run>/plots/accuracy_<method>.png`` and TensorBoard's image
-    ``continual/accuracy/<method>``; with matplotlib (``pip install 'mtl[plots]'``) only."""
+
+def _results_text(names: List[str], results: Mapping[str, Mapping[str, Any]], splits: List[str]) -> str:
+    """results.md: the table and every method's R per split, the test split first when there is one."""
+    parts = []
+    for split in reversed(splits):
+        title = SPLIT_TITLES[split] if len(splits) > 1 else ""
+        parts.append((f"{title}\n\n" if title else "") + results_table(names, results, split))
+    for split in reversed(splits):
+        on = f" on {split}" if len(splits) > 1 else ""
+        parts += [
+            f"R for {m}{on} (rows: after training on; columns: evaluated on)\n\n"
+            f"{matrix_table(names, split_view(r, split)['R'])}"
+            for m, r in results.items()
+        ]
+    return "\n\n".join(parts)
+
+
+def _heatmaps(
+    root: Path, names: List[str], results: Mapping[str, Mapping[str, Any]], tb: SummaryWriter, split: str
+) -> List[Path]:
+    """Each method's accuracy matrix R on ``split`` as a heatmap, ``<run>/plots/accuracy_<method>.png`` and
+    TensorBoard's image ``continual/accuracy/<method>``, and one chart of ACC against the parameters each method
+    adds per task (``plots/acc_vs_params.png``, image ``continual/acc_vs_params``); with matplotlib
+    (``pip install 'mtl[plots]'``) only."""
     if not have_matplotlib():
         return []
     rows = [f"after {n}" for n in names]
     paths = []
     for method, r in results.items():
-        matrix = [list(row) + [None] * (len(names) - len(row)) for row in r["R"]]
-        title = f"{method}: accuracy on each task (columns) after training each task (rows)"
-        path = heatmap_chart(matrix, rows, names, root / "plots" / f"accuracy_{method}.png", title)
-        with Image.open(path) as image:
-            tb.add_image(
-                f"continual/accuracy/{method}", np.asarray(image.convert("RGB")), len(names), dataformats="HWC"
-            )
-        paths.append(path)
+        view = split_view(r, split)
+        matrix = [list(row) + [None] * (len(names) - len(row)) for row in view["R"]]
+        title = f"{method}: {split} accuracy on each task (columns) after training each task (rows)"
+        paths.append(heatmap_chart(matrix, rows, names, root / "plots" / f"accuracy_{method}.png", title))
+        _add_image(tb, f"continual/accuracy/{method}", paths[-1], len(names))
+    points = [(m, sum(r["params_per_task"]) / len(names), split_view(r, split)["acc"]) for m, r in results.items()]
+    title = f"final {split} ACC against the parameters added per task"
+    paths.append(
+        pareto_chart(
+            points,
+            "parameters added per task",
+            f"ACC ({split})",
+            root / "plots" / "acc_vs_params.png",
+            maximize=(False, True),
+            title=title,
+        )
+    )
+    _add_image(tb, "continual/acc_vs_params", paths[-1], len(names))
     return paths
+
+
+def _add_image(tb: SummaryWriter, tag: str, path: Path, step: int) -> None:
+    with Image.open(path) as image:
+        tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
 
 def _write_hparams(method_dir: Path, method: str, top: Config, names: List[str], r: Mapping[str, Any]) -> None:
@@ -429,17 +439,24 @@ def _memory_format(model: nn.Module, cfg: Config) -> bool:
     return on
 
 
-def _random_init_accuracy(method: str, top: Config, sequence: List[SequenceTask], device: torch.device) -> List[float]:
-    """``b_i`` of GEM's FWT: the accuracy on task i of ``method``'s model for task i before anything is trained,
-    built with the seeds the run builds it with (so task i's new column or head is the one training starts from)."""
+def _random_init_accuracy(
+    method: str, top: Config, sequence: List[SequenceTask], device: torch.device
+) -> Dict[str, List[float]]:
+    """``b_i`` of GEM's FWT, per split: the accuracy on task i of ``method``'s model for task i before anything is
+    trained, built with the seeds the run builds it with (so task i's new column or head is the one training
+    starts from)."""
+    splits = _splits(sequence)
+    accuracies: Dict[str, List[float]] = {split: [] for split in splits}
     with _rng_untouched([st.generator for st in sequence]):
         seed_everything(top.train.seed, top.train.deterministic)
         learner = build_learner(method, top, device)
-        accuracies = []
         for k, st in enumerate(sequence):
             seed_everything(st.cfg.train.seed, st.cfg.train.deterministic)
             model = learner.train_model(k, st)
-            accuracies.append(_accuracy(model, st, device, _memory_format(model, st.cfg)))
+            for split, acc in _scores(
+                model, st, splits, device, _memory_format(model, st.cfg), learner.task(k, st)
+            ).items():
+                accuracies[split].append(acc)
     return accuracies
 
 
@@ -453,74 +470,122 @@ def _run_method(
     quiet: bool,
     resume: bool,
 ) -> Dict[str, Any]:
+    """Train ``method`` through the sequence. Every accuracy is measured on each split the stages score (``val``,
+    and ``test`` with data.test_split): ``R``/``R_test``, ``acc_before``/``acc_before_test``, and so on."""
+    splits = _splits(sequence)
     random_init = _random_init_accuracy(method, top, sequence, device)
     seed_everything(top.train.seed, top.train.deterministic)
     learner = build_learner(method, top, device)
-    R: List[List[float]] = []
-    params, times, before = [], [], []
+    R: Dict[str, List[List[float]]] = {split: [] for split in splits}
+    before: Dict[str, List[float]] = {split: [] for split in splits}
+    params, times, memory = [], [], []
     for k, st in enumerate(sequence):
         cfg, run_dir = st.cfg, root / method / st.name
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = learner.train_model(k, st)
         channels_last = _memory_format(model, cfg)
         with _rng_untouched([s.generator for s in sequence]):  # R[k-1][k]: task k's model before training on it
-            before.append(_accuracy(model, st, device, channels_last))
+            for split, acc in _scores(model, st, splits, device, channels_last, learner.task(k, st)).items():
+                before[split].append(acc)
         done = resume and (run_dir / "summary.json").is_file()
         if not quiet:
             print(f"\n=== {method}: task {k + 1}/{len(sequence)} {st.name}{' (done: reused)' if done else ''} ===")
         if done:
-            row, seconds = _reuse_task(model, run_dir, k)
+            rows, seconds, used = _reuse_task(model, run_dir, k, splits)
+            state = run_dir / "learner.pt"
+            if state.is_file():
+                learner.load_state_dict(load_checkpoint(state))
+            else:  # a learner that keeps nothing across tasks (or a run written before learners kept state)
+                learner.end_task(k, st, model)
         else:
-            seconds = _train_task(method, k, sequence, model, run_dir, device, channels_last, quiet, resume)
-            row = [
-                _accuracy(learner.eval_model(j, sequence[j]), sequence[j], device, channels_last) for j in range(k + 1)
+            mark = memory_mark(device)
+            seconds = _train_task(method, k, sequence, learner, model, run_dir, device, channels_last, quiet, resume)
+            used = training_memory(device, mark)
+            learner.end_task(k, st, model)
+            kept = learner.state_dict()
+            if kept:  # written before summary.json: a task with a summary always has the state later tasks need
+                save_checkpoint(kept, run_dir / "learner.pt")
+            scores = [
+                _scores(
+                    learner.eval_model(j, sequence[j]),
+                    sequence[j],
+                    splits,
+                    device,
+                    channels_last,
+                    learner.task(j, sequence[j]),
+                )
+                for j in range(k + 1)
             ]
-            for j, acc in enumerate(row):
-                tb.add_scalar(f"R/{method}/{sequence[j].name}", acc, k + 1)
-            tb.add_scalar(f"average_acc/{method}", sum(row) / len(row), k + 1)
+            rows = {split: [s[split] for s in scores] for split in splits}
+            for split in splits:
+                suffix = "" if split == "val" else f"_{split}"
+                for j, acc in enumerate(rows[split]):
+                    tb.add_scalar(f"R{suffix}/{method}/{sequence[j].name}", acc, k + 1)
+                tb.add_scalar(f"average_acc{suffix}/{method}", sum(rows[split]) / len(rows[split]), k + 1)
             save_json(
                 {
                     "method": method,
                     "task": st.name,
-                    "R_row": row,
-                    "acc_before": before[-1],
-                    "acc_random_init": random_init[k],
+                    **{f"R{_suffix(split)}_row": rows[split] for split in splits},
+                    **{f"acc_before{_suffix(split)}": before[split][-1] for split in splits},
+                    **{f"acc_random_init{_suffix(split)}": random_init[split][k] for split in splits},
                     "params": parameter_counts(model),
                     "time_s": seconds,
+                    "memory": used,
                 },
                 run_dir / "summary.json",
             )
-        R.append(row)
+        for split in splits:
+            R[split].append(rows[split])
         times.append(seconds)
+        memory.append(used)
         params.append(learner.added_parameters(k, st))
-    return {
-        "R": R,
-        "acc_before": before,
-        "acc_random_init": random_init,
-        "params_per_task": params,
-        "time_s": times,
-    }
+    out: Dict[str, Any] = {"splits": splits}
+    for split in splits:
+        out[f"R{_suffix(split)}"] = R[split]
+        out[f"acc_before{_suffix(split)}"] = before[split]
+        out[f"acc_random_init{_suffix(split)}"] = random_init[split]
+    return {**out, "params_per_task": params, "time_s": times, "memory": memory}
 
 
-def _reuse_task(model: nn.Module, run_dir: Path, k: int) -> Tuple[List[float], float]:
+def _splits(sequence: List[SequenceTask]) -> List[str]:
+    """``val``, and ``test`` when every stage has a data.test_split."""
+    return ["val"] + (["test"] if all("test" in st.loaders for st in sequence) else [])
+
+
+def _suffix(split: str) -> str:
+    return "" if split == "val" else f"_{split}"
+
+
+def _scores(
+    model: nn.Module, st: SequenceTask, splits: List[str], device: torch.device, channels_last: bool, task: Task
+) -> Dict[str, float]:
+    return {split: _accuracy(model, st, device, channels_last, task, split) for split in splits}
+
+
+def _reuse_task(
+    model: nn.Module, run_dir: Path, k: int, splits: List[str]
+) -> Tuple[Dict[str, List[float]], float, Any]:
     """A finished task run: its weights (``best.pt``, which training ended with, else ``last.pt``) go into
-    ``model``, and its R row and time come from its ``summary.json``."""
+    ``model``, and its R rows (one per split), time and memory come from its ``summary.json``."""
     saved = json.loads((run_dir / "summary.json").read_text())
-    row = saved.get("R_row")
-    if not isinstance(row, list) or len(row) != k + 1:
-        raise UserError(
-            f"cannot resume: {run_dir / 'summary.json'} holds no R row of {k + 1} accuracies; delete that "
-            f"summary.json to train the task again from its checkpoint, or start a new run"
-        )
+    rows = {split: saved.get(f"R{_suffix(split)}_row") for split in splits}
+    for split, row in rows.items():
+        if not isinstance(row, list) or len(row) != k + 1:
+            raise UserError(
+                f"cannot resume: {run_dir / 'summary.json'} holds no {split} R row of {k + 1} accuracies; delete "
+                f"that summary.json to train the task again from its checkpoint, or start a new run"
+            )
     best = run_dir / "checkpoints" / "best.pt"
     model.load_state_dict(load_checkpoint(best if best.is_file() else run_dir / "checkpoints" / "last.pt")["model"])
-    return [float(a) for a in row], float(saved.get("time_s", 0.0))
+    return {s: [float(a) for a in row] for s, row in rows.items()}, float(saved.get("time_s", 0.0)), saved.get("memory")
 
 
 def _train_task(
     method: str,
     k: int,
     sequence: List[SequenceTask],
+    learner: Learner,
     model: nn.Module,
     run_dir: Path,
     device: torch.device,
@@ -552,13 +617,14 @@ def _train_task(
     trainer = build_trainer(
         cfg,
         model,
-        {st.name: st.task},
+        {st.name: learner.task(k, st)},
         st.loaders,
         device=device,
         generator=st.generator,
         hooks=hooks,
         quiet=quiet,
         grad_on=cfg.weighting.grad_on,
+        extension=learner.extension(k, st),
         monitor=st.monitor,
         channels_last=channels_last,
         nonfinite=cfg.train.nonfinite,

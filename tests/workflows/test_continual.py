@@ -37,15 +37,21 @@ def test_metrics_from_a_hand_made_matrix():
     assert m["transfer_pnn"] == pytest.approx(25.0)
     plain = continual_metrics(R)
     assert "transfer_pnn" not in plain and "fwt_gem" not in plain and plain["forgetting"] == m["forgetting"]
-    table = results_table(["a", "b", "c"], {"x": {**m, "R": R, "params_per_task": [10, 2000, 3000]}}).splitlines()
+    cost = {"time_s": [1.2, 30.6, 4.0], "memory": [{"peak_mib": 3.4}, {"peak_mib": 120.0}, None]}
+    table = results_table(["a", "b", "c"], {"x": {**m, **cost, "R": R, "params_per_task": [10, 2000, 3000]}})
+    table = table.splitlines()
     assert table[0] == (
-        "| method | a acc | b acc | c acc | ACC | BWT | FWT (GEM) | forgetting | transfer PNN % | params per task |"
+        "| method | a acc | b acc | c acc | ACC | BWT | FWT (GEM) | forgetting | transfer PNN % | params per task "
+        "| train s per task | peak MiB per task |"
     )
     assert table[2] == (
-        "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | -0.0250 | +0.2250 | +25.00 | 10 / 2,000 / 3,000 |"
+        "| x | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | -0.0250 | +0.2250 | +25.00 | 10 / 2,000 / 3,000 "
+        "| 1 / 31 / 4 | 3 / 120 / n/a |"
     )
     table = results_table(["a", "b", "c"], {"y": {**plain, "R": R, "params_per_task": [1, 1, 1]}}).splitlines()
-    assert table[2] == "| y | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | n/a | +0.2250 | n/a | 1 / 1 / 1 |"
+    assert (
+        table[2] == "| y | 0.6000 | 0.7000 | 0.9000 | 0.7333 | -0.2000 | n/a | +0.2250 | n/a | 1 / 1 / 1 | n/a | n/a |"
+    )
 
 
 def test_forgetting_and_fwt_match_a_brute_force_count_on_random_matrices():
@@ -243,6 +249,35 @@ def test_an_interrupted_continual_run_resumes_as_a_whole(tmp_path, capsys):
     )
 
 
+def test_a_continual_run_reports_the_test_split_and_selects_on_validation(tmp_path):
+    """With data.test_split every accuracy is also measured on it: R_test, its metrics, a results table of its own
+    (first), the heatmaps of it; each task's best epoch is still picked on data.val_split."""
+    pytest.importorskip("captcha")
+    (summary,) = train_from_file(
+        str(CONFIGS / "progressive.yaml"),
+        tiny(
+            tmp_path,
+            "continual.methods=[independent,finetune]",
+            "data.val_split=0.25",
+            "data.test_split=val",
+            "train.epochs=1",
+            "stages=[{name: a, data: {classes: [0, 1]}}, {name: b, data: {classes: [2, 3]}}]",
+        ),
+    )
+    r = summary["methods"]["finetune"]
+    assert r["splits"] == ["val", "test"]
+    assert [len(row) for row in r["R_test"]] == [1, 2]
+    assert r["test"]["acc"] == pytest.approx(sum(r["R_test"][-1]) / 2)
+    assert r["test"]["bwt"] == pytest.approx(r["R_test"][1][0] - r["R_test"][0][0])
+    assert summary["methods"]["independent"]["test"]["bwt"] == 0.0
+    assert "transfer_pnn" in r["test"] and len(r["acc_before_test"]) == 2 and len(r["acc_random_init_test"]) == 2
+    text = (Path(summary["run_dir"]) / "results.md").read_text()
+    assert text.index("On data.test_split") < text.index("On data.val_split")
+    assert "R for finetune on test" in text and "train s per task" in text
+    task_summary = json.loads((Path(summary["run_dir"]) / "finetune" / "b" / "summary.json").read_text())
+    assert task_summary["R_test_row"] == r["R_test"][1] and task_summary["memory"]["peak_mib"] >= 0
+
+
 def flat(value):
     """A number, a list or a list of rows (R) as one flat list."""
     return list(np.hstack(value)) if isinstance(value, list) else [value]
@@ -282,7 +317,11 @@ def test_split_fashion_mnist_runs_on_idx_files(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["continual.methods=[progressive, ewc]"], "unknown ewc"),
+        (["continual.methods=[progressive, finetuned]"], "unknown continual method 'finetuned'. Did you mean finetune"),
+        (["continual.scenario=class"], "'progressive' cannot run continual.scenario: class"),
+        (["continual.scenario=sideways"], "continual.scenario must be one of task, class, domain"),
+        (["continual.options={progressive: {alpha: 1}}"], "unknown option.s. alpha for method 'progressive'"),
+        (["continual.methods=[progressive]", "continual.options={finetune: {}}"], "'finetune' is not in continual"),
         (["stages=[{name: a}]"], "two or more stages"),
         (["stages=[{name: a}, {name: b, tasks: {label: {}, other: {}}}]"], "one task"),
         (["stages=[{name: a}, {name: b, model: {encoder_options: {widths: [8, 8, 8]}}}]"], "one encoder architecture"),
@@ -299,9 +338,10 @@ def test_bad_continual_configs(tmp_path, overrides, message):
 
 
 def test_cli_bad_continual_config_exits_2(tmp_path, capsys):
-    code = main(["train", str(CONFIGS / "progressive.yaml"), *tiny(tmp_path, "continual.methods=[lwf]")])
+    code = main(["train", str(CONFIGS / "progressive.yaml"), *tiny(tmp_path, "continual.methods=[lwf_x]")])
     assert code == 2
-    assert "unknown lwf" in capsys.readouterr().err
+    assert "unknown continual method 'lwf_x'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 class RecordOptions(Hook):
@@ -359,7 +399,7 @@ def test_new_columns_start_from_pretrained_weights(tmp_path):
     """``model.weights`` set: every new column starts from that file (the laterals and head stay random)."""
     pytest.importorskip("captcha")
     from mtl.models.encoders import build_encoder
-    from mtl.workflows.continual import ColumnLearner, prepare_sequence
+    from mtl.workflows.continual import build_learner, prepare_sequence
 
     torch.manual_seed(5)
     saved = build_encoder("small_cnn", widths=[8, 8, 16, 16]).state_dict()
@@ -373,7 +413,7 @@ def test_new_columns_start_from_pretrained_weights(tmp_path):
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
     sequence = prepare_sequence(stage_configs(raw, sources)[:2], torch.device("cpu"))
-    learner = ColumnLearner(lateral=True, alpha=0.1, adapter_channels=None, device=torch.device("cpu"))
+    learner = build_learner("progressive", build_config(raw, sources), torch.device("cpu"))
     for k, st in enumerate(sequence):
         learner.train_model(k, st)
         column = learner.net.columns[k]

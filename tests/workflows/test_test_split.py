@@ -17,7 +17,6 @@ from mtl.build.data import build_dataset
 from mtl.cli import main
 from mtl.config.load import build_config
 from mtl.core.checkpoint import load_checkpoint
-from mtl.core.errors import UserError
 from mtl.plugins import HOOKS, Hook
 from mtl.workflows.predict import open_run
 from mtl.workflows.stages import stage_table
@@ -151,14 +150,6 @@ def test_mtl_eval_scores_the_carved_validation_set(tested_run, capsys):
     tested = json.loads(open(f"{summary['run_dir']}/eval/test/metrics.json").read())
     assert tested["size"] == 24 and tested["data_split"] == "val"
     assert tested["acc"] == pytest.approx(summary["test"]["best"]["acc"])
-
-
-def test_a_continual_run_with_a_test_split_is_refused(tmp_path):
-    raw = tiny_config(tmp_path, tmp_path, **{"data.test_split": "test", "continual.methods": ["progressive"]})
-    raw["stages"] = [{"name": "a"}, {"name": "b"}]
-    with pytest.raises(UserError, match="data.test_split is not scored by continual runs") as info:
-        build_config(raw)
-    assert "\n" not in str(info.value)
 
 
 class NoBestEpoch(Hook):
