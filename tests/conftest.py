@@ -1,5 +1,6 @@
 """Shared fixtures: small image folders the tests draw themselves."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The tests mirror the package's folders and share helpers across them (``from test_bad_input import refused``):
 # every folder is importable whichever tests run.

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
+
 from mtl.core.errors import UserError
 from mtl.core.stats import Stat, describe
 from mtl.workflows.compare import _differing, _label_part, _strip
@@ -112,8 +114,6 @@ def continual_groups(roots: Sequence[Path]) -> List[ContinualGroup]:
 
 
 def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
-    import yaml
-
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
