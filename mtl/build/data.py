@@ -28,6 +28,7 @@ from mtl.data.device_augment import BatchAugment
 from mtl.data.holdout import carve_validation, same_items, selects_on_test
 from mtl.data.loaders import SignalSafeLoader, collate_targets
 from mtl.data.multi_input import MultiInputLoader
+from mtl.data.shift import Shift, build_shift, shifted_collate
 from mtl.tasks.base import Task
 
 
@@ -118,17 +119,31 @@ def _build_data(
         datasets["train"] = subset_per_class(train_ds, cfg.data.labels_per_class, cfg.train.seed)
     generator = torch.Generator()
     info = {"classes": classes, "skipped_images": skipped, **{f"{s}_size": len(ds) for s, ds in datasets.items()}}
-    loaders = _batched_loaders(cfg, tasks, datasets, device, generator, info)
+    shift = _input_shift(cfg, tasks)
+    loaders = _batched_loaders(cfg, tasks, datasets, device, generator, info, shift)
     if loaders is None:
         common = dict(
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
-            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            collate_fn=shifted_collate(collate_targets({t: task.target for t, task in tasks.items()}), shift),
             worker_init_fn=ignore_stop_signals,
         )
         loaders = {split: _item_loader(cfg, ds, split == "train", generator, common) for split, ds in datasets.items()}
         info["pipeline"] = "per item"
     return tasks, datasets, loaders, generator, info
+
+
+def _input_shift(cfg: Config, tasks: Dict[str, Task]) -> Optional[Shift]:
+    """``data.shift`` as a function of the input batches (after the pipeline's transforms), or None; refused for
+    tasks with dense targets, which it would not move along with the images."""
+    d = cfg.data
+    dense = [t for t, task in tasks.items() if task.dense]
+    if d.shift is not None and dense:
+        raise UserError(
+            f"data.shift moves the pixels of the images but not the dense targets of task {dense[0]} "
+            f"({tasks[dense[0]].type_name}); use it with image-level tasks only, or set data.shift: null"
+        )
+    return build_shift(d.shift, d.mean, d.std)
 
 
 def _build_inputs(
@@ -141,6 +156,12 @@ def _build_inputs(
     per_split: Dict[str, Dict[str, Any]] = {}
     datasets: Dict[str, Dict[str, Dataset]] = {}
     generators, inputs = {}, {}
+    own_shift = [name for name, task in cfg.tasks.items() if "shift" in (task.data or {})]
+    if own_shift:  # one shift for every input keeps mtl predict (one input for all tasks) right
+        raise UserError(
+            f"tasks.{own_shift[0]}.data.shift: a multi-input run shifts the images of every task alike; "
+            f"set data.shift at the top level instead"
+        )
     for name, one in task_configs(cfg).items():
         own_tasks, own_datasets, own_loaders, generators[name], own_info = _build_data(one, device)
         tasks.update(own_tasks)
@@ -232,8 +253,10 @@ def _batched_loaders(
     device: torch.device,
     generator: torch.Generator,
     info: Dict[str, Any],
+    shift: Optional[Shift] = None,
 ) -> Optional[Dict[str, DeviceBatches]]:
-    """Device-augmented batches from decoded image stores (``data.pipeline``), or None for the per-item path."""
+    """Device-augmented batches from decoded image stores (``data.pipeline``), or None for the per-item path;
+    ``shift`` (``data.shift``) maps their images."""
     d = cfg.data
     if d.pipeline == "items":
         return None
@@ -253,7 +276,7 @@ def _batched_loaders(
                 decoded=decoded,
             )
     if (not stores or any(s is None for s in stores.values())) and all(can_gather(ds) for ds in datasets.values()):
-        return _dense_batches(cfg, tasks, datasets, device, generator, info)
+        return _dense_batches(cfg, tasks, datasets, device, generator, info, shift)
     if not stores or any(s is None for s in stores.values()):
         if d.pipeline == "batched":
             raise UserError(
@@ -278,7 +301,8 @@ def _batched_loaders(
             generator=generator if split == "train" else None,
             target_names=names,
             dataset=ds,
-            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            collate_fn=shifted_collate(collate_targets({t: task.target for t, task in tasks.items()}), shift),
+            shift=shift,
             **shard,
         )
         for split, ds in datasets.items()
@@ -310,6 +334,7 @@ def _dense_batches(
     device: torch.device,
     generator: torch.Generator,
     info: Dict[str, Any],
+    shift: Optional[Shift] = None,
 ) -> Dict[str, DenseBatches]:
     """Whole batches gathered by the data set itself (in-memory multitask sets), augmented on the device."""
     d, shard = cfg.data, dict(rank=dist.rank(), world=dist.world_size())
@@ -338,7 +363,8 @@ def _dense_batches(
             device=device,
             augment=split == "train" and bool(getattr(ds, "augment", False)),
             generator=generator if split == "train" else None,
-            collate_fn=collate_targets({t: task.target for t, task in tasks.items()}),
+            collate_fn=shifted_collate(collate_targets({t: task.target for t, task in tasks.items()}), shift),
+            shift=shift,
             **shard,
         )
         for split, ds in datasets.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import MISSING, dataclass, field
@@ -79,6 +80,9 @@ class DataCfg:
         8.0, ge=0
     )  # decoded images above this go to a memory-mapped file instead of memory
     cache_dir: Optional[str] = None  # where that file goes; null: <data.root>/.mtl_cache
+    # a fixed transformation of every input image of every split, after resize, crop and normalisation (domains of a
+    # domain-incremental stream, mtl/data/shift.py): {permute: <seed>} (one pixel permutation) | {rotate: <degrees>}
+    shift: Optional[Dict[str, Any]] = None
 
     def check(self) -> str:
         if isinstance(self.val_split, float) and not 0 < self.val_split < 1:
@@ -104,7 +108,28 @@ class DataCfg:
             return f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"
         if len(self.mean) != 3 or len(self.std) != 3:
             return "data.mean and data.std need 3 values (R, G, B)"
+        return _shift_problem(self.shift)
+
+
+def _shift_problem(shift: Optional[Dict[str, Any]]) -> str:
+    """Why ``shift`` is not a valid data.shift (null, {permute: <seed>} or {rotate: <degrees>}), or ""."""
+    if shift is None:
         return ""
+    usage = "set data.shift to {permute: <seed>} or {rotate: <degrees>}, or null for none"
+    unknown = [k for k in shift if k not in ("permute", "rotate")]
+    if unknown:
+        return f"data.shift has an unknown key {unknown[0]!r}; {usage}"
+    if len(shift) != 1:
+        merged = " (a stage's or task's shift merges into an inherited one unless it says _delete_: true)"
+        return f"data.shift needs exactly one of permute and rotate{merged if shift else ''}; {usage}"
+    ((kind, value),) = shift.items()
+    if kind == "permute" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32):
+        return f"data.shift.permute must be an integer seed from 0 to 2**32-1, got {value!r}; {usage}"
+    if kind == "rotate" and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ):
+        return f"data.shift.rotate must be a number of degrees, got {value!r}; {usage}"
+    return ""
 
 
 @dataclass

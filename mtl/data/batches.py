@@ -98,6 +98,7 @@ class DeviceBatches:
     ``generator`` drives the shuffle and the augmentation, so a seeded generator gives the same epoch on every
     device. On CUDA the next batch is gathered and copied (pinned, non-blocking) by a thread while the
     current one trains. ``dataset`` and ``collate_fn`` are kept for code that reads single items (image grids).
+    ``shift`` (``data.shift``) maps every augmented batch of images.
     """
 
     def __init__(
@@ -114,8 +115,9 @@ class DeviceBatches:
         collate_fn: Optional[Callable[[List[Any]], Any]] = None,
         rank: int = 0,
         world: int = 1,
+        shift: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
-        self.store, self.augment = store, augment
+        self.store, self.augment, self.shift = store, augment, shift
         self.rank, self.world = rank, world  # under torchrun: every process takes every world-th item of a batch
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
         self.generator = generator if generator is not None else torch.Generator()
@@ -132,6 +134,7 @@ class DeviceBatches:
             device=self.device,
             generator=torch.Generator(),
             target_names=self.target_names,
+            shift=self.shift,
         )
 
     def __len__(self) -> int:
@@ -163,6 +166,8 @@ class DeviceBatches:
 
     def _batch(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         image = self.augment(raw["images"], theta=raw["theta"])
+        if self.shift is not None:
+            image = self.shift(image)
         return {"image": image, "targets": {t: raw["labels"] for t in self.target_names}}
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

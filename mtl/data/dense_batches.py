@@ -32,7 +32,7 @@ class DenseBatches:
 
     ``targets`` maps task names to item keys. ``batch_size`` is the global batch; with ``world`` processes each
     takes every world-th item of it. ``generator`` drives the order and, with ``augment``, the augmentation.
-    ``collate_fn`` is kept for code that reads single items.
+    ``collate_fn`` is kept for code that reads single items. ``shift`` (``data.shift``) maps every batch of images.
     """
 
     def __init__(
@@ -48,8 +48,9 @@ class DenseBatches:
         collate_fn: Optional[Callable[[List[Any]], Any]] = None,
         rank: int = 0,
         world: int = 1,
+        shift: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
-        self.dataset, self.targets = dataset, dict(targets)
+        self.dataset, self.targets, self.shift = dataset, dict(targets), shift
         self.batch_size, self.shuffle, self.augment, self.device = batch_size, shuffle, augment, device
         self.generator = generator if generator is not None else torch.Generator()
         self.collate_fn = collate_fn
@@ -68,6 +69,7 @@ class DenseBatches:
             augment=self.augment,
             device=self.device,
             collate_fn=self.collate_fn,
+            shift=self.shift,
         )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -81,7 +83,8 @@ class DenseBatches:
                 rows = rows[self.rank :: self.world]
                 params = {k: v[self.rank :: self.world] for k, v in params.items()} if params is not None else None
             items = self.dataset.gather(rows, self.device, params)
-            yield {"image": items["image"], "targets": {t: items[key] for t, key in self.targets.items()}}
+            image = items["image"] if self.shift is None else self.shift(items["image"])
+            yield {"image": image, "targets": {t: items[key] for t, key in self.targets.items()}}
 
 
 def random_flips(n: int, generator: torch.Generator) -> Dict[str, Tensor]:

@@ -21,6 +21,7 @@ from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
 from mtl.data.image_files import load_rgb
+from mtl.data.shift import build_shift
 from mtl.data.transforms import build_transforms
 from mtl.models.freezing import apply_freeze
 from mtl.tasks.base import Task
@@ -150,7 +151,8 @@ def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) 
 
 def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """One image file as the model's eval input: Resize + CenterCrop to (S, S) + normalise, as validation; with
-    ``size`` (H, W) other than (S, S), a plain resize to it (data sets that render or size their own images)."""
+    ``size`` (H, W) other than (S, S), a plain resize to it (data sets that render or size their own images). Then
+    ``data.shift``, as the run's inputs had it."""
 
     p = Path(path)
     if not p.is_file():
@@ -177,4 +179,6 @@ def image_tensor(path: str | Path, cfg: Config, size: Optional[Sequence[int]] = 
             mean=cfg.data.mean,
             std=cfg.data.std,
         )
-    return transform(image).unsqueeze(0)
+    x = transform(image).unsqueeze(0)
+    shift = build_shift(cfg.data.shift, cfg.data.mean, cfg.data.std)
+    return x if shift is None else shift(x)
