@@ -294,9 +294,10 @@ def curve_figure(curves: Mapping[str, Sequence[Sequence[Tuple[int, float]]]], y_
     ax.set_xlabel("epoch")
     ax.set_ylabel(y_name)
     ax.grid(alpha=0.3)
-    if len(curves) > 6:  # beside the lines rather than over them
+    named = bool(ax.get_legend_handles_labels()[1])  # one unnamed group (a sweep of seeds only): no legend
+    if named and len(curves) > 6:  # beside the lines rather than over them
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    else:
+    elif named:
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

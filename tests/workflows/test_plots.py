@@ -176,6 +176,12 @@ def test_curve_chart_draws_mean_lines_and_std_bands_and_says_where_seeds_are_mis
     _is_png(plots.curve_chart(curves, tmp_path / "curves.png", "val left.acc", title="Multi-Fashion"))
 
 
+def test_one_unnamed_group_draws_no_legend_and_no_warning():
+    """A sweep of seeds only has one group labelled "": no legend (matplotlib would warn that none has a label)."""
+    fig = plots.curve_figure({"": [[(1, 0.5), (2, 0.6)]]}, "val acc")
+    assert fig.axes[0].get_legend() is None and len(fig.axes[0].lines) == 1
+
+
 # --------------------------------------------------------------------------- heatmap
 
 
