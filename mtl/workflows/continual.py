@@ -187,16 +187,28 @@ def as_sequence_stage(cfg: Config) -> Config:
 
 def stage_model(method: str, top: Config, configs: List[Config], tasks: List[Task], upto: int) -> nn.Module:
     """The architecture ``method`` predicts task ``upto`` with (no weights loaded): columns 0..upto with their
-    laterals (earlier ones frozen) for column methods, the shared encoder with that task's head otherwise.
+    laterals (earlier ones frozen) for column methods, the shared encoder with the scenario's head otherwise.
     ``configs`` are stage configs (``as_sequence_stage``), ``tasks`` their tasks."""
+    return stage_model_task(method, top, configs, tasks, upto)[0]
+
+
+def stage_model_task(
+    method: str, top: Config, configs: List[Config], tasks: List[Task], upto: int
+) -> Tuple[nn.Module, Task]:
+    """``stage_model`` and the task that scores it: in the class scenario, task ``upto``'s labels at their offset in
+    the one head, with the names of every class seen so far (so predictions name the class they pick)."""
     learner = build_learner(method, top, torch.device("cpu"))
     model: Optional[nn.Module] = None
     for k in range(upto + 1):
         cfg = copy.deepcopy(configs[k])
         cfg.model.weights = None  # the architecture only: weights come from a checkpoint, or not at all
-        model = learner.train_model(k, SequenceTask(cfg, tasks[k], {}, torch.Generator(), {}))
+        st = SequenceTask(cfg, tasks[k], {}, torch.Generator(), {})
+        model = learner.train_model(k, st)
     assert model is not None
-    return model
+    task = learner.task(upto, st)
+    if top.continual.scenario == "class":
+        task.classes = [name for t in tasks[: upto + 1] for name in t.classes]
+    return model, task
 
 
 def prepare_sequence(configs: List[Config], device: torch.device) -> List[SequenceTask]:

@@ -25,7 +25,7 @@ from mtl.data.shift import build_shift
 from mtl.data.transforms import build_transforms
 from mtl.models.freezing import apply_freeze
 from mtl.tasks.base import Task
-from mtl.workflows.continual import as_sequence_stage, stage_model
+from mtl.workflows.continual import as_sequence_stage, stage_model, stage_model_task
 
 
 @dataclass
@@ -135,9 +135,10 @@ def _continual_stage(path: Path, state: Dict[str, Any]) -> Loaded:
         raise UserError(f"{path}: task {task!r} is not a stage of {root / 'config.yaml'} (stages: {', '.join(names)})")
     k = names.index(task)
     tasks = [build_tasks(c, targets)[c.name] for c, targets in zip(configs[: k + 1], state["sequence"])]
-    model = stage_model(method, top, configs, tasks, k)
+    model, scored = stage_model_task(method, top, configs, tasks, k)
     _load_state(model, state["model"], path)
-    return Loaded(configs[k], model.eval(), {task: tasks[k]}, path, {task: tasks[k].classes})
+    # the run's classes are its data's (what mtl eval checks the data against); the scored task names what it predicts
+    return Loaded(configs[k], model.eval(), {task: scored}, path, {task: tasks[k].classes})
 
 
 def _load_state(model: nn.Module, weights: Dict[str, torch.Tensor], path: Path) -> None:

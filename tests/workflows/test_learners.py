@@ -288,3 +288,25 @@ def _flat(state):
         return [state]
     items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
     return [t for v in items for t in _flat(v)]
+
+
+def test_mtl_eval_and_predict_of_a_class_incremental_task_run_score_over_every_class(tmp_path, monkeypatch):
+    """A class-incremental task run is loaded with the one grown head and scored at its offset: mtl eval gives its
+    R entry back, and predictions name classes of every task seen."""
+    pytest.importorskip("captcha")
+    from pathlib import Path
+
+    from mtl.workflows.evaluate import eval_command
+    from mtl.workflows.runs import load_model
+
+    monkeypatch.setattr("mtl.workflows.continual.have_matplotlib", lambda: False)
+    stages = "stages=[{name: a, data: {classes: [0, 1]}}, {name: b, data: {classes: [2, 3, 4]}}]"
+    args = tiny(tmp_path, "continual.methods=[finetune]", "continual.scenario=class", stages, "train.epochs=1")
+    (summary,) = train_from_file(str(CONFIGS / "progressive.yaml"), args)
+    run = Path(summary["run_dir"]) / "finetune" / "b"
+    loaded, first = load_model(run), load_model(run.parent / "a")
+    named = loaded.tasks["b"].classes  # what predictions are named by: a's two classes, then b's three
+    assert len(named) == 5 and named[:2] == first.classes["a"] and named[2:] == loaded.classes["b"]
+    eval_command(str(run), "val")
+    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(summary["methods"]["finetune"]["R"][1][1], abs=1e-6)
