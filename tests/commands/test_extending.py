@@ -1,5 +1,5 @@
-"""docs/extending.md, executed: its module registers six parts and its config names them; its task type, command
-and workflow run as written."""
+"""docs/extending.md, executed: its module registers six parts and its config names them; its task type, continual
+learner, command and workflow run as written."""
 
 import json
 import math
@@ -105,6 +105,36 @@ def test_the_documented_task_type_trains_and_reports_its_metrics(tmp_path, monke
 
     state = torch.load(summary_path.parent / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert state["heads.digit.0.weight"].shape[0] == 10  # one logit per threshold of the ten digits
+
+
+def test_the_documented_continual_learner_keeps_its_anchor_and_runs_next_to_the_others(tmp_path, monkeypatch):
+    pytest.importorskip("captcha")
+    import torch
+    from test_continual import CONFIGS, tiny
+
+    from mtl.core.checkpoint import load_checkpoint
+    from mtl.workflows.learners import LEARNERS
+
+    monkeypatch.setattr(LEARNERS, "_entries", dict(LEARNERS._entries))  # the doc's learner is gone after this test
+    monkeypatch.setattr("mtl.workflows.continual.have_matplotlib", lambda: False)
+    (tmp_path / "my_learner.py").write_text(_block("python", "# my_learner.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = tiny(
+        tmp_path,
+        "imports=[my_learner]",
+        "continual.methods=[finetune,l2_anchor]",
+        "continual.options={l2_anchor: {strength: 10}}",
+        "train.epochs=1",
+        "stages=[{name: a, data: {classes: [0, 1]}}, {name: b, data: {classes: [2, 3]}}]",
+    )
+    assert main(["train", str(CONFIGS / "progressive.yaml"), *overrides]) == 0
+    (root,) = (tmp_path / "runs" / "progressive").iterdir()
+    summary = json.loads((root / "summary.json").read_text())
+    assert [len(row) for row in summary["methods"]["l2_anchor"]["R"]] == [1, 2]
+    anchor = load_checkpoint(root / "l2_anchor" / "a" / "learner.pt")["anchor"]
+    best = load_checkpoint(root / "l2_anchor" / "a" / "checkpoints" / "best.pt")["model"]
+    encoder = [v for k, v in best.items() if k.startswith("encoder.") and v.dtype.is_floating_point]
+    assert anchor and all(any(v.shape == a.shape and torch.equal(v, a) for v in encoder) for a in anchor)
 
 
 def test_the_documented_command_runs_from_its_one_module_and_one_line(tmp_path, monkeypatch, capsys):
