@@ -19,6 +19,7 @@ from mtl.engine.hooks import (
     HOOKS,
     CheckpointHook,
     ConsoleHook,
+    EarlyStoppingHook,
     MetricsFileHook,
     TensorBoardHook,
     UnfreezeHook,
@@ -85,7 +86,9 @@ def build_hooks(
                 n_images=cfg.train.log_images if n_images is None else n_images,
                 graph_model=graph_model if cfg.train.log_graph else None,
             ),
-            CheckpointHook(run_dir, meta),
+            CheckpointHook(
+                run_dir, meta, keep_top_k=cfg.train.checkpoints.keep_top_k, every=cfg.train.checkpoints.every_n_epochs
+            ),
         ]
         if not quiet:
             hooks.append(ConsoleHook())
@@ -94,9 +97,12 @@ def build_hooks(
 
 
 def config_hooks(cfg: Config) -> List[Hook]:
-    """The hooks ``train.hooks`` names, each built with its options. An unknown name is the registry's UserError
-    (with the close names); an unknown or missing option is one UserError line naming the options the hook takes."""
-    return [_config_hook(i, entry) for i, entry in enumerate(cfg.train.hooks)]
+    """``train.early_stop``'s hook, then the hooks ``train.hooks`` names, each built with its options. An unknown name
+    is the registry's UserError (with the close names); an unknown or missing option is one UserError line naming the
+    options the hook takes."""
+    stop = cfg.train.early_stop
+    early = [EarlyStoppingHook(stop.patience, stop.min_delta)] if stop is not None else []
+    return early + [_config_hook(i, entry) for i, entry in enumerate(cfg.train.hooks)]
 
 
 def _config_hook(i: int, entry: HookCfg) -> Hook:

@@ -257,6 +257,23 @@ class HookCfg:
 
 
 @dataclass
+class CheckpointsCfg:
+    """The weights a run keeps besides ``checkpoints/last.pt`` (the full state, to resume) and ``best.pt``."""
+
+    # the k best epochs by train.monitor, each as checkpoints/top/epoch_NNNN.pt (1: best.pt only)
+    keep_top_k: int = bounded(1, ge=1)
+    every_n_epochs: Optional[int] = bounded(None, ge=1)  # also checkpoints/epoch_NNNN.pt every n epochs; null: none
+
+
+@dataclass
+class EarlyStopCfg:
+    """Stop once train.monitor's score has not risen by more than ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = bounded(5, ge=1)
+    min_delta: float = bounded(0.0, ge=0)
+
+
+@dataclass
 class TrainCfg:
     """The training loop."""
 
@@ -287,10 +304,14 @@ class TrainCfg:
     # writes files checks mtl.core.distributed.is_main()); continual runs build them anew for each method and task.
     # An unknown name or option is refused before anything is written
     hooks: List[HookCfg] = field(default_factory=list)
+    checkpoints: CheckpointsCfg = field(default_factory=CheckpointsCfg)
+    early_stop: Optional[EarlyStopCfg] = None  # e.g. {patience: 5}: the early_stopping hook, by a key of its own
 
     def check(self) -> str:
         if self.epochs < 1:
             return f"train.epochs must be >= 1, got {self.epochs}"
+        if self.early_stop is not None and any(h.name == "early_stopping" for h in self.hooks):
+            return "train.early_stop and the early_stopping hook in train.hooks both stop early; keep one of them"
         if not _DEVICE.fullmatch(self.device):
             return f"train.device must be {DEVICES}, got {self.device!r}"
         if self.amp not in ("auto", "bf16", "off"):

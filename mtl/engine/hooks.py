@@ -11,7 +11,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -107,21 +107,40 @@ class UnfreezeHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """``checkpoints/last.pt`` (full state) every epoch, ``best.pt`` (model) on a new best; best restored at the end."""
+    """``checkpoints/last.pt`` (full state) every epoch, ``best.pt`` (model) on a new best; best restored at the end.
 
-    def __init__(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
+    ``keep_top_k`` > 1 also keeps the k best epochs by score as ``top/epoch_NNNN.pt`` (ties: the earlier epoch; an
+    epoch whose score is not a number is never among them): read from the epoch history, so a resumed run keeps the
+    same ones. ``every`` n epochs, ``epoch_NNNN.pt`` as well. These hold the model, epoch and metrics, like best.pt.
+    """
+
+    def __init__(
+        self, run_dir: Path, meta: Mapping[str, Any], keep_top_k: int = 1, every: Optional[int] = None
+    ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.meta = dict(meta)
+        self.keep_top_k, self.every = keep_top_k, every
         self.then = functools.partial(resume_hint, Path(run_dir))  # what to do after a full disk
 
     def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
+        weights = {"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta}
         if metrics["is_best"]:
-            save_checkpoint(
-                {"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta},
-                self.dir / "best.pt",
-                self.then,
-            )
+            save_checkpoint(weights, self.dir / "best.pt", self.then)
+        if self.keep_top_k > 1:
+            self._keep_top(trainer, weights)
+        if self.every and trainer.epoch % self.every == 0:
+            save_checkpoint(weights, self.dir / f"epoch_{trainer.epoch:04d}.pt", self.then)
         save_checkpoint({**trainer.state_dict(), **self.meta}, self.dir / "last.pt", self.then)
+
+    def _keep_top(self, trainer: Trainer, weights: Dict[str, Any]) -> None:
+        """Save this epoch when it is among the k best, then delete the files of epochs that no longer are."""
+        wanted = top_epochs(trainer.history, self.keep_top_k)
+        top = self.dir / "top"
+        if trainer.epoch in wanted:
+            save_checkpoint(weights, top / f"epoch_{trainer.epoch:04d}.pt", self.then)
+        for path in top.glob("epoch_*.pt"):
+            if int(path.stem.split("_")[1]) not in wanted:
+                path.unlink()
 
     def on_interrupt(self, trainer: Trainer, state: Dict[str, Any]) -> None:
         save_checkpoint({**state, **self.meta}, self.dir / "last.pt", self.then)
@@ -135,6 +154,12 @@ class CheckpointHook(Hook):
         best = self.dir / "best.pt"
         if best.exists():
             trainer.model.load_state_dict(load_checkpoint(best)["model"])
+
+
+def top_epochs(history: Sequence[Mapping[str, Any]], k: int) -> Set[int]:
+    """The epochs (1-based) of the ``k`` highest finite scores in ``history``; ties go to the earlier epoch."""
+    scored = [(m["score"], m["epoch"]) for m in history if math.isfinite(m["score"])]
+    return {epoch for _, epoch in sorted(scored, key=lambda se: (-se[0], se[1]))[:k]}
 
 
 class MetricsFileHook(Hook):
