@@ -81,25 +81,49 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 # ---------------------------------------------------------------------------------------------------- memory
 def memory_mark(device: torch.device) -> float:
-    """Start measuring training memory on ``device``: resets CUDA's peak, or returns the process's peak resident
-    memory so far (MiB) on the CPU, where only the process's high-water mark is known."""
+    """Start measuring training memory on ``device``: resets CUDA's peak; on the CPU, resets the process's resident
+    high-water mark where Linux allows it (``/proc/self/clear_refs``) and returns the resident memory now (MiB),
+    else returns the high-water mark so far (then an earlier, higher peak hides what training needs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0.0
-    return _peak_rss_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_mib("VmRSS")
+    except (OSError, ValueError):
+        return _peak_rss_mib()
 
 
 def training_memory(device: torch.device, mark: float) -> Dict[str, Any]:
-    """``{"peak_mib", "measure"}`` since :func:`memory_mark`: CUDA's peak allocated memory, or on the CPU how much
-    the process's peak resident memory grew (what training needed beyond the model and data loaded before)."""
+    """``{"peak_mib", "measure"}`` since :func:`memory_mark`: CUDA's peak allocated memory, or on the CPU how far
+    the process's peak resident memory rose above the mark (what training needed beyond the model and data loaded
+    before)."""
     if device.type == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "measure": "peak CUDA memory allocated"}
     grown = max(_peak_rss_mib() - mark, 0.0)
-    return {"peak_mib": grown, "measure": "growth of the process's peak resident memory while training and validating"}
+    return {
+        "peak_mib": grown,
+        "measure": "the process's peak resident memory while training and validating, above its resident memory "
+        "before (Linux: the high-water mark reset at the start)",
+    }
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The resident high-water mark (``VmHWM``, which ``memory_mark`` may reset), else ``ru_maxrss`` (never reset)."""
+    try:
+        return _proc_status_mib("VmHWM")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _proc_status_mib(key: str) -> float:
+    """A ``kB`` line of ``/proc/self/status`` in MiB; ValueError when it is not there."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no {key} in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
