@@ -7,6 +7,7 @@ from mtl.commands import add_import_option
 from mtl.config.schema import LAUNCHERS
 from mtl.core.errors import UserError
 from mtl.workflows.compare import aggregate
+from mtl.workflows.continual_compare import find_continual_runs, write_continual_report
 from mtl.workflows.launchers import describe_code
 from mtl.workflows.plots import MISSING, have_matplotlib
 from mtl.workflows.report import write_report
@@ -65,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtl: failed: {label} ({why or describe_code(code)}); log: {log}", file=sys.stderr)
     done = sum(r["status"] == "done" for r in result["runs"])
     print(f"sweep {result['dir']}: {done} of {len(result['runs'])} runs done, {len(result['failed'])} failed")
-    if done:
+    continual = find_continual_runs([result["dir"]])[0] if done else []
+    if continual:  # a sweep of a continual config: each run is a task sequence with its methods
+        report = write_continual_report(continual, result["dir"])
+        pictures = "" if have_matplotlib() else f" (no pictures: {MISSING})"
+        print(f"results: {report}{pictures}")
+    elif done:
         report = write_report(aggregate([result["dir"]]), result["dir"])
         pictures = "" if have_matplotlib() else f" (no pictures: {MISSING})"
         print(f"results: {report}{pictures}")

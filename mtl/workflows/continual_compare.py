@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
 from mtl.core.stats import Stat, describe
 from mtl.workflows.compare import _differing, _label_part, _strip
@@ -196,3 +197,14 @@ def continual_plots(groups: Sequence[ContinualGroup], out: str | Path) -> List[P
             )
         )
     return paths
+
+
+def write_continual_report(roots: Sequence[Path], out: str | Path) -> Path:
+    """``results.md`` in ``out`` for continual runs: the table ``mtl compare`` prints and, with matplotlib
+    installed, its pictures under ``out/plots``."""
+    out = Path(out)
+    groups = continual_groups(roots)
+    pictures = continual_plots(groups, out / "plots") if have_matplotlib() else []
+    text = continual_table(groups) + "\n\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in pictures)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
+    return out / "results.md"

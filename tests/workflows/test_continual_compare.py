@@ -71,3 +71,13 @@ def test_mean_matrix_is_the_elementwise_mean():
 
     views = [{"R": [[1.0], [0.5, 0.7]]}, {"R": [[0.0], [0.1, 0.3]]}]
     assert mean_matrix(views) == [[0.5, None], [pytest.approx(0.3), pytest.approx(0.5)]]
+
+
+def test_a_sweep_of_continual_runs_writes_their_report(tmp_path):
+    from mtl.workflows.continual_compare import find_continual_runs, write_continual_report
+
+    fake_root(tmp_path / "p" / "seed0", 0, 0.8, -0.2)
+    fake_root(tmp_path / "p" / "seed1", 1, 0.6, -0.1)
+    roots, _, others = find_continual_runs([tmp_path])
+    report = write_continual_report(roots, tmp_path)
+    assert not others and report.read_text().startswith("seq: 2 run(s)")
