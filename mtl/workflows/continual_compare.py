@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import yaml
-
 from mtl.core.checkpoint import atomic_write
 from mtl.core.errors import UserError
 from mtl.core.stats import Stat, describe
-from mtl.workflows.compare import _differing, _label_part, _strip
+from mtl.workflows.compare import _differing, _label_part, _read_config, _strip
 from mtl.workflows.continual import split_view
 from mtl.workflows.plots import have_matplotlib, heatmap_chart, pareto_chart
 
@@ -98,7 +96,7 @@ def continual_groups(roots: Sequence[Path]) -> List[ContinualGroup]:
     groups: Dict[str, ContinualGroup] = {}
     for root in roots:
         summary = _read(root / "summary.json")
-        config = _read_yaml(root / "config.yaml")
+        config = _read_config(root)
         key = json.dumps(_strip(config), sort_keys=True) if config is not None else str(root)
         configs.setdefault(key, _strip(config or {}))
         names.setdefault(key, str((config or {}).get("name") or root))
@@ -112,14 +110,6 @@ def continual_groups(roots: Sequence[Path]) -> List[ContinualGroup]:
         if len(tasks) > 1:
             raise UserError(f"the runs of {group.label!r} have different task sequences: {sorted(tasks)}")
     return list(groups.values())
-
-
-def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
 
 
 def _cell(stat: Optional[Stat], signed: bool, digits: int = 4) -> str:
