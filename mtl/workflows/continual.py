@@ -3,7 +3,7 @@
 After training task i, every task j <= i seen so far is evaluated: ``R[i][j]`` is the validation accuracy on
 task j after task i. Before training task i, its model (the earlier tasks' training plus task i's new column or
 head, seeded) is evaluated on task i: ``R[i-1][i]``. Before training anything, the freshly initialised model
-of each task (built with the same seeds) is evaluated on it: ``b_i``. With T tasks (0-based):
+of each task (built with the same seeds: task k's are ``train.seed + k``) is evaluated on it: ``b_i``. With T tasks (0-based):
 
     acc        = 1/T sum_i R[T-1][i]                              (Lopez-Paz & Ranzato 2017, GEM, eq. 1: ACC)
     bwt        = 1/(T-1) sum_{i<T-1} (R[T-1][i] - R[i][i])        (GEM eq. 2: BWT; < 0 is forgetting)
@@ -212,9 +212,13 @@ def stage_model_task(
 
 
 def prepare_sequence(configs: List[Config], device: torch.device) -> List[SequenceTask]:
-    """Each stage's data and its single task, renamed to the stage's name."""
+    """Each stage's data and its single task, renamed to the stage's name. Task k (0-based) is seeded with its
+    stage's ``train.seed + k`` (written into its config.yaml): one seed for every task would start every new head or
+    column from the same weights and shuffle each task's data alike, which GEM's FWT and the transfer scores would
+    count as transfer."""
     sequence = []
-    for cfg in configs:
+    for k, cfg in enumerate(configs):
+        cfg.train.seed = (cfg.train.seed + k) % 2**32
         if len(cfg.tasks) != 1:
             raise UserError(
                 f"stage {cfg.name!r}: a continual stage trains one task, but it has {len(cfg.tasks)} "

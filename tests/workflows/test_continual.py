@@ -420,3 +420,27 @@ def test_new_columns_start_from_pretrained_weights(tmp_path):
         values = torch.cat([p.detach().flatten() for p in column.stages.parameters()]).sort().values
         expected = torch.cat([v.flatten() for name, v in saved.items() if name.endswith(("weight", "bias"))])
         assert torch.equal(values, expected.sort().values)  # the same numbers, whatever the module names
+
+
+def test_each_task_is_seeded_with_the_runs_seed_plus_its_index(tmp_path):
+    """Task k trains with train.seed + k (in its config.yaml): two identical tasks do not give two identical
+    columns, as one seed for every task would (same initial weights, same data order), which the transfer scores
+    would count as transfer."""
+    pytest.importorskip("captcha")
+    same = "{options: {charset: ABC}}"
+    overrides = tiny(
+        tmp_path,
+        "train.epochs=1",
+        "train.seed=7",
+        "continual.methods=[independent]",
+        f"stages=[{{name: first, data: {same}}}, {{name: again, data: {same}}}]",
+    )
+    (summary,) = train_from_file(str(CONFIGS / "progressive.yaml"), overrides)
+    root = Path(summary["run_dir"])
+    runs = [root / "independent" / name for name in ("first", "again")]
+    assert [yaml.safe_load((r / "config.yaml").read_text())["train"]["seed"] for r in runs] == [7, 8]
+    weights = [torch.load(r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in runs]
+    first = {k[len("net.columns.0.") :]: v for k, v in weights[0].items() if k.startswith("net.columns.0.")}
+    again = {k[len("net.columns.1.") :]: v for k, v in weights[1].items() if k.startswith("net.columns.1.")}
+    assert first.keys() == again.keys() and first
+    assert any(not torch.equal(first[k], again[k]) for k in first if first[k].is_floating_point())
