@@ -3,7 +3,8 @@
 After training task i, every task j <= i seen so far is evaluated: ``R[i][j]`` is the validation accuracy on
 task j after task i. Before training task i, its model (the earlier tasks' training plus task i's new column or
 head, seeded) is evaluated on task i: ``R[i-1][i]``. Before training anything, the freshly initialised model
-of each task (built with the same seeds: task k's are ``train.seed + k``) is evaluated on it: ``b_i``. With T tasks (0-based):
+of each task (built with the same seeds: task k's are ``train.seed + k``) is evaluated on it: ``b_i``. With T tasks
+(0-based):
 
     acc        = 1/T sum_i R[T-1][i]                              (Lopez-Paz & Ranzato 2017, GEM, eq. 1: ACC)
     bwt        = 1/(T-1) sum_{i<T-1} (R[T-1][i] - R[i][i])        (GEM eq. 2: BWT; < 0 is forgetting)
