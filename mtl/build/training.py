@@ -14,6 +14,7 @@ from mtl.config.schema import Config, HookCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
+from mtl.engine.averaging import SWA, WeightEMA, use_swa_lr
 from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (
     HOOKS,
@@ -187,7 +188,8 @@ def build_trainer(
 ) -> Trainer:
     """The trainer of one run: ``cfg.optim`` over the parameters of ``optimized`` (the model whose weights train,
     by default ``model``; a learnable weighting's parameters join at the base lr without decay), ``cfg.sched``
-    over the run's steps, the options of ``trainer_options`` (``options`` sets further fields) and ``hooks``."""
+    over the run's steps, the options of ``trainer_options`` (``options`` sets further fields) and ``hooks``; the
+    weight averages of ``train.ema`` / ``train.swa`` over ``model`` (with SWA's learning rate, when it sets one)."""
     optimizer = build_optimizer(optimized if optimized is not None else model, cfg.optim)
     if weighting is not None and any(True for _ in weighting.parameters()):  # learnable task weights (uncertainty)
         optimizer.add_param_group(
@@ -202,6 +204,12 @@ def build_trainer(
         )
     samples = weighting.samples if weighting is not None else 1  # MoDo, SDMGrad: one step per `samples` batches
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]) // samples)
+    ema = WeightEMA(model, cfg.train.ema.decay, cfg.train.ema.warmup) if cfg.train.ema is not None else None
+    swa = SWA(model, cfg.train.swa.start_epoch) if cfg.train.swa is not None else None
+    if swa is not None and cfg.train.swa.lr is not None:
+        steps = max(len(loaders["train"]) // samples, 1)  # as build_scheduler counts them
+        start, anneal = cfg.train.swa.start_epoch * steps, round(cfg.train.swa.anneal_epochs * steps)
+        use_swa_lr(scheduler, start, anneal, cfg.train.swa.lr / cfg.optim.lr)
     return Trainer(
         model,
         tasks,
@@ -213,4 +221,6 @@ def build_trainer(
         weighting=weighting,
         l2sp=l2sp,
         extension=extension,
+        ema=ema,
+        swa=swa,
     )

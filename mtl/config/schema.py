@@ -274,6 +274,27 @@ class EarlyStopCfg:
 
 
 @dataclass
+class EmaCfg:
+    """An exponential moving average of the weights after every update (timm's ModelEmaV3, train.py --model-ema)."""
+
+    decay: float = bounded(0.9998, ge=0, lt=1)  # timm train.py's --model-ema-decay default
+    # timm's --model-ema-warmup: update n (1, 2, ...) uses min(decay, 1 - n**(-2/3)) instead of decay
+    warmup: bool = False
+
+
+@dataclass
+class SwaCfg:
+    """Stochastic weight averaging (Izmailov et al. 2018): the mean of the weights at the end of each epoch from
+    ``start_epoch`` on, BatchNorm statistics recomputed at the end."""
+
+    start_epoch: int = bounded(ge=0)  # 0-based: the weights after this epoch are the first averaged
+    # from start_epoch on, each group's lr anneals (cosine, as torch's SWALR) to lr x the group's lr_mult over
+    # anneal_epochs epochs, then stays there; null keeps sched's schedule
+    lr: Optional[float] = bounded(None, gt=0, note="null keeps the schedule")
+    anneal_epochs: float = bounded(1.0, ge=0)
+
+
+@dataclass
 class TrainCfg:
     """The training loop."""
 
@@ -306,6 +327,9 @@ class TrainCfg:
     hooks: List[HookCfg] = field(default_factory=list)
     checkpoints: CheckpointsCfg = field(default_factory=CheckpointsCfg)
     early_stop: Optional[EarlyStopCfg] = None  # e.g. {patience: 5}: the early_stopping hook, by a key of its own
+    # e.g. {decay: 0.9998}: validate the EMA weights too (val_ema), select on them, best.pt holds them
+    ema: Optional[EmaCfg] = None
+    swa: Optional[SwaCfg] = None  # e.g. {start_epoch: 15}: checkpoints/swa.pt; best.pt when it validates better
 
     def check(self) -> str:
         if self.epochs < 1:
@@ -324,6 +348,13 @@ class TrainCfg:
             return f"train.cache_features must be auto, on or off, got {self.cache_features!r}"
         if self.feature_views < 1:
             return f"train.feature_views must be >= 1, got {self.feature_views}"
+        if self.ema is not None and self.swa is not None:
+            return "train.ema and train.swa both average the weights; keep one of them"
+        if self.swa is not None and self.swa.start_epoch >= self.epochs:
+            return (
+                f"train.swa.start_epoch is {self.swa.start_epoch} but the run has {self.epochs} epochs (0-based: the "
+                f"last is {self.epochs - 1}), so nothing would be averaged; lower start_epoch or raise train.epochs"
+            )
         return ""
 
 
@@ -460,4 +491,7 @@ class Config:
                 )
             if self.continual.methods:
                 return "continual.methods runs one task per stage; it does not take tasks.<t>.data (multi-input)"
+        if self.continual.methods and (self.train.ema is not None or self.train.swa is not None):
+            which = "train.ema" if self.train.ema is not None else "train.swa"
+            return f"{which} is not supported in continual runs (continual.methods); set it to null"
         return name_problem(self.name)

@@ -112,6 +112,10 @@ class CheckpointHook(Hook):
     ``keep_top_k`` > 1 also keeps the k best epochs by score as ``top/epoch_NNNN.pt`` (ties: the earlier epoch; an
     epoch whose score is not a number is never among them): read from the epoch history, so a resumed run keeps the
     same ones. ``every`` n epochs, ``epoch_NNNN.pt`` as well. These hold the model, epoch and metrics, like best.pt.
+
+    With ``train.ema`` their "model" is the EMA weights (what selects the epoch, and what best.pt delivers) and
+    "model_raw" the trained ones. With ``train.swa``, ``swa.pt`` holds the averaged weights at the end, and becomes
+    best.pt as well when it validates better than the best epoch (``trainer.swa_result["delivered"]``).
     """
 
     def __init__(
@@ -124,6 +128,9 @@ class CheckpointHook(Hook):
 
     def after_epoch(self, trainer: Trainer, metrics: Dict[str, Any]) -> None:
         weights = {"model": trainer.model.state_dict(), "epoch": trainer.epoch, "metrics": metrics, **self.meta}
+        ema = getattr(trainer, "ema", None)
+        if ema is not None:
+            weights.update(model=ema.module.state_dict(), model_raw=weights["model"])
         if metrics["is_best"]:
             save_checkpoint(weights, self.dir / "best.pt", self.then)
         if self.keep_top_k > 1:
@@ -152,6 +159,14 @@ class CheckpointHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         best = self.dir / "best.pt"
+        swa = getattr(trainer, "swa_result", None)
+        if swa is not None:
+            metrics = {"epoch": trainer.epoch, "val": swa["val"], "score": swa["score"], "swa": True}
+            weights = {"model": trainer.swa.module.state_dict(), "epoch": trainer.epoch, "metrics": metrics}
+            weights.update(swa={"epochs": swa["epochs"], "delivered": swa["delivered"]}, **self.meta)
+            save_checkpoint(weights, self.dir / "swa.pt", self.then)
+            if swa["delivered"]:
+                save_checkpoint(weights, best, self.then)
         if best.exists():
             trainer.model.load_state_dict(load_checkpoint(best)["model"])
 
@@ -226,6 +241,8 @@ class ConsoleHook(Hook):
         line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train {phase_text(m['train'])}"
         if "val" in m:
             line += f"  |  val {phase_text(m['val'])}"
+        if "val_ema" in m:
+            line += f"  |  val_ema {phase_text(m['val_ema'])}"
         line += f"  |  {m['time_s']:.1f}s  lr {m['lr'][0]:.2e}" + ("  *best*" if m["is_best"] else "")
         tqdm.write(line)
 
@@ -341,7 +358,7 @@ class TensorBoardHook(Hook):
     @_writes_events
     def after_epoch(self, trainer: Trainer, m: Dict[str, Any]) -> None:
         step = m["epoch"]
-        for phase in ("train", "val"):
+        for phase in ("train", "val", "val_ema"):
             if phase not in m:
                 continue
             self.writer.add_scalar(f"loss/{phase}", m[phase]["loss"], step)

@@ -30,8 +30,9 @@ from mtl.core import distributed as dist
 from mtl.core.checkpoint import rng_state, set_rng_state
 from mtl.core.errors import UserError, out_of_memory
 from mtl.data.batches import loader_batch_size
-from mtl.data.loaders import reshuffled
+from mtl.data.loaders import in_order, reshuffled
 from mtl.data.multi_input import MultiInputLoader
+from mtl.engine.averaging import SWA, WeightEMA, batch_forward, recompute_bn
 from mtl.engine.evaluate import evaluate
 from mtl.engine.extension import StepExtension
 from mtl.engine.meter import Meter, MultiInputMeter
@@ -143,6 +144,8 @@ class Trainer:
         weighting: Optional[Weighting] = None,
         l2sp: Optional[L2SP] = None,
         extension: Optional[StepExtension] = None,
+        ema: Optional[WeightEMA] = None,
+        swa: Optional[SWA] = None,
         **settings: Any,
     ) -> None:
         unknown = [k for k in settings if k not in _OPTION_NAMES]
@@ -159,6 +162,10 @@ class Trainer:
                 f"weightings only, not {type(self.weighting).__name__}; use weighting.name=equal"
             )
         self.extension = extension
+        # weight averages (train.ema, train.swa): ``ema`` is validated every epoch as "val_ema" and selects the best
+        # epoch; ``swa`` is finished after the last epoch into ``swa_result`` (mtl.engine.averaging)
+        self.ema, self.swa = ema, swa
+        self.swa_result: Optional[Dict[str, Any]] = None
         self.skipped_steps = 0
         self._weight_sum: Optional[Tensor] = None  # the task weights summed over this epoch's updates
         self._weight_steps = 0
@@ -186,21 +193,50 @@ class Trainer:
             metrics: Dict[str, Any] = {"epoch": self.epoch + 1}
             metrics["train"] = self._guarded_phase("train")
             metrics["time_train_s"] = time.perf_counter() - start
+            if self.swa is not None:
+                self.swa.end_epoch(self.model, self.epoch)
             if "val" in self.loaders:
                 metrics["val"] = self._guarded_phase("val")
+                if self.ema is not None:
+                    metrics["val_ema"] = self._averaged_phase(self.ema.module, "val")
             metrics["time_s"] = time.perf_counter() - start
             metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
             if len(self.tasks) > 1:
                 metrics["weights"] = dict(zip(self.tasks, self._epoch_weights().tolist()))
-            metrics["score"] = self.monitor(metrics.get("val", metrics["train"]))
+            metrics["score"] = self.monitor(metrics.get("val_ema", metrics.get("val", metrics["train"])))
             metrics["is_best"] = metrics["score"] > self.best["score"]
             if metrics["is_best"]:
                 self.best = {"score": metrics["score"], "epoch": self.epoch + 1}
             self.epoch += 1
             self.history.append(metrics)
             self._call("after_epoch", metrics)
+        if self.swa is not None and self.swa.count > 0:
+            self.swa_result = self._finish_swa()
         self._call("after_train")
         return self.history
+
+    def _averaged_phase(self, model: nn.Module, phase: str) -> Dict[str, Any]:
+        """``phase``'s evaluation of ``model`` (an average of the trained weights) instead of the trained model."""
+        trained, self.model = self.model, model
+        try:
+            return self._guarded_phase(phase)
+        finally:
+            self.model = trained
+
+    def _finish_swa(self) -> Dict[str, Any]:
+        """SWA's end: BatchNorm statistics of the averaged weights from one pass over the training split (in order,
+        with its training transforms, the random draws seeded by ``seed``; every process the whole split), then
+        its validation. ``delivered``: its score (``monitor``) beats the best epoch's, so that it becomes best.pt."""
+        forward = batch_forward(self.device, self.channels_last, self.autocast)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            batches = recompute_bn(self.swa.module, self.model, in_order(self.loaders["train"]), forward)
+        result: Dict[str, Any] = {"epochs": list(self.swa.epochs), "bn_batches": batches, "val": None, "score": None}
+        if "val" in self.loaders:
+            result["val"] = self._averaged_phase(self.swa.module, "val")
+            result["score"] = self.monitor(result["val"])
+        result["delivered"] = result["score"] is not None and result["score"] > self.best["score"]
+        return result
 
     def _guarded_phase(self, phase: str) -> Dict[str, Any]:
         try:
@@ -376,6 +412,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
         if self._weight_sum is not None:
             self._weight_sum += self.weighting.last_weights.detach().to(self._weight_sum.device)
             self._weight_steps += 1
@@ -705,6 +743,8 @@ class Trainer:
             "rng": rng_state(),
             "meta_batches": {k: self._meta[k] for k in ("epoch", "position") if k in self._meta},
             **({"extension": self.extension.state_dict()} if self.extension is not None else {}),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"swa": self.swa.state_dict()} if self.swa is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -720,6 +760,11 @@ class Trainer:
         self._meta = dict(state.get("meta_batches") or {})
         if self.extension is not None and "extension" in state:
             self.extension.load_state_dict(state["extension"])
+        for name, average in (("ema", self.ema), ("swa", self.swa)):
+            if average is not None and name in state:
+                average.load_state_dict(state[name])
+            elif average is not None:  # a checkpoint without the average: it starts from the weights resumed
+                average.reset(self.model)
         self._call("on_resume")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

@@ -160,6 +160,8 @@ def _train(
     if test is not None:
         summary["test"] = test
     summary["processes"] = dist.world_size()
+    if trainer.swa is not None:  # None: no epoch was averaged (training ended before swa.start_epoch)
+        summary["swa"] = trainer.swa_result
     if main_process:
         if test is not None:
             _log_test(run_dir, test, summary)
@@ -178,8 +180,14 @@ def end_line(summary: Mapping[str, Any], monitor: str) -> str:
     text = f"done: best epoch {best['epoch']} of {summary['epochs']} (train.monitor {monitor})"
     if best.get(phase):
         text += f": {phase} {phase_text(best[phase])}"
+    if best.get("val_ema"):
+        text += f", val_ema {phase_text(best['val_ema'])}"
     if final.get(phase) and final.get("epoch") != best["epoch"]:
         text += f"  |  final epoch {final['epoch']}: {phase} {phase_text(final[phase])}"
+    swa = summary.get("swa") or {}
+    if swa.get("val"):
+        chosen = "delivered as best.pt" if swa["delivered"] else "the best epoch stays best.pt"
+        text += f"  |  swa (epochs {swa['epochs'][0]}-{swa['epochs'][-1]}): val {phase_text(swa['val'])}, {chosen}"
     test = summary.get("test") or {}
     if test.get("best"):
         text += f"  |  test (best epoch): {phase_text(test['best'])}"
@@ -190,14 +198,17 @@ def end_line(summary: Mapping[str, Any], monitor: str) -> str:
 
 def _evaluate_test(trainer: Trainer, run_dir: Path) -> Dict[str, Any]:
     """The test split's metrics, through the trainer's evaluation phase (under torchrun each process scores its
-    share), of the final weights ("last") and of the best-on-validation checkpoint ("best"; None without a best
-    epoch). Both are read from the checkpoints process 0 wrote; the model keeps the best weights afterwards."""
+    share), of the final weights ("last"; with train.ema the final EMA weights) and of best.pt, the weights the run
+    delivers ("best": the best-on-validation epoch, or the SWA weights when they validated better; None without a
+    best epoch). Both are read from the checkpoints process 0 wrote; the model keeps the best weights afterwards."""
     dist.barrier()
     checkpoints = run_dir / "checkpoints"
-    trainer.model.load_state_dict(load_checkpoint(checkpoints / "last.pt")["model"])
+    state = load_checkpoint(checkpoints / "last.pt")
+    trainer.model.load_state_dict(state["ema"]["model"] if "ema" in state else state["model"])
     last = trainer.run_phase("test")
     best = None
-    if trainer.best["epoch"] == trainer.epoch:
+    averaged = "ema" in state or bool((trainer.swa_result or {}).get("delivered"))
+    if trainer.best["epoch"] == trainer.epoch and not averaged:
         best = last
     elif trainer.best["epoch"] is not None:
         trainer.model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
@@ -250,8 +261,13 @@ def _summary(
             "val": val_text(cfg.data.val_split, cfg.data.train_split, cfg.data.split_seed),
             "test": cfg.data.test_split,
         },
-        "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train")},
-        "final": {"epoch": history[-1]["epoch"], "val": history[-1].get("val"), "train": history[-1]["train"]}
+        "best": {"epoch": trainer.best["epoch"], "val": best.get("val"), "train": best.get("train"), **_ema(best)},
+        "final": {
+            "epoch": history[-1]["epoch"],
+            "val": history[-1].get("val"),
+            "train": history[-1]["train"],
+            **_ema(history[-1]),
+        }
         if history
         else None,
         "steps_per_epoch": len(exp.loaders["train"]) // exp.weighting.samples,
@@ -265,6 +281,11 @@ def _summary(
         },
         **exp.info,
     }
+
+
+def _ema(epoch: Mapping[str, Any]) -> Dict[str, Any]:
+    """An epoch's validation metrics of the EMA weights (train.ema), as ``{"val_ema": ...}``, or nothing."""
+    return {"val_ema": epoch["val_ema"]} if "val_ema" in epoch else {}
 
 
 # --------------------------------------------------------------------------- stages
@@ -301,6 +322,8 @@ _STRUCTURE = (
     "weighting.name",
     "weighting.options",
     "train.unfreeze",
+    "train.ema",
+    "train.swa",
 )
 _TASK_STRUCTURE = ("type", "target", "num_classes", "head")
 _ABSENT = object()
