@@ -3,6 +3,7 @@ computations, and through real runs (files, selection, skipped steps, cached fea
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,12 +165,15 @@ def _poison_step(monkeypatch, step):
 
 def test_an_ema_run_selects_on_the_ema_weights_and_best_pt_holds_them(small_folder, tmp_path, monkeypatch):
     raw = _config(small_folder, tmp_path / "runs", **{"train.epochs": 2, "train.ema": {"decay": 0.8}})
-    raw["train"]["nonfinite"] = "skip"
+    raw["train"].update(nonfinite="skip", monitor="loss")
+    other = make_folder(tmp_path / "other", per_class=(0, 4), size=16, seed=1)
+    shutil.copytree(other / "val", small_folder / "test")
+    raw["data"]["test_split"] = "test"
     _poison_step(monkeypatch, 2)
     summary = run(build_config(raw), quiet=True)
     d = Path(summary["run_dir"])
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["score"] == m["val_ema"]["acc"] for m in lines)  # the EMA metrics select
+    assert all(m["score"] == -m["val_ema"]["loss"] for m in lines)  # the EMA metrics select
     scores = [m["score"] for m in lines]
     assert summary["best"]["epoch"] == scores.index(max(scores)) + 1 and "val_ema" in summary["best"]
     assert "val_ema.tasks.label.acc" in (d / "metrics.csv").read_text().splitlines()[0]
@@ -180,6 +184,7 @@ def test_an_ema_run_selects_on_the_ema_weights_and_best_pt_holds_them(small_fold
     if summary["best"]["epoch"] == 2:
         assert all(torch.equal(best["model"][k], last["ema"]["model"][k]) for k in best["model"])
         assert all(torch.equal(best["model_raw"][k], last["model"][k]) for k in best["model"])
+        assert summary["test"]["best"] == summary["test"]["last"]  # both the final EMA weights
     weights = [k for k in best["model"] if k.endswith("weight")]
     assert any(not torch.equal(best["model"][k], best["model_raw"][k]) for k in weights)
 
