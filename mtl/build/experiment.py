@@ -30,6 +30,7 @@ from mtl.engine.feature_cache import (
 )
 from mtl.engine.monitor import default_monitor, delta_m, load_baseline
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
+from mtl.models.layer_depth import model_scales
 from mtl.models.transfer import TransferModel
 from mtl.tasks.base import Task
 from mtl.weighting import Weighting, build_weighting
@@ -77,6 +78,8 @@ def build_experiment(cfg: Config) -> Experiment:
     apply_freeze(encoder, cfg.model.freeze)
     check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks, input_size).to(device)
+    if cfg.optim.layer_decay is not None:
+        model_scales(model, cfg.optim.layer_decay)  # an encoder or arch without block structure: refused here
     if l2sp is not None:
         l2sp.start = {k: v.to(device) for k, v in l2sp.start.items()}
     weighting = build_weighting(

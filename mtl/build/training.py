@@ -28,6 +28,7 @@ from mtl.engine.hooks import (
 from mtl.engine.optim import build_optimizer, build_scheduler
 from mtl.engine.trainer import Hook, Trainer, TrainerOptions
 from mtl.models.freezing import L2SP
+from mtl.models.layer_depth import model_scales
 from mtl.tasks.base import Task
 from mtl.weighting.base import WEIGHTINGS, Weighting
 
@@ -187,10 +188,13 @@ def build_trainer(
     **options: Any,
 ) -> Trainer:
     """The trainer of one run: ``cfg.optim`` over the parameters of ``optimized`` (the model whose weights train,
-    by default ``model``; a learnable weighting's parameters join at the base lr without decay), ``cfg.sched``
-    over the run's steps, the options of ``trainer_options`` (``options`` sets further fields) and ``hooks``; the
-    weight averages of ``train.ema`` / ``train.swa`` over ``model`` (with SWA's learning rate, when it sets one)."""
-    optimizer = build_optimizer(optimized if optimized is not None else model, cfg.optim)
+    by default ``model``, with ``optim.layer_decay``'s layer scales on its encoder; a learnable weighting's
+    parameters join at the base lr without decay), ``cfg.sched`` over the run's steps, the options of
+    ``trainer_options`` (``options`` sets further fields) and ``hooks``; the weight averages of ``train.ema`` /
+    ``train.swa`` over ``model`` (with SWA's learning rate, when it sets one)."""
+    target = optimized if optimized is not None else model
+    decay = cfg.optim.layer_decay
+    optimizer = build_optimizer(target, cfg.optim, model_scales(target, decay) if decay is not None else None)
     if weighting is not None and any(True for _ in weighting.parameters()):  # learnable task weights (uncertainty)
         optimizer.add_param_group(
             {

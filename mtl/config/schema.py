@@ -195,6 +195,9 @@ class OptimCfg:
     # {"encoder": 0.1}: longest matching prefix wins
     lr_mult: Dict[str, float] = bounded(factory=dict, ge=0, note="0 keeps those weights fixed")
     l2sp: float = bounded(0.0, ge=0)  # L2-SP: alpha/2 * ||w - w_pretrained||^2 over the trained encoder weights
+    # layer-wise lr decay (BEiT): encoder layer l of L blocks trains at lr * layer_decay ** (L + 1 - l) (stem 0, last
+    # block L, heads L + 1); null: off. Typical: 0.65-0.75 for ViTs (mtl/models/layer_depth.py)
+    layer_decay: Optional[float] = bounded(None, gt=0, le=1)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from mtl.engine.optim import add_param_group, param_groups
 from mtl.engine.trainer import Hook, Trainer
 from mtl.engine.visualize import confusion_image, prediction_grid
 from mtl.models.freezing import set_trainable
+from mtl.models.layer_depth import encoder_scales
 
 # hooks that train.hooks may name: a Hook subclass or a function returning a Hook, called with the entry's options
 # as keyword arguments. mtl's own writers (below) need the run directory and are added by the build layer instead.
@@ -77,7 +78,8 @@ class EarlyStoppingHook(Hook):
 
 
 class UnfreezeHook(Hook):
-    """At the start of each configured epoch, unfreeze modules and add them to the optimizer."""
+    """At the start of each configured epoch, unfreeze modules and add them to the optimizer (with their
+    ``optim.layer_decay`` scale)."""
 
     def __init__(
         self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder"
@@ -88,7 +90,11 @@ class UnfreezeHook(Hook):
     def _apply(self, trainer: Trainer, event: UnfreezeCfg) -> None:
         newly = {id(p) for p in set_trainable(self.encoder, event.modules)}
         named = [(f"{self.prefix}.{n}", p) for n, p in self.encoder.named_parameters() if id(p) in newly]
-        add_param_group(trainer.optimizer, trainer.scheduler, param_groups(named, self.optim_cfg, event.lr_mult))
+        decay = self.optim_cfg.layer_decay
+        scales = encoder_scales(self.encoder, decay) if decay is not None else None
+        add_param_group(
+            trainer.optimizer, trainer.scheduler, param_groups(named, self.optim_cfg, event.lr_mult, scales)
+        )
         trainer.model.train(trainer.model.training)  # re-derive which norm layers stay frozen
 
     def before_epoch(self, trainer: Trainer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,14 +49,19 @@ def lr_mult_of(name: str, lr_mult: Dict[str, float]) -> float:
 
 
 def param_groups(
-    named_params: Iterable[Tuple[str, nn.Parameter]], cfg: OptimCfg, extra_mult: float = 1.0
+    named_params: Iterable[Tuple[str, nn.Parameter]],
+    cfg: OptimCfg,
+    extra_mult: float = 1.0,
+    scales: Optional[Mapping[int, float]] = None,
 ) -> List[Dict[str, Any]]:
-    """Group trainable parameters by (lr multiplier, weight decay); norms and biases get no decay."""
+    """Group trainable parameters by (lr multiplier, weight decay); norms and biases get no decay. A parameter's
+    multiplier is its ``lr_mult`` times ``extra_mult`` times its layer scale in ``scales`` (by ``id``; 1 if absent,
+    see ``mtl.models.layer_depth``)."""
     groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        mult = lr_mult_of(name, cfg.lr_mult) * extra_mult
+        mult = lr_mult_of(name, cfg.lr_mult) * extra_mult * (scales or {}).get(id(p), 1.0)
         decay = 0.0 if (cfg.no_decay_norm_bias and p.ndim <= 1) else cfg.weight_decay
         group = groups.setdefault(
             (mult, decay),
@@ -73,9 +78,11 @@ def param_groups(
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
-    """The configured optimizer over the model's trainable parameters only."""
-    return OPTIMIZERS.get(cfg.name)(param_groups(model.named_parameters(), cfg), cfg)
+def build_optimizer(
+    model: nn.Module, cfg: OptimCfg, scales: Optional[Mapping[int, float]] = None
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's trainable parameters only (``scales``: layer-wise lr scales)."""
+    return OPTIMIZERS.get(cfg.name)(param_groups(model.named_parameters(), cfg, scales=scales), cfg)
 
 
 @SCHEDULES.register("step")

@@ -231,6 +231,11 @@ def prepare_sequence(configs: List[Config], device: torch.device) -> List[Sequen
                 "sequence; use null (random columns) or a pretrained weights name or file"
             )
         config_hooks(cfg)  # unknown train.hooks or options are refused here; each method and task builds its own
+        if cfg.optim.layer_decay is not None:
+            raise UserError(
+                f"stage {cfg.name!r}: optim.layer_decay is not supported in continual runs (each method builds its "
+                "own model); remove it"
+            )
         if cfg.train.monitor == "delta_m" or cfg.train.baseline is not None:
             raise UserError(
                 f"stage {cfg.name!r}: continual tasks have no delta_m (train.baseline and train.monitor=delta_m "

@@ -319,6 +319,7 @@ _STRUCTURE = (
     "optim.weight_decay",
     "optim.no_decay_norm_bias",
     "optim.lr_mult",
+    "optim.layer_decay",
     "weighting.name",
     "weighting.options",
     "train.unfreeze",
