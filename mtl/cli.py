@@ -1,4 +1,5 @@
-"""The ``mtl`` command: ``train``, ``summary``, ``features``, ``predict``, ``eval``, ``compare``, ``weights``."""
+"""The ``mtl`` command: ``train``, ``summary``, ``features``, ``predict``, ``eval``, ``compare``, ``lr-find``,
+``weights``."""
 
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ COMMANDS = [
     ("predict", "top-k predictions of a trained run on images or a folder"),
     ("eval", "metrics and confusion matrix of a run's best checkpoint"),
     ("compare", "a table of runs' metrics and their delta_m"),
+    ("lr-find", "the learning-rate range test of a config: a suggested optim.lr"),
     ("weights", "manage torchvision weight files for offline use"),
 ]
 
 
 def _command_module(name: str) -> ModuleType:
-    return importlib.import_module(f"mtl.commands.{name}")
+    return importlib.import_module(f"mtl.commands.{name.replace('-', '_')}")
 
 
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:

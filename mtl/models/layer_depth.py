@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from mtl.core.errors import UserError
+from mtl.models.arch import Architecture
 
 # (encoder family, block pattern). Blocks: residual/inverted-residual/transformer blocks where the family exposes
 # them; the single conv or linear layers of vgg and alexnet (their first conv is the stem); the Fire modules of
@@ -96,8 +97,6 @@ def model_scales(model: nn.Module, decay: float) -> Dict[int, float]:
     """The layer scales of ``model``'s one encoder (``model.encoder``, or ``model.model.encoder`` when features are
     cached); parameters not listed (heads, MTAN's attention) keep scale 1. Architectures with several encoders or
     stage chains (``model.arch`` other than hard and mtan) are refused in one line."""
-    from mtl.models.arch import Architecture
-
     inner = getattr(model, "model", model)
     encoder = getattr(inner, "encoder", None)
     if encoder is None:

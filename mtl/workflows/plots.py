@@ -378,3 +378,40 @@ def heatmap_chart(
 ) -> Path:
     """Write ``heatmap_figure(...)`` to the PNG ``path``; returns the path."""
     return _save(heatmap_figure(matrix, row_labels, col_labels, title), path)
+
+
+# --------------------------------------------------------------------------- learning-rate range test
+
+
+def lr_find_figure(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: Optional[float]
+) -> Any:
+    """``mtl lr-find``'s curve: the loss per step (faint) and its smoothed value against the lr (log axis), the
+    suggested lr as a dashed line. Non-finite points (a diverged last step) are left out."""
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = [i for i in range(len(lrs)) if math.isfinite(losses[i]) and math.isfinite(smoothed[i])]
+    if not finite:
+        raise UserError("lr-find plot: no finite loss to draw")
+    x = [lrs[i] for i in finite]
+    ax.plot(x, [losses[i] for i in finite], color=color(0), alpha=0.3, linewidth=1, label="loss")
+    ax.plot(x, [smoothed[i] for i in finite], color=color(0), linewidth=2, label="smoothed loss")
+    if suggestion is not None:
+        ax.axvline(suggestion, color=color(3), linestyle="--", label=f"suggested lr {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.set_title("learning-rate range test", fontsize=10)
+    return _finish(fig)
+
+
+def lr_find_chart(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    suggestion: Optional[float],
+    path: str | Path,
+) -> Path:
+    """Write ``lr_find_figure(...)`` to the PNG ``path``; returns the path."""
+    return _save(lr_find_figure(lrs, losses, smoothed, suggestion), path)
