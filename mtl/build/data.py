@@ -54,6 +54,7 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
                 f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}"
             )
     if "augment" in params:
+        _refuse_image_only_augmentation(cfg)
         dataset = builder(
             split=split,
             root=cfg.root,
@@ -71,9 +72,24 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
             std=cfg.std,
             augment=cfg.augment,
             crop_padding=cfg.crop_padding,
+            auto_augment=cfg.auto_augment,
+            auto_augment_options=cfg.auto_augment_options,
+            random_erasing=cfg.random_erasing,
         )
         dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
     return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
+
+
+def _refuse_image_only_augmentation(cfg: DataCfg) -> None:
+    """data.auto_augment and data.random_erasing change only the image: refused for the data sets that augment their
+    images together with their targets (dense maps, positions), which these would not move along."""
+    keys = [k for k, on in (("auto_augment", cfg.auto_augment), ("random_erasing", cfg.random_erasing)) if on]
+    if keys:
+        raise UserError(
+            f"data.{keys[0]} changes the images but not the targets of data set {cfg.name!r}, which augments images "
+            f"and targets together itself; use it with data sets that take a transform (folder, fashion_mnist, "
+            f"mnist, cifar10/100, captcha_chars, shapes), or set data.auto_augment: null and data.random_erasing: 0"
+        )
 
 
 def build_data(
@@ -287,12 +303,18 @@ def _batched_loaders(
             )
         return None
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
+    train_kw = dict(
+        augment=d.augment,
+        auto_augment=d.auto_augment,
+        auto_augment_options=d.auto_augment_options,
+        random_erasing=d.random_erasing,
+    )
     names = list(tasks)
     shard = dict(rank=dist.rank(), world=dist.world_size())
     loaders = {
         split: DeviceBatches(
             stores[split],
-            BatchAugment(train=True, augment=d.augment, **kw)
+            BatchAugment(train=True, **train_kw, **kw)
             if split == "train"
             else BatchAugment(train=False, augment="none", **kw),
             batch_size=d.batch_size if split == "train" else d.val_batch_size or d.batch_size,

@@ -163,15 +163,16 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
     exp.info["channels_last"] = has_conv and t.channels_last != "off"
     if exp.info["channels_last"]:
         exp.model.to(memory_format=torch.channels_last)
+    augmenting = cfg.data.augment != "none" or cfg.data.auto_augment is not None or cfg.data.random_erasing > 0
     blocker = feature_cache_blocker(
-        exp.model, unfreezing=bool(t.unfreeze), augmenting=cfg.data.augment != "none", mode=t.cache_features
+        exp.model, unfreezing=bool(t.unfreeze), augmenting=augmenting, mode=t.cache_features
     )
     if blocker is None and exp.l2sp is not None:
         blocker = "optim.l2sp needs the encoder's weights in the loss"
     if blocker is None and cfg.multi_input:
         blocker = "a multi-input run (tasks.<t>.data) encodes each task's own images"
     if blocker is None:
-        views = t.feature_views if cfg.data.augment != "none" else 1
+        views = t.feature_views if augmenting else 1
         amp = use_amp(t.amp, exp.device)
         loaders, seconds = cache_features(
             exp.model,

@@ -64,6 +64,14 @@ class DataCfg:
     resize_size: int = bounded(256, ge=1)
     augment: str = "random_resized_crop"  # random_resized_crop (+flip) | random_crop (+flip) | none
     crop_padding: int = bounded(0, ge=0)  # random_crop: pixels of padding before the crop (the "pad-crop" augmentation)
+    # train images only, after crop + flip, on uint8 (torchvision's ClassificationPresetTrain order): null | trivial
+    # (TrivialAugmentWide) | randaugment | augmix; every image draws its own ops and magnitudes in both pipelines
+    auto_augment: Optional[str] = None
+    # the policy's own settings, defaults as torchvision's (AUTO_AUGMENT_OPTIONS): e.g. randaugment {magnitude: 15}
+    auto_augment_options: Dict[str, Any] = field(default_factory=dict)
+    # train images only: the probability of erasing a random box (area 0.02-0.33 of the image, aspect 0.3-3.3) to
+    # 0 after normalisation, as torchvision's RandomErasing in its reference presets
+    random_erasing: float = bounded(0.0, ge=0, le=1)
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = bounded(factory=lambda: list(IMAGENET_STD), gt=0)
     labels_per_class: Optional[int] = None  # few-label training: a class-balanced subset of the train split
@@ -108,7 +116,47 @@ class DataCfg:
             return f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"
         if len(self.mean) != 3 or len(self.std) != 3:
             return "data.mean and data.std need 3 values (R, G, B)"
-        return _shift_problem(self.shift)
+        return auto_augment_problem(self.auto_augment, self.auto_augment_options) or _shift_problem(self.shift)
+
+
+# data.auto_augment policies and their options with torchvision's defaults (transforms.v2 TrivialAugmentWide,
+# RandAugment and AugMix; the classification reference scripts' ra_magnitude 9 and augmix_severity 3 are the same)
+AUTO_AUGMENT_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "trivial": {"num_magnitude_bins": 31},
+    "randaugment": {"num_ops": 2, "magnitude": 9, "num_magnitude_bins": 31},
+    "augmix": {"severity": 3, "mixture_width": 3, "chain_depth": -1, "alpha": 1.0, "all_ops": True},
+}
+
+
+def auto_augment_problem(policy: Optional[str], options: Dict[str, Any]) -> str:
+    """Why ``policy`` with ``options`` is not a valid data.auto_augment / data.auto_augment_options, or ""."""
+    if policy is None and options:
+        return "data.auto_augment_options needs a data.auto_augment policy; set one or drop the options"
+    if policy is None:
+        return ""
+    if policy not in AUTO_AUGMENT_OPTIONS:
+        return f"data.auto_augment must be null or one of {', '.join(AUTO_AUGMENT_OPTIONS)}, got {policy!r}"
+    known = AUTO_AUGMENT_OPTIONS[policy]
+    for key, value in options.items():
+        if key not in known:
+            return f"unknown option data.auto_augment_options.{key} for {policy}; known: {', '.join(known)}"
+        kind = bool if isinstance(known[key], bool) else int if isinstance(known[key], int) else (int, float)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            return f"data.auto_augment_options.{key} must be a {type(known[key]).__name__}, got {value!r}"
+    o = {**known, **options}
+    bins = o.get("num_magnitude_bins", 2)
+    limits = [
+        ("num_magnitude_bins", bins >= 2, "an integer >= 2"),
+        ("num_ops", o.get("num_ops", 0) >= 0, "an integer >= 0"),
+        ("magnitude", 0 <= o.get("magnitude", 0) < bins, f"an integer from 0 to num_magnitude_bins - 1 = {bins - 1}"),
+        ("severity", 1 <= o.get("severity", 1) <= 10, "an integer from 1 to 10"),
+        ("mixture_width", o.get("mixture_width", 1) >= 1, "an integer >= 1"),
+        ("alpha", 0 < o.get("alpha", 1.0) < math.inf, "a number > 0"),
+    ]
+    for key, fine, what in limits:
+        if key in o and not fine:
+            return f"data.auto_augment_options.{key} must be {what} for {policy}, got {o[key]!r}"
+    return ""
 
 
 def _shift_problem(shift: Optional[Dict[str, Any]]) -> str:

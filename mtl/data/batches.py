@@ -151,9 +151,11 @@ class DeviceBatches:
         else:
             sizes = torch.tensor(self.store.images.shape[-2:], dtype=torch.long).expand(len(rows), 2)
         theta = self.augment.theta(sizes, self.generator)  # for the whole global batch: same draws on any world size
+        draws = self.augment.draw(len(rows), self.generator)  # per-image auto-augment and erasing, likewise
         if self.world > 1:  # this process's share of the global batch
             mine = slice(self.rank, None, self.world)
             positions, rows, theta = positions[mine], rows[mine], theta[mine]
+            draws = {k: v[mine] for k, v in draws.items()}
         images = self.store.images[rows]
         labels = self.store.labels[positions]
         if self.device.type == "cuda":
@@ -162,10 +164,11 @@ class DeviceBatches:
             "images": images.to(self.device, non_blocking=True),
             "labels": labels.to(self.device, non_blocking=True),
             "theta": theta.to(self.device, non_blocking=True),
+            "draws": draws,  # on the CPU: the augmentation groups images by them
         }
 
     def _batch(self, raw: Dict[str, Any]) -> Dict[str, Any]:
-        image = self.augment(raw["images"], theta=raw["theta"])
+        image = self.augment(raw["images"], theta=raw["theta"], draws=raw["draws"])
         if self.shift is not None:
             image = self.shift(image)
         return {"image": image, "targets": {t: raw["labels"] for t in self.target_names}}

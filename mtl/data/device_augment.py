@@ -16,13 +16,14 @@ Deviation from torchvision: sampling does not antialias when it shrinks the imag
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtl.core.errors import UserError
+from mtl.data.batch_autoaugment import BatchAutoAugment, BatchRandomErasing, draw_all
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _augmentation
 from mtl.tasks.normals import unit_vectors
 
@@ -37,6 +38,10 @@ class BatchAugment:
     ``augment`` (train only): ``random_resized_crop`` = RandomResizedCrop(S, scale, ratio) + flip;
     ``random_crop`` = Resize(resize_size) + RandomCrop(S, padding=crop_padding, pad_if_needed=True) + flip;
     ``none`` and eval = Resize(resize_size) + CenterCrop(S). Random numbers come from the CPU ``generator``.
+
+    Train only, in torchvision's ClassificationPresetTrain order: ``auto_augment`` (trivial | randaugment | augmix,
+    ``auto_augment_options``) on the cropped images rounded to uint8, then normalisation, then ``random_erasing``
+    (a probability); their per-image parameters come from ``draw`` (``mtl/data/batch_autoaugment.py``).
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -52,6 +57,9 @@ class BatchAugment:
         crop_padding: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        auto_augment: Optional[str] = None,
+        auto_augment_options: Optional[Mapping[str, Any]] = None,
+        random_erasing: float = 0.0,
     ) -> None:
         mode = _augmentation(augment)  # validated in eval too: a bad name is a config error either way
         self.train = bool(train)
@@ -65,12 +73,25 @@ class BatchAugment:
         self.std = _channel_stats("std", std)
         if bool((self.std == 0).any()):
             raise UserError(f"std must be non-zero in every channel, got {list(std)}")
+        size = (self.image_size, self.image_size)
+        self.auto_augment = BatchAutoAugment(auto_augment, auto_augment_options, size) if auto_augment else None
+        if auto_augment is None and auto_augment_options:
+            raise UserError("auto_augment_options need an auto_augment policy")
+        self.random_erasing = BatchRandomErasing(random_erasing, size) if random_erasing else None
+        if not self.train:  # evaluation never augments
+            self.auto_augment = self.random_erasing = None
 
     def __repr__(self) -> str:
         return (
             f"BatchAugment(train={self.train}, augment={self.augment!r}, image_size={self.image_size}, "
-            f"resize_size={self.resize_size}, crop_padding={self.crop_padding})"
+            f"resize_size={self.resize_size}, crop_padding={self.crop_padding}, auto_augment={self.auto_augment}, "
+            f"random_erasing={self.random_erasing})"
         )
+
+    def draw(self, n: int, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """The per-image parameters of auto-augment and random erasing for ``n`` images, on the CPU ({}: none);
+        drawn after ``theta``, for the whole global batch."""
+        return draw_all([p for p in (self.auto_augment, self.random_erasing) if p is not None], n, generator)
 
     def boxes(self, sizes: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(B, 4) float64 boxes (top, left, height, width) in original pixels and (B,) bool flip flags."""
@@ -94,8 +115,10 @@ class BatchAugment:
         sizes: Tensor | None = None,
         generator: torch.Generator | None = None,
         theta: Tensor | None = None,
+        draws: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """Augment and normalise a batch; ``sizes`` defaults to the tensor's own (h, w); a given ``theta`` wins.
+        """Augment and normalise a batch; ``sizes`` defaults to the tensor's own (h, w); a given ``theta`` wins, and
+        so do given ``draws`` (of ``draw``; drawn from ``generator`` after theta when None).
 
         uint8 images are divided by 255; float images are taken to be in [0, 1] already.
         """
@@ -108,13 +131,19 @@ class BatchAugment:
             theta = self.theta(sizes, generator)
         if tuple(theta.shape) != (batch, 2, 3):
             raise UserError(f"theta must have shape ({batch}, 2, 3) for this batch, got {tuple(theta.shape)}")
+        if draws is None:
+            draws = self.draw(batch, generator)
         out = warp(images, theta, self.image_size)
         if out.shape[1] == 1:
             out = out.expand(-1, 3, -1, -1)
         scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
+        if self.auto_augment is not None:  # on the crop as uint8, as torchvision's policies take it
+            out = self.auto_augment((out * (scale * 255)).round_().clamp_(0, 255).to(torch.uint8), draws)
+            scale = 1 / 255
         mean = self.mean.to(out.device).view(1, -1, 1, 1)
         std = self.std.to(out.device).view(1, -1, 1, 1)
-        return (out * scale - mean) / std
+        out = (out * scale - mean) / std
+        return self.random_erasing(out, draws) if self.random_erasing is not None else out
 
     def _resized_crop_boxes(self, height: Tensor, width: Tensor, generator: torch.Generator | None) -> Tensor:
         # torchvision's RandomResizedCrop.get_params, with all attempts of all items drawn at once.

@@ -36,7 +36,10 @@ def feature_cache_blocker(model: nn.Module, *, unfreezing: bool, augmenting: boo
     if any(head_input(h) != POOLED for h in model.heads.values()):
         return "a head reads stage maps (only pooled heads train on cached features)"
     if mode == "auto" and augmenting:
-        return "data.augment is on (set train.cache_features=on to cache train.feature_views augmented views)"
+        return (
+            "data augmentation is on (data.augment, auto_augment or random_erasing; set train.cache_features=on to "
+            "cache train.feature_views augmented views)"
+        )
     return None
 
 
