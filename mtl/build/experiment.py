@@ -29,10 +29,11 @@ from mtl.engine.feature_cache import (
     feature_cache_blocker,
 )
 from mtl.engine.monitor import default_monitor, delta_m, load_baseline
+from mtl.engine.trainer import accumulate_refusal
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
 from mtl.models.layer_depth import model_scales
 from mtl.models.transfer import TransferModel
-from mtl.tasks.base import Task
+from mtl.tasks.base import LOSSES, Task
 from mtl.weighting import Weighting, build_weighting
 
 
@@ -112,8 +113,53 @@ def build_experiment(cfg: Config) -> Experiment:
             f"weighting {cfg.weighting.name} {what}, which multi-input runs (tasks.<t>.data) do not support; "
             f"choose another weighting.name"
         )
+    _check_mix(cfg, tasks)
+    _check_accumulate(cfg, weighting)
     info["params"] = parameter_counts(model)
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
+
+
+def _check_mix(cfg: Config, tasks: Dict[str, Task]) -> None:
+    """``data.mix`` refused in one line where it cannot apply: a task whose targets do not mix, a registered loss
+    (it takes the data's labels), a multi-input run, features cached once."""
+    if cfg.data.mix is None:
+        return
+    if cfg.multi_input:
+        raise UserError(
+            "data.mix mixes the images of one batch, but a multi-input run (tasks.<t>.data) draws one batch per task; "
+            "remove data.mix"
+        )
+    for name, task in tasks.items():
+        if not task.mixable:
+            raise UserError(
+                f"data.mix blends image-level labels, but tasks.{name} is a {task.type_name} task, whose targets "
+                f"cannot be mixed (only classification, binary and multilabel ones); remove data.mix or that task"
+            )
+        loss = cfg.tasks[name].loss
+        if loss is not None and loss in LOSSES:
+            raise UserError(
+                f"data.mix trains on mixed (soft) targets, but tasks.{name}.loss is the registered loss {loss!r}, "
+                f"which takes the data's labels; remove data.mix or tasks.{name}.loss"
+            )
+    if cfg.train.cache_features == "on":
+        raise UserError(
+            "data.mix mixes the input images, but train.cache_features=on trains the heads on features computed "
+            "once; set train.cache_features=auto (it then trains on images) or remove data.mix"
+        )
+
+
+def _check_accumulate(cfg: Config, weighting: Weighting) -> None:
+    """``train.accumulate`` > 1 refused in one line with a multi-input run or a weighting it is not exact for."""
+    n = cfg.train.accumulate
+    if n == 1:
+        return
+    if cfg.multi_input:
+        raise UserError(
+            f"train.accumulate={n} is not supported in a multi-input run (tasks.<t>.data: each task's batches have "
+            f"their own sizes); use train.accumulate=1"
+        )
+    if not weighting.accumulable:
+        raise UserError(f"train.accumulate={n} {accumulate_refusal(weighting)}")
 
 
 def build_monitor(cfg: Config, tasks: Dict[str, Task]) -> Callable[[Dict[str, Any]], float]:
@@ -171,6 +217,8 @@ def _speed_up(cfg: Config, exp: Experiment) -> Tuple[nn.Module, Dict[str, Any]]:
         blocker = "optim.l2sp needs the encoder's weights in the loss"
     if blocker is None and cfg.multi_input:
         blocker = "a multi-input run (tasks.<t>.data) encodes each task's own images"
+    if blocker is None and cfg.data.mix is not None:
+        blocker = "data.mix mixes the input images"
     if blocker is None:
         views = t.feature_views if augmenting else 1
         amp = use_amp(t.amp, exp.device)

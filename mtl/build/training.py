@@ -14,6 +14,7 @@ from mtl.config.schema import Config, HookCfg
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
+from mtl.data.mix import batch_mix
 from mtl.engine.averaging import SWA, WeightEMA, use_swa_lr
 from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (
@@ -26,7 +27,7 @@ from mtl.engine.hooks import (
     UnfreezeHook,
 )
 from mtl.engine.optim import build_optimizer, build_scheduler
-from mtl.engine.trainer import Hook, Trainer, TrainerOptions
+from mtl.engine.trainer import Hook, Trainer, TrainerOptions, updates_per_epoch
 from mtl.models.freezing import L2SP
 from mtl.models.layer_depth import model_scales
 from mtl.tasks.base import Task
@@ -36,8 +37,9 @@ from mtl.weighting.base import WEIGHTINGS, Weighting
 def trainer_options(
     cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False, **more: Any
 ) -> TrainerOptions:
-    """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed) on
-    ``device``, with ``generator`` as the shuffle generator; ``more`` sets further fields (grad_on, monitor, ...)."""
+    """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed, accumulate)
+    and ``cfg.data.mix`` on ``device``, with ``generator`` as the shuffle generator; ``more`` sets further fields
+    (grad_on, monitor, ...)."""
     return TrainerOptions(
         epochs=cfg.train.epochs,
         device=device,
@@ -46,7 +48,7 @@ def trainer_options(
         progress=cfg.train.progress and not quiet,
         seed=cfg.train.seed,
         generator=generator,
-        **more,
+        **{"mix": batch_mix(cfg.data.mix, cfg.train.seed), "accumulate": cfg.train.accumulate, **more},
     )
 
 
@@ -207,12 +209,13 @@ def build_trainer(
             }
         )
     samples = weighting.samples if weighting is not None else 1  # MoDo, SDMGrad: one step per `samples` batches
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, len(loaders["train"]) // samples)
+    steps = updates_per_epoch(len(loaders["train"]), samples, cfg.train.accumulate)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, steps)
     ema = WeightEMA(model, cfg.train.ema.decay, cfg.train.ema.warmup) if cfg.train.ema is not None else None
     swa = SWA(model, cfg.train.swa.start_epoch) if cfg.train.swa is not None else None
     if swa is not None and cfg.train.swa.lr is not None:
-        steps = max(len(loaders["train"]) // samples, 1)  # as build_scheduler counts them
-        start, anneal = cfg.train.swa.start_epoch * steps, round(cfg.train.swa.anneal_epochs * steps)
+        per_epoch = max(steps, 1)  # as build_scheduler counts them
+        start, anneal = cfg.train.swa.start_epoch * per_epoch, round(cfg.train.swa.anneal_epochs * per_epoch)
         use_swa_lr(scheduler, start, anneal, cfg.train.swa.lr / cfg.optim.lr)
     return Trainer(
         model,

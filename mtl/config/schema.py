@@ -44,6 +44,24 @@ def name_problem(name: str) -> str:
 
 
 @dataclass
+class MixCfg:
+    """Mixup / CutMix of each training batch (timm's Mixup, batch mode; defaults: the DeiT recipe). 0 turns one off."""
+
+    mixup_alpha: float = bounded(0.8, ge=0)  # lam ~ Beta(a, a) of Mixup (Zhang et al. 2018)
+    cutmix_alpha: float = bounded(1.0, ge=0)  # lam ~ Beta(a, a) of CutMix (Yun et al. 2019), corrected to the box
+    prob: float = bounded(1.0, ge=0, le=1)  # the chance that a batch is mixed
+    switch_prob: float = bounded(0.5, ge=0, le=1)  # the chance of CutMix instead of Mixup when both are on
+
+    def check(self) -> str:
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            return (
+                "data.mix.mixup_alpha and cutmix_alpha are both 0, which mixes nothing; set one of them > 0, "
+                "or data.mix: null"
+            )
+        return ""
+
+
+@dataclass
 class DataCfg:
     """Where the images come from and how they are loaded."""
 
@@ -91,6 +109,9 @@ class DataCfg:
     # a fixed transformation of every input image of every split, after resize, crop and normalisation (domains of a
     # domain-incremental stream, mtl/data/shift.py): {permute: <seed>} (one pixel permutation) | {rotate: <degrees>}
     shift: Optional[Dict[str, Any]] = None
+    # Mixup/CutMix of the training batches on the device, after the augmentation: null | {} (the defaults) |
+    # {mixup_alpha, cutmix_alpha, prob, switch_prob}; classification, binary and multilabel tasks only
+    mix: Optional[MixCfg] = None
 
     def check(self) -> str:
         if isinstance(self.val_split, float) and not 0 < self.val_split < 1:
@@ -381,6 +402,9 @@ class TrainCfg:
     # e.g. {decay: 0.9998}: validate the EMA weights too (val_ema), select on them, best.pt holds them
     ema: Optional[EmaCfg] = None
     swa: Optional[SwaCfg] = None  # e.g. {start_epoch: 15}: checkpoints/swa.pt; best.pt when it validates better
+    # one optimizer update per this many consecutive training batches, as one batch of them all (loss-level
+    # weightings whose total is affine in the task losses: equal, static, uncertainty, dwa)
+    accumulate: int = bounded(1, ge=1)
 
     def check(self) -> str:
         if self.epochs < 1:
@@ -545,4 +569,10 @@ class Config:
         if self.continual.methods and (self.train.ema is not None or self.train.swa is not None):
             which = "train.ema" if self.train.ema is not None else "train.swa"
             return f"{which} is not supported in continual runs (continual.methods); set it to null"
+        if self.continual.methods and (self.data.mix is not None or self.train.accumulate > 1):
+            key = "data.mix" if self.data.mix is not None else "train.accumulate"
+            return (
+                f"{key} is not supported with continual.methods (their penalties, replay buffers and projections "
+                f"act on each step's own batch and labels); remove {key}"
+            )
         return name_problem(self.name)

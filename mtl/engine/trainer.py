@@ -79,6 +79,10 @@ class TrainerOptions:
     delta_m: Optional[Callable[[Dict[str, Any]], float]] = None  # phase metrics -> delta_m % against baselines
     channels_last: bool = False  # image batches go in NHWC, like the model's weights
     nonfinite: str = "stop"  # a nan/inf loss: stop (UserError) | skip (no update) | off (no check)
+    mix: Optional[Any] = None  # data.mix: a mtl.data.mix.BatchMix applied to every training batch; None: none
+    # train.accumulate: one update per this many consecutive training batches (the epoch's last group may be shorter);
+    # hooks' after_step then runs once per update, and a stop request takes effect at the end of a group
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):  # "cpu", "cuda:0"
@@ -89,6 +93,8 @@ class TrainerOptions:
             raise ValueError(f"grad_on must be params or representation, got {self.grad_on!r}")
         if self.nonfinite not in ("stop", "skip", "off"):
             raise ValueError(f"nonfinite must be stop, skip or off, got {self.nonfinite!r}")
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ValueError(f"accumulate must be an integer >= 1, got {self.accumulate!r}")
 
 
 _OPTION_NAMES = tuple(f.name for f in fields(TrainerOptions))
@@ -130,6 +136,8 @@ class Trainer:
     delta_m = _option("delta_m")
     channels_last = _option("channels_last")
     nonfinite = _option("nonfinite")
+    mix = _option("mix")
+    accumulate = _option("accumulate")
 
     def __init__(
         self,
@@ -166,6 +174,8 @@ class Trainer:
         # epoch; ``swa`` is finished after the last epoch into ``swa_result`` (mtl.engine.averaging)
         self.ema, self.swa = ema, swa
         self.swa_result: Optional[Dict[str, Any]] = None
+        _check_accumulate(self.options, self.weighting, extension)
+        self._position = 0  # the index in the epoch of the current step's first training batch (data.mix draws)
         self.skipped_steps = 0
         self._weight_sum: Optional[Tensor] = None  # the task weights summed over this epoch's updates
         self._weight_steps = 0
@@ -301,6 +311,9 @@ class Trainer:
             set_rng_state(partial["rng"])
         if samples > 1:  # steps of `samples` consecutive batches; `done` counts batches, so that resume skips them
             batches, done = _grouped(batches, samples, steps - done // samples), done // samples
+        group = self.accumulate
+        if group > 1:  # updates of `group` consecutive batches; a resumed epoch starts at a group's end
+            batches, done = _accumulated(batches, group, len(loader) - done), done // group
         bar = tqdm(
             batches,
             total=steps,
@@ -312,11 +325,15 @@ class Trainer:
         )
         with torch.enable_grad():
             for i, batch in enumerate(bar, start=done):
-                losses = self.step(batch, meter, True) if samples == 1 else self._samples_step(batch, meter)
+                self._position = i * samples * group
+                if group > 1:
+                    losses = self._accumulate_step(batch, meter)
+                else:
+                    losses = self.step(batch, meter, True) if samples == 1 else self._samples_step(batch, meter)
                 self._call("after_step", losses)
                 if self._should_stop():
                     bar.close()
-                    self._interrupt((i + 1) * samples, meter)
+                    self._interrupt(min((i + 1) * samples * group, len(loader)), meter)
                 if self.progress and (i % 10 == 0 or i == steps - 1):
                     bar.set_postfix(_postfix(meter.result()))
         bar.close()
@@ -327,10 +344,7 @@ class Trainer:
     def step(self, batch: Mapping[str, Any], meter: Meter, train: bool) -> Dict[str, Tensor]:
         if "inputs" in batch:  # multi-input: every task its own batch
             return self._multi_input_step(batch, meter, train)
-        x = batch["image"].to(self.device, non_blocking=True)
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
+        x, targets, shown = self._inputs(batch, train)
         representation = train and self.weighting.gradient_level and self.grad_on == "representation"
         # a skipped step leaves no trace: the weighting's state (running targets, learned weights, random draws) and
         # the model's buffers (BatchNorm statistics, which the forward pass moves) are put back as they were
@@ -345,7 +359,22 @@ class Trainer:
                 outputs = self.model.decode(rep, tuple(x.shape[-2:]))
             else:
                 outputs = self.model(x)
-        return self._step_outputs(outputs, targets, x.shape[0], meter, train, saved, features, rep, x=x)
+        return self._step_outputs(outputs, targets, x.shape[0], meter, train, saved, features, rep, x=x, shown=shown)
+
+    def _inputs(
+        self, batch: Mapping[str, Any], train: bool, offset: int = 0
+    ) -> Tuple[Tensor, Dict[str, Tensor], Dict[str, Tensor]]:
+        """A batch's images and targets on the device: on a training step mixed by ``data.mix`` (the draw of batch
+        ``_position + offset`` of the epoch), then in NHWC with ``channels_last``. Returns ``(x, targets, shown)``,
+        ``shown``: the targets the metrics count (each image's larger-weight label when mixed)."""
+        x = batch["image"].to(self.device, non_blocking=True)
+        targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
+        shown = targets
+        if train and self.mix is not None:
+            x, targets, shown = self.mix(x, targets, self.tasks, self.epoch, self._position + offset)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets, shown
 
     def _step_outputs(
         self,
@@ -358,10 +387,12 @@ class Trainer:
         features: Optional[Dict[str, Tensor]] = None,
         rep: Optional[Dict[str, Tensor]] = None,
         x: Optional[Tensor] = None,
+        shown: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
         """The rest of a step, from the task outputs: losses, the weighting's update (``features`` and ``rep``: the
         encoder's output and its detached copy, with ``grad_on: representation``), the running metrics (``n``: the
-        batch size, per task in a multi-input run; ``x``: the inputs, for a step extension)."""
+        batch size, per task in a multi-input run; ``x``: the inputs, for a step extension; ``shown``: the targets the
+        metrics count, when not ``targets``)."""
         representation = features is not None
         # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
         # (zero) gradients through every other task's head as well
@@ -399,7 +430,7 @@ class Trainer:
             self._update()
             if self.extension is not None:
                 self.extension.after_update(self.model, x, targets, outputs)
-        meter.update(local, outputs, targets, n)
+        meter.update(local, outputs, targets if shown is None else shown, n)
         return dict(zip(self.tasks, losses.detach()))
 
     def _update(self) -> None:
@@ -618,6 +649,8 @@ class Trainer:
         """``(samples, steps)``: the weighting's batches per step, and the training steps of one pass over ``loader``
         (``len(loader) // samples``: the last ``len(loader) % samples`` batches of an epoch are left out)."""
         samples = self.weighting.samples
+        if self.accumulate > 1:
+            return 1, updates_per_epoch(len(loader), 1, self.accumulate)
         if samples > 1 and len(loader) < samples:
             raise UserError(
                 f"weighting {type(self.weighting).__name__} takes {samples} batches per step, but the training data "
@@ -647,10 +680,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         rows, values, plain, seen, heads = [], [], [], [], []
         for s, batch in enumerate(batches):
-            x = batch["image"].to(self.device, non_blocking=True)
-            if self.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            targets = {t: y.to(self.device, non_blocking=True) for t, y in batch["targets"].items()}
+            x, targets, shown = self._inputs(batch, True, s)
             with self.autocast():
                 outputs = self.model(x)
             each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
@@ -663,7 +693,7 @@ class Trainer:
             grads, heads = _task_gradients(each, shared, owned if s == len(batches) - 1 else ())
             rows.append(grads)
             values.append(torch.stack(each).detach())
-            seen.append((local, {t: o.detach() for t, o in outputs.items()}, targets, x.shape[0]))
+            seen.append((local, {t: o.detach() for t, o in outputs.items()}, shown, x.shape[0]))
         grads, losses = torch.stack(rows), torch.stack(values)
         dist.all_reduce_mean_([grads, *(g for per_task in heads for g in per_task)])
         bad = (~torch.isfinite(grads).all(2)).any(0) | _nonfinite_rows(grads[-1], heads)
@@ -678,6 +708,48 @@ class Trainer:
         for args in seen:
             meter.update(*args)
         return dict(zip(self.tasks, torch.stack(plain).mean(0)))
+
+    def _accumulate_step(self, batches: Sequence[Mapping[str, Any]], meter: Meter) -> Dict[str, Tensor]:
+        """One update from the consecutive ``batches`` (``train.accumulate``), as from one batch of all their items:
+        each batch's total loss (the weighting's, plus L2-SP's penalty) is backpropagated times its size, the summed
+        gradients are divided by the group's item count, then averaged over processes, clipped and applied once. Exact
+        for a weighting whose total is affine in the task losses with coefficients fixed within the update (equal,
+        static, uncertainty, dwa); BatchNorm layers still normalise each batch by its own statistics. A non-finite
+        loss or gradient in any batch skips (or stops at) the whole update. Returns the size-weighted mean task
+        losses."""
+        saved = self._snapshot() if self.nonfinite == "skip" else None
+        kept = (meter.loss.clone(), copy.copy(meter.n), dict(meter.states)) if saved is not None else None
+        self.optimizer.zero_grad(set_to_none=True)
+        items, summed = 0, torch.zeros(len(self.tasks), device=self.device)
+        for k, batch in enumerate(batches):
+            x, targets, shown = self._inputs(batch, True, k)
+            with self.autocast():
+                outputs = self.model(x)
+            each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
+            local = torch.stack([loss.detach() for loss in each])
+            if dist.world_size() > 1:  # loss values as over the global batch (as in a step); gradients stay local
+                mean = dist.all_reduce_sum(local) / dist.world_size()
+                each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+            losses = torch.stack(each)
+            total = self.weighting(losses, self._shared())
+            if self.l2sp is not None:
+                total = total + self.l2sp.penalty()
+            n = x.shape[0]
+            (total * n).backward()
+            items += n
+            summed += losses.detach().float() * n
+            meter.update(local, outputs, shown, n)
+        for g in self._trained_grads():
+            g.div_(items)
+        self._average_gradients()
+        mean_losses = summed / items
+        if not self._finite(mean_losses, grads=self._trained_grads()):  # a nan/inf in any batch stays in the sums
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            meter.loss, meter.n, meter.states = kept
+            return dict(zip(self.tasks, mean_losses))  # skipped: no update, none of its batches counted
+        self._update()
+        return dict(zip(self.tasks, mean_losses))
 
     # ------------------------------------------------------------------ bilevel weighting
     def _meta_step(self, x: Tensor, targets: Dict[str, Tensor]) -> None:
@@ -814,6 +886,50 @@ def _task_gradients(
         )
         owned_grads.append(grads[len(inputs) :])
     return torch.stack(rows), owned_grads
+
+
+def updates_per_epoch(batches: int, samples: int = 1, accumulate: int = 1) -> int:
+    """Optimizer updates in an epoch of ``batches`` training batches: one per ``samples`` batches of a multi-batch
+    weighting (the rest left out), or one per ``accumulate`` batches (the last group may be shorter)."""
+    return -(-batches // accumulate) if accumulate > 1 else batches // samples
+
+
+def _check_accumulate(options: TrainerOptions, weighting: Weighting, extension: Optional[StepExtension]) -> None:
+    """Refuse ``train.accumulate`` > 1 with a weighting whose update is no affine function of the task losses fixed
+    within an update, and ``data.mix`` or ``train.accumulate`` with a step extension, in one line each."""
+    if extension is not None and (options.mix is not None or options.accumulate > 1):
+        key = "data.mix" if options.mix is not None else "train.accumulate"
+        raise UserError(
+            f"{key} is not supported with a step extension (a continual learner's penalty, replay or projection acts "
+            f"on each step's own batch and labels); remove {key}"
+        )
+    if options.accumulate > 1 and not weighting.accumulable:
+        raise UserError(f"train.accumulate={options.accumulate} {accumulate_refusal(weighting)}")
+
+
+def accumulate_refusal(weighting: Weighting) -> str:
+    """Why ``weighting`` cannot accumulate gradients over batches, completing "train.accumulate=N ..."."""
+    name = type(weighting).__name__
+    if weighting.gradient_level:
+        why = "balances each batch's task gradients"
+    elif weighting.bilevel:
+        why = "takes a meta step before each batch"
+    else:
+        why = "weights the losses by each step's own losses or gradients, or draws its weights anew"
+    return (
+        f"sums the gradients of several batches into one update, which equals one larger batch only for a weighting "
+        f"whose total is a fixed affine function of the task losses; {name} {why}; use weighting.name=equal, static, "
+        f"uncertainty or dwa, or train.accumulate=1"
+    )
+
+
+def _accumulated(batches: Iterator[Any], size: int, count: int) -> Iterator[List[Any]]:
+    """The next ``count`` batches in lists of ``size`` consecutive ones, the last list shorter when ``size`` does not
+    divide ``count``."""
+    while count > 0:
+        take = min(size, count)
+        yield [next(batches) for _ in range(take)]
+        count -= take
 
 
 def _grouped(batches: Iterator[Any], samples: int, count: int) -> Iterator[List[Any]]:

@@ -100,6 +100,8 @@ class Task:
     has_probabilities: ClassVar[bool] = False  # ``probabilities`` gives class probabilities
     metric_directions: ClassVar[Dict[str, bool]] = {"loss": False}  # metric -> higher is better
     primary: ClassVar[str] = "loss"
+    # data.mix can train it: ``soft_target`` gives targets that mix linearly and that ``loss`` takes
+    mixable: ClassVar[bool] = False
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -121,6 +123,12 @@ class Task:
     def compute(self, state: Tensor) -> Dict[str, float]:
         """Epoch-level metrics from the summed state (may sync)."""
         raise NotImplementedError
+
+    def soft_target(self, target: Tensor) -> Tensor:
+        """A batch of targets as floats that Mixup/CutMix blend linearly (``data.mix``) and that ``loss`` takes, with
+        ``loss`` linear in them, so that the loss of blended targets is the blend of the losses (types with
+        ``mixable``)."""
+        raise TypeError(f"a {self.type_name} task's targets cannot be mixed")
 
     def correct(self, pred: Tensor, target: Tensor) -> Tensor:
         """Number of correct predictions in the batch, as a tensor (no host sync)."""

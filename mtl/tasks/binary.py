@@ -25,6 +25,7 @@ class Binary(Task):
     fixed_outputs: ClassVar[Optional[int]] = 1
     confusion: ClassVar[bool] = True
     has_probabilities: ClassVar[bool] = True
+    mixable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_smoothing(self.label_smoothing)
@@ -34,6 +35,9 @@ class Binary(Task):
         if self.label_smoothing:
             target = target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
         return F.binary_cross_entropy_with_logits(pred.float().squeeze(1), target)
+
+    def soft_target(self, target: Tensor) -> Tensor:
+        return target.float()
 
     def predict(self, pred: Tensor) -> Tensor:
         return (pred.squeeze(1) > 0).long()

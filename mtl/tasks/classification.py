@@ -26,6 +26,7 @@ class Classification(Task):
     primary: ClassVar[str] = "acc"
     confusion: ClassVar[bool] = True
     has_probabilities: ClassVar[bool] = True
+    mixable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_smoothing(self.label_smoothing)
@@ -39,7 +40,12 @@ class Classification(Task):
         return self.out_dim > self.topk
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy against class indices (B,) or class probabilities (B, out_dim) (``data.mix``); label
+        smoothing mixes either with the uniform distribution, ``(1 - s) y + s / K``."""
         return F.cross_entropy(pred.float(), target, label_smoothing=self.label_smoothing)
+
+    def soft_target(self, target: Tensor) -> Tensor:
+        return F.one_hot(target.long(), self.out_dim).float()
 
     def predict(self, pred: Tensor) -> Tensor:
         return pred.argmax(dim=1)

@@ -38,6 +38,7 @@ class Multilabel(Task):
     }
     primary: ClassVar[str] = "map"
     has_probabilities: ClassVar[bool] = True
+    mixable: ClassVar[bool] = True
     ap_bins: ClassVar[int] = 400
     ap_logit_range: ClassVar[float] = 30.0
 
@@ -59,6 +60,9 @@ class Multilabel(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(pred.float(), target.float(), pos_weight=self._weights(pred.device))
+
+    def soft_target(self, target: Tensor) -> Tensor:
+        return target.float()
 
     def predict(self, pred: Tensor) -> Tensor:
         return (pred > 0).long()

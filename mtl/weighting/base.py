@@ -29,6 +29,9 @@ class Weighting(nn.Module):
     # independent training batches per step: a gradient-level method with samples = S > 1 (MoDo, SDMGrad) gets the
     # task gradients and losses of S consecutive batches at once (see GradientWeighting.forward)
     samples: int = 1
+    # True when the total loss is an affine function of the task losses whose coefficients stay fixed within an
+    # update, so that train.accumulate's summed gradients of several batches equal one larger batch's
+    accumulable: bool = False
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__()

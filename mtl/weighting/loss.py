@@ -26,6 +26,8 @@ def _is_train_step(losses: Tensor) -> bool:
 class Equal(LossWeighting):
     """``total = sum_t L_t``; weights are ones."""
 
+    accumulable = True
+
     def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
         self.last_weights.fill_(1.0)
         return losses.sum()
@@ -34,6 +36,8 @@ class Equal(LossWeighting):
 @WEIGHTINGS.register("static")
 class Static(LossWeighting):
     """``total = sum_t w_t L_t`` with the config's fixed ``tasks.<t>.weight`` values."""
+
+    accumulable = True
 
     def forward(self, losses: Tensor, shared: Sequence[Tensor] = ()) -> Tensor:
         self.last_weights.copy_(self.task_weights)
@@ -48,6 +52,8 @@ class Uncertainty(LossWeighting):
     ``total = sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t`` (the paper's regression form, used for every task
     type; its minimum over s_t is at ``exp(s_t) = L_t``). Weights are ``0.5 * exp(-s_t)``.
     """
+
+    accumulable = True
 
     def __init__(self, tasks: Sequence[str], task_weights: Sequence[float] | None = None) -> None:
         super().__init__(tasks, task_weights)
@@ -66,6 +72,8 @@ class DWA(LossWeighting):
     ``w = T * softmax(r / temperature)`` with ``r_t = L_t(e-1) / L_t(e-2)`` from the epoch mean losses fed
     to :meth:`end_epoch`; ones until two epochs have been seen.
     """
+
+    accumulable = True
 
     def __init__(
         self, tasks: Sequence[str], task_weights: Sequence[float] | None = None, temperature: float = 2.0

@@ -37,7 +37,7 @@ from mtl.core.rundir import (
 from mtl.core.runtime import memory_mark, training_memory
 from mtl.data.holdout import val_text
 from mtl.engine.hooks import flat_row, phase_text
-from mtl.engine.trainer import Hook, Trainer
+from mtl.engine.trainer import Hook, Trainer, updates_per_epoch
 from mtl.tasks.base import Task
 
 
@@ -270,7 +270,7 @@ def _summary(
         }
         if history
         else None,
-        "steps_per_epoch": len(exp.loaders["train"]) // exp.weighting.samples,
+        "steps_per_epoch": updates_per_epoch(len(exp.loaders["train"]), exp.weighting.samples, cfg.train.accumulate),
         "skipped_steps": trainer.skipped_steps,
         "time": {
             "total_s": total_s,
