@@ -714,7 +714,9 @@ class Trainer:
         each batch's total loss (the weighting's, plus L2-SP's penalty) is backpropagated times its size, the summed
         gradients are divided by the group's item count, then averaged over processes, clipped and applied once. Exact
         for a weighting whose total is affine in the task losses with coefficients fixed within the update (equal,
-        static, uncertainty, dwa); BatchNorm layers still normalise each batch by its own statistics. A non-finite
+        static, uncertainty, dwa) and losses that average over images (or a fixed count of values per image: not a
+        segmentation loss over a varying number of labelled pixels); BatchNorm layers still normalise each batch by
+        its own statistics. A non-finite
         loss or gradient in any batch skips (or stops at) the whole update. Returns the size-weighted mean task
         losses."""
         saved = self._snapshot() if self.nonfinite == "skip" else None

@@ -290,6 +290,7 @@ def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
     """``Trainer(..., options)`` and ``Trainer(..., epochs=..., device=..., ...)`` (the keywords from before
     TrainerOptions, still documented in docs/extending.md) set the same settings; a keyword given with ``options``
     overrides that field, and an unknown keyword is a TypeError as before."""
+    from mtl.data.mix import BatchMix
     from mtl.engine.trainer import Trainer, TrainerOptions
     from mtl.tasks.base import build_task
 
@@ -310,6 +311,8 @@ def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
         delta_m=monitor,
         channels_last=True,
         nonfinite="skip",
+        mix=BatchMix(seed=7),
+        accumulate=2,
     )
     old = Trainer(model, tasks, {}, opt, None, **settings)
     options = TrainerOptions(**settings)
