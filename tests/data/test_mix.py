@@ -52,7 +52,7 @@ def test_cutmix_boxes_lie_inside_and_lam_is_the_exact_area_left(h, w):
     mix = BatchMix(mixup_alpha=0, cutmix_alpha=1.0, seed=1)
     x = torch.stack([torch.zeros(1, h, w), torch.ones(1, h, w)])  # image 0's partner is all ones
     seen_clipped = False
-    for position in range(300):
+    for position in range(200):
         draw = mix.draw(0, position, h, w)
         top, bottom, left, right = draw.box
         assert 0 <= top <= bottom <= h and 0 <= left <= right <= w
@@ -129,11 +129,12 @@ def test_the_loss_of_mixed_targets_is_the_mix_of_the_losses(smoothing):
 
 
 def test_lam_is_beta_distributed_and_the_switches_follow_their_probabilities():
-    n = 4000
+    n = 2500
     alpha = 0.4
-    lams = np.array([BatchMix(mixup_alpha=alpha, cutmix_alpha=0, seed=3).draw(0, p, 8, 8).lam for p in range(n)])
+    mixup = BatchMix(mixup_alpha=alpha, cutmix_alpha=0, seed=3)
+    lams = np.array([mixup.draw(0, p, 8, 8).lam for p in range(n)])
     assert abs(lams.mean() - 0.5) <= hoeffding(n)
-    # E[(lam - 1/2)^2] = Var Beta(a, a) = 1 / (4 (2a + 1)): 0.139 for a = 0.4 (uniform: 0.083)
+    # E[(lam - 1/2)^2] = Var Beta(a, a) = 1 / (4 (2a + 1)): 0.139 for a = 0.4 (0.096 for a = 0.8, uniform 0.083)
     assert abs(((lams - 0.5) ** 2).mean() - 1 / (4 * (2 * alpha + 1))) <= hoeffding(n, 0.25)
 
     mix = BatchMix(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3, seed=5)
