@@ -1,6 +1,7 @@
 """Shared fixtures: small image folders the tests draw themselves."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -75,3 +76,15 @@ def tiny_config(root: Path, out: Path, **overrides) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return cfg
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """Send the process the real SIGTERM once the trainer has made ``step`` updates (from a hook's after_step), so
+    that the run stops after that step as a killed one would; ``monkeypatch.undo()`` takes the hook away."""
+    from mtl.engine.hooks import UnfreezeHook
+
+    def stop(self, trainer, losses):
+        if trainer.global_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(UnfreezeHook, "after_step", stop)

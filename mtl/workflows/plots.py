@@ -47,6 +47,11 @@ def line_style(i: int) -> str:
     return ("-", "--", ":")[i // len(COLORS) % 3]
 
 
+def marker(i: int) -> str:
+    """The marker of the ``i``-th group: circles for the first ten, then squares and triangles (as ``line_style``)."""
+    return ("o", "s", "^")[i // len(COLORS) % 3]
+
+
 MISSING = "plots need matplotlib: pip install 'mtl[plots]'"
 
 
@@ -204,10 +209,18 @@ def pareto_figure(
     means = []
     for i, (group, points) in enumerate(by_group.items()):
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.scatter(xs, ys, s=16, color=color(i), alpha=0.6)
+        ax.scatter(xs, ys, s=16, color=color(i), marker=marker(i), alpha=0.6)
         (mx, sx), (my, sy) = mean_std(xs), mean_std(ys)
         ax.errorbar(
-            mx, my, xerr=sx, yerr=sy, fmt="o", markersize=9, color=color(i), capsize=3, label=f"{group} (n={len(xs)})"
+            mx,
+            my,
+            xerr=sx,
+            yerr=sy,
+            fmt=marker(i),
+            markersize=9,
+            color=color(i),
+            capsize=3,
+            label=f"{group} (n={len(xs)})",
         )
         means.append((mx, my))
     line = front_line([means[i] for i in pareto_front(means, maximize)], maximize)

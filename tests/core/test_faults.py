@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_folder, tiny_config
+from conftest import make_folder, sigterm_at_step, tiny_config
 
 from mtl.cli import main
 from mtl.config.load import build_config
@@ -474,7 +474,6 @@ def test_a_read_only_run_directory_is_one_line_without_thread_tracebacks(color_f
 
 
 def test_sigterm_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(color_folder, tmp_path, monkeypatch):
-    from mtl.engine.hooks import UnfreezeHook
     from mtl.workflows.train import resume_run
 
     def config(out):
@@ -485,11 +484,7 @@ def test_sigterm_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(colo
 
     whole = run(config(tmp_path / "a"), quiet=True)
 
-    def sigterm_at_step_3(self, trainer, losses):
-        if trainer.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real handler: stop after this step
-
-    monkeypatch.setattr(UnfreezeHook, "after_step", sigterm_at_step_3)
+    sigterm_at_step(monkeypatch, 3)  # the real handler: stop after this step
     with pytest.raises(KeyboardInterrupt):
         run(config(tmp_path / "b"), quiet=True)
     monkeypatch.undo()

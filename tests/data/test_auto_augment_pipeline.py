@@ -1,8 +1,6 @@
 """data.auto_augment and data.random_erasing end to end: both pipelines, seeding, torchrun sharding, exact resume
 mid-epoch, evaluation untouched, bad keys refused in one line."""
 
-import os
-import signal
 from itertools import islice
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2 as v2
 import yaml
-from conftest import tiny_config
+from conftest import sigterm_at_step, tiny_config
 
 from mtl.build.data import build_data
 from mtl.cli import main
@@ -131,18 +129,13 @@ def runs_config(folder, out, pipeline):
 
 
 def test_a_run_stopped_mid_epoch_resumes_with_the_same_draws(color_folder, tmp_path, monkeypatch):
-    from mtl.engine.hooks import UnfreezeHook
 
     def config(out):
         return runs_config(color_folder, out, "batched")
 
     whole = run(config(tmp_path / "a"), quiet=True)
 
-    def sigterm_at_step_3(self, trainer, losses):
-        if trainer.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real handler: stop after this step
-
-    monkeypatch.setattr(UnfreezeHook, "after_step", sigterm_at_step_3)
+    sigterm_at_step(monkeypatch, 3)  # the real handler: stop after this step
     with pytest.raises(KeyboardInterrupt):
         run(config(tmp_path / "b"), quiet=True)
     monkeypatch.undo()

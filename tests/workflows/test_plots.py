@@ -142,6 +142,13 @@ def test_pareto_chart_marks_group_means_with_whiskers_and_the_front_of_the_means
     _is_png(plots.pareto_chart(runs, "left.acc", "right.acc", tmp_path / "pareto.png", title="two tasks"))
 
 
+def test_pareto_chart_tells_more_groups_than_colours_apart_by_marker():
+    runs = [(f"g{i}", float(i), float(i % 3)) for i in range(len(plots.COLORS) + 1)]
+    ax = plots.pareto_figure(runs, "x", "y").axes[0]
+    styles = [(c.lines[0].get_color(), c.lines[0].get_marker()) for c in ax.containers]
+    assert len(styles) == len(runs) and len(set(styles)) == len(runs)  # the 11th group: first colour, squares
+
+
 # --------------------------------------------------------------------------- curves
 
 
