@@ -669,7 +669,7 @@ def test_empty_config_file_is_refused(text, tmp_path, capsys):
         (
             [],
             [
-                "mtl needs a command: train, sweep, summary, features, predict, eval, compare, weights",
+                "mtl needs a command: train, sweep, summary, features, predict, eval, compare, lr-find, weights",
                 "(see mtl --help)",
             ],
         ),
