@@ -76,7 +76,8 @@ def encoder_names() -> list[str]:
 
 
 def build_encoder(name: str, *, weights: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build encoder ``name`` (built-in or torchvision) and load ``weights`` (see mtl.weights.load_weights)."""
+    """Build encoder ``name`` (built-in, torchvision or ``timm/<name>``) and load ``weights`` (see
+    mtl.weights.load_weights)."""
     if name in ENCODERS:
         try:
             encoder = ENCODERS.get(name)(**kwargs)
@@ -84,12 +85,17 @@ def build_encoder(name: str, *, weights: str | None = None, **kwargs: Any) -> nn
             raise UserError(f"encoder {name!r}: {e}") from None
     elif name in torchvision_names():
         encoder = torchvision_encoder(name, **kwargs)
+    elif name.startswith("timm/"):
+        from mtl.models.timm_encoders import timm_encoder
+
+        encoder = timm_encoder(name, **kwargs)
     else:
         close = difflib.get_close_matches(name, encoder_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UserError(
             f"unknown encoder {name!r}.{hint} Built-in: {', '.join(ENCODERS.names())}; "
-            f"or any torchvision classifier ({len(torchvision_names())} names, e.g. resnet18)."
+            f"or any torchvision classifier ({len(torchvision_names())} names, e.g. resnet18); "
+            f"or timm/<name> with timm installed (pip install 'mtl[timm]')."
         )
     if weights is not None:
         load_weights(encoder, name, weights)

@@ -89,7 +89,8 @@ def encoder_scales(encoder: nn.Module, decay: float) -> Dict[int, float]:
     """``{id(parameter): decay ** (L + 1 - depth)}`` for every parameter of ``encoder`` (BEiT's layer-wise scale)."""
     name = getattr(encoder, "name", type(encoder).__name__)
     params = list(encoder.named_parameters())
-    depths, last = layer_depths(name, params)
+    own = getattr(encoder, "layer_depths", None)  # an encoder that numbers its own layers (timm's group_matcher)
+    depths, last = own() if callable(own) else layer_depths(name, params)
     return {id(p): decay ** (last + 1 - depths[n]) for n, p in params}
 
 

@@ -20,19 +20,25 @@ from torchvision.models import WeightsEnum
 from mtl.core.checkpoint import load_torch_file
 from mtl.core.errors import UserError
 
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
 _HASH_PART = re.compile(r"-([0-9a-f]{6,64})\.[^.]+$")  # torchvision files: <name>-<sha256 prefix>.pth
 # Old torchvision densenet files spell "denselayer1.norm1.weight" as "denselayer1.norm.1.weight".
 _LEGACY_DENSENET_KEY = re.compile(r"(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.\w+)$")
 
 
 def load_weights(encoder: nn.Module, model_name: str, spec: str) -> None:
-    """Load ``spec`` into ``encoder``: a torchvision weights name, a file path, or ``run:<dir>``."""
+    """Load ``spec`` into ``encoder``: a torchvision weights name (timm encoders: DEFAULT or a timm pretrained tag,
+    from the Hugging Face cache), a file path, or ``run:<dir>``."""
     if spec.startswith("run:"):
         path = run_checkpoint(spec[len("run:") :])
         state = read_state_dict(path)
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
         path = Path(spec).expanduser()
+        state = read_state_dict(path)
+    elif model_name.startswith("timm/"):
+        from mtl.models.timm_encoders import timm_weights_file
+
+        path = timm_weights_file(model_name, spec)
         state = read_state_dict(path)
     else:
         state, path = torchvision_state_dict(model_name, spec)
@@ -127,10 +133,27 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict or an mtl checkpoint's ``"model"`` state dict from ``path`` (weights_only)."""
+    """Read a state dict or an mtl checkpoint's ``"model"`` state dict from ``path`` (weights_only; a
+    ``.safetensors`` file with the safetensors package)."""
     path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _state_dict_from(_read_safetensors(path), path)
     obj = load_torch_file(path, "weights", dir_hint=f" (for an earlier mtl run use run:{path})")
     return _state_dict_from(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(
+            f"{path} is a safetensors file; reading it needs the safetensors package (pip install safetensors; "
+            f"timm installs it)"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line whatever safetensors raises
+        raise UserError(f"could not read weights file {path}: {_one_line(e)}") from None
 
 
 def _state_dict_from(obj: Any, path: str | Path) -> dict[str, Tensor]:
