@@ -23,7 +23,17 @@ LAYERS = [  # lowest first; a module belongs to the first entry its name starts 
     ("workflows", ("mtl.workflows",)),
     ("commands", ("mtl.commands", "mtl.cli", "mtl.__main__")),
 ]
-LAZY = ("torch.utils.tensorboard", "tensorboard", "matplotlib", "submitit", "timm", "captcha")
+# optional packages, imported where they are used; safetensors and huggingface_hub come with timm (mtl[timm])
+LAZY = (
+    "torch.utils.tensorboard",
+    "tensorboard",
+    "matplotlib",
+    "submitit",
+    "timm",
+    "safetensors",
+    "huggingface_hub",
+    "captcha",
+)
 
 
 def _module_name(path: Path) -> str:

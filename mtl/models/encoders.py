@@ -32,7 +32,8 @@ from torchvision.models.feature_extraction import (
 from mtl.core.errors import UserError
 from mtl.core.registry import Registry
 from mtl.core.runtime import evaluating
-from mtl.models.weights import load_weights
+from mtl.models.timm_encoders import timm_encoder
+from mtl.models.weights import TIMM_PREFIX, load_weights
 
 ENCODERS = Registry("encoder")
 
@@ -85,10 +86,8 @@ def build_encoder(name: str, *, weights: str | None = None, **kwargs: Any) -> nn
             raise UserError(f"encoder {name!r}: {e}") from None
     elif name in torchvision_names():
         encoder = torchvision_encoder(name, **kwargs)
-    elif name.startswith("timm/"):
-        from mtl.models.timm_encoders import timm_encoder
-
-        encoder = timm_encoder(name, **kwargs)
+    elif name.startswith(TIMM_PREFIX):
+        encoder = timm_encoder(name, smallest_input_size, **kwargs)
     else:
         close = difflib.get_close_matches(name, encoder_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

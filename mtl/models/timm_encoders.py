@@ -9,35 +9,25 @@ Stages are the last entry of timm's ``feature_info`` at each reduction of 4 or m
 as for torchvision encoders; a ViT has one stage, its last block). Layer-wise lr decay takes the depths from timm's
 own ``group_matcher``, as timm's ``param_groups_layer_decay``.
 
-Weights: ``DEFAULT`` (the name's pretrained tag, timm's default one when the name has none) or another tag of the
-same architecture is read from the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-``~/.cache/huggingface/hub``) or, for weights timm fetches by URL, torch.hub's cache; mtl never downloads them.
+Weights (read by mtl.models.weights): ``DEFAULT`` (the name's pretrained tag, timm's default one when the name
+has none) or another tag of the same architecture is read from the Hugging Face cache (``$HF_HUB_CACHE``, else
+``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``) or, for weights timm fetches by URL, torch.hub's cache; mtl
+never downloads them.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import os
 import sys
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
 from mtl.core.errors import UserError
+from mtl.models.weights import TIMM_PREFIX as PREFIX
+from mtl.models.weights import import_timm
 
-PREFIX = "timm/"
-_EXTRA = "pip install 'mtl[timm]'"
 _HEAD = "__mtl_head__"  # a parameter name no group_matcher matches: the place of the (removed) classifier
-
-
-def import_timm(encoder: str) -> Any:
-    """The timm module; a one-line UserError naming the extra when it is not installed."""
-    try:
-        return importlib.import_module("timm")
-    except ImportError:
-        raise UserError(f"model.encoder={encoder} needs timm, an optional extra: {_EXTRA}") from None
 
 
 class TimmEncoder(nn.Module):
@@ -52,6 +42,7 @@ class TimmEncoder(nn.Module):
     timm_feature_info: List[Dict[str, Any]]
     _stage_indices: List[int]
     _min_input_size: Optional[int]
+    _smallest_input_size: Callable[[nn.Module, int], int]  # encoders.smallest_input_size
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:  # type: ignore[override]
         """Stage maps by name and the pooled pre-logits features as "out"."""
@@ -68,10 +59,8 @@ class TimmEncoder(nn.Module):
             if self.fixed_input_size is not None:
                 self._min_input_size = min(self.fixed_input_size)
             else:
-                from mtl.models.encoders import smallest_input_size
-
                 largest = max((f["reduction"] for f in self.feature_info), default=1)
-                self._min_input_size = smallest_input_size(self, largest)
+                self._min_input_size = self._smallest_input_size(self, largest)
         return self._min_input_size
 
     def layer_depths(self) -> Tuple[Dict[str, int], int]:
@@ -101,8 +90,9 @@ def _encoder_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def timm_encoder(name: str, **options: Any) -> TimmEncoder:
-    """Build ``timm/<arch>`` (random init, no classifier) as an encoder; ``options`` go to timm.create_model."""
+def timm_encoder(name: str, smallest_input_size: Callable[[nn.Module, int], int], **options: Any) -> TimmEncoder:
+    """Build ``timm/<arch>`` (random init, no classifier) as an encoder; ``options`` go to timm.create_model.
+    ``smallest_input_size(encoder, start)``: the dry-run search of mtl.models.encoders (which imports this module)."""
     timm = import_timm(name)
     arch = name[len(PREFIX) :]
     if not timm.is_model(arch):
@@ -145,54 +135,5 @@ def timm_encoder(name: str, **options: Any) -> TimmEncoder:
     ]
     model._stage_indices = indices
     model._min_input_size = None
+    model._smallest_input_size = smallest_input_size
     return model
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache as huggingface_hub resolves it, read from the environment now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def timm_weights_file(name: str, spec: str) -> Path:
-    """The cached file of timm weights ``spec`` (DEFAULT or a pretrained tag) of encoder ``name``, looked up offline;
-    a one-line UserError saying how to get it when it is not there."""
-    timm = import_timm(name)
-    arch = name[len(PREFIX) :]
-    base = arch.partition(".")[0]
-    full = arch if spec == "DEFAULT" else f"{base}.{spec.removeprefix(base + '.')}"
-    try:
-        cfg = timm.models.get_pretrained_cfg(full, allow_unregistered=False)
-    except RuntimeError:
-        cfg = None
-    if cfg is None:
-        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
-        known = f"its tags: {', '.join(tags)}" if tags else f"timm has no pretrained weights for {base}"
-        raise UserError(
-            f"unknown weights {spec!r} for {name} (and no such file); use DEFAULT or a timm pretrained tag ({known}), "
-            f"or a file path or run:<dir>"
-        )
-    tagged = f"{base}.{cfg.tag}" if cfg.tag else base
-    hub_dir = hf_cache_dir()
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        for file_name in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
-            found = try_to_load_from_cache(repo, file_name, cache_dir=hub_dir, revision=revision or None)
-            if isinstance(found, str):
-                return Path(found)
-    if cfg.url:
-        from mtl.models.weights import cache_dir
-
-        path = cache_dir() / os.path.basename(cfg.url)
-        if path.is_file():
-            return path
-    where = f"the Hugging Face cache ({hub_dir}, repo {cfg.hf_hub_id})" if cfg.hf_hub_id else "torch.hub's cache"
-    raise UserError(
-        f"timm weights {tagged} for {name} are not in {where}, and mtl does not download them. On a machine with "
-        f"internet run `python -c \"import timm; timm.create_model('{tagged}', pretrained=True)\"` and copy its "
-        f"cache folder here (or point HF_HOME at it), or set `model.weights: /path/to/model.safetensors`"
-    )

@@ -1,9 +1,11 @@
-"""Loading encoder weights: torchvision weights (cached or downloaded), weight files, and earlier mtl runs."""
+"""Loading encoder weights: torchvision weights (cached or downloaded), timm weights (from the Hugging Face cache,
+offline), weight files, and earlier mtl runs."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from torchvision.models import WeightsEnum
 from mtl.core.checkpoint import load_torch_file
 from mtl.core.errors import UserError
 
+TIMM_PREFIX = "timm/"  # model.encoder: timm/<name>
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
 _HASH_PART = re.compile(r"-([0-9a-f]{6,64})\.[^.]+$")  # torchvision files: <name>-<sha256 prefix>.pth
 # Old torchvision densenet files spell "denselayer1.norm1.weight" as "denselayer1.norm.1.weight".
@@ -35,9 +38,7 @@ def load_weights(encoder: nn.Module, model_name: str, spec: str) -> None:
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
         path = Path(spec).expanduser()
         state = read_state_dict(path)
-    elif model_name.startswith("timm/"):
-        from mtl.models.timm_encoders import timm_weights_file
-
+    elif model_name.startswith(TIMM_PREFIX):
         path = timm_weights_file(model_name, spec)
         state = read_state_dict(path)
     else:
@@ -99,6 +100,62 @@ def torchvision_state_dict(model_name: str, name: str) -> tuple[dict[str, Tensor
             f"or set `weights: path/to/file.pth`, `weights: run:runs/...`, or `weights: null`{also}"
         ) from None
     return state, path
+
+
+def import_timm(encoder: str) -> Any:
+    """The timm module; a one-line UserError naming the extra when it is not installed."""
+    try:
+        return importlib.import_module("timm")
+    except ImportError:
+        raise UserError(f"model.encoder={encoder} needs timm, an optional extra: pip install 'mtl[timm]'") from None
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub resolves it, read from the environment now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def timm_weights_file(name: str, spec: str) -> Path:
+    """The cached file of timm weights ``spec`` (DEFAULT or a pretrained tag) of encoder ``name``, looked up offline;
+    a one-line UserError saying how to get it when it is not there."""
+    timm = import_timm(name)
+    arch = name[len(TIMM_PREFIX) :]
+    base = arch.partition(".")[0]
+    full = arch if spec == "DEFAULT" else f"{base}.{spec.removeprefix(base + '.')}"
+    try:
+        cfg = timm.models.get_pretrained_cfg(full, allow_unregistered=False)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+        known = f"its tags: {', '.join(tags)}" if tags else f"timm has no pretrained weights for {base}"
+        raise UserError(
+            f"unknown weights {spec!r} for {name} (and no such file); use DEFAULT or a timm pretrained tag ({known}), "
+            f"or a file path or run:<dir>"
+        )
+    tagged = f"{base}.{cfg.tag}" if cfg.tag else base
+    hub_dir = hf_cache_dir()
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for file_name in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, file_name, cache_dir=hub_dir, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        path = cache_dir() / _url_file_name(cfg.url)
+        if path.is_file():
+            return path
+    where = f"the Hugging Face cache ({hub_dir}, repo {cfg.hf_hub_id})" if cfg.hf_hub_id else "torch.hub's cache"
+    raise UserError(
+        f"timm weights {tagged} for {name} are not in {where}, and mtl does not download them. On a machine with "
+        f"internet run `python -c \"import timm; timm.create_model('{tagged}', pretrained=True)\"` and copy its "
+        f"cache folder here (or point HF_HOME at it), or set `model.weights: /path/to/model.safetensors`"
+    )
 
 
 def run_checkpoint(run_dir: str | Path) -> Path:
