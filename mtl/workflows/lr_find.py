@@ -106,6 +106,31 @@ class RangeTest(Hook):
             trainer.request_stop()
 
 
+def pick_stage(top: Config, stages: List[Config], name: Optional[str]) -> Config:
+    """The config of stage ``name`` of a staged config (``stages``: its stage configs). Refused in one line: no
+    ``name`` (the stages are listed), an unknown one, continual runs, and a stage that starts from an earlier
+    stage's trained weights (``weights: stage:<name>``), which the range test would not have."""
+    names = [c.name for c in stages]
+    if top.continual.methods or not stages:
+        raise UserError(
+            "--stage picks a stage of a config with stages (not continual.methods); this config has none to pick"
+            if not top.continual.methods
+            else "mtl lr-find does not test continual runs (continual.methods); give one task's settings as a config"
+        )
+    if name is None:
+        raise UserError(f"this config has stages: name the one to test with --stage ({', '.join(names)})")
+    if name not in names:
+        raise UserError(f"--stage {name}: no such stage; the stages are {', '.join(names)}")
+    cfg = stages[names.index(name)]
+    weights = cfg.model.weights or ""
+    if weights.startswith("stage:"):
+        raise UserError(
+            f"stage {name!r} starts from stage {weights[6:]!r}'s trained weights, which mtl lr-find does not train; "
+            f"test a stage that starts from a weights name, a file or random weights"
+        )
+    return cfg
+
+
 def lr_find(
     cfg: Config, start: float = 1e-7, end: float = 10.0, steps: int = 100, quiet: bool = False
 ) -> Dict[str, Any]:
@@ -115,8 +140,8 @@ def lr_find(
     check_range(start, end, steps)
     if cfg.stages or cfg.continual.methods:
         raise UserError(
-            "mtl lr-find tests one training config; this one has stages (or continual.methods): give one stage's "
-            "settings as a config of its own"
+            "mtl lr-find tests one training config; this one has stages (or continual.methods): pick one with "
+            "--stage NAME, or give its settings as a config of its own"
         )
     lrs = lr_schedule(start, end, steps)
     exp = build_experiment(cfg)

@@ -86,6 +86,22 @@ def test_bad_ranges_exit_2_and_write_nothing(args, words, tmp_path, capsys):
     refused(capsys, ["lr-find", _config(tmp_path), *args], *words, runs=tmp_path / "runs")
 
 
-def test_staged_configs_are_refused(tmp_path, capsys):
-    path = _config(tmp_path, stages=[{"name": "a"}, {"name": "b"}])
-    refused(capsys, ["lr-find", path], "stages", runs=tmp_path / "runs")
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["name the one to test with --stage (a, b, c)"]),
+        (["--stage", "z"], ["--stage z: no such stage", "a, b, c"]),
+        (["--stage", "c"], ["stage 'c' starts from stage 'a''s trained weights"]),
+    ],
+)
+def test_a_staged_config_needs_a_stage_that_starts_from_no_other(args, words, tmp_path, capsys):
+    stages = [{"name": "a"}, {"name": "b", "optim": {"lr": 0.5}}, {"name": "c", "model": {"weights": "stage:a"}}]
+    refused(capsys, ["lr-find", _config(tmp_path, stages=stages), *args], *words, runs=tmp_path / "runs")
+
+
+def test_a_stage_is_tested_with_its_own_settings(tmp_path, capsys):
+    stages = [{"name": "a"}, {"name": "b", "model": {"freeze": "all"}}]
+    path = _config(tmp_path, stages=stages)
+    assert main(["lr-find", str(path), "--stage", "b", "--steps", "4", "--start-lr", "1e-3", "--end-lr", "1e-2"]) == 0
+    (out,) = list((tmp_path / "runs" / "b").iterdir())  # the stage's name
+    assert json.loads((out / "lr_find.json").read_text())["config"]["model"]["freeze"] == "all"
