@@ -396,11 +396,7 @@ class Trainer:
         representation = features is not None
         # gradient methods differentiate each loss on its own: indexing the stacked tensor instead would send
         # (zero) gradients through every other task's head as well
-        each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
-        local = torch.stack([loss.detach() for loss in each])
-        if train and dist.world_size() > 1:  # loss values as over the global batch; gradients stay local
-            mean = dist.all_reduce_sum(local) / dist.world_size()
-            each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+        each, local = self._task_losses(outputs, targets, train)
         losses = torch.stack(each)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
@@ -432,6 +428,19 @@ class Trainer:
                 self.extension.after_update(self.model, x, targets, outputs)
         meter.update(local, outputs, targets if shown is None else shown, n)
         return dict(zip(self.tasks, losses.detach()))
+
+    def _task_losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], train: bool = True
+    ) -> Tuple[List[Tensor], Tensor]:
+        """Each task's loss (a list: gradient methods differentiate each on its own) and their detached local values.
+        In training under torchrun each loss takes the value of its mean over the processes, while its gradient
+        stays this process's own."""
+        each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
+        local = torch.stack([loss.detach() for loss in each])
+        if train and dist.world_size() > 1:
+            mean = dist.all_reduce_sum(local) / dist.world_size()
+            each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+        return each, local
 
     def _update(self) -> None:
         """The optimizer step from the gradients in place (clipped by ``grad_clip``), the scheduler's, the counts."""
@@ -683,11 +692,7 @@ class Trainer:
             x, targets, shown = self._inputs(batch, True, s)
             with self.autocast():
                 outputs = self.model(x)
-            each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
-            local = torch.stack([loss.detach() for loss in each])
-            if dist.world_size() > 1:  # loss values as over the global batch; gradients stay local
-                mean = dist.all_reduce_sum(local) / dist.world_size()
-                each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+            each, local = self._task_losses(outputs, targets)
             plain.append(torch.stack([loss.detach() for loss in each]))
             each = self.weighting.transform_losses(each)
             grads, heads = _task_gradients(each, shared, owned if s == len(batches) - 1 else ())
@@ -716,9 +721,8 @@ class Trainer:
         for a weighting whose total is affine in the task losses with coefficients fixed within the update (equal,
         static, uncertainty, dwa) and losses that average over images (or a fixed count of values per image: not a
         segmentation loss over a varying number of labelled pixels); BatchNorm layers still normalise each batch by
-        its own statistics. A non-finite
-        loss or gradient in any batch skips (or stops at) the whole update. Returns the size-weighted mean task
-        losses."""
+        its own statistics. A non-finite loss or gradient in any batch skips (or stops at) the whole update. Returns
+        the size-weighted mean task losses."""
         saved = self._snapshot() if self.nonfinite == "skip" else None
         kept = (meter.loss.clone(), copy.copy(meter.n), dict(meter.states)) if saved is not None else None
         self.optimizer.zero_grad(set_to_none=True)
@@ -727,11 +731,7 @@ class Trainer:
             x, targets, shown = self._inputs(batch, True, k)
             with self.autocast():
                 outputs = self.model(x)
-            each = [task.loss(outputs[t], targets[t]) for t, task in self.tasks.items()]
-            local = torch.stack([loss.detach() for loss in each])
-            if dist.world_size() > 1:  # loss values as over the global batch (as in a step); gradients stay local
-                mean = dist.all_reduce_sum(local) / dist.world_size()
-                each = [loss + (m - loss.detach()) for loss, m in zip(each, mean)]
+            each, local = self._task_losses(outputs, targets)
             losses = torch.stack(each)
             total = self.weighting(losses, self._shared())
             if self.l2sp is not None:
