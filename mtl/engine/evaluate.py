@@ -1,7 +1,7 @@
 """``evaluate``: one pass over a loader in eval mode, giving every task's metrics and the confusion matrices.
 
-Shared by ``mtl eval`` (``mtl.workflows.evaluate``) and the TensorBoard hook, which logs the validation confusion
-matrices at the end of training.
+Shared by ``mtl eval`` (``mtl.workflows.evaluate``) and the trainer's validation phase, which keeps the confusion
+matrices of the pass that selects the best epoch for the TensorBoard hook to draw at the end of training.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mtl.core import distributed as dist
 from mtl.core.runtime import evaluating
 from mtl.data.multi_input import MultiInputLoader
 from mtl.engine.meter import Meter, overall
@@ -64,8 +65,9 @@ def evaluate(
 
     With ``confusion``, confusion matrices for ``confusion_tasks``; with ``metrics``, every task's loss and metrics
     through the task metric API (``init_state``/``update``/``compute``), summed by a ``Meter``; with ``reduce``
-    those sums are added up over torchrun's processes (each saw its share of the split). ``progress``: a bar
-    (None: only on a terminal). The model's train/eval mode is restored afterwards (``core.runtime.evaluating``).
+    those sums and the confusion counts are added up over torchrun's processes (each saw its share of the split).
+    ``progress``: a bar (None: only on a terminal). The model's train/eval mode is restored afterwards
+    (``core.runtime.evaluating``).
     """
     if isinstance(loader, MultiInputLoader):  # every task on its own data, through its own head
         parts = {
@@ -122,6 +124,8 @@ def evaluate(
             if meter is not None:
                 losses = torch.stack([task.loss(outputs[t], targets[t]).detach() for t, task in tasks.items()])
                 meter.update(losses, outputs, targets, n)
+    if reduce:  # in task order, the same on every process
+        confusion = {t: dist.all_reduce_sum(c) for t, c in confusion.items()}
     result = Evaluation(size=total, confusion={t: c[:-1].view(sizes[t], sizes[t]).cpu() for t, c in confusion.items()})
     if meter is not None:
         if reduce:

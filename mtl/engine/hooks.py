@@ -24,8 +24,7 @@ from mtl.core.errors import UserError
 from mtl.core.registry import Registry
 from mtl.core.rundir import resume_hint
 from mtl.core.runtime import evaluating
-from mtl.data.loaders import in_order
-from mtl.engine.evaluate import confusion_tasks, evaluate
+from mtl.engine.evaluate import confusion_tasks
 from mtl.engine.optim import add_param_group, param_groups
 from mtl.engine.trainer import Hook, Trainer
 from mtl.engine.visualize import confusion_image, prediction_grid
@@ -300,8 +299,9 @@ class TensorBoardHook(Hook):
     """Each epoch (x = the epoch number, for every scalar): loss and accuracy per phase, every task's metrics under
     their own names (``<task>/<metric>/<phase>``), the task weights (their mean over the epoch's steps), lr per
     group, a grid of validation predictions and, per dense task, input, ground truth and prediction side by side.
-    At the end: validation confusion matrices of the best model, and ``hparams`` with the best and final metrics
-    (``hparam_metrics``), so that TensorBoard's HParams tab lines runs up."""
+    At the end: validation confusion matrices of the best model (kept from the validation pass that selected it),
+    and ``hparams`` with the best and final metrics (``hparam_metrics``), so that TensorBoard's HParams tab lines
+    runs up."""
 
     def __init__(
         self,
@@ -417,30 +417,24 @@ class TensorBoardHook(Hook):
             picture = trainer.tasks[t].overlay(outputs[t][:n], self._targets[t][:n], images[:n])
             self.writer.add_image(f"val/overlay_{t}", picture, step)
 
-    @torch.no_grad()
     def _log_confusions(self, trainer: Trainer) -> None:
-        """Confusion matrices of the best model on the validation set, one image per classification task."""
-
-        if "val" not in trainer.loaders or not confusion_tasks(trainer.tasks):
+        """Confusion matrices of the best model on the validation set, one image per classification task: those the
+        trainer kept from the validation pass that selected it (``Trainer.best_confusion``), with no pass of its own."""
+        if "val" not in trainer.loaders or not confusion_tasks(trainer.tasks) or trainer.best["epoch"] is None:
             return
-        best = Path(self.writer.log_dir) / "checkpoints" / "best.pt"
-        if trainer.best["epoch"] not in (None, trainer.epoch) and best.exists():  # before CheckpointHook restores it
-            trainer.model.load_state_dict(load_checkpoint(best)["model"])
-
-        loader = trainer.loaders["val"]
-        if dist.world_size() > 1:  # process 0 alone scores the whole split, while the others wait
-            loader = in_order(loader)
-        result = evaluate(
-            trainer.model,
-            loader,
-            trainer.tasks,
-            trainer.device,
-            autocast=trainer.autocast,
-            channels_last=trainer.channels_last,
-            metrics=False,
-        )
-        for t, matrix in result.confusion.items():
-            title = f"{t} (val, best epoch {trainer.best['epoch']}): rows true, columns predicted"
+        swa = getattr(trainer, "swa_result", None) or {}
+        if swa.get("delivered"):
+            which = f"SWA of epochs {swa['epochs'][0]}-{swa['epochs'][-1]}"
+        else:
+            which = f"best epoch {trainer.best['epoch']}"
+        if not trainer.best_confusion:
+            tqdm.write(
+                f"note: no confusion matrix in TensorBoard: none was kept from the validation pass of the {which} "
+                f"(a checkpoint written before mtl kept them); `mtl eval {Path(self.writer.log_dir)} --split val` "
+                f"draws them"
+            )
+        for t, matrix in trainer.best_confusion.items():
+            title = f"{t} (val, {which}): rows true, columns predicted"
             self.writer.add_image(
                 f"val/confusion_{t}", confusion_image(matrix, self.classes.get(t, []), title), trainer.epoch
             )

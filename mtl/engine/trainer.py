@@ -186,6 +186,10 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
+        # the confusion matrices ({task: (C, C) counts, rows true}) of the validation pass that made the best epoch
+        # best (the EMA weights' with train.ema; SWA's once delivered), drawn at the end without another pass
+        self.best_confusion: Dict[str, Tensor] = {}
+        self._confusion: Optional[Tuple[str, int, Dict[str, Tensor]]] = None  # the last evaluation's (phase, epoch, ..)
         self.history: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ loop
@@ -217,6 +221,7 @@ class Trainer:
             metrics["is_best"] = metrics["score"] > self.best["score"]
             if metrics["is_best"]:
                 self.best = {"score": metrics["score"], "epoch": self.epoch + 1}
+                self.best_confusion = self._val_confusion()
             self.epoch += 1
             self.history.append(metrics)
             self._call("after_epoch", metrics)
@@ -246,7 +251,17 @@ class Trainer:
             result["val"] = self._averaged_phase(self.swa.module, "val")
             result["score"] = self.monitor(result["val"])
         result["delivered"] = result["score"] is not None and result["score"] > self.best["score"]
+        if result["delivered"]:
+            self.best_confusion = self._val_confusion()
         return result
+
+    def _val_confusion(self) -> Dict[str, Tensor]:
+        """The confusion matrices of this epoch's last validation pass (the one that selects: after the trained
+        weights', the EMA's or SWA's), or none when this epoch was not validated."""
+        if self._confusion is None:
+            return {}
+        phase, epoch, matrices = self._confusion
+        return matrices if phase == "val" and epoch == self.epoch else {}
 
     def _guarded_phase(self, phase: str) -> Dict[str, Any]:
         try:
@@ -277,11 +292,11 @@ class Trainer:
             self.device,
             autocast=self.autocast,
             channels_last=self.channels_last,
-            confusion=False,
             reduce=True,
             progress=None if self.progress and dist.is_main() else False,
             desc=f"{phase:5s} {self.epoch + 1}/{self.epochs}",
         )
+        self._confusion = (phase, self.epoch, ev.confusion)
         return {**ev.overall, "tasks": ev.metrics}
 
     def _train_phase(self) -> Dict[str, Any]:
@@ -813,6 +828,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best": self.best,
+            "best_confusion": self.best_confusion,
             "history": self.history,
             "rng": rng_state(),
             "meta_batches": {k: self._meta[k] for k in ("epoch", "position") if k in self._meta},
@@ -830,6 +846,7 @@ class Trainer:
             self.weighting.load_state_dict(weighting)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = dict(state["best"]), list(state["history"])
+        self.best_confusion = dict(state.get("best_confusion") or {})  # checkpoints from before it was kept lack it
         self._partial = state.get("partial")
         self._meta = dict(state.get("meta_batches") or {})
         if self.extension is not None and "extension" in state:
