@@ -100,7 +100,8 @@ def evaluate(
     total = 0
     with evaluating(model):
         for batch in tqdm(
-            loader,
+            iter(loader),  # tqdm.auto calls iter() on an iterable twice: a DataLoader would start its workers twice
+            total=len(loader) if hasattr(loader, "__len__") else None,
             desc=desc,
             unit="batch",
             leave=False,
