@@ -13,6 +13,7 @@ import yaml
 from conftest import make_folder, tiny_config
 
 from mtl import cli
+from mtl.core.checkpoint import load_checkpoint
 from mtl.engine import trainer as engine
 
 
@@ -123,9 +124,14 @@ def _write(root, weighting, processes):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def torchrun_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("torchrun")
+
+
+@pytest.fixture(scope="module")
+def two_processes(torchrun_root):
     """Per-step (gradient, task weights) of every config below, trained under torchrun with 2 processes."""
-    root = tmp_path_factory.mktemp("torchrun")
+    root = torchrun_root
     paths = {w: _write(root / w, w, 2) for w in WEIGHTINGS + ARCHS + ["scenes"] if (root / w).mkdir() is None}
     script, out = root / "steps.py", root / "steps.pt"
     script.write_text(STEPS)
@@ -195,6 +201,18 @@ def test_two_processes_compute_what_one_computes_with_an_architecture(tmp_path, 
 
 def test_two_processes_compute_what_one_computes_on_batched_multitask_scenes(tmp_path, monkeypatch, two_processes):
     _compare(_one_process(tmp_path, "scenes", monkeypatch), two_processes["scenes"])
+
+
+def test_two_processes_sum_the_best_epochs_confusion_matrix(tmp_path, monkeypatch, two_processes, torchrun_root):
+    """Each process counts the confusion matrix of its share of the validation split; the one kept for TensorBoard
+    (``best_confusion`` in last.pt) is their sum: what one process counts over the whole split. (Every step of these
+    runs starts from the same weights, so both validate the same model.)"""
+    _one_process(tmp_path, "equal", monkeypatch)
+    (one,) = (tmp_path / "runs1").glob("*/*/checkpoints/last.pt")
+    (two,) = (torchrun_root / "equal" / "runs2").glob("*/*/checkpoints/last.pt")
+    one, two = load_checkpoint(one)["best_confusion"]["label"], load_checkpoint(two)["best_confusion"]["label"]
+    assert one.sum() == 3 * 8  # every validation image of conftest's folder (3 classes, 8 each) once
+    assert one.sum(1).tolist() == [8, 8, 8] and torch.equal(one, two)
 
 
 WEIGHTS_AGREE = """
@@ -296,8 +314,8 @@ def test_batch_size_that_does_not_split_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_in_order_gives_process_0_the_whole_split(tmp_path, monkeypatch):
-    """Under torchrun, each loader yields this process's share; ``in_order`` (used for the end-of-run confusion
-    matrices that process 0 writes alone) yields every item, for each kind of loader."""
+    """Under torchrun, each loader yields this process's share; ``in_order`` (used for feature caching and SWA's
+    BatchNorm pass) yields every item, for each kind of loader."""
     from test_multitask import scenes_config
 
     from mtl.build.data import build_data
