@@ -42,11 +42,12 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
 
     Builders with an ``augment`` parameter (multitask data sets with dense or position-dependent targets)
     do their own joint augmentation and normalisation: they get ``augment``, ``mean`` and ``std`` instead of
-    a transform.
+    a transform, and ``flip`` (``data.flip``) when they take it: a builder that mirrors images takes ``flip``, one
+    without it never mirrors (captcha, multi_fashion: position targets).
     """
     builder = DATASETS.get(cfg.name)
     params = inspect.signature(builder).parameters
-    reserved = ("split", "root", "transform", "augment", "mean", "std")
+    reserved = ("split", "root", "transform", "augment", "flip", "mean", "std")
     known = [p for p in params if p not in reserved]
     for key in cfg.options:
         if key not in known:
@@ -61,6 +62,7 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
             augment=train and cfg.augment != "none",
             mean=cfg.mean,
             std=cfg.std,
+            **({"flip": cfg.flip} if "flip" in params else {}),
             **cfg.options,
         )
     else:
@@ -72,6 +74,7 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
             std=cfg.std,
             augment=cfg.augment,
             crop_padding=cfg.crop_padding,
+            flip=cfg.flip,
             auto_augment=cfg.auto_augment,
             auto_augment_options=cfg.auto_augment_options,
             random_erasing=cfg.random_erasing,
@@ -305,6 +308,7 @@ def _batched_loaders(
     kw = dict(image_size=d.image_size, resize_size=d.resize_size, crop_padding=d.crop_padding, mean=d.mean, std=d.std)
     train_kw = dict(
         augment=d.augment,
+        flip=d.flip,
         auto_augment=d.auto_augment,
         auto_augment_options=d.auto_augment_options,
         random_erasing=d.random_erasing,

@@ -82,6 +82,9 @@ class DataCfg:
     resize_size: int = bounded(256, ge=1)
     augment: str = "random_resized_crop"  # random_resized_crop (+flip) | random_crop (+flip) | none
     crop_padding: int = bounded(0, ge=0)  # random_crop: pixels of padding before the crop (the "pad-crop" augmentation)
+    # the horizontal flip (p 0.5) that both crop augmentations add to train images; false for digits, text and
+    # other images whose mirror image is not one of their class (the crop draws stay the same either way)
+    flip: bool = True
     # train images only, after crop + flip, on uint8 (torchvision's ClassificationPresetTrain order): null | trivial
     # (TrivialAugmentWide) | randaugment | augmix; every image draws its own ops and magnitudes in both pipelines
     auto_augment: Optional[str] = None

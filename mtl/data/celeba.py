@@ -59,9 +59,10 @@ class CelebADataset(Dataset):
         augment: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        flip: bool = True,
     ) -> None:
         self.files, self.attrs, self.attribute_names = files, attrs, names
-        self.as_tasks, self.image_size, self.augment = as_tasks, image_size, augment
+        self.as_tasks, self.image_size, self.augment, self.flip = as_tasks, image_size, augment, flip
         self.mean, self.std = tuple(mean), tuple(std)
         if as_tasks:
             self.targets = {n: {"type": "binary", "num_classes": 2, "classes": [f"not {n}", n]} for n in names}
@@ -82,7 +83,7 @@ class CelebADataset(Dataset):
         except OSError as err:
             raise UserError(f"cannot read CelebA image {self.files[index]} ({err}); extract the images again") from None
         image = TF.center_crop(TF.resize(image, [self.image_size], antialias=True), [self.image_size] * 2)
-        if self.augment and float(torch.rand(())) < 0.5:
+        if self.augment and float(torch.rand(())) < 0.5 and self.flip:  # drawn without flip too: the same stream
             image = TF.horizontal_flip(image)
         item = {"image": normalize(image.float() / 255, self.mean, self.std)}
         if self.as_tasks:
@@ -118,8 +119,8 @@ class CelebADataset(Dataset):
         return self._store.nbytes if self._store is not None else 0
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """Random horizontal flips of n items."""
-        return random_flips(n, generator)
+        """Random horizontal flips of n items; none without ``flip`` (drawn all the same)."""
+        return {"flip": random_flips(n, generator)["flip"] & self.flip}
 
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Items ``rows`` as ``__getitem__`` gives them (up to resampling), on ``device``, flipped by ``params``."""
@@ -151,9 +152,11 @@ def celeba(
     as_tasks: bool = True,
     image_size: int = 64,
     download: bool = False,
+    flip: bool = True,
 ) -> CelebADataset:
     """CelebA's aligned faces resized and centre-cropped to ``image_size``; ``attributes`` (default all 40) as one
-    binary target each (``as_tasks``) or one ``attrs`` multilabel target. ``augment`` = horizontal flip."""
+    binary target each (``as_tasks``) or one ``attrs`` multilabel target. ``augment`` = horizontal flip (none with
+    ``flip`` False)."""
     split = resolve_split("celeba", split, ("train", "valid", "test"), {"val": "valid"})
     if transform is not None:
         raise UserError("data set 'celeba' normalises and augments itself; pass augment/mean/std, not a transform")
@@ -204,7 +207,7 @@ def celeba(
     folder = root_dir / "celeba" / IMAGE_FOLDER
     files = [str(folder / dataset.filename[i]) for i in rows.tolist()]
     attrs = dataset.attr[rows][:, columns].long()
-    return CelebADataset(files, attrs, names, as_tasks, image_size, augment, mean, std)
+    return CelebADataset(files, attrs, names, as_tasks, image_size, augment, mean, std, flip=flip)
 
 
 def _missing(root_dir: Path) -> str:

@@ -38,6 +38,8 @@ class BatchAugment:
     ``augment`` (train only): ``random_resized_crop`` = RandomResizedCrop(S, scale, ratio) + flip;
     ``random_crop`` = Resize(resize_size) + RandomCrop(S, padding=crop_padding, pad_if_needed=True) + flip;
     ``none`` and eval = Resize(resize_size) + CenterCrop(S). Random numbers come from the CPU ``generator``.
+    ``flip`` False: no image is mirrored; the flip flags are still drawn (and ignored), so the crops and every later
+    draw are those of a run with flips.
 
     Train only, in torchvision's ClassificationPresetTrain order: ``auto_augment`` (trivial | randaugment | augmix,
     ``auto_augment_options``) on the cropped images rounded to uint8, then normalisation, then ``random_erasing``
@@ -55,6 +57,7 @@ class BatchAugment:
         image_size: int = 224,
         resize_size: int = 256,
         crop_padding: int = 0,
+        flip: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         auto_augment: Optional[str] = None,
@@ -69,6 +72,7 @@ class BatchAugment:
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
             raise UserError(f"crop_padding must be an integer >= 0, got {crop_padding!r}")
         self.crop_padding = crop_padding
+        self.flip = bool(flip)
         self.mean = _channel_stats("mean", mean)
         self.std = _channel_stats("std", std)
         if bool((self.std == 0).any()):
@@ -84,8 +88,8 @@ class BatchAugment:
     def __repr__(self) -> str:
         return (
             f"BatchAugment(train={self.train}, augment={self.augment!r}, image_size={self.image_size}, "
-            f"resize_size={self.resize_size}, crop_padding={self.crop_padding}, auto_augment={self.auto_augment}, "
-            f"random_erasing={self.random_erasing})"
+            f"resize_size={self.resize_size}, crop_padding={self.crop_padding}, flip={self.flip}, "
+            f"auto_augment={self.auto_augment}, random_erasing={self.random_erasing})"
         )
 
     def draw(self, n: int, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
@@ -102,7 +106,8 @@ class BatchAugment:
             box = self._random_crop_boxes(height, width, generator)
         else:
             return self._center_crop_boxes(height, width), torch.zeros(len(height), dtype=torch.bool)
-        return box, torch.rand(len(height), generator=generator) < 0.5
+        flip = torch.rand(len(height), generator=generator) < 0.5  # drawn either way: the stream stays the same
+        return box, flip & self.flip
 
     def theta(self, sizes: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 2, 3) float32 affine parameters on the CPU for a batch of original ``sizes`` (B, 2) = (H, W)."""

@@ -48,11 +48,12 @@ class NpyDenseDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         inverse_depth: bool = False,
+        flip: bool = True,
     ) -> None:
         self.folder, self.names, self.subfolders = folder, names, subfolders
         self.classes = list(classes)
         self.size = None if size is None else (int(size[0]), int(size[1]))
-        self.augment, self.inverse_depth = augment, inverse_depth
+        self.augment, self.inverse_depth, self.flip = augment, inverse_depth, flip
         self.mean, self.std = tuple(mean), tuple(std)
         self.targets: dict[str, dict] = {
             "seg": {"type": "segmentation", "num_classes": len(self.classes), "classes": list(self.classes)},
@@ -73,7 +74,8 @@ class NpyDenseDataset(Dataset):
         if self.size is not None:
             sample = resize(sample, self.size, self.targets)
         if self.augment:
-            sample = random_hflip(random_scale_crop(sample, self.targets, SCALES), self.targets)
+            scaled = random_scale_crop(sample, self.targets, SCALES)
+            sample = random_hflip(scaled, self.targets, p=0.5 if self.flip else 0.0)
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 
@@ -95,12 +97,13 @@ def nyuv2(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     size: Sequence[int] | None = None,
+    flip: bool = True,
 ) -> NpyDenseDataset:
     """NYUv2 (13 classes) preprocessed by mtan; targets ``seg``, ``depth``, ``normal``. ``size`` [h, w] resizes;
-    ``augment`` = mtan's random scale-crop (1, 1.2, 1.5) + horizontal flip."""
+    ``augment`` = mtan's random scale-crop (1, 1.2, 1.5) + horizontal flip (no flip with ``flip`` False)."""
     subfolders = {"image": "image", "seg": "label", "depth": "depth", "normal": "normal"}
     folder, names = _open("nyuv2", split, root, transform, size, subfolders)
-    return NpyDenseDataset(folder, names, subfolders, NYUV2_CLASSES, size, augment, mean, std)
+    return NpyDenseDataset(folder, names, subfolders, NYUV2_CLASSES, size, augment, mean, std, flip=flip)
 
 
 @DATASETS.register("cityscapes")
@@ -114,15 +117,17 @@ def cityscapes(
     std: Sequence[float] = IMAGENET_STD,
     size: Sequence[int] | None = None,
     label_dir: str = "label_7",
+    flip: bool = True,
 ) -> NpyDenseDataset:
     """Cityscapes preprocessed by mtan (``label_7``/``label_19``) or LibMTL (``label``, 7 classes); targets ``seg``
-    and ``depth`` (inverse depth, as preprocessed). ``augment`` = random scale-crop + horizontal flip."""
+    and ``depth`` (inverse depth, as preprocessed). ``augment`` = random scale-crop + horizontal flip (no flip with
+    ``flip`` False)."""
     if label_dir not in CITYSCAPES_LABELS:
         raise UserError(f"cityscapes label_dir must be one of {', '.join(CITYSCAPES_LABELS)}, got {label_dir!r}")
     subfolders = {"image": "image", "seg": label_dir, "depth": "depth"}
     folder, names = _open("cityscapes", split, root, transform, size, subfolders)
     classes = CITYSCAPES_LABELS[label_dir]
-    return NpyDenseDataset(folder, names, subfolders, classes, size, augment, mean, std, inverse_depth=True)
+    return NpyDenseDataset(folder, names, subfolders, classes, size, augment, mean, std, inverse_depth=True, flip=flip)
 
 
 def _open(

@@ -46,9 +46,10 @@ class SceneDataset(Dataset):
         augment: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        flip: bool = True,
     ) -> None:
         self.tensors = tensors
-        self.augment = augment
+        self.augment, self.flip = augment, flip
         self.mean, self.std = tuple(mean), tuple(std)
         self.classes = list(KINDS)
         self.targets = {
@@ -72,13 +73,13 @@ class SceneDataset(Dataset):
             "label": t["labels"][index].clone(),
         }
         if self.augment:
-            sample = random_hflip(sample, self.targets)
+            sample = random_hflip(sample, self.targets, p=0.5 if self.flip else 0.0)
         sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """Random flips of n items (see ``dense_batches``)."""
-        return random_flips(n, generator)
+        """Random flips of n items (see ``dense_batches``); none without ``flip`` (drawn all the same)."""
+        return {"flip": random_flips(n, generator)["flip"] & self.flip}
 
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Items ``rows`` stacked on ``device`` (uint8/half copies, converted there), mirrored where
@@ -115,11 +116,12 @@ def scenes(
     test_size: int = 200,
     seed: int = 0,
     max_objects: int = 4,
+    flip: bool = True,
 ) -> SceneDataset:
     """Generated scenes; targets ``seg`` (6 classes), ``depth``, ``normal`` and ``label`` (the object kind
     covering the most pixels). Splits ``train``, ``val`` and ``test`` are drawn from independent random streams
-    (``seed`` and the split), so no scene is shared. ``augment`` = random horizontal flip. ``transform`` is not
-    supported."""
+    (``seed`` and the split), so no scene is shared. ``augment`` = random horizontal flip (none with ``flip``
+    False). ``transform`` is not supported."""
     split = resolve_split("scenes", split, ("train", "val", "test"))
     if transform is not None:
         raise UserError("data set 'scenes' normalises and augments itself; pass augment/mean/std, not a transform")
@@ -132,7 +134,7 @@ def scenes(
     path = cache_path(root or DEFAULT_ROOT, "scenes", key)
     rng_seed = [seed, _SPLIT_IDS[split]]
     tensors = load_or_build(path, key, lambda: render_scenes(count, size, max_objects, np.random.default_rng(rng_seed)))
-    return SceneDataset(tensors, augment=augment, mean=mean, std=std)
+    return SceneDataset(tensors, augment=augment, mean=mean, std=std, flip=flip)
 
 
 def render_scenes(count: int, size: int, max_objects: int, rng: np.random.Generator) -> dict[str, Tensor]:

@@ -24,6 +24,7 @@ def build_transforms(
     std: Sequence[float] = IMAGENET_STD,
     augment: bool | str = True,
     crop_padding: int = 0,
+    flip: bool = True,
     auto_augment: Optional[str] = None,
     auto_augment_options: Optional[Mapping[str, Any]] = None,
     random_erasing: float = 0.0,
@@ -32,19 +33,20 @@ def build_transforms(
 
     Train-time ``augment``: ``random_resized_crop`` (or True) = RandomResizedCrop + flip; ``random_crop`` =
     Resize(resize_size) + RandomCrop(image_size, padding=crop_padding) + flip; ``none`` (or False) and eval =
-    Resize(resize_size) + CenterCrop(image_size). Train only, in the order of torchvision's reference
-    ClassificationPresetTrain: ``auto_augment`` (trivial | randaugment | augmix: torchvision's TrivialAugmentWide,
-    RandAugment, AugMix with ``auto_augment_options``) on the uint8 crop, then normalisation, then RandomErasing
-    with probability ``random_erasing`` (value 0).
+    Resize(resize_size) + CenterCrop(image_size). ``flip`` False: the flip never mirrors (it still draws its
+    number, so the crops and later draws are those of a run with flips). Train only, in the order of torchvision's
+    reference ClassificationPresetTrain: ``auto_augment`` (trivial | randaugment | augmix: torchvision's
+    TrivialAugmentWide, RandAugment, AugMix with ``auto_augment_options``) on the uint8 crop, then normalisation, then
+    RandomErasing with probability ``random_erasing`` (value 0).
     """
     mode = _augmentation(augment) if train else "none"
     if mode == "random_resized_crop":
-        geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(image_size, antialias=True), _flip(flip)]
     elif mode == "random_crop":
         geometry = [
             v2.Resize(resize_size, antialias=True),
             v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True),
-            v2.RandomHorizontalFlip(),
+            _flip(flip),
         ]
     else:
         geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)]
@@ -88,6 +90,11 @@ def _auto_augment(policy: str, options: Optional[Mapping[str, Any]]) -> list[v2.
             all_ops=o["all_ops"],
         )
     ]
+
+
+def _flip(on: bool) -> v2.RandomHorizontalFlip:
+    # p=0 draws torch.rand(1) like p=0.5 and never mirrors: the random stream stays that of a run with flips
+    return v2.RandomHorizontalFlip(p=0.5 if on else 0.0)
 
 
 def _augmentation(augment: bool | str) -> str:
