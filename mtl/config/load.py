@@ -3,9 +3,11 @@
 A config is a YAML file (read like ``yaml.safe_load``, except that floats such as ``1e-3`` are numbers, as in
 YAML 1.2, and a key given twice in one mapping is an error) that may inherit from others through
 ``_base_: path`` or ``_base_: [paths]`` (relative to the file), deep-merged in order with the file's
-own keys last. ``key.sub=value`` overrides from the command line are parsed as YAML values. The
-result is validated against the dataclasses in :mod:`mtl.schema`: unknown keys, wrong types and
-missing values are :class:`UserError` naming the key, the file that set it and the closest known keys.
+own keys last. File paths in ``imports`` are relative to the file that lists them too (made absolute on loading,
+so that a config written into a run directory finds them from anywhere). ``key.sub=value`` overrides from the
+command line are parsed as YAML values. The result is validated against the dataclasses in :mod:`mtl.schema`:
+unknown keys, wrong types and missing values are :class:`UserError` naming the key, the file that set it and the
+closest known keys.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 
 from mtl.config.schema import Config, DataCfg
 from mtl.core.errors import UserError
+from mtl.core.imports import resolve_imports
 
 Sources = Dict[Tuple[str, ...], str]  # key path -> the file (or "command line") that set it
 
@@ -93,6 +96,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[Dict[s
     raw, sources = _load_file(Path(path), chain=())
     for item in overrides:  # in order: a later override of the same key wins, as options on a command line do
         keys, value = parse_override(item)
+        if keys == ["imports"]:  # files named on the command line are relative to the current folder
+            value = resolve_imports(value, Path.cwd())
         _set_path(raw, keys, value)
         for i in range(1, len(keys)):  # parents the override creates are the command line's too
             sources.setdefault(tuple(keys[:i]), _OVERRIDES)
@@ -158,6 +163,8 @@ def _load_file(path: Path, chain: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Sou
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise UserError(f"_base_ in {path} must be a path or a list of paths")
+    if "imports" in data:
+        data["imports"] = resolve_imports(data["imports"], path.parent, str(path))
     merged: Dict[str, Any] = {}
     sources: Sources = {}
     for base in bases:

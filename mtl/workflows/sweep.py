@@ -29,7 +29,7 @@ from mtl.config.schema import Config, SweepCfg
 from mtl.config.stages import stage_configs
 from mtl.core.checkpoint import atomic_write, save_json
 from mtl.core.errors import UserError
-from mtl.core.imports import import_config_modules
+from mtl.core.imports import import_config_modules, resolve_imports
 from mtl.core.rundir import check_not_in_use, lock_run_dir, make_run_dir
 from mtl.workflows.launchers import Job, check_cluster, describe_code, mtl_command, run_local, run_submitit
 from mtl.workflows.stages import pipeline_root
@@ -210,7 +210,8 @@ def plan_sweep(
     copy_raw, _ = load_config(path, fixed)
     copy_raw.pop("sweep", None)
     if imports:
-        copy_raw["imports"] = list(dict.fromkeys([*(copy_raw.get("imports") or []), *imports]))
+        given = resolve_imports(list(imports), Path.cwd())  # --import files: from the current folder
+        copy_raw["imports"] = list(dict.fromkeys([*(copy_raw.get("imports") or []), *given]))
     points, ids = [], []
     for combo in itertools.product(*[[f"{k}={t}" for t in texts] for k, (texts, _) in grid.items()]):
         ids.append(point_id(combo, ids))
