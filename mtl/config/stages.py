@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from mtl.config.load import Sources, build_config, deep_merge, record_sources
 from mtl.config.schema import Config
@@ -31,3 +31,16 @@ def stage_configs(raw: Dict[str, Any], sources: Sources) -> List[Config]:
                 f"earlier: {', '.join(names[: names.index(cfg.name)]) or 'none'}"
             )
     return configs
+
+
+def select_stage(stages: List[Config], name: Optional[str]) -> Config:
+    """The config of stage ``name`` among ``stages`` (a staged config's, from ``stage_configs``), the last one when
+    ``name`` is None; an unknown name is one line that lists the stages (``--stage NAME`` of mtl summary, lr-find)."""
+    names = [c.name for c in stages]
+    if not stages:
+        raise UserError("--stage picks a stage of a config with stages; this config has none")
+    if name is None:
+        return stages[-1]
+    if name not in names:
+        raise UserError(f"--stage {name}: no such stage; the stages are {', '.join(names)}")
+    return stages[names.index(name)]

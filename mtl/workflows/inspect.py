@@ -274,14 +274,19 @@ def summary_table(
 
 
 def summary_command(
-    target: str, overrides: Sequence[str] = (), input: Optional[str] = None, depth: Optional[int] = None
+    target: str,
+    overrides: Sequence[str] = (),
+    input: Optional[str] = None,
+    depth: Optional[int] = None,
+    stage: Optional[str] = None,
 ) -> str:
     """``mtl summary``: the layer table of the model a config builds (architecture only, no download) or of a
-    run (its best checkpoint), under the config's ``model.freeze``."""
+    run (its best checkpoint), under the config's ``model.freeze``; of a config (or run) with stages, stage
+    ``stage``'s (default: the last)."""
 
     if depth is not None and depth < 0:
         raise UserError(f"--depth must be 0 or more, got {depth}")
-    loaded = load_model(target, list(overrides), weights=False)
+    loaded = load_model(target, list(overrides), weights=False, stage=stage, any_stage=True)
     cfg, model = loaded.cfg, loaded.model
     shape = parse_input(input, cfg.data.image_size)
     if input is None and loaded.input_size is not None:  # the size the data set gives the model
@@ -301,7 +306,7 @@ def summary_command(
         f"{cfg.name}: encoder {cfg.model.encoder}, tasks {', '.join(loaded.tasks)}, "
         f"freeze {cfg.model.freeze!r} ({source}), input {list(shape)}"
     )
-    notes = [f"note: {note}" for note in getattr(encoder, "notes", ())]
+    notes = [f"note: {note}" for note in [*loaded.notes, *getattr(encoder, "notes", ())]]
     if isinstance(encoder, Architecture):
         shared = sum(p.numel() for p in model.shared_parameters())
         owned = sum(p.numel() for p in model.task_parameters())

@@ -26,6 +26,7 @@ from mtl.build.experiment import build_experiment
 from mtl.build.training import build_trainer
 from mtl.config.load import config_to_dict
 from mtl.config.schema import Config
+from mtl.config.stages import select_stage
 from mtl.core.checkpoint import save_json, writing
 from mtl.core.errors import UserError
 from mtl.core.rundir import make_run_dir
@@ -110,7 +111,6 @@ def pick_stage(top: Config, stages: List[Config], name: Optional[str]) -> Config
     """The config of stage ``name`` of a staged config (``stages``: its stage configs). Refused in one line: no
     ``name`` (the stages are listed), an unknown one, continual runs, and a stage that starts from an earlier
     stage's trained weights (``weights: stage:<name>``), which the range test would not have."""
-    names = [c.name for c in stages]
     if top.continual.methods or not stages:
         raise UserError(
             "--stage picks a stage of a config with stages (not continual.methods); this config has none to pick"
@@ -118,10 +118,10 @@ def pick_stage(top: Config, stages: List[Config], name: Optional[str]) -> Config
             else "mtl lr-find does not test continual runs (continual.methods); give one task's settings as a config"
         )
     if name is None:
-        raise UserError(f"this config has stages: name the one to test with --stage ({', '.join(names)})")
-    if name not in names:
-        raise UserError(f"--stage {name}: no such stage; the stages are {', '.join(names)}")
-    cfg = stages[names.index(name)]
+        raise UserError(
+            f"this config has stages: name the one to test with --stage ({', '.join(c.name for c in stages)})"
+        )
+    cfg = select_stage(stages, name)
     weights = cfg.model.weights or ""
     if weights.startswith("stage:"):
         raise UserError(

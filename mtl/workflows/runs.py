@@ -16,7 +16,7 @@ from mtl.build.model import build_model, config_encoder
 from mtl.build.tasks import build_tasks, tasks_from_targets
 from mtl.config.load import build_config, load_config
 from mtl.config.schema import Config
-from mtl.config.stages import stage_configs
+from mtl.config.stages import select_stage, stage_configs
 from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
 from mtl.core.imports import import_config_modules
@@ -38,6 +38,7 @@ class Loaded:
     run_dir: Optional[Path] = None  # set when loaded from a run
     classes: Dict[str, List[str]] = field(default_factory=dict)
     input_size: Optional[List[int]] = None  # (H, W) the run's model saw, for data sets that size their own images
+    notes: List[str] = field(default_factory=list)  # how it was built, when not as the target alone says (a stage)
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -45,12 +46,22 @@ def is_run_dir(target: str | Path) -> bool:
 
 
 def load_model(
-    target: str | Path, overrides: Sequence[str] = (), *, weights: bool = True, checkpoint: str = "best"
+    target: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    weights: bool = True,
+    checkpoint: str = "best",
+    stage: Optional[str] = None,
+    any_stage: bool = False,
 ) -> Loaded:
     """The model of a config file, or of a run directory with ``checkpoints/<checkpoint>.pt`` loaded.
 
     From a config: ``weights=False`` builds the architecture only (no download); tasks whose class count the
     config does not give are completed from the training data set (listed, not decoded).
+
+    A config with stages (or a staged run's root) is refused unless ``stage`` names a stage or ``any_stage`` is
+    set, which takes the last stage when ``stage`` is None: that stage's config (architecture only, and refused
+    with ``weights``, when it starts from another stage's trained weights, ``stage:<name>``) or its run directory.
     """
 
     path = Path(target)
@@ -64,8 +75,21 @@ def load_model(
     raw, sources = load_config(path / "config.yaml" if run else path, list(overrides))
     import_config_modules(raw)
     cfg = build_config(raw, sources)
+    if stage is not None and (not cfg.stages or cfg.continual.methods):
+        what = "runs a continual sequence (continual.methods)" if cfg.continual.methods else "has no stages"
+        raise UserError(f"--stage {stage}: {path} {what}; --stage picks a stage of a config with stages")
     if cfg.continual.methods and (not run or (not weights and state is None)):  # a run's root: its architecture
         return _continual_config(raw, sources, cfg, path)
+    if cfg.stages and not cfg.continual.methods and (stage is not None or any_stage):
+        if run:  # the stage's own run directory
+            name = select_stage(stage_configs(raw, sources), stage).name
+            if not is_run_dir(path / name):
+                raise UserError(
+                    f"stage {name} of {path} has not run yet ({path / name / 'config.yaml'} is missing); finish the "
+                    f"run with mtl train --resume {path}, or pick another --stage"
+                )
+            return load_model(path / name, overrides, weights=weights, checkpoint=checkpoint)
+        return _stage_config(raw, sources, cfg, stage, weights)
     if cfg.stages or cfg.continual.methods:
         subdir = "<method>/<task>" if cfg.continual.methods else "<stage>"
         where = path if run else Path(cfg.out_dir) / cfg.name / "<time>"
@@ -92,6 +116,33 @@ def load_model(
         _load_state(model, state["model"], path)
     model.eval()
     return Loaded(cfg, model, tasks, path if run else None, {t: task.classes for t, task in tasks.items()}, input_size)
+
+
+def _stage_config(raw: Dict[str, Any], sources: Any, top: Config, name: Optional[str], weights: bool) -> Loaded:
+    """Stage ``name`` (the last when None) of the staged config ``top`` (``raw`` as loaded), built as a config of its
+    own."""
+    stages = stage_configs(raw, sources)
+    cfg = select_stage(stages, name)
+    notes = []
+    if name is None:
+        notes.append(f"stage {cfg.name}, the last of {', '.join(c.name for c in stages)} (--stage NAME picks another)")
+    start = cfg.model.weights or ""
+    if start.startswith("stage:"):
+        if weights:
+            raise UserError(
+                f"stage {cfg.name!r} starts from stage {start[6:]!r}'s trained weights, which the config alone does "
+                f"not have; give that stage's run directory, {Path(top.out_dir) / top.name}/<time>/{cfg.name}"
+            )
+        notes.append(
+            f"stage {cfg.name} starts from stage {start[6:]}'s trained weights: shown is its architecture, "
+            f"built without them"
+        )
+        cfg.model.weights = None
+    tasks, input_size = tasks_from_config(cfg)
+    encoder = config_encoder(cfg, weights=weights)
+    apply_freeze(encoder, cfg.model.freeze)
+    model = build_model(cfg, encoder, tasks, input_size, weights=weights).eval()
+    return Loaded(cfg, model, tasks, None, {t: task.classes for t, task in tasks.items()}, input_size, notes)
 
 
 def _sequence(raw: Dict[str, Any], sources: Any) -> List[Config]:

@@ -1,6 +1,7 @@
 """``mtl summary`` and ``mtl features``: parameter totals, freeze status, multitask and progressive tables, depth,
 feature-map grids, clean errors."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,17 +189,59 @@ def test_progressive_net_table_shows_frozen_column():
     assert totals(table) == (sum(counts), counts[1], counts[0])
 
 
-def test_summary_of_a_run_and_staged_config_error(tiny_run, capsys):
+def test_summary_of_a_run_and_a_bad_input(tiny_run, capsys):
     run_dir, *_ = tiny_run
     table = summary_command(str(run_dir), [], None, None)
     model = load_model(run_dir).model
     assert totals(table)[0] == sum(p.numel() for p in model.parameters())
     assert "[-1, 8, 16, 16]" in table  # stage1 at the run's image size (32)
     capsys.readouterr()
-    assert main(["summary", str(CONFIGS / "quickstart.yaml")]) == 2
-    assert "stages" in capsys.readouterr().err
     assert main(["summary", str(run_dir), "--input", "3,x,2"]) == 2
     assert "C,H,W" in capsys.readouterr().err
+
+
+QUICKSTART = ["tasks.label.num_classes=10"]  # the class count: no data rendered
+HEAD = 128 * 10 + 10  # the quickstart's linear head on small_cnn's 128 features
+
+
+def test_summary_of_a_staged_config_shows_its_last_stage_or_the_one_named(capsys):
+    config = str(CONFIGS / "quickstart.yaml")
+    assert main(["summary", config, *QUICKSTART]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("from_scratch: encoder small_cnn")
+    assert lines[1] == (
+        "note: stage from_scratch, the last of pretrain, fixed_features, partial, full_finetune, from_scratch "
+        "(--stage NAME picks another)"
+    )
+    total, trainable, _ = totals("\n".join(lines))
+    assert trainable == total > HEAD  # freeze: none
+    fixed = summary_command(config, QUICKSTART, None, None, "fixed_features")
+    assert fixed.startswith("fixed_features: encoder small_cnn") and "freeze 'all'" in fixed.splitlines()[0]
+    assert fixed.splitlines()[1] == (
+        "note: stage fixed_features starts from stage pretrain's trained weights: shown is its architecture, "
+        "built without them"
+    )
+    assert totals(fixed) == (total, HEAD, total - HEAD)  # only the new head trains
+    assert rows(summary_command(config, QUICKSTART, None, None, "partial"))["encoder.stage3.0.0"][3] == "trainable"
+    with pytest.raises(UserError, match="stage 'partial' starts from stage 'pretrain'.*/quickstart/<time>/partial"):
+        load_model(config, QUICKSTART, weights=True, stage="partial")  # a config alone has no trained stage
+
+
+def test_summary_of_a_staged_run_reads_the_stages_run_and_unknown_stages_are_one_line(tiny_run, tmp_path, capsys):
+    from test_bad_input import refused
+
+    run_dir, config, *_ = tiny_run
+    root = tmp_path / "staged"
+    shutil.copytree(run_dir, root / "b")
+    raw = yaml.safe_load(config.read_text())
+    (root / "config.yaml").write_text(yaml.safe_dump({**raw, "stages": [{"name": "a"}, {"name": "b"}]}))
+    table = summary_command(str(root), [], None, None)
+    assert f"(run {root / 'b'})" in table.splitlines()[0]
+    assert totals(table) == totals(summary_command(str(run_dir), [], None, None))
+    refused(capsys, ["summary", root, "--stage", "a"], "stage a of", "has not run yet", f"--resume {root}")
+    refused(capsys, ["summary", root, "--stage", "c"], "--stage c: no such stage; the stages are a, b")
+    refused(capsys, ["summary", CONFIGS / "quickstart.yaml", "--stage", "c"], "pretrain, fixed_features, partial")
+    refused(capsys, ["summary", config, "--stage", "a"], "--stage a:", "has no stages")
 
 
 # ------------------------------------------------------------------------------------------------ features
