@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -46,14 +46,7 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
     without it never mirrors (captcha, multi_fashion: position targets).
     """
     builder = DATASETS.get(cfg.name)
-    params = inspect.signature(builder).parameters
-    reserved = ("split", "root", "transform", "augment", "flip", "mean", "std")
-    known = [p for p in params if p not in reserved]
-    for key in cfg.options:
-        if key not in known:
-            raise UserError(
-                f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}"
-            )
+    params = check_data_options(cfg)
     if "augment" in params:
         _refuse_image_only_augmentation(cfg)
         dataset = builder(
@@ -81,6 +74,20 @@ def build_dataset(cfg: DataCfg, split: str, train: bool) -> Dataset:
         )
         dataset = builder(split=split, root=cfg.root, transform=transform, **cfg.options)
     return ClassSubset(dataset, cfg.classes) if cfg.classes is not None else dataset
+
+
+def check_data_options(cfg: DataCfg) -> Mapping[str, inspect.Parameter]:
+    """The parameters of ``data.name``'s builder (an unknown name is the registry's UserError), with every key of
+    ``data.options`` checked to be one of them; nothing is read."""
+    params = inspect.signature(DATASETS.get(cfg.name)).parameters
+    reserved = ("split", "root", "transform", "augment", "flip", "mean", "std")
+    known = [p for p in params if p not in reserved]
+    for key in cfg.options:
+        if key not in known:
+            raise UserError(
+                f"unknown option data.options.{key} for data set {cfg.name!r}; known: {', '.join(known) or 'none'}"
+            )
+    return params
 
 
 def _refuse_image_only_augmentation(cfg: DataCfg) -> None:

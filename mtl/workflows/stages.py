@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mtl.build.preflight import check_before_data
 from mtl.config.load import build_config, dump_config, load_config
 from mtl.config.schema import Config
 from mtl.config.stages import stage_configs
@@ -22,14 +23,60 @@ from mtl.workflows.train import check_resumable, new_run_dir, resume_run, run
 
 def run_stages(top: Config, configs: List[Config], root: Optional[Path] = None) -> List[Dict[str, Any]]:
     """Run each stage into ``<run>/<stage>/`` (``root``, else a new run directory); ``weights: stage:<name>`` uses
-    that stage's best encoder. Process 0 holds the run's lock throughout (each stage's run holds its own too)."""
+    that stage's best encoder. Process 0 holds the run's lock throughout (each stage's run holds its own too).
+
+    Every stage is checked first, as far as it can be without its data (``check_before_data``), before anything is
+    written; a new run refused before its first stage wrote anything (e.g. by that stage's data) is removed again,
+    with the folders made for it."""
+    for cfg in configs:
+        check_stage(cfg)
+    fresh = root is None
+    made = _missing_folders(Path(top.out_dir) / top.name) if fresh else []
     root = root or new_run_dir(top)
     lock = dist.on_main(lambda: _lock_new(root, top))
     try:
         return _run_stages(top, configs, root, resume=False)
+    except UserError:
+        if lock is not None:
+            lock.release()
+            lock = None
+        if fresh:
+            dist.on_main(lambda: _remove_unstarted(root, configs, made))
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_stage(cfg: Config) -> None:
+    """``check_before_data`` of one stage's config, its refusal naming the stage."""
+    try:
+        check_before_data(cfg)
+    except UserError as e:
+        raise UserError(f"stage {cfg.name!r}: {e}") from None
+
+
+def _missing_folders(path: Path) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_unstarted(root: Path, configs: List[Config], made: List[Path]) -> None:
+    """Remove the run ``root`` when no stage has a folder in it yet (only its config.yaml and lock were written),
+    then the folders in ``made`` that are left empty."""
+    if any((root / cfg.name).exists() for cfg in configs):
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run wrote there meanwhile
+            break
 
 
 def _lock_new(root: Path, top: Config) -> RunLock:
