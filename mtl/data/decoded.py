@@ -1,4 +1,5 @@
-"""Image files decoded once into a uint8 store of fixed squares, in memory or in a memory-mapped ``.npy`` file."""
+"""Image files decoded once into a uint8 store of fixed squares, in memory or in a memory-mapped ``.npy`` file: each
+file squeezed to a square (training crops are cut from it), or its exact evaluation view (Resize + CenterCrop)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mtl.core.errors import UserError
-from mtl.data.image_files import to_rgb
+from mtl.data.image_files import load_rgb, to_rgb
+from mtl.data.transforms import eval_view
 
 _FORMAT_VERSION = 1  # bump when the decoding or the file layout changes: old files then get another key
 _RESAMPLE = Image.BILINEAR  # antialiased when shrinking (the filter widens with the scale)
@@ -32,12 +34,14 @@ _GB = 1e9
 
 @dataclass
 class DecodedImages:
-    """Every image of a set as a ``size x size`` RGB square, with its original (H, W) and the files that failed."""
+    """Every image of a set as a ``size x size`` RGB square, with its original (H, W) and the files that failed.
+    ``view_resize``: the squares are the evaluation views Resize(view_resize) + CenterCrop(size), else squeezed."""
 
     images: Tensor  # uint8 (N, 3, size, size)
     sizes: Tensor  # long (N, 2): original (H, W) after the EXIF transpose; (0, 0) for a failed file
     failed: list[int] = field(default_factory=list)
     location: str = "memory"  # "memory" or the path of the memory-mapped file
+    view_resize: Optional[int] = None
 
     @property
     def nbytes(self) -> int:
@@ -45,8 +49,9 @@ class DecodedImages:
         return self.images.numel() * self.images.element_size()
 
 
-def decoded_key(paths: Sequence[str], size: int) -> str:
-    """Hex digest over each file's (absolute path, byte size, mtime_ns) in order, ``size`` and the format version."""
+def decoded_key(paths: Sequence[str], size: int, view_resize: Optional[int] = None) -> str:
+    """Hex digest over each file's (absolute path, byte size, mtime_ns) in order, ``size``, the format version and
+    ``view_resize`` (when given: another kind of square, another key)."""
     files = []
     for path in paths:
         full = os.path.abspath(os.fspath(path))
@@ -55,7 +60,10 @@ def decoded_key(paths: Sequence[str], size: int) -> str:
             files.append([full, st.st_size, st.st_mtime_ns])
         except OSError:
             files.append([full, None, None])  # a missing file decodes as failed; its reappearance changes the key
-    text = json.dumps({"version": _FORMAT_VERSION, "size": int(size), "files": files})
+    fields = {"version": _FORMAT_VERSION, "size": int(size), "files": files}
+    if view_resize is not None:
+        fields["view_resize"] = int(view_resize)
+    text = json.dumps(fields)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -67,9 +75,15 @@ def decode_images(
     budget_bytes: int = 4 << 30,
     progress: bool = True,
     threads: int | None = None,
+    view_resize: int | None = None,
 ) -> DecodedImages:
     """Decode every file once into a uint8 (N, 3, size, size) store: one tensor in memory if it fits
-    ``budget_bytes``, else a memory-mapped file in ``cache_dir`` that later calls reuse while no file changes."""
+    ``budget_bytes``, else a memory-mapped file in ``cache_dir`` that later calls reuse while no file changes.
+
+    Each file is squeezed to ``size``² (``resize_square``: JPEGs decoded at a reduced DCT scale first), or, with
+    ``view_resize``, stored as its evaluation view: the whole file decoded (``load_rgb``) and transformed as the
+    per-item eval transform does, torchvision's Resize(view_resize) + CenterCrop(size) (``transforms.eval_view``),
+    so that the stored pixels are exactly the ones that transform normalises."""
     paths = [os.fspath(p) for p in paths]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise UserError(f"the decoded image size must be a positive whole number of pixels, got {size!r}")
@@ -78,17 +92,22 @@ def decode_images(
         threads = min(16, 2 * (os.cpu_count() or 1))
     if threads < 1:
         raise UserError(f"decoding needs at least 1 thread, got threads={threads}")
+    if view_resize is not None and (
+        isinstance(view_resize, bool) or not isinstance(view_resize, (int, np.integer)) or view_resize < 1
+    ):
+        raise UserError(f"the evaluation view's resize must be a positive whole number of pixels, got {view_resize!r}")
+    view_resize = None if view_resize is None else int(view_resize)
     n = len(paths)
     needed = n * 3 * size * size
     if needed <= budget_bytes:
         images = torch.empty((n, 3, size, size), dtype=torch.uint8)
         sizes = torch.zeros((n, 2), dtype=torch.long)
-        failed = _fill(paths, size, images.numpy(), sizes.numpy(), progress, threads)
+        failed = _fill(paths, size, images.numpy(), sizes.numpy(), progress, threads, view_resize)
         for i in failed:
             images[i].zero_()
-        decoded = DecodedImages(images, sizes, failed, "memory")
+        decoded = DecodedImages(images, sizes, failed, "memory", view_resize)
     else:
-        decoded = _memory_mapped(paths, size, cache_dir, needed, budget_bytes, progress, threads)
+        decoded = _memory_mapped(paths, size, cache_dir, needed, budget_bytes, progress, threads, view_resize)
     if decoded.failed:  # also when a memory-mapped file is reused: those rows are still zeros
         shown = ", ".join(paths[i] for i in decoded.failed[:_SHOWN_PATHS])
         more = ", ..." if len(decoded.failed) > _SHOWN_PATHS else ""
@@ -106,8 +125,10 @@ def _memory_mapped(
     budget_bytes: int,
     progress: bool,
     threads: int,
+    view_resize: Optional[int] = None,
 ) -> DecodedImages:
-    """Reuse ``<cache_dir>/decoded-<size>px-<key>.npy`` when its key matches, else decode into it atomically."""
+    """Reuse ``<cache_dir>/decoded-<size>px-<key>.npy`` (evaluation views: ``view-<size>px-r<resize>-<key>.npy``)
+    when its key matches, else decode into it atomically."""
     too_big = (
         f"the decoded images need {needed / _GB:.2f} GB, more than the memory budget of {budget_bytes / _GB:.2f} GB"
     )
@@ -117,12 +138,12 @@ def _memory_mapped(
             f"raise data.cache_budget_gb or set data.cache_dir to a writable folder"
         )
     folder = Path(cache_dir).expanduser()
-    key = decoded_key(paths, size)
-    stem = f"decoded-{size}px-{key[:16]}"
+    key = decoded_key(paths, size, view_resize)
+    stem = f"decoded-{size}px-{key[:16]}" if view_resize is None else f"view-{size}px-r{view_resize}-{key[:16]}"
     data_path, meta_path = folder / f"{stem}.npy", folder / f"{stem}.pt"
     if data_path.exists() or meta_path.exists():
         try:
-            return _open(data_path, meta_path, key, len(paths), size)
+            return _open(data_path, meta_path, key, len(paths), size, view_resize)
         except Exception as err:  # a damaged or foreign file is rebuilt, not fatal
             warnings.warn(f"ignoring unusable decoded-image cache {data_path} ({err}); rebuilding it", stacklevel=3)
     try:
@@ -139,7 +160,7 @@ def _memory_mapped(
         store = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         _reserve(tmp_data, folder, needed)
         sizes = torch.zeros((len(paths), 2), dtype=torch.long)
-        failed = _fill(paths, size, store, sizes.numpy(), progress, threads)  # failed rows stay the file's zeros
+        failed = _fill(paths, size, store, sizes.numpy(), progress, threads, view_resize)  # failed rows stay zeros
         store.flush()
         del store
         os.replace(tmp_data, data_path)
@@ -148,10 +169,12 @@ def _memory_mapped(
         raise
     # The metadata goes last: it marks the data file complete.
     _write_atomic(meta_path, {"key": key, "sizes": sizes, "failed": torch.tensor(failed, dtype=torch.long)})
-    return DecodedImages(_map(data_path), sizes, failed, str(data_path))
+    return DecodedImages(_map(data_path), sizes, failed, str(data_path), view_resize)
 
 
-def _open(data_path: Path, meta_path: Path, key: str, n: int, size: int) -> DecodedImages:
+def _open(
+    data_path: Path, meta_path: Path, key: str, n: int, size: int, view_resize: Optional[int] = None
+) -> DecodedImages:
     """The stored images for ``key``; raises if either file is missing, damaged or for other files."""
     meta = torch.load(meta_path, map_location="cpu", weights_only=True)
     if meta.get("key") != key:
@@ -160,7 +183,7 @@ def _open(data_path: Path, meta_path: Path, key: str, n: int, size: int) -> Deco
     images = _map(data_path)
     if images.shape != (n, 3, size, size) or images.dtype != torch.uint8 or sizes.shape != (n, 2):
         raise ValueError(f"it holds shape {tuple(images.shape)} {images.dtype}, expected ({n}, 3, {size}, {size})")
-    return DecodedImages(images, sizes.long(), failed, str(data_path))
+    return DecodedImages(images, sizes.long(), failed, str(data_path), view_resize)
 
 
 def _map(path: Path) -> Tensor:
@@ -168,12 +191,21 @@ def _map(path: Path) -> Tensor:
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
-def _fill(paths: list[str], size: int, store: np.ndarray, sizes: np.ndarray, progress: bool, threads: int) -> list[int]:
+def _fill(
+    paths: list[str],
+    size: int,
+    store: np.ndarray,
+    sizes: np.ndarray,
+    progress: bool,
+    threads: int,
+    view_resize: Optional[int] = None,
+) -> list[int]:
     """Decode ``paths[i]`` into ``store[i]`` and its (H, W) into ``sizes[i]`` in threads; return the failed indices."""
+    view = eval_view(size, view_resize) if view_resize is not None else None
 
     def one(i: int) -> bool:
         try:
-            pixels, hw = _decode_file(paths[i], size)
+            pixels, hw = _decode_file(paths[i], size) if view is None else _decode_view(paths[i], view)
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
             return False
         store[i] = pixels.transpose(2, 0, 1)
@@ -210,6 +242,14 @@ def _decode_file(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         rgb = to_rgb(upright)
     pixels = np.asarray(resize_square(rgb, size))
     return pixels, (height, width)
+
+
+def _decode_view(path: str, view: Callable[[Image.Image], Tensor]) -> tuple[np.ndarray, tuple[int, int]]:
+    """One file as the per-item eval transform sees it: ``load_rgb`` (upright per EXIF, RGB), then ``view``
+    (``transforms.eval_view``); a (size, size, 3) uint8 array and the original upright (H, W)."""
+    image = load_rgb(path)
+    pixels = view(image).as_subclass(Tensor)  # uint8 (3, size, size)
+    return pixels.permute(1, 2, 0).numpy(), (image.height, image.width)
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:

@@ -49,7 +49,7 @@ def build_transforms(
             _flip(flip),
         ]
     else:
-        geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)]
+        geometry = eval_geometry(image_size, resize_size)
     policy = _auto_augment(auto_augment, auto_augment_options) if train and auto_augment else []
     erasing = [v2.RandomErasing(p=random_erasing, value=0)] if train and random_erasing else []
     if policy:  # on 3-channel uint8, as the batched pipeline (grey images replicated first)
@@ -67,6 +67,17 @@ def build_transforms(
     return v2.Compose(
         [v2.ToImage(), *geometry, *_to_float_rgb(), v2.Normalize(mean=list(mean), std=list(std)), *erasing]
     )
+
+
+def eval_geometry(image_size: int, resize_size: int) -> list[v2.Transform]:
+    """The evaluation geometry: Resize(resize_size) (shorter side, antialiased) + CenterCrop(image_size)."""
+    return [v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)]
+
+
+def eval_view(image_size: int, resize_size: int) -> v2.Compose:
+    """PIL image or uint8 tensor (..., C, H, W) -> the uint8 pixels the eval transform normalises: ``build_transforms(
+    train=False)`` up to its geometry. Leading batch dimensions are transformed image by image."""
+    return v2.Compose([v2.ToImage(), *eval_geometry(image_size, resize_size)])
 
 
 def default_transform() -> v2.Compose:
