@@ -282,7 +282,9 @@ def _batched_loaders(
     shift: Optional[Shift] = None,
 ) -> Optional[Dict[str, DeviceBatches]]:
     """Device-augmented batches from decoded image stores (``data.pipeline``), or None for the per-item path;
-    ``shift`` (``data.shift``) maps their images."""
+    ``shift`` (``data.shift``) maps their images. The training split's store holds ``cache_size``² squares that
+    the device crops; every other split (only evaluated) holds each item's evaluation view, the per-item eval
+    transform's own uint8 pixels, so that evaluation is the same whichever pipeline runs."""
     d = cfg.data
     if d.pipeline == "items":
         return None
@@ -290,7 +292,7 @@ def _batched_loaders(
     size = d.cache_size or round(d.resize_size * 4 / 3)
     cache_dir = _cache_dir(d)
     stores = {}
-    decoded: Dict[Any, Any] = {}  # a carved validation set shares the training split's decoded images
+    decoded: Dict[Any, Any] = {}  # the same files decoded the same way are decoded once
     if targets == {"label"}:
         for split, ds in datasets.items():
             stores[split] = image_store(
@@ -300,6 +302,7 @@ def _batched_loaders(
                 budget_bytes=int(d.cache_budget_gb * 2**30),
                 progress=cfg.train.progress,
                 decoded=decoded,
+                view=None if split == "train" else (d.image_size, d.resize_size),
             )
     if (not stores or any(s is None for s in stores.values())) and all(can_gather(ds) for ds in datasets.values()):
         return _dense_batches(cfg, tasks, datasets, device, generator, info, shift)

@@ -4,30 +4,44 @@ The per-item path (a ``DataLoader`` over ``dataset[i]`` with PIL/v2 transforms) 
 image at a time on the CPU. Here every image is decoded once (``decoded.py``, or already in memory for the
 tensor data sets), a batch is one indexing of the store, and cropping, flipping and normalisation happen
 for the whole batch in one ``grid_sample`` on the training device (``device_augment.py``).
+
+Splits that are only evaluated store each image's evaluation view instead (``view``): the uint8 pixels of the
+per-item eval transform's Resize + CenterCrop, computed once on the CPU by the same torchvision transforms, so that
+evaluation sees the same pixels whichever pipeline runs; the device then only converts and normalises them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from mtl.data.decoded import decode_images
 from mtl.data.device_augment import BatchAugment
 from mtl.data.folder import ImageFolderDataset
 from mtl.data.tensor_dataset import TensorImageDataset
+from mtl.data.transforms import eval_view
+
+_VIEW_CHUNK = 256  # tensor images transformed to their evaluation views at a time
 
 
 @dataclass
 class ImageStore:
-    """``images[indices[i]]`` is item i, with original size ``sizes[indices[i]]`` (None: the stored size)."""
+    """``images[indices[i]]`` is item i, with original size ``sizes[indices[i]]`` (None: the stored size).
+
+    ``view`` = (image_size, resize_size): the rows are already the evaluation views of the items, uint8
+    (C, image_size, image_size) (``per_batch`` None), or ``per_batch`` makes them from gathered rows on the CPU
+    (views over the memory budget); the device then only normalises them."""
 
     images: Tensor  # uint8 (M, C, h, w)
     sizes: Optional[Tensor]  # long (M, 2) or None
@@ -35,6 +49,8 @@ class ImageStore:
     indices: Tensor  # long (N,)
     location: str = "memory"
     dropped: int = 0  # items whose file failed to decode (left out)
+    view: Optional[Tuple[int, int]] = None
+    per_batch: Optional[Callable[[Tensor], Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,10 +68,15 @@ def image_store(
     budget_bytes: int,
     progress: bool = True,
     decoded: Optional[Dict[Any, Any]] = None,
+    view: Optional[Tuple[int, int]] = None,
 ) -> Optional[ImageStore]:
     """The store behind a single-label data set (through subsets), or None when it has none (per-item path).
-    ``decoded``: image files decoded by earlier calls, by file list; the same files are decoded once (a validation
-    set carved from the training split shares its images)."""
+    ``decoded``: image files decoded by earlier calls, by file list and kind; the same files are decoded once.
+
+    ``view`` = (image_size, resize_size): the store holds the evaluation view of each of the data set's items
+    (only those), exactly the uint8 pixels of the per-item eval transform (``transforms.eval_view``); image files are
+    decoded whole for it (``decode_images(view_resize=)``), tensor images transformed in chunks. Tensor views
+    above ``budget_bytes`` are not stored but made per gathered batch on the CPU (same pixels, slower)."""
     labels = getattr(dataset, "labels", None)
     chain: List[List[int]] = []
     base = dataset
@@ -64,6 +85,8 @@ def image_store(
         base = base.dataset
     if labels is None or isinstance(getattr(base, "targets", None), dict):
         return None
+    if view is not None and isinstance(base, (TensorImageDataset, ImageFolderDataset)):
+        return _view_store(base, chain, labels, view, cache_dir, budget_bytes, progress, decoded)
     if isinstance(base, TensorImageDataset):
         images = base.images if base.images.ndim == 4 else base.images.unsqueeze(1)
         sizes, location, n = None, "memory", len(images)
@@ -79,15 +102,76 @@ def image_store(
         failed = set(files.failed)
     else:
         return None
-    indices = torch.arange(n)
-    for level in reversed(chain):  # innermost subset first
-        indices = indices[torch.as_tensor(level, dtype=torch.long)]
+    indices = _base_indices(n, chain)
     labels = torch.as_tensor(labels, dtype=torch.long)
     dropped = 0
     if isinstance(base, ImageFolderDataset) and failed:
         keep = torch.tensor([int(i) not in failed for i in indices])
         indices, labels, dropped = indices[keep], labels[keep], int((~keep).sum())
     return ImageStore(images, sizes, labels, indices, location, dropped)
+
+
+def _base_indices(n: int, chain: List[List[int]]) -> Tensor:
+    """The rows of the base data set (``n`` items) behind the items of the nested subsets ``chain``, outermost first."""
+    indices = torch.arange(n)
+    for level in reversed(chain):  # innermost subset first
+        indices = indices[torch.as_tensor(level, dtype=torch.long)]
+    return indices
+
+
+def _view_store(
+    base: Dataset,
+    chain: List[List[int]],
+    labels: Any,
+    view: Tuple[int, int],
+    cache_dir: Optional[Path],
+    budget_bytes: int,
+    progress: bool,
+    decoded: Optional[Dict[Any, Any]],
+) -> ImageStore:
+    """``image_store`` of evaluation views: row i is item i's view (failed files left out)."""
+    image_size, resize_size = view
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if isinstance(base, TensorImageDataset):
+        images = base.images if base.images.ndim == 4 else base.images.unsqueeze(1)
+        indices = _base_indices(len(images), chain)
+        transform = eval_view(image_size, resize_size)
+        needed = len(indices) * images.shape[1] * image_size * image_size
+        if needed > budget_bytes:
+            warnings.warn(
+                f"the evaluation views of {len(indices)} images need {needed / 2**30:.2f} GiB, more than "
+                f"data.cache_budget_gb; they are made per batch on the CPU instead (slower), raise the budget to "
+                f"keep them in memory",
+                stacklevel=3,
+            )
+            make = functools.partial(_views, transform=transform, size=image_size)
+            return ImageStore(images, None, labels, indices, view=view, per_batch=make)
+        views = _views(images[indices], transform, image_size, progress)
+        return ImageStore(views, None, labels, torch.arange(len(indices)), view=view)
+    paths = tuple(base.samples[i][0] for i in _base_indices(len(base.samples), chain).tolist())
+    memo = decoded if decoded is not None else {}
+    if (paths, view) not in memo:
+        memo[paths, view] = decode_images(
+            paths,
+            image_size,
+            cache_dir=cache_dir,
+            budget_bytes=budget_bytes,
+            progress=progress,
+            view_resize=resize_size,
+        )
+    files = memo[paths, view]
+    keep = torch.ones(len(paths), dtype=torch.bool)
+    keep[torch.as_tensor(files.failed, dtype=torch.long)] = False
+    indices = torch.arange(len(paths))[keep]
+    return ImageStore(files.images, None, labels[keep], indices, files.location, int((~keep).sum()), view=view)
+
+
+def _views(images: Tensor, transform: Callable[[Tensor], Tensor], size: int, progress: bool = False) -> Tensor:
+    """uint8 (B, C, H, W) -> their evaluation views (B, C, size, size), ``_VIEW_CHUNK`` images at a time."""
+    chunks = range(0, len(images), _VIEW_CHUNK)
+    bar = tqdm(chunks, desc=f"evaluation views of {len(images)} images", disable=not progress or len(chunks) < 2)
+    out = [transform(images[i : i + _VIEW_CHUNK]).as_subclass(Tensor) for i in bar]
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
 
 class DeviceBatches:
@@ -117,6 +201,8 @@ class DeviceBatches:
         world: int = 1,
         shift: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
+        if store.view is not None and (augment.train or store.view != (augment.image_size, augment.resize_size)):
+            raise ValueError(f"a store of evaluation views {store.view} needs the matching evaluation, got {augment}")
         self.store, self.augment, self.shift = store, augment, shift
         self.rank, self.world = rank, world  # under torchrun: every process takes every world-th item of a batch
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
@@ -146,6 +232,8 @@ class DeviceBatches:
 
     def _gather(self, positions: Tensor) -> Dict[str, Any]:
         rows = self.store.indices[positions]
+        if self.store.view is not None:  # evaluation views: nothing to draw, nothing to warp
+            return self._gather_views(positions, rows)
         if self.store.sizes is not None:
             sizes = self.store.sizes[rows]
         else:
@@ -167,8 +255,25 @@ class DeviceBatches:
             "draws": draws,  # on the CPU: the augmentation groups images by them
         }
 
+    def _gather_views(self, positions: Tensor, rows: Tensor) -> Dict[str, Any]:
+        if self.world > 1:
+            positions, rows = positions[self.rank :: self.world], rows[self.rank :: self.world]
+        images = self.store.images[rows]
+        if self.store.per_batch is not None:
+            images = self.store.per_batch(images)
+        labels = self.store.labels[positions]
+        if self.device.type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return {
+            "images": images.to(self.device, non_blocking=True),
+            "labels": labels.to(self.device, non_blocking=True),
+        }
+
     def _batch(self, raw: Dict[str, Any]) -> Dict[str, Any]:
-        image = self.augment(raw["images"], theta=raw["theta"], draws=raw["draws"])
+        if self.store.view is not None:
+            image = self.augment.normalise(raw["images"])
+        else:
+            image = self.augment(raw["images"], theta=raw["theta"], draws=raw["draws"])
         if self.shift is not None:
             image = self.shift(image)
         return {"image": image, "targets": {t: raw["labels"] for t in self.target_names}}

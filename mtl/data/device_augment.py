@@ -150,6 +150,22 @@ class BatchAugment:
         out = (out * scale - mean) / std
         return self.random_erasing(out, draws) if self.random_erasing is not None else out
 
+    def normalise(self, views: Tensor) -> Tensor:
+        """Evaluation views, uint8 (B, 1 or 3, S, S) already cut as the eval transform cuts them (``image_store``'s
+        ``view``), -> normalised float (B, 3, S, S) by the float operations of the per-item path: torchvision's
+        ``ToDtype(float32, scale=True)`` (times 1/255) and ``Normalize`` (minus mean, divided by std)."""
+        size = (self.image_size, self.image_size)
+        if self.train or views.dtype != torch.uint8 or views.dim() != 4 or views.shape[1] not in (1, 3):
+            raise UserError(
+                f"normalise takes uint8 evaluation views (B, 1 or 3, H, W), got {views.dtype} {views.shape}"
+            )
+        if tuple(views.shape[-2:]) != size:
+            raise UserError(f"evaluation views must be {size[0]}x{size[1]}, got {tuple(views.shape[-2:])}")
+        out = views.expand(-1, 3, -1, -1).to(torch.float32).mul_(1 / 255)
+        mean = self.mean.to(out.device).view(1, -1, 1, 1)
+        std = self.std.to(out.device).view(1, -1, 1, 1)
+        return out.sub_(mean).div_(std)
+
     def _resized_crop_boxes(self, height: Tensor, width: Tensor, generator: torch.Generator | None) -> Tensor:
         # torchvision's RandomResizedCrop.get_params, with all attempts of all items drawn at once.
         batch = len(height)
