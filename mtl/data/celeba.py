@@ -101,10 +101,16 @@ class CelebADataset(Dataset):
         budget_bytes: int = 4 << 30,
         progress: bool = True,
     ) -> str:
-        """Decode every image once into a uint8 store (``decoded.py``); returns "memory" or the mapped file."""
+        """Decode every image once into a uint8 store (``decoded.py``); returns "memory" or the mapped file. A set
+        that does not augment stores each image as ``__getitem__`` cuts it (its evaluation view), exactly; one that
+        flips stores ``cache_size``² squares that the device resizes and crops."""
         if self._store is None:
             size = cache_size or round(self.image_size * 4 / 3)
-            store = decode_images(self.files, size, cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress)
+            kw = dict(cache_dir=cache_dir, budget_bytes=budget_bytes, progress=progress)
+            if self.augment:
+                store = decode_images(self.files, size, **kw)
+            else:
+                store = decode_images(self.files, self.image_size, view_resize=self.image_size, **kw)
             if store.failed:
                 raise UserError(
                     f"cannot read CelebA image {self.files[store.failed[0]]} ({len(store.failed)} in all); "
@@ -123,20 +129,32 @@ class CelebADataset(Dataset):
         return {"flip": random_flips(n, generator)["flip"] & self.flip}
 
     def gather(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Items ``rows`` as ``__getitem__`` gives them (up to resampling), on ``device``, flipped by ``params``."""
+        """Items ``rows`` as ``__getitem__`` gives them (exactly without augmentation, else up to resampling), on
+        ``device``, flipped by ``params``."""
         self.prepare(progress=False)
-        images, sizes = self._store.images[rows], self._store.sizes[rows]
-        boxes, flip = self._geometry.boxes(sizes)
-        if params is not None:
-            flip = params["flip"]
-        theta = box_theta(boxes, sizes, flip)
-        item = {"image": self._geometry(to_device(images, device), theta=to_device(theta, device))}
+        if self._store.view_resize is not None:  # evaluation views: __getitem__'s own operations, exactly
+            images = to_device(self._store.images[rows], device)
+            if params is not None:
+                flip = params["flip"].to(device)[:, None, None, None]
+                images = torch.where(flip, images.flip(-1), images)
+            item = {"image": normalize(images.float() / 255, self.mean, self.std)}
+        else:
+            item = {"image": self._warped(rows, device, params)}
         attrs = self.attrs[rows].to(device)
         if self.as_tasks:
             item.update({name: attrs[:, i] for i, name in enumerate(self.attribute_names)})
         else:
             item["attrs"] = attrs.float()
         return item
+
+    def _warped(self, rows: Tensor, device: torch.device, params: dict[str, Tensor] | None) -> Tensor:
+        """Items ``rows`` resized, cropped and flipped on ``device`` from the ``cache_size``² store."""
+        images, sizes = self._store.images[rows], self._store.sizes[rows]
+        boxes, flip = self._geometry.boxes(sizes)
+        if params is not None:
+            flip = params["flip"]
+        theta = box_theta(boxes, sizes, flip)
+        return self._geometry(to_device(images, device), theta=to_device(theta, device))
 
 
 @DATASETS.register("celeba")
