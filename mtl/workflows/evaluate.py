@@ -30,9 +30,11 @@ def _split_loader(
     """Tasks and the loader of ``split`` as the run validated: the run's data pipeline with eval transforms.
 
     ``build_data`` with both of its splits set to ``split``: no other split is listed or decoded (``split`` is
-    built twice, as the unused training split too). ``split`` a fraction (``data.val_split``): the run's own
-    validation set, carved from the training split again. A multi-input run: each task's data on its own split
-    (``task_splits``).
+    built twice, as the unused training split too, whose batched store is then decoded at 1 px: ``cache_size`` 1).
+    The evaluated split is the batched pipeline's evaluation views, the per-item eval transform's own pixels, as
+    ``mtl predict`` reads the files, whatever ``--split`` names (``train`` too). ``split`` a fraction
+    (``data.val_split``): the run's own validation set, carved from the training split again. A multi-input run:
+    each task's data on its own split (``task_splits``).
     """
 
     eval_cfg = copy.deepcopy(cfg)
@@ -48,7 +50,7 @@ def _split_loader(
 
 def _only(split: Any) -> Dict[str, Any]:
     """The data keys that make ``split`` the validation split and nothing else (a fraction: the carved set)."""
-    keys: Dict[str, Any] = {"labels_per_class": None, "test_split": None}
+    keys: Dict[str, Any] = {"labels_per_class": None, "test_split": None, "cache_size": 1}
     if not isinstance(split, float):  # a fraction: the validation set the run carved (data.split_seed)
         keys["train_split"] = keys["val_split"] = split
     return keys
