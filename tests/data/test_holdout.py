@@ -77,7 +77,9 @@ def test_both_pipelines_validate_on_the_same_carved_images(tmp_path):
     got = torch.cat([b["image"] for b in batched["val"]])
     assert torch.allclose(got, every[base_indices(batched_ds["val"])], atol=1e-5)
     assert torch.cat([b["targets"]["label"] for b in batched["val"]]).tolist() == batched_ds["val"].labels.tolist()
-    assert batched["train"].store.images is batched["val"].store.images  # the files were decoded once
+    # validation stores the evaluation views of its own files only; training the cache_size squares of the split
+    assert batched["val"].store.view == (32, 32) and len(batched["val"].store.images) == len(batched_ds["val"])
+    assert batched["train"].store.view is None and len(batched["train"].store.images) == 48
 
 
 def test_labels_per_class_draws_from_the_training_part_and_classes_are_kept(tmp_path):
