@@ -343,7 +343,7 @@ def _batched_loaders(
         )
         for split, ds in datasets.items()
     }
-    images = {id(s.images): s for s in stores.values()}.values()  # shared decoded images counted once
+    images = {s.images.untyped_storage().data_ptr(): s for s in stores.values()}.values()  # shared ones counted once
     nbytes = sum(s.nbytes for s in images if s.location == "memory")
     where = sorted({s.location for s in stores.values() if s.location != "memory"})
     info["pipeline"] = (
