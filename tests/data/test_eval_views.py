@@ -216,3 +216,18 @@ def test_eval_and_predict_agree_image_by_image_on_real_jpegs(jpeg_folder, tmp_pa
         row = predicted[path]
         assert classes[int(p.argmax())] == row["label_top1"], path
         assert float(p.max()) == pytest.approx(float(row["label_p1"]), abs=1e-4)
+
+
+def test_a_tensor_data_set_evaluates_on_the_per_item_pixels_through_build_data(tmp_path):
+    """``shapes`` (a tensor data set, 20 px upscaled): a validation set carved from its training split and its test
+    split give the per-item path's tensors on the batched pipeline."""
+    data = {"data.name": "shapes", "data.options": {"per_class": 4, "val_per_class": 2, "size": 20}}
+    splits = {"data.val_split": 0.25, "data.test_split": "val", "data.resize_size": 30}
+    _, _, batched, _, info = build_data(cfg_of(tmp_path, tmp_path, **data, **splits), CPU)
+    _, _, items, _, _ = build_data(cfg_of(tmp_path, tmp_path, **data, **splits, **{"data.pipeline": "items"}), CPU)
+    assert info["pipeline"].startswith("batched on cpu") and batched["train"].store.view is None
+    for split in ("val", "test"):
+        assert batched[split].store.view == (28, 30)
+        got, want = torch.cat([b["image"] for b in batched[split]]), torch.cat([b["image"] for b in items[split]])
+        assert got.shape == want.shape == (len(batched[split].store), 3, 28, 28)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)
