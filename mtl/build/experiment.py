@@ -23,6 +23,7 @@ from mtl.config.schema import Config
 from mtl.core.errors import UserError
 from mtl.core.runtime import seed_everything, select_device, use_amp
 from mtl.data.loaders import in_order
+from mtl.engine.budget import Budget, run_budget
 from mtl.engine.feature_cache import (
     HeadsOnFeatures,
     cache_features,
@@ -77,7 +78,6 @@ def build_experiment(cfg: Config) -> Experiment:
         check_data_size(cfg, encoder, input_size)
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
-    check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks, input_size).to(device)
     if cfg.optim.layer_decay is not None:
         model_scales(model, cfg.optim.layer_decay)  # an encoder or arch without block structure: refused here
@@ -115,8 +115,23 @@ def build_experiment(cfg: Config) -> Experiment:
         )
     _check_mix(cfg, tasks)
     _check_accumulate(cfg, weighting)
+    budget = run_budget(cfg.train, len(loaders["train"]), weighting.samples)
+    check_unfreeze(encoder, cfg.train.unfreeze, budget.epochs, cfg.model.freeze)
+    _check_swa_start(cfg, budget)
     info["params"] = parameter_counts(model)
+    info["budget"] = {**budget.as_dict(), "val_every": cfg.train.val_every}
     return Experiment(cfg, model, tasks, datasets, loaders, device, generator, weighting, l2sp, info, input_size)
+
+
+def _check_swa_start(cfg: Config, budget: Budget) -> None:
+    """``train.swa.start_epoch`` within a step budget's epochs (the config checks it against ``train.epochs``)."""
+    swa = cfg.train.swa
+    if swa is not None and cfg.train.steps is not None and swa.start_epoch >= budget.epochs:
+        raise UserError(
+            f"train.swa.start_epoch is {swa.start_epoch} but the run has {budget.epochs} epochs (train.steps "
+            f"{budget.total} at {budget.per_epoch} steps an epoch; 0-based: the last is {budget.epochs - 1}), so "
+            f"nothing would be averaged; lower start_epoch or raise train.steps"
+        )
 
 
 def _check_mix(cfg: Config, tasks: Dict[str, Task]) -> None:

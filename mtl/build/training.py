@@ -16,6 +16,7 @@ from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
 from mtl.data.mix import batch_mix
 from mtl.engine.averaging import SWA, WeightEMA, use_swa_lr
+from mtl.engine.budget import run_budget
 from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (
     HOOKS,
@@ -27,7 +28,7 @@ from mtl.engine.hooks import (
     UnfreezeHook,
 )
 from mtl.engine.optim import build_optimizer, build_scheduler
-from mtl.engine.trainer import Hook, Trainer, TrainerOptions, updates_per_epoch
+from mtl.engine.trainer import Hook, Trainer, TrainerOptions
 from mtl.models.freezing import L2SP
 from mtl.models.layer_depth import model_scales
 from mtl.tasks.base import Task
@@ -37,18 +38,24 @@ from mtl.weighting.base import WEIGHTINGS, Weighting
 def trainer_options(
     cfg: Config, device: torch.device, generator: torch.Generator, *, quiet: bool = False, **more: Any
 ) -> TrainerOptions:
-    """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed, accumulate)
-    and ``cfg.data.mix`` on ``device``, with ``generator`` as the shuffle generator; ``more`` sets further fields
-    (grad_on, monitor, ...)."""
+    """The loop's settings from ``cfg.train`` (epochs, amp, grad_clip, progress unless ``quiet``, seed, accumulate,
+    steps, val_every) and ``cfg.data.mix`` on ``device``, with ``generator`` as the shuffle generator; ``more`` sets
+    further fields (grad_on, monitor, ..., and epochs: a step budget's, see ``mtl.engine.budget``)."""
     return TrainerOptions(
-        epochs=cfg.train.epochs,
         device=device,
         amp=use_amp(cfg.train.amp, device),
         grad_clip=cfg.train.grad_clip,
         progress=cfg.train.progress and not quiet,
         seed=cfg.train.seed,
         generator=generator,
-        **{"mix": batch_mix(cfg.data.mix, cfg.train.seed), "accumulate": cfg.train.accumulate, **more},
+        **{
+            "epochs": cfg.train.epochs,
+            "mix": batch_mix(cfg.data.mix, cfg.train.seed),
+            "accumulate": cfg.train.accumulate,
+            "steps": cfg.train.steps,
+            "val_every": cfg.train.val_every,
+            **more,
+        },
     )
 
 
@@ -209,8 +216,9 @@ def build_trainer(
             }
         )
     samples = weighting.samples if weighting is not None else 1  # MoDo, SDMGrad: one step per `samples` batches
-    steps = updates_per_epoch(len(loaders["train"]), samples, cfg.train.accumulate)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs, steps)
+    budget = run_budget(cfg.train, len(loaders["train"]), samples)
+    steps = budget.per_epoch
+    scheduler = build_scheduler(optimizer, cfg.sched, budget.epochs, steps, cfg.train.steps)
     ema = WeightEMA(model, cfg.train.ema.decay, cfg.train.ema.warmup) if cfg.train.ema is not None else None
     swa = SWA(model, cfg.train.swa.start_epoch) if cfg.train.swa is not None else None
     if swa is not None and cfg.train.swa.lr is not None:
@@ -223,7 +231,7 @@ def build_trainer(
         loaders,
         optimizer,
         scheduler,
-        trainer_options(cfg, device, generator, quiet=quiet, **options),
+        trainer_options(cfg, device, generator, quiet=quiet, **{"epochs": budget.epochs, **options}),
         hooks=hooks,
         weighting=weighting,
         l2sp=l2sp,

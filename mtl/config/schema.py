@@ -408,6 +408,14 @@ class TrainCfg:
     # one optimizer update per this many consecutive training batches, as one batch of them all (loss-level
     # weightings whose total is affine in the task losses: equal, static, uncertainty, dwa)
     accumulate: int = bounded(1, ge=1)
+    # the budget in training steps (optimizer updates: one per train.accumulate batches) instead of epochs: the run
+    # walks ceil(steps / steps per epoch) epochs of the data, the last one cut short (and still validated), and
+    # train.epochs is not used; the lr schedule spans these steps (sched.step_size, milestones, warmup_epochs and the
+    # epochs of unfreeze, swa and checkpoints stay in epochs); null: train.epochs whole epochs
+    steps: Optional[int] = bounded(None, ge=1, note="null trains train.epochs whole epochs")
+    # validate every N-th epoch and always the last one; train.monitor, best.pt, keep_top_k, early stopping (patience
+    # counts validated epochs) and ema's val_ema act on the validated epochs only
+    val_every: int = bounded(1, ge=1)
 
     def check(self) -> str:
         if self.epochs < 1:
@@ -428,7 +436,7 @@ class TrainCfg:
             return f"train.feature_views must be >= 1, got {self.feature_views}"
         if self.ema is not None and self.swa is not None:
             return "train.ema and train.swa both average the weights; keep one of them"
-        if self.swa is not None and self.swa.start_epoch >= self.epochs:
+        if self.swa is not None and self.steps is None and self.swa.start_epoch >= self.epochs:  # steps: when built
             return (
                 f"train.swa.start_epoch is {self.swa.start_epoch} but the run has {self.epochs} epochs (0-based: the "
                 f"last is {self.epochs - 1}), so nothing would be averaged; lower start_epoch or raise train.epochs"

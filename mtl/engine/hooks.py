@@ -39,8 +39,9 @@ HOOKS = Registry("hook")
 @HOOKS.register("early_stopping")
 class EarlyStoppingHook(Hook):
     """Ends training once the score that picks the best epoch (``train.monitor``) has not risen by more than
-    ``min_delta`` above its best for ``patience`` epochs. The best checkpoint is restored as after the last epoch.
-    It reads the epoch history and keeps no state, so a resumed run that had already stopped ends at once."""
+    ``min_delta`` above its best for ``patience`` validated epochs (with ``train.val_every`` N, patience counts
+    validations, N epochs apart). The best checkpoint is restored as after the last epoch. It reads the epoch history
+    and keeps no state, so a resumed run that had already stopped ends at once."""
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -50,9 +51,11 @@ class EarlyStoppingHook(Hook):
         self.patience, self.min_delta = patience, float(min_delta)
 
     def stale_epochs(self, trainer: Trainer) -> int:
-        """Epochs since the score last rose by more than ``min_delta`` above the best before it."""
+        """Validated epochs since the score last rose by more than ``min_delta`` above the best before it."""
         best, stale = -math.inf, 0
         for m in trainer.history:
+            if m["score"] is None:  # not validated (train.val_every)
+                continue
             if m["score"] > best + self.min_delta:
                 best, stale = m["score"], 0
             else:
@@ -66,7 +69,8 @@ class EarlyStoppingHook(Hook):
                 by = f" by more than {self.min_delta:g}" if self.min_delta else ""
                 tqdm.write(
                     f"early stopping after epoch {trainer.epoch}: the score has not risen{by} for "
-                    f"{self.patience} epoch{'s' if self.patience > 1 else ''} (best epoch {trainer.best['epoch']})"
+                    f"{self.patience} validated epoch{'s' if self.patience > 1 else ''} (best epoch "
+                    f"{trainer.best['epoch']})"
                 )
 
     def on_resume(self, trainer: Trainer) -> None:
@@ -178,7 +182,7 @@ class CheckpointHook(Hook):
 
 def top_epochs(history: Sequence[Mapping[str, Any]], k: int) -> Set[int]:
     """The epochs (1-based) of the ``k`` highest finite scores in ``history``; ties go to the earlier epoch."""
-    scored = [(m["score"], m["epoch"]) for m in history if math.isfinite(m["score"])]
+    scored = [(m["score"], m["epoch"]) for m in history if m["score"] is not None and math.isfinite(m["score"])]
     return {epoch for _, epoch in sorted(scored, key=lambda se: (-se[0], se[1]))[:k]}
 
 
@@ -246,6 +250,8 @@ class ConsoleHook(Hook):
         line = f"epoch {m['epoch']:>3}/{trainer.epochs}  train {phase_text(m['train'])}"
         if "val" in m:
             line += f"  |  val {phase_text(m['val'])}"
+        elif "val" in trainer.loaders:
+            line += f"  |  not validated (train.val_every {trainer.val_every})"
         if "val_ema" in m:
             line += f"  |  val_ema {phase_text(m['val_ema'])}"
         line += f"  |  {m['time_s']:.1f}s  lr {m['lr'][0]:.2e}" + ("  *best*" if m["is_best"] else "")
@@ -380,7 +386,7 @@ class TensorBoardHook(Hook):
         for i, group in enumerate(trainer.optimizer.param_groups):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         self.writer.add_scalar("time/epoch_s", m["time_s"], step)
-        if self.n_images and "val" in trainer.loaders:
+        if self.n_images and "val" in m:  # epochs that validate (train.val_every)
             self._log_val_images(trainer, step)
         self.writer.flush()
 

@@ -117,13 +117,19 @@ def _constant(cfg: SchedCfg, epoch: int, t: float, epochs: int) -> float:
     return 1.0
 
 
-def lr_factor(cfg: SchedCfg, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """The schedule as a function of the global step: the factor applied to each group's base lr."""
+def lr_factor(
+    cfg: SchedCfg, epochs: int, steps_per_epoch: int, total_steps: Optional[int] = None
+) -> Callable[[int], float]:
+    """The schedule as a function of the global step: the factor applied to each group's base lr. It spans
+    ``epochs`` epochs, or with a step budget (``train.steps``) ``total_steps`` steps, ``total_steps /
+    steps_per_epoch`` (fractional) epochs: cosine reaches its end, onecycle its peak at ``pct_start``, of those
+    steps; step, multistep and warmup still count epochs of ``steps_per_epoch`` steps."""
     schedule = SCHEDULES.get(cfg.name)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    length = total_steps / steps_per_epoch if total_steps is not None else epochs
 
     def factor(step: int) -> float:
-        f = schedule(cfg, step // steps_per_epoch, step / steps_per_epoch, epochs)
+        f = schedule(cfg, step // steps_per_epoch, step / steps_per_epoch, length)
         if warmup_steps > 0 and step < warmup_steps:
             f *= (step + 1) / warmup_steps
         return f
@@ -131,9 +137,16 @@ def lr_factor(cfg: SchedCfg, epochs: int, steps_per_epoch: int) -> Callable[[int
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedCfg, epochs: int, steps_per_epoch: int) -> LambdaLR:
-    """A per-iteration ``LambdaLR``; every schedule is a factor so groups added later follow it."""
-    return LambdaLR(optimizer, lr_factor(cfg, epochs, max(steps_per_epoch, 1)))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedCfg,
+    epochs: int,
+    steps_per_epoch: int,
+    total_steps: Optional[int] = None,
+) -> LambdaLR:
+    """A per-iteration ``LambdaLR``; every schedule is a factor so groups added later follow it (``total_steps``: the
+    length of a step budget, see ``lr_factor``)."""
+    return LambdaLR(optimizer, lr_factor(cfg, epochs, max(steps_per_epoch, 1), total_steps))
 
 
 def add_param_group(

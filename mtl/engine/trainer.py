@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import signal
 import threading
@@ -50,6 +51,7 @@ class Hook:
     def before_train(self, trainer: "Trainer") -> None: ...
     def on_resume(self, trainer: "Trainer") -> None: ...
     def before_epoch(self, trainer: "Trainer") -> None: ...
+    def before_step(self, trainer: "Trainer") -> None: ...  # trainer.steps_done: the training steps before this one
     def after_step(self, trainer: "Trainer", losses: Dict[str, Tensor]) -> None: ...
     def after_epoch(self, trainer: "Trainer", metrics: Dict[str, Any]) -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
@@ -83,6 +85,10 @@ class TrainerOptions:
     # train.accumulate: one update per this many consecutive training batches (the epoch's last group may be shorter);
     # hooks' after_step then runs once per update, and a stop request takes effect at the end of a group
     accumulate: int = 1
+    # train.steps: the run ends once this many training steps (updates, and steps train.nonfinite skips) are made in
+    # all, the epoch it ends in cut short; None: ``epochs`` whole epochs
+    steps: Optional[int] = None
+    val_every: int = 1  # train.val_every: validate every N-th epoch and always the last one
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):  # "cpu", "cuda:0"
@@ -95,6 +101,12 @@ class TrainerOptions:
             raise ValueError(f"nonfinite must be stop, skip or off, got {self.nonfinite!r}")
         if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ValueError(f"accumulate must be an integer >= 1, got {self.accumulate!r}")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(f"steps must be None or an integer >= 1, got {self.steps!r}")
+        if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or self.val_every < 1:
+            raise ValueError(f"val_every must be an integer >= 1, got {self.val_every!r}")
 
 
 _OPTION_NAMES = tuple(f.name for f in fields(TrainerOptions))
@@ -110,7 +122,8 @@ def _option(name: str) -> property:
 
 
 class Trainer:
-    """Trains ``model`` on ``loaders["train"]``, validates on ``loaders["val"]`` each epoch.
+    """Trains ``model`` on ``loaders["train"]`` for ``epochs`` epochs (or until ``steps`` training steps are made),
+    validates on ``loaders["val"]`` every ``val_every``-th epoch and after the last.
 
     Metrics per phase: ``loss`` (static-weighted sum over tasks), ``acc`` (mean over tasks, when all have
     one) and per-task values under ``tasks``. ``score`` (see ``monitor``; higher is better) picks "best".
@@ -138,6 +151,8 @@ class Trainer:
     nonfinite = _option("nonfinite")
     mix = _option("mix")
     accumulate = _option("accumulate")
+    steps = _option("steps")
+    val_every = _option("val_every")
 
     def __init__(
         self,
@@ -185,6 +200,7 @@ class Trainer:
         self._meta: Dict[str, Any] = {}  # bilevel weightings' meta batches: epoch, position (checkpointed), iterator
         self.epoch = 0  # completed epochs
         self.global_step = 0
+        self.steps_done = 0  # training steps made (updates, and steps train.nonfinite skipped): what steps counts
         self.best: Dict[str, Any] = {"score": -math.inf, "epoch": None}
         # the confusion matrices ({task: (C, C) counts, rows true}) of the validation pass that made the best epoch
         # best (the EMA weights' with train.ema; SWA's once delivered), drawn at the end without another pass
@@ -201,7 +217,7 @@ class Trainer:
 
     def _fit(self) -> List[Dict[str, Any]]:
         self._call("before_train")
-        while self.epoch < self.epochs and not self._end_requested:
+        while self.epoch < self.epochs and not self._end_requested and not self._budget_spent():
             self._call("before_epoch")
             start = time.perf_counter()
             metrics: Dict[str, Any] = {"epoch": self.epoch + 1}
@@ -209,7 +225,7 @@ class Trainer:
             metrics["time_train_s"] = time.perf_counter() - start
             if self.swa is not None:
                 self.swa.end_epoch(self.model, self.epoch)
-            if "val" in self.loaders:
+            if "val" in self.loaders and self._validation_due():
                 metrics["val"] = self._guarded_phase("val")
                 if self.ema is not None:
                     metrics["val_ema"] = self._averaged_phase(self.ema.module, "val")
@@ -217,8 +233,8 @@ class Trainer:
             metrics["lr"] = [g["lr"] for g in self.optimizer.param_groups]
             if len(self.tasks) > 1:
                 metrics["weights"] = dict(zip(self.tasks, self._epoch_weights().tolist()))
-            metrics["score"] = self.monitor(metrics.get("val_ema", metrics.get("val", metrics["train"])))
-            metrics["is_best"] = metrics["score"] > self.best["score"]
+            metrics["score"] = self._epoch_score(metrics)
+            metrics["is_best"] = metrics["score"] is not None and metrics["score"] > self.best["score"]
             if metrics["is_best"]:
                 self.best = {"score": metrics["score"], "epoch": self.epoch + 1}
                 self.best_confusion = self._val_confusion()
@@ -229,6 +245,27 @@ class Trainer:
             self.swa_result = self._finish_swa()
         self._call("after_train")
         return self.history
+
+    def _budget_spent(self) -> bool:
+        """The step budget (``steps``) is used up, and no interrupted epoch is left to finish."""
+        return self.steps is not None and self.steps_done >= self.steps and self._partial is None
+
+    def _validation_due(self) -> bool:
+        """This epoch validates: every ``val_every``-th epoch, and the run's last one (``epochs`` reached, the step
+        budget spent, or training asked to end); the same decision on every process and after a resume."""
+        last = self.epoch + 1 >= self.epochs or self._budget_spent() or self._end_requested
+        return last or (self.epoch + 1) % self.val_every == 0
+
+    def _epoch_score(self, metrics: Mapping[str, Any]) -> Optional[float]:
+        """The score (``monitor``) of the epoch's validation (of the EMA weights with ``ema``), of its training metrics
+        without validation data; None for an epoch that did not validate (``val_every``): it cannot be best."""
+        if "val" in self.loaders and "val" not in metrics:
+            return None
+        return self.monitor(metrics.get("val_ema", metrics.get("val", metrics["train"])))
+
+    def steps_per_epoch(self) -> int:
+        """The training steps of a whole epoch (one per ``accumulate`` batches, or per the weighting's samples)."""
+        return self._steps_per_epoch(self.loaders["train"])[1]
 
     def _averaged_phase(self, model: nn.Module, phase: str) -> Dict[str, Any]:
         """``phase``'s evaluation of ``model`` (an average of the trained weights) instead of the trained model."""
@@ -329,6 +366,9 @@ class Trainer:
         group = self.accumulate
         if group > 1:  # updates of `group` consecutive batches; a resumed epoch starts at a group's end
             batches, done = _accumulated(batches, group, len(loader) - done), done // group
+        if self.steps is not None:  # the step budget ends this epoch early
+            left = max(self.steps - self.steps_done, 0)
+            batches, steps = itertools.islice(batches, left), min(steps, done + left)
         bar = tqdm(
             batches,
             total=steps,
@@ -341,10 +381,12 @@ class Trainer:
         with torch.enable_grad():
             for i, batch in enumerate(bar, start=done):
                 self._position = i * samples * group
+                self._call("before_step")
                 if group > 1:
                     losses = self._accumulate_step(batch, meter)
                 else:
                     losses = self.step(batch, meter, True) if samples == 1 else self._samples_step(batch, meter)
+                self.steps_done += 1
                 self._call("after_step", losses)
                 if self._should_stop():
                     bar.close()
@@ -827,6 +869,7 @@ class Trainer:
             "weighting": self.weighting.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "steps_done": self.steps_done,
             "best": self.best,
             "best_confusion": self.best_confusion,
             "history": self.history,
@@ -845,6 +888,7 @@ class Trainer:
             weighting.setdefault("_extra_state", {"draws": 0})
             self.weighting.load_state_dict(weighting)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.steps_done = state.get("steps_done", self.global_step)  # checkpoints from before step budgets lack it
         self.best, self.history = dict(state["best"]), list(state["history"])
         self.best_confusion = dict(state.get("best_confusion") or {})  # checkpoints from before it was kept lack it
         self._partial = state.get("partial")

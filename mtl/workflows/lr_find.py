@@ -163,6 +163,7 @@ def lr_find(
         nonfinite="off",
     )
     trainer.epochs = math.inf  # the hook ends the test; the loader is cycled epoch after epoch
+    trainer.steps = None  # and no step budget (train.steps) either
     base = cfg.optim.lr
     trainer.scheduler = LambdaLR(trainer.optimizer, lambda k: lrs[min(k, steps - 1)] / base)
     try:

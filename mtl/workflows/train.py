@@ -36,6 +36,7 @@ from mtl.core.rundir import (
 )
 from mtl.core.runtime import memory_mark, training_memory
 from mtl.data.holdout import val_text
+from mtl.engine.budget import Budget
 from mtl.engine.hooks import flat_row, phase_text
 from mtl.engine.trainer import Hook, Trainer, updates_per_epoch
 from mtl.tasks.base import Task
@@ -150,6 +151,7 @@ def _train(
             + f" images, {_task_text(exp.tasks)}  |  params {p['total']:,} "
             f"({p['trainable']:,} trainable)  |  device {exp.device}  |  data {exp.info['pipeline']}"
             + (f"  |  skipped {exp.info['skipped_images']} unreadable images" if exp.info["skipped_images"] else "")
+            + f"  |  {budget_text(exp.info['budget'])}"
         )
     mark = memory_mark(exp.device)
     history = trainer.fit()
@@ -235,6 +237,14 @@ def _log_test(run_dir: Path, test: Mapping[str, Any], summary: Mapping[str, Any]
             writer.close()
 
 
+def budget_text(budget: Mapping[str, Any]) -> str:
+    """The run line's budget (``exp.info["budget"]``): ``budget 1000 steps = 143 epochs of 7 steps (the last 6;
+    train.epochs not used), validation every 5 epochs and at the end``."""
+    b = Budget(budget["epochs"], budget["steps_per_epoch"], budget["steps"] if budget["unit"] == "steps" else None)
+    every = budget["val_every"]
+    return f"budget {b.text()}" + (f", validation every {every} epochs and at the end" if every > 1 else "")
+
+
 def _task_text(tasks: Mapping[str, Task]) -> str:
     if len(tasks) == 1:
         task = next(iter(tasks.values()))
@@ -271,6 +281,7 @@ def _summary(
         if history
         else None,
         "steps_per_epoch": updates_per_epoch(len(exp.loaders["train"]), exp.weighting.samples, cfg.train.accumulate),
+        "steps": trainer.steps_done,  # training steps made (the budget: "budget")
         "skipped_steps": trainer.skipped_steps,
         "time": {
             "total_s": total_s,
