@@ -116,7 +116,7 @@ def build_experiment(cfg: Config) -> Experiment:
     _check_mix(cfg, tasks)
     _check_accumulate(cfg, weighting)
     budget = run_budget(cfg.train, len(loaders["train"]), weighting.samples)
-    check_unfreeze(encoder, cfg.train.unfreeze, budget.epochs, cfg.model.freeze)
+    check_unfreeze(encoder, cfg.train.unfreeze, budget.epochs, cfg.model.freeze, budget.per_epoch, cfg.train.steps)
     _check_swa_start(cfg, budget)
     info["params"] = parameter_counts(model)
     info["budget"] = {**budget.as_dict(), "val_every": cfg.train.val_every}

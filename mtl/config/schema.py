@@ -316,11 +316,27 @@ class WeightingCfg:
 
 @dataclass
 class UnfreezeCfg:
-    """At the start of ``epoch`` (0-based), unfreeze encoder modules matching ``modules``."""
+    """Unfreeze encoder modules matching ``modules`` at the start of ``epoch`` (0-based), or before training step
+    ``step`` (0-based: once ``step`` updates are made); exactly one of the two."""
 
-    epoch: int = bounded(ge=0)
     modules: List[str]
+    epoch: Optional[int] = bounded(None, ge=0)
+    step: Optional[int] = bounded(None, ge=0)
     lr_mult: float = bounded(1.0, ge=0)
+
+    def check(self) -> str:
+        if (self.epoch is None) == (self.step is None):
+            got = "both" if self.epoch is not None else "neither"
+            return (
+                f"a train.unfreeze event needs exactly one of epoch (0-based, at its start) and step (0-based, before "
+                f"that training step), got {got}; e.g. {{epoch: 5, modules: [layer4]}} or {{step: 200, modules: "
+                f"[layer4]}}"
+            )
+        return ""
+
+    def at(self, per_epoch: int) -> int:
+        """The training step (0-based) before which the event happens, with ``per_epoch`` steps in an epoch."""
+        return self.step if self.step is not None else self.epoch * per_epoch
 
 
 @dataclass

@@ -81,8 +81,9 @@ class EarlyStoppingHook(Hook):
 
 
 class UnfreezeHook(Hook):
-    """At the start of each configured epoch, unfreeze modules and add them to the optimizer (with their
-    ``optim.layer_decay`` scale)."""
+    """At the start of each configured epoch, or before each configured training step (``step`` s: once s updates
+    are made, between update s - 1 and update s, counted from 0), unfreeze modules and add them to the optimizer
+    (with their ``optim.layer_decay`` scale)."""
 
     def __init__(
         self, encoder: nn.Module, events: Sequence[UnfreezeCfg], optim_cfg: OptimCfg, prefix: str = "encoder"
@@ -107,12 +108,34 @@ class UnfreezeHook(Hook):
                 self.applied.add(i)
                 tqdm.write(f"epoch {trainer.epoch + 1}: unfroze {', '.join(event.modules)} (lr x{event.lr_mult:g})")
 
-    def on_resume(self, trainer: Trainer) -> None:
-        mid_epoch = trainer._partial is not None  # the interrupted epoch had already unfrozen its modules
+    def before_step(self, trainer: Trainer) -> None:
         for i, event in enumerate(self.events):
-            if event.epoch < trainer.epoch or (mid_epoch and event.epoch == trainer.epoch):
+            if event.step == trainer.steps_done and i not in self.applied:
                 self._apply(trainer, event)
                 self.applied.add(i)
+                tqdm.write(f"after {event.step} steps: unfroze {', '.join(event.modules)} (lr x{event.lr_mult:g})")
+
+    def on_resume(self, trainer: Trainer) -> None:
+        """Apply again, in the order they happened (so that the optimizer's groups line up with the checkpoint's),
+        the events before the point the run resumes at."""
+        mid_epoch = trainer._partial is not None  # the interrupted epoch had already unfrozen its modules
+        done = [
+            i
+            for i, event in enumerate(self.events)
+            if (event.step is not None and event.step < trainer.steps_done)
+            or (
+                event.epoch is not None
+                and (event.epoch < trainer.epoch or (mid_epoch and event.epoch == trainer.epoch))
+            )
+        ]
+        if any(self.events[i].step is not None for i in done):  # epoch events first at the same step, as they ran
+            per_epoch = trainer.steps_per_epoch()
+            done.sort(key=lambda i: (self.events[i].at(per_epoch), self.events[i].step is not None, i))
+        else:
+            done.sort(key=lambda i: (self.events[i].epoch, i))
+        for i in done:
+            self._apply(trainer, self.events[i])
+            self.applied.add(i)
 
 
 class CheckpointHook(Hook):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -88,37 +88,70 @@ def set_trainable(encoder: nn.Module, patterns: Sequence[str]) -> List[nn.Parame
     return newly
 
 
-def check_unfreeze(encoder: nn.Module, events: Sequence[Any], epochs: int, freeze: Any = None) -> None:
-    """Refuse ``train.unfreeze`` events (``epoch``, ``modules``) that would never happen or change nothing: an epoch
-    outside 0..epochs-1, a pattern that matches no encoder parameter, or one whose parameters all train already
+def check_unfreeze(
+    encoder: nn.Module,
+    events: Sequence[Any],
+    epochs: int,
+    freeze: Any = None,
+    per_epoch: Optional[int] = None,
+    steps: Optional[int] = None,
+) -> None:
+    """Refuse ``train.unfreeze`` events (``epoch`` or ``step``, ``modules``) that would never happen or change nothing:
+    an epoch outside 0..epochs-1, a step outside the run's training steps (``steps``, the step budget, else ``epochs``
+    of ``per_epoch`` steps), a pattern that matches no encoder parameter, or one whose parameters all train already
     then (under ``model.freeze``, ``freeze``, as applied to ``encoder``; and after the events before it)."""
     names = [n for n, _ in encoder.named_parameters()]
-    freed: Dict[str, Tuple[int, int]] = {n: (-1, -1) for n, p in encoder.named_parameters() if p.requires_grad}
-    for i in sorted(range(len(events)), key=lambda i: events[i].epoch):
+    freed: Dict[str, Tuple[int, str]] = {n: (-1, "") for n, p in encoder.named_parameters() if p.requires_grad}
+    for i in sorted(range(len(events)), key=lambda i: _unfreeze_order(events[i], per_epoch, i)):
         event, where = events[i], f"train.unfreeze[{i}]"
-        if not 0 <= event.epoch < epochs:
+        when = f"epoch {event.epoch}" if getattr(event, "step", None) is None else f"step {event.step}"
+        if event.epoch is not None and not 0 <= event.epoch < epochs:
+            given = f"train.epochs is {epochs}" if steps is None else f"the run has {epochs} (train.steps {steps})"
             raise UserError(
-                f"{where}: epoch {event.epoch} never starts: epochs count from 0 and train.epochs is "
-                f"{epochs}, so give an epoch from 0 to {epochs - 1} (or raise train.epochs)"
+                f"{where}: epoch {event.epoch} never starts: epochs count from 0 and {given}, so give an epoch from 0 "
+                f"to {epochs - 1} (or raise train.{'epochs' if steps is None else 'steps'})"
             )
+        if event.epoch is None:
+            total = steps if steps is not None else epochs * (per_epoch or 0)
+            if not 0 <= event.step < total:
+                given = (
+                    f"train.steps is {steps}"
+                    if steps is not None
+                    else f"the run has {total} ({epochs} epochs of {per_epoch})"
+                )
+                raise UserError(
+                    f"{where}: step {event.step} never comes: training steps count from 0 and {given}, so give a step "
+                    f"from 0 to {total - 1} (or raise train.{'steps' if steps is not None else 'epochs'})"
+                )
         if not event.modules:
             raise UserError(f"{where}: modules is empty; name the encoder modules to unfreeze, e.g. [layer4]")
         hits = {}
         for pattern in event.modules:
             hit = _select(names, [pattern], f"{where}.modules")
             if all(n in freed for n in hit):
-                j, epoch = freed[hit[0]]
+                j, then = freed[hit[0]]
                 why = (
-                    f"train.unfreeze[{j}] unfreezes it at epoch {epoch}"
+                    f"train.unfreeze[{j}] unfreezes it at {then}"
                     if j >= 0
                     else f"model.freeze {freeze!r} leaves it trainable"
                 )
                 raise UserError(
-                    f"{where}: {pattern!r} already trains at epoch {event.epoch} ({why}), so unfreezing "
+                    f"{where}: {pattern!r} already trains at {when} ({why}), so unfreezing "
                     f"it would change nothing; remove it, or freeze it with model.freeze"
                 )
-            hits.update({n: (i, event.epoch) for n in hit if n not in freed})
+            hits.update({n: (i, when) for n in hit if n not in freed})
         freed.update(hits)
+
+
+def _unfreeze_order(event: Any, per_epoch: Optional[int], i: int) -> Tuple[int, int, int]:
+    """When ``event`` (number ``i``) happens among the unfreeze events: its step (an epoch's first, with ``per_epoch``
+    steps an epoch), epoch events before step events at the same step, then in list order."""
+    step = getattr(event, "step", None)
+    if step is None:
+        return (event.epoch * (per_epoch or 1), 0, i) if event.epoch is not None else (0, 0, i)
+    if per_epoch is None:
+        raise ValueError("check_unfreeze needs per_epoch to order step events among epoch events")
+    return (step, 1, i)
 
 
 def eval_frozen(model: nn.Module, encoder: nn.Module | None = None) -> None:
