@@ -313,6 +313,8 @@ def test_trainer_options_and_the_old_keywords_give_the_same_trainer():
         nonfinite="skip",
         mix=BatchMix(seed=7),
         accumulate=2,
+        steps=40,
+        val_every=2,
     )
     old = Trainer(model, tasks, {}, opt, None, **settings)
     options = TrainerOptions(**settings)
