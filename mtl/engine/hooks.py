@@ -128,11 +128,8 @@ class UnfreezeHook(Hook):
                 and (event.epoch < trainer.epoch or (mid_epoch and event.epoch == trainer.epoch))
             )
         ]
-        if any(self.events[i].step is not None for i in done):  # epoch events first at the same step, as they ran
-            per_epoch = trainer.steps_per_epoch()
-            done.sort(key=lambda i: (self.events[i].at(per_epoch), self.events[i].step is not None, i))
-        else:
-            done.sort(key=lambda i: (self.events[i].epoch, i))
+        per_epoch = trainer.steps_per_epoch() if any(self.events[i].step is not None for i in done) else 1
+        done.sort(key=lambda i: (self.events[i].at(per_epoch), self.events[i].step is not None, i))  # as they ran
         for i in done:
             self._apply(trainer, self.events[i])
             self.applied.add(i)

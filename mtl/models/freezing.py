@@ -148,7 +148,7 @@ def _unfreeze_order(event: Any, per_epoch: Optional[int], i: int) -> Tuple[int, 
     steps an epoch), epoch events before step events at the same step, then in list order."""
     step = getattr(event, "step", None)
     if step is None:
-        return (event.epoch * (per_epoch or 1), 0, i) if event.epoch is not None else (0, 0, i)
+        return (event.epoch * (per_epoch or 1), 0, i)
     if per_epoch is None:
         raise ValueError("check_unfreeze needs per_epoch to order step events among epoch events")
     return (step, 1, i)
