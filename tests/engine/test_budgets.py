@@ -23,6 +23,7 @@ from mtl.engine.hooks import EarlyStoppingHook, UnfreezeHook, top_epochs
 from mtl.engine.optim import build_scheduler
 from mtl.engine.trainer import Hook, Trainer
 from mtl.tasks.classification import Classification
+from mtl.workflows.stages import train_from_file
 from mtl.workflows.train import resume_run, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,23 +260,18 @@ def test_a_step_budget_run_killed_twice_and_resumed_ends_with_the_uninterrupted_
     assert resumed["best"]["epoch"] == whole["best"]["epoch"]
 
 
-def test_cached_features_keep_the_step_budget_and_the_validation_schedule(tmp_path):
-    raw = _run_config(tmp_path, tmp_path / "runs", **{"model.freeze": "all", "data.augment": "none", "train.steps": 8})
-    summary = run(build_config(raw), quiet=True)
-    assert "encoder features cached once" in summary["pipeline"]
-    assert summary["steps"] == 8 and summary["epochs"] == 2  # 6 + 2 steps
-    assert ["val" in m for m in _epochs(summary["run_dir"])] == [False, True]
-
-
-def test_a_stage_has_its_own_step_budget(tmp_path):
-    raw = _run_config(tmp_path, tmp_path / "runs", **{"train.steps": 3, "train.val_every": 1})
-    raw["stages"] = [{"name": "short"}, {"name": "longer", "train": {"steps": 7}}]
+def test_each_stage_keeps_its_own_budget_and_validation_schedule_cached_features_too(tmp_path):
+    raw = _run_config(tmp_path, tmp_path / "runs", **{"train.steps": 8, "data.augment": "none"})
+    raw["stages"] = [
+        {"name": "heads", "model": {"freeze": "all"}},  # a frozen encoder: trained on cached features
+        {"name": "short", "train": {"steps": 3, "val_every": 1}},
+    ]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    from mtl.workflows.stages import train_from_file
-
-    short, longer = train_from_file(str(path), [])
-    assert (short["steps"], short["epochs"]) == (3, 1) and (longer["steps"], longer["epochs"]) == (7, 2)
+    heads, short = train_from_file(str(path), [])
+    assert "encoder features cached once" in heads["pipeline"] and "cached" not in short["pipeline"]
+    assert (heads["steps"], heads["epochs"], short["steps"], short["epochs"]) == (8, 2, 3, 1)  # 6 + 2 steps; 3
+    assert ["val" in m for m in _epochs(heads["run_dir"])] == [False, True]
 
 
 @pytest.mark.parametrize(
