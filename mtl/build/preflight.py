@@ -36,7 +36,8 @@ def check_before_data(cfg: Config) -> None:
             size = one.data.image_size
             check_data_size(one, encoder, [size, size], key if key == "data" else f"tasks.{key}.data")
     apply_freeze(encoder, cfg.model.freeze)
-    check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)
+    if cfg.train.steps is None and all(getattr(e, "step", None) is None for e in cfg.train.unfreeze):
+        check_unfreeze(encoder, cfg.train.unfreeze, cfg.train.epochs, cfg.model.freeze)  # steps need the data's size
     for name, task in cfg.tasks.items():
         if task.head is not None and task.head.name not in HEADS:
             try:

@@ -57,3 +57,15 @@ def test_a_stage_refused_after_an_earlier_one_trained_keeps_the_run(tmp_path, da
     (root,) = (tmp_path / "runs" / "tiny").iterdir()
     assert json.loads((root / "a" / "summary.json").read_text())["epochs"] == 1
     assert (root / "config.yaml").is_file() and not (root / "b").exists()  # `mtl train --resume` continues it
+
+
+def test_stage_budgets_in_steps_pass_the_checks(tmp_path, data):
+    """A stage with train.steps and unfreeze events in steps (or in epochs past train.epochs, which steps leave
+    unused) is not refused by the checks before the data: its steps per epoch are not known yet."""
+    second = {
+        "model": {"freeze": {"until": "stage4"}},
+        "train": {"steps": 4, "unfreeze": [{"step": 1, "modules": ["stage4"]}, {"epoch": 1, "modules": ["stage3"]}]},
+    }
+    assert main(["train", str(staged(tmp_path, data, second)), "data.batch_size=4"]) == 0
+    (root,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert json.loads((root / "b" / "summary.json").read_text())["steps"] == 4
