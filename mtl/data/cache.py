@@ -5,19 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
-import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-ANNOUNCE_AFTER_S = 2.0  # a generation that lasts this long says so
+from mtl.core.waiting import ANNOUNCE_AFTER_S, announced
 
 
 def cache_path(root: str | os.PathLike, name: str, key: dict[str, Any]) -> Path:
@@ -37,23 +33,12 @@ def load_or_build(path: Path, key: dict[str, Any], build: Callable[[], dict[str,
             warnings.warn(f"ignoring unreadable cache {path} ({err}); rebuilding it", stacklevel=2)
     # a wait of seconds to minutes (rendering scenes or captchas): once it lasts ANNOUNCE_AFTER_S, one line says what
     # is happening (also in a log), and a second one when it is done; a quick build stays silent
-    started, said = time.perf_counter(), threading.Lock()
-
-    def say() -> None:
-        if said.acquire(blocking=False):
-            tqdm.write(f"generating {path.name} (once: later runs read it from {path.parent})", file=sys.stderr)
-
-    announce = threading.Timer(ANNOUNCE_AFTER_S, say)
-    announce.daemon = True
-    if ANNOUNCE_AFTER_S <= 0:
-        say()  # at once, not from the timer's thread
-    announce.start()
-    try:
+    with announced(
+        f"generating {path.name} (once: later runs read it from {path.parent})",
+        lambda seconds: f"generated {path.name} in {seconds:.1f} s",
+        ANNOUNCE_AFTER_S,
+    ):
         tensors = build()
-    finally:
-        announce.cancel()
-    if not said.acquire(blocking=False):  # the first line was printed: say that the wait is over
-        tqdm.write(f"generated {path.name} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -9,6 +9,7 @@ uses view ``e % feature_views``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from mtl.core import distributed as dist
 from mtl.core.errors import UserError
 from mtl.core.runtime import evaluating
+from mtl.core.waiting import ANNOUNCE_AFTER_S, announced
 from mtl.data.batches import loader_batch_size
 from mtl.models.arch import Architecture
 from mtl.models.heads import POOLED, head_input
@@ -160,9 +162,48 @@ def cache_features(
     """Feature loaders replacing ``loaders`` and the seconds spent computing them.
 
     ``extraction[split]`` iterates the split in a fixed order with its own transforms; the train split is read
-    ``views`` times (its augmentation, if any, reseeded per view).
+    ``views`` times (its augmentation, if any, reseeded per view). A wait of more than ``ANNOUNCE_AFTER_S`` says so
+    in one line (also in a log, where the progress bars are off) and again when it is done (process 0).
     """
     started = time.perf_counter()
+    images = {split: _size(extraction[split]) for split in loaders}
+    shown = ", ".join(
+        f"{n} {split}" + (f" x {views} views" if split == "train" and views > 1 else "") for split, n in images.items()
+    )
+    waiting = (
+        announced(
+            f"caching encoder features of {shown} images (once; the heads then train on them)",
+            lambda seconds: f"cached encoder features in {seconds:.1f} s",
+            ANNOUNCE_AFTER_S,
+        )
+        if dist.is_main()  # under torchrun every process caches its features; one says so
+        else contextlib.nullcontext()
+    )
+    with waiting:
+        out = _cache(model, loaders, extraction, views, device, amp, generator, seed)
+    return out, time.perf_counter() - started
+
+
+def _size(loader: Any) -> str:
+    """How many images ``loader`` reads (its data set's or image store's length), or ``?`` when it cannot say."""
+    for source in (getattr(loader, "dataset", None), getattr(loader, "store", None)):
+        try:
+            return str(len(source))
+        except TypeError:
+            continue
+    return "?"
+
+
+def _cache(
+    model: TransferModel,
+    loaders: Mapping[str, Any],
+    extraction: Mapping[str, Any],
+    views: int,
+    device: torch.device,
+    amp: bool,
+    generator: torch.Generator,
+    seed: int,
+) -> Dict[str, FeatureBatches]:
     out: Dict[str, FeatureBatches] = {}
     for split, loader in loaders.items():
         n_views = views if split == "train" else 1
@@ -187,4 +228,4 @@ def cache_features(
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - started
+    return out

@@ -200,6 +200,7 @@ def test_cached_features_train_the_same_heads_as_the_uncached_run(color_folder, 
     cached = run(frozen(color_folder, tmp_path / "a"), quiet=True)
     plain = run(frozen(color_folder, tmp_path / "b", **{"train.cache_features": "off"}), quiet=True)
     assert "features cached once" in cached["pipeline"] and "cached" not in plain["pipeline"]
+    assert cached["feature_cache_s"] > 0 and "feature_cache_s" not in plain  # recorded apart from s/epoch
     for phase in ("train", "val"):
         assert cached["final"][phase]["loss"] == pytest.approx(plain["final"][phase]["loss"], rel=1e-4, abs=1e-5)
     a = torch.load(f"{cached['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]
@@ -224,6 +225,26 @@ def test_cached_features_on_the_per_item_path_are_the_encoder_outputs_in_data_se
             expected = exp.model.encode(images)["out"]
         assert torch.allclose(loaders[split].views[0], expected, atol=1e-5)
         assert loaders[split].targets["label"].tolist() == [int(ds[i]["label"]) for i in range(len(ds))]
+
+
+def test_caching_features_says_so_in_two_lines_when_it_lasts_and_is_silent_when_quick(
+    color_folder, tmp_path, capsys, monkeypatch
+):
+    from mtl.build.experiment import _speed_up
+    from mtl.engine import feature_cache
+
+    cfg = frozen(color_folder, tmp_path)
+    monkeypatch.setattr(feature_cache, "ANNOUNCE_AFTER_S", 60.0)  # far longer than these 72 images take
+    exp = build_experiment(cfg)
+    capsys.readouterr()
+    _speed_up(cfg, exp)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(feature_cache, "ANNOUNCE_AFTER_S", 0.0)  # every caching counts as long
+    _speed_up(cfg, exp)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "caching encoder features of 48 train, 24 val images (once; the heads then train on them)"
+    assert err[1].startswith("cached encoder features in ") and err[1].endswith(" s") and len(err) == 2
+    assert exp.info["feature_cache_s"] > 0
 
 
 def test_feature_views_cache_several_augmented_views(color_folder, tmp_path):
