@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time",
         action="store_true",
-        help="also the training time per step (mean over seeds) and its ratio to the first group's",
+        help="also the training time per step (mean over seeds) and its ratio to the first group's, and the time "
+        "spent caching encoder features once (runs that did)",
     )
     parser.add_argument(
         "--plots",

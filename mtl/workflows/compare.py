@@ -24,7 +24,13 @@ DELTA_COLUMNS = {"flat": "delta_m_flat", "libmtl": "delta_m_libmtl"}
 DELTA_HEADERS = {"delta_m_flat": "Δm % (flat)", "delta_m_libmtl": "Δm % (LibMTL Δp)"}
 STEP_COLUMN = "step_ms"  # with timing: mean training time per step (summary.json time), ms
 MEMORY_COLUMN = "peak_mib"  # with timing: training memory (summary.json memory), MiB
-HEADERS = {**DELTA_HEADERS, STEP_COLUMN: "train ms/step", MEMORY_COLUMN: "train peak MiB"}
+FEATURES_COLUMN = "features_s"  # with timing: the one-time caching of encoder features (summary.json), s
+HEADERS = {
+    **DELTA_HEADERS,
+    STEP_COLUMN: "train ms/step",
+    MEMORY_COLUMN: "train peak MiB",
+    FEATURES_COLUMN: "features s (once)",
+}
 
 # --------------------------------------------------------------------------- runs
 
@@ -358,8 +364,8 @@ def aggregate(
 ) -> Aggregate:
     """Runs under ``paths`` grouped by sweep point, else by resolved config apart from train.seed, name and out_dir
     (staged runs: per stage); per group and column (task.metric, and with ``baseline`` delta-m in both conventions,
-    computed per run; with ``timing`` the training time per step) the values over seeds with mean, sample std and
-    95 % t-interval."""
+    computed per run; with ``timing`` the training time per step, the training memory and the time spent caching
+    features) the values over seeds with mean, sample std and 95 % t-interval."""
     mode, k = parse_select(select)
     runs, skipped = collect_runs(paths)
     if not runs:
@@ -394,9 +400,12 @@ def aggregate(
             peak = (run.summary.get("memory") or {}).get("peak_mib")
             if peak is not None:
                 run.values[MEMORY_COLUMN] = float(peak)
+            if run.summary.get("feature_cache_s") is not None:
+                run.values[FEATURES_COLUMN] = float(run.summary["feature_cache_s"])
         columns[STEP_COLUMN] = None
-        if any(MEMORY_COLUMN in run.values for run in runs):
-            columns[MEMORY_COLUMN] = None
+        for column in (MEMORY_COLUMN, FEATURES_COLUMN):
+            if any(column in run.values for run in runs):
+                columns[column] = None
     first: Dict[Tuple[str, ...], Run] = {}
     members: Dict[Tuple[str, ...], List[Run]] = {}
     for run in runs:
@@ -494,7 +503,9 @@ def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = N
     lines = [agg.protocol, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in agg.groups:
         n = len(g.runs)
-        cells = [g.label, str(n)] + [_cell(g.stats.get(c), n, c in DELTA_HEADERS) for c in columns]
+        cells = [g.label, str(n)] + [
+            _cell(g.stats.get(c), n, c in DELTA_HEADERS, c == FEATURES_COLUMN) for c in columns
+        ]
         for c in costs:
             stat, ref = g.stats.get(c), reference[c]
             cells.append(_cell(stat, n, False, True))
@@ -515,6 +526,11 @@ def render(agg: Aggregate, fmt: str = "md", metrics: Optional[Sequence[str]] = N
             "train peak MiB: peak CUDA memory allocated while training, or on the CPU how much the process's peak "
             "resident memory grew while training and validating (beyond the model and data loaded before), mean over "
             "seeds; × the ratio of those means"
+        )
+    if FEATURES_COLUMN in columns:
+        notes.append(
+            "features s (once): the seconds spent caching the frozen encoder's features before the first epoch "
+            "(train.cache_features), mean over seeds; train ms/step leaves them out"
         )
     if any(c in DELTA_HEADERS for c in columns):
         notes.append(

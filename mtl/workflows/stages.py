@@ -137,22 +137,29 @@ def _run_stages(top: Config, configs: List[Config], root: Path, resume: bool) ->
 
 def stage_table(summaries: List[Dict[str, Any]]) -> str:
     """A Markdown table: best and final validation accuracy, the test accuracy of the best-on-validation checkpoint
-    (a column only when a stage has a test split), time per epoch, trainable parameters."""
+    (a column only when a stage has a test split), time per epoch, the one-time caching of encoder features (a column
+    only when a stage cached them: ``s/epoch`` leaves it out), trainable parameters."""
     tested = any(s.get("test") for s in summaries)
+    cached = any("feature_cache_s" in s for s in summaries)
     rows = [
         "| stage | train images | best val acc | final val acc | "
         + ("test acc (best epoch) | " if tested else "")
-        + "s/epoch | trainable params |",
-        "|---|---:|---:|---:|" + ("---:|" if tested else "") + "---:|---:|",
+        + "s/epoch | "
+        + ("features s (once) | " if cached else "")
+        + "trainable params |",
+        "|---|---:|---:|---:|" + ("---:|" if tested else "") + ("---:|" if cached else "") + "---:|---:|",
     ]
     for s in summaries:
         best = (s["best"]["val"] or {}).get("acc", float("nan"))
         final = ((s["final"] or {}).get("val") or {}).get("acc", float("nan"))
         test = ((s.get("test") or {}).get("best") or {}).get("acc")
+        once = s.get("feature_cache_s")
         rows.append(
             f"| {s['name']} | {s['train_size']} | {best:.4f} | {final:.4f} | "
             + (("—" if test is None else f"{test:.4f}") + " | " if tested else "")
-            + f"{s['time']['mean_epoch_s']:.2f} | {s['params']['trainable']:,} |"
+            + f"{s['time']['mean_epoch_s']:.2f} | "
+            + (("—" if once is None else f"{once:.2f}") + " | " if cached else "")
+            + f"{s['params']['trainable']:,} |"
         )
     return "\n".join(rows)
 

@@ -460,6 +460,14 @@ def test_time_option_gives_ms_per_step_over_seeds_and_the_ratio_to_the_first_gro
     row = next(line for line in out.splitlines() if line.startswith("| weighting.name=pcgrad"))
     assert row.endswith(f"| {26 / 11:.2f} | 150.5 ± 0.7 [144.1, 156.9] | {150.5 / 100:.2f} |") and "26.0 ± 1.4" in row
     assert "step_ms" not in aggregate([tmp_path / "runs"]).columns  # only with --time
+    assert "features s" not in out  # no run cached features
+    cached = tmp_path / "runs" / "equal" / "s0" / "summary.json"
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "feature_cache_s": 3.25}))
+    assert main(["compare", str(tmp_path / "runs"), "--time"]) == 0
+    out = capsys.readouterr().out
+    assert "| features s (once) | train ms/step |" in out and "features s (once): the seconds spent caching" in out
+    row = next(line for line in out.splitlines() if line.startswith("| weighting.name=equal"))
+    assert "| 3.2 (n=1) | 11.0 ± 1.4" in row  # one of the two seeds cached
     write_baseline([tmp_path / "runs" / "equal"], tmp_path / "b.yaml")  # the time column is no task
     assert set(load_baseline(tmp_path / "b.yaml")) == {"seg"}
 

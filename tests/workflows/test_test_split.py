@@ -140,6 +140,16 @@ def test_stage_table_has_a_test_column_only_when_a_stage_has_a_test_split():
     assert "test" not in stage_table([stage("a"), stage("b")])
 
 
+def test_stage_table_shows_the_one_time_feature_caching_apart_from_s_per_epoch():
+    cached = {**stage("fixed"), "feature_cache_s": 12.345}
+    table = stage_table([stage("pretrain"), cached]).splitlines()
+    assert "| s/epoch | features s (once) | trainable params |" in table[0]
+    assert table[1].count("|") == table[0].count("|")
+    assert table[2] == "| pretrain | 10 | 0.8000 | 0.8000 | 1.00 | — | 1,234 |"
+    assert table[3] == "| fixed | 10 | 0.8000 | 0.8000 | 1.00 | 12.35 | 1,234 |"
+    assert "features" not in stage_table([stage("a")])
+
+
 def test_mtl_eval_scores_the_carved_validation_set(tested_run, capsys):
     _, summary = tested_run
     assert main(["eval", summary["run_dir"], "--split", "val"]) == 0
