@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Dict, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+
+from mtl.data.loaders import in_order, reshuffled
+from mtl.data.multi_input import MultiInputLoader
+from mtl.models.batchnorm import training_modes
+
+if TYPE_CHECKING:
+    from mtl.engine.trainer import Trainer
 
 
 def _detached_copy(model: nn.Module) -> nn.Module:
@@ -141,10 +148,7 @@ def recompute_bn(
     structure) has it: mtl's models keep frozen parts in eval mode, so only BatchNorm layers that train are
     recomputed and frozen ones keep their statistics. Returns the number of batches (0: no layer to recompute,
     nothing run). ``averaged`` is left in eval mode."""
-    was = trained.training
-    trained.train(True)
-    modes = [m.training for m in trained.modules()]
-    trained.train(was)
+    modes = training_modes(trained)
     layers = [
         a
         for a, mode in zip(averaged.modules(), modes)
@@ -168,6 +172,29 @@ def recompute_bn(
             m.momentum = momentum
         averaged.eval()
     return n
+
+
+def recompute_bn_on_train(module: nn.Module, trainer: "Trainer") -> int:
+    """``recompute_bn`` of ``module`` (shaped as ``trainer.model``, whose training modes pick the layers) over one pass
+    of ``trainer``'s training split as ``torch.optim.swa_utils.update_bn`` is given the training loader: with its
+    training transforms, in a shuffled order (``training_pass``), fed as the trainer feeds it. Every process makes the
+    whole pass, its order and random draws seeded by ``trainer.seed`` alone, so that every process, and a run resumed
+    after an interruption here, gets the same statistics. Returns the number of batches."""
+    forward = batch_forward(trainer.device, trainer.channels_last, trainer.autocast)
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(trainer.seed)
+        return recompute_bn(module, trainer.model, training_pass(trainer.loaders["train"], trainer.seed), forward)
+
+
+def training_pass(loader: Any, seed: int) -> Any:
+    """Every item of ``loader``'s split once, not sharded over processes, with its augmentation, in an order drawn by
+    a generator seeded with ``seed`` (each task's own in a multi-input run). Shuffled as in training: the split in
+    order (by class, for image folders) would make batches of one class, whose statistics lack the variance between
+    classes that every training batch had."""
+    if isinstance(loader, MultiInputLoader):
+        parts = loader.loaders.items()
+        return MultiInputLoader({t: training_pass(part, seed + i) for i, (t, part) in enumerate(parts)})
+    return reshuffled(in_order(loader), torch.Generator().manual_seed(seed))
 
 
 def swa_lr_lambda(

@@ -31,9 +31,9 @@ from mtl.core import distributed as dist
 from mtl.core.checkpoint import rng_state, set_rng_state
 from mtl.core.errors import UserError, out_of_memory
 from mtl.data.batches import loader_batch_size
-from mtl.data.loaders import in_order, reshuffled
+from mtl.data.loaders import reshuffled
 from mtl.data.multi_input import MultiInputLoader
-from mtl.engine.averaging import SWA, WeightEMA, batch_forward, recompute_bn
+from mtl.engine.averaging import SWA, WeightEMA, recompute_bn_on_train
 from mtl.engine.evaluate import evaluate
 from mtl.engine.extension import StepExtension
 from mtl.engine.meter import Meter, MultiInputMeter
@@ -276,13 +276,10 @@ class Trainer:
             self.model = trained
 
     def _finish_swa(self) -> Dict[str, Any]:
-        """SWA's end: BatchNorm statistics of the averaged weights from one pass over the training split (in order,
-        with its training transforms, the random draws seeded by ``seed``; every process the whole split), then
+        """SWA's end: BatchNorm statistics of the averaged weights from one pass over the training split (shuffled,
+        with its training transforms, order and random draws seeded by ``seed``; every process the whole split), then
         its validation. ``delivered``: its score (``monitor``) beats the best epoch's, so that it becomes best.pt."""
-        forward = batch_forward(self.device, self.channels_last, self.autocast)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            batches = recompute_bn(self.swa.module, self.model, in_order(self.loaders["train"]), forward)
+        batches = recompute_bn_on_train(self.swa.module, self)
         result: Dict[str, Any] = {"epochs": list(self.swa.epochs), "bn_batches": batches, "val": None, "score": None}
         if "val" in self.loaders:
             result["val"] = self._averaged_phase(self.swa.module, "val")
