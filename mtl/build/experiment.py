@@ -31,6 +31,7 @@ from mtl.engine.feature_cache import (
 )
 from mtl.engine.monitor import default_monitor, delta_m, load_baseline
 from mtl.engine.trainer import accumulate_refusal
+from mtl.models.batchnorm import set_bn_momentum, trained_bn_layers
 from mtl.models.freezing import L2SP, apply_freeze, check_unfreeze
 from mtl.models.layer_depth import model_scales
 from mtl.models.transfer import TransferModel
@@ -79,6 +80,7 @@ def build_experiment(cfg: Config) -> Experiment:
     l2sp = L2SP(encoder, cfg.optim.l2sp) if cfg.optim.l2sp > 0 else None
     apply_freeze(encoder, cfg.model.freeze)
     model = build_model(cfg, encoder, tasks, input_size).to(device)
+    _batchnorm_settings(cfg, model)
     if cfg.optim.layer_decay is not None:
         model_scales(model, cfg.optim.layer_decay)  # an encoder or arch without block structure: refused here
     if l2sp is not None:
@@ -131,6 +133,21 @@ def _check_swa_start(cfg: Config, budget: Budget) -> None:
             f"train.swa.start_epoch is {swa.start_epoch} but the run has {budget.epochs} epochs (train.steps "
             f"{budget.total} at {budget.per_epoch} steps an epoch; 0-based: the last is {budget.epochs - 1}), so "
             f"nothing would be averaged; lower start_epoch or raise train.steps"
+        )
+
+
+def _batchnorm_settings(cfg: Config, model: nn.Module) -> None:
+    """``model.bn_momentum`` set on every BatchNorm layer of the built model (weights loaded); it, or
+    ``train.bn_recompute``, refused in one line for a model without a BatchNorm layer to act on."""
+    if cfg.model.bn_momentum is not None and set_bn_momentum(model, cfg.model.bn_momentum) == 0:
+        raise UserError(
+            f"model.bn_momentum is {cfg.model.bn_momentum:g}, but {cfg.model.encoder} with its heads has no BatchNorm "
+            f"layer; remove model.bn_momentum"
+        )
+    if cfg.train.bn_recompute and not cfg.train.unfreeze and not trained_bn_layers(model):
+        raise UserError(
+            f"train.bn_recompute recomputes the statistics of BatchNorm layers that train, but {cfg.model.encoder} "
+            f"with its heads has none (model.freeze freezes them, or there are none); remove train.bn_recompute"
         )
 
 

@@ -17,6 +17,8 @@ from mtl.core.runtime import use_amp
 from mtl.data.mix import batch_mix
 from mtl.engine.averaging import SWA, WeightEMA, use_swa_lr
 from mtl.engine.budget import run_budget
+from mtl.engine.bn_recompute import BatchNormRecomputeHook
+from mtl.engine.chance import ChanceWarningHook
 from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (
     HOOKS,
@@ -79,7 +81,8 @@ def build_hooks(
     continual run's ``method``: a key that ``run_hparams`` lacks is a ValueError, so that every run has the same
     keys; ``n_images`` grid images, by default ``train.log_images``; ``graph_model``'s graph when
     ``train.log_graph``) and ``CheckpointHook`` (with ``meta`` in every checkpoint); then ``ConsoleHook`` on process
-    0 unless ``quiet``. The named hooks run on every process: ``named`` when they were built already
+    0 unless ``quiet``, and ``ChanceWarningHook`` on process 0; ``BatchNormRecomputeHook`` on every process with
+    ``train.bn_recompute``. The named hooks run on every process: ``named`` when they were built already
     (``config_hooks``), else built here.
     """
     hooks: List[Hook] = []
@@ -103,6 +106,9 @@ def build_hooks(
         ]
         if not quiet:
             hooks.append(ConsoleHook())
+        hooks.append(ChanceWarningHook())
+    if cfg.train.bn_recompute:
+        hooks.append(BatchNormRecomputeHook(run_dir, meta))
     hooks += config_hooks(cfg) if named is None else named
     return hooks
 

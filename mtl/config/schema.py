@@ -251,6 +251,9 @@ class ModelCfg:
     arch_options: Dict[str, Any] = field(default_factory=dict)  # e.g. mmoe {num_experts: 4}
     weights: Optional[str] = None  # null | DEFAULT | IMAGENET1K_V1 | path/to/file.pth | run:runs/<name>/<time>
     freeze: FreezeSpec = "none"  # none | all | {until: layer3} | {from: layer3} | {freeze: [...]} | {train: [...]}
+    # the momentum of every BatchNorm layer once built and loaded: running = (1 - m) * running + m * batch (PyTorch's
+    # convention: a TensorFlow port's decay 0.99 is 0.01 here; PyTorch's default is 0.1); null keeps each layer's own
+    bn_momentum: Optional[float] = bounded(None, gt=0, le=1, note="null keeps each layer's own momentum")
 
 
 @dataclass
@@ -432,6 +435,10 @@ class TrainCfg:
     # validate every N-th epoch and always the last one; train.monitor, best.pt, keep_top_k, early stopping (patience
     # counts validated epochs) and ema's val_ema act on the validated epochs only
     val_every: int = bounded(1, ge=1)
+    # after training: the running statistics of the trained BatchNorm layers of best.pt's weights recomputed over one
+    # pass of the training split (as torch's update_bn), validated, saved as checkpoints/best_bn.pt and made best.pt
+    # when they validate better (always without a validation split)
+    bn_recompute: bool = False
 
     def check(self) -> str:
         if self.epochs < 1:
@@ -452,6 +459,11 @@ class TrainCfg:
             return f"train.feature_views must be >= 1, got {self.feature_views}"
         if self.ema is not None and self.swa is not None:
             return "train.ema and train.swa both average the weights; keep one of them"
+        if self.swa is not None and self.bn_recompute:
+            return (
+                "train.swa already recomputes the BatchNorm statistics of the weights it averages; "
+                "set train.bn_recompute: false, or train.swa: null"
+            )
         if self.swa is not None and self.steps is None and self.swa.start_epoch >= self.epochs:  # steps: when built
             return (
                 f"train.swa.start_epoch is {self.swa.start_epoch} but the run has {self.epochs} epochs (0-based: the "
@@ -596,6 +608,9 @@ class Config:
         if self.continual.methods and (self.train.ema is not None or self.train.swa is not None):
             which = "train.ema" if self.train.ema is not None else "train.swa"
             return f"{which} is not supported in continual runs (continual.methods); set it to null"
+        if self.continual.methods and (self.model.bn_momentum is not None or self.train.bn_recompute):
+            which = "model.bn_momentum" if self.model.bn_momentum is not None else "train.bn_recompute"
+            return f"{which} is not supported in continual runs (continual.methods); remove it"
         if self.continual.methods and (self.data.mix is not None or self.train.accumulate > 1):
             key = "data.mix" if self.data.mix is not None else "train.accumulate"
             return (

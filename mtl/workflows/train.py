@@ -37,6 +37,7 @@ from mtl.core.rundir import (
 from mtl.core.runtime import memory_mark, training_memory
 from mtl.data.holdout import val_text
 from mtl.engine.budget import Budget
+from mtl.engine.bn_recompute import bn_recompute_result
 from mtl.engine.hooks import flat_row, phase_text
 from mtl.engine.trainer import Hook, Trainer, updates_per_epoch
 from mtl.tasks.base import Task
@@ -156,7 +157,9 @@ def _train(
     mark = memory_mark(exp.device)
     history = trainer.fit()
     memory = training_memory(exp.device, mark)
-    test = _evaluate_test(trainer, run_dir) if "test" in trainer.loaders else None
+    bn = bn_recompute_result(hooks)
+    recomputed = bool(bn and bn["delivered"])
+    test = _evaluate_test(trainer, run_dir, recomputed) if "test" in trainer.loaders else None
     summary = _summary(cfg, run_dir, trainer, exp, history, time.perf_counter() - started)
     summary["memory"] = memory
     if test is not None:
@@ -164,6 +167,8 @@ def _train(
     summary["processes"] = dist.world_size()
     if trainer.swa is not None:  # None: no epoch was averaged (training ended before swa.start_epoch)
         summary["swa"] = trainer.swa_result
+    if cfg.train.bn_recompute:  # None: no best epoch
+        summary["bn_recompute"] = bn
     if main_process:
         if test is not None:
             _log_test(run_dir, test, summary)
@@ -190,6 +195,10 @@ def end_line(summary: Mapping[str, Any], monitor: str) -> str:
     if swa.get("val"):
         chosen = "delivered as best.pt" if swa["delivered"] else "the best epoch stays best.pt"
         text += f"  |  swa (epochs {swa['epochs'][0]}-{swa['epochs'][-1]}): val {phase_text(swa['val'])}, {chosen}"
+    bn = summary.get("bn_recompute") or {}
+    if bn.get("val"):
+        chosen = "delivered as best.pt" if bn["delivered"] else "best.pt keeps the epoch's"
+        text += f"  |  BatchNorm statistics recomputed (epoch {bn['epoch']}): val {phase_text(bn['val'])}, {chosen}"
     test = summary.get("test") or {}
     if test.get("best"):
         text += f"  |  test (best epoch): {phase_text(test['best'])}"
@@ -198,18 +207,19 @@ def end_line(summary: Mapping[str, Any], monitor: str) -> str:
     return text + f"  |  written to {summary['run_dir']}"
 
 
-def _evaluate_test(trainer: Trainer, run_dir: Path) -> Dict[str, Any]:
+def _evaluate_test(trainer: Trainer, run_dir: Path, recomputed: bool = False) -> Dict[str, Any]:
     """The test split's metrics, through the trainer's evaluation phase (under torchrun each process scores its
     share), of the final weights ("last"; with train.ema the final EMA weights) and of best.pt, the weights the run
-    delivers ("best": the best-on-validation epoch, or the SWA weights when they validated better; None without a
-    best epoch). Both are read from the checkpoints process 0 wrote; the model keeps the best weights afterwards."""
+    delivers ("best": the best-on-validation epoch, or the SWA weights when they validated better, or with
+    ``recomputed`` its weights with recomputed BatchNorm statistics; None without a best epoch). Both are read from
+    the checkpoints process 0 wrote; the model keeps the best weights afterwards."""
     dist.barrier()
     checkpoints = run_dir / "checkpoints"
     state = load_checkpoint(checkpoints / "last.pt")
     trainer.model.load_state_dict(state["ema"]["model"] if "ema" in state else state["model"])
     last = trainer.run_phase("test")
     best = None
-    averaged = "ema" in state or bool((trainer.swa_result or {}).get("delivered"))
+    averaged = "ema" in state or bool((trainer.swa_result or {}).get("delivered")) or recomputed
     if trainer.best["epoch"] == trainer.epoch and not averaged:
         best = last
     elif trainer.best["epoch"] is not None:
