@@ -354,7 +354,7 @@ def test_a_hook_named_in_the_config_runs_after_mtls_own(color_folder, tmp_path, 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     assert main(["train", str(cfg_path), "train.progress=false"]) == 0
-    own = ["UnfreezeHook", "MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook"]
+    own = ["UnfreezeHook", "MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "ChanceWarningHook"]
     hooks = own + ["RecordEpochs", "RecordEpochs"]
     assert RecordEpochs.seen == [("x", 1, hooks), ("b", 1, hooks), ("x", 2, hooks), ("b", 2, hooks)]
     (d,) = (tmp_path / "runs" / "tiny").iterdir()
