@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Mapping
+from typing import Any, Callable, Dict, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +14,6 @@ from torch.optim.swa_utils import AveragedModel
 from mtl.data.loaders import in_order, reshuffled
 from mtl.data.multi_input import MultiInputLoader
 from mtl.models.batchnorm import training_modes
-
-if TYPE_CHECKING:
-    from mtl.engine.trainer import Trainer
 
 
 def _detached_copy(model: nn.Module) -> nn.Module:
@@ -174,12 +171,13 @@ def recompute_bn(
     return n
 
 
-def recompute_bn_on_train(module: nn.Module, trainer: "Trainer") -> int:
-    """``recompute_bn`` of ``module`` (shaped as ``trainer.model``, whose training modes pick the layers) over one pass
-    of ``trainer``'s training split as ``torch.optim.swa_utils.update_bn`` is given the training loader: with its
-    training transforms, in a shuffled order (``training_pass``), fed as the trainer feeds it. Every process makes the
-    whole pass, its order and random draws seeded by ``trainer.seed`` alone, so that every process, and a run resumed
-    after an interruption here, gets the same statistics. Returns the number of batches."""
+def recompute_bn_on_train(module: nn.Module, trainer: Any) -> int:
+    """``recompute_bn`` of ``module`` (shaped as ``trainer.model``, whose training modes pick the layers; ``trainer``
+    is the ``engine.trainer.Trainer``, which imports this module) over one pass of its training split as
+    ``torch.optim.swa_utils.update_bn`` is given the training loader: with its training transforms, in a shuffled
+    order (``training_pass``), fed as the trainer feeds it. Every process makes the whole pass, its order and random
+    draws seeded by ``trainer.seed`` alone, so that every process, and a run resumed after an interruption here, gets
+    the same statistics. Returns the number of batches."""
     forward = batch_forward(trainer.device, trainer.channels_last, trainer.autocast)
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
         torch.manual_seed(trainer.seed)
