@@ -16,8 +16,8 @@ from mtl.core.errors import UserError
 from mtl.core.runtime import use_amp
 from mtl.data.mix import batch_mix
 from mtl.engine.averaging import SWA, WeightEMA, use_swa_lr
-from mtl.engine.budget import run_budget
 from mtl.engine.bn_recompute import BatchNormRecomputeHook
+from mtl.engine.budget import run_budget
 from mtl.engine.chance import ChanceWarningHook
 from mtl.engine.extension import StepExtension
 from mtl.engine.hooks import (

@@ -36,8 +36,8 @@ from mtl.core.rundir import (
 )
 from mtl.core.runtime import memory_mark, training_memory
 from mtl.data.holdout import val_text
-from mtl.engine.budget import Budget
 from mtl.engine.bn_recompute import bn_recompute_result
+from mtl.engine.budget import Budget
 from mtl.engine.hooks import flat_row, phase_text
 from mtl.engine.trainer import Hook, Trainer, updates_per_epoch
 from mtl.tasks.base import Task
