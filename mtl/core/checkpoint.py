@@ -79,6 +79,12 @@ def _umask() -> int:
     return mask
 
 
+def give_plain_mode(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open`` would have created it with (0666 less the umask), for files
+    written as a temporary (``tempfile.mkstemp`` makes them private, 0600) and then renamed into place."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any], then: Hint = "") -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a truncated file, and a full disk
     is one UserError line (see ``writing``) that leaves the previous file as it was. The file gets the permissions
@@ -91,7 +97,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], then: Hint = "")
         os.close(fd)
         try:
             write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
+            give_plain_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

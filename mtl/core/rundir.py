@@ -48,7 +48,7 @@ def lock_run_dir(run_dir: Path, wait_s: float = 1.0) -> RunLock:
     path = run_dir / LOCK_NAME
     with writing(path):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             if e.errno not in NOT_WRITABLE:
                 raise

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from mtl.core.checkpoint import give_plain_mode
 from mtl.core.waiting import ANNOUNCE_AFTER_S, announced
 
 
@@ -45,6 +46,7 @@ def load_or_build(path: Path, key: dict[str, Any], build: Callable[[], dict[str,
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save({"key": _key_text(key), "tensors": tensors}, f)
+            give_plain_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

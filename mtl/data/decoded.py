@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm import tqdm
 
+from mtl.core.checkpoint import give_plain_mode
 from mtl.core.errors import UserError
 from mtl.data.image_files import load_rgb, to_rgb
 from mtl.data.transforms import eval_view
@@ -163,6 +164,7 @@ def _memory_mapped(
         failed = _fill(paths, size, store, sizes.numpy(), progress, threads, view_resize)  # failed rows stay zeros
         store.flush()
         del store
+        give_plain_mode(tmp_data)
         os.replace(tmp_data, data_path)
     except BaseException:
         _unlink(tmp_data)
@@ -280,6 +282,7 @@ def _write_atomic(path: Path, obj: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        give_plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)

@@ -19,7 +19,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from mtl.core.checkpoint import load_torch_file
+from mtl.core.checkpoint import give_plain_mode, load_torch_file
 from mtl.core.errors import UserError
 
 TIMM_PREFIX = "timm/"  # model.encoder: timm/<name>
@@ -327,6 +327,7 @@ def import_weights(path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
             shutil.copyfileobj(src, out)
+        give_plain_mode(tmp)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
