@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 from urllib.parse import urlparse
@@ -260,6 +261,7 @@ def fit_state_dict(encoder: nn.Module, state: Mapping[str, Tensor], *, source: s
     for key in own:  # files saved before BatchNorm counted batches lack these
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = own[key]
+    state = _without_classifier(state, own, source, model_name)
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -280,6 +282,35 @@ def fit_state_dict(encoder: nn.Module, state: Mapping[str, Tensor], *, source: s
     if problems:
         raise UserError(f"weights {source} do not fit encoder {model_name}: {'; '.join(problems)}")
     encoder.load_state_dict(state)
+
+
+def _without_classifier(
+    state: dict[str, Tensor], own: Mapping[str, Tensor], source: str, model_name: str
+) -> dict[str, Tensor]:
+    """``state`` less the classifier of the network it was saved from, found without ``removed_modules``: the keys the
+    encoder lacks, when it has every other key, they all lie in one top-level module it has no part of, sit last in
+    the file (unless its keys are sorted, as in a safetensors file, where the order says nothing) and include a
+    linear or 1x1-conv weight. Dropped with one warning naming them; any other extra key is left to be refused."""
+    extra = [k for k in state if k not in own]
+    if not extra or any(k not in state for k in own):
+        return state
+    modules = {k.split(".", 1)[0] for k in extra}
+    module = modules.pop() if len(modules) == 1 and all("." in k for k in extra) else None
+    keys = list(state)
+    last = keys == sorted(keys) or keys[-len(extra) :] == extra
+    layer = any(
+        k.endswith("weight") and (state[k].ndim == 2 or (state[k].ndim == 4 and state[k].shape[-2:] == (1, 1)))
+        for k in extra
+    )
+    if module is None or any(k.startswith(f"{module}.") for k in own) or not last or not layer:
+        return state
+    warnings.warn(
+        f"weights {source}: skipped {_some(extra, 'key', 'keys')} of module {module}, which encoder {model_name} "
+        f"does not have (the classifier of the network they were saved from); an encoder's removed_modules names "
+        f"such modules (docs/extending.md)",
+        stacklevel=2,
+    )
+    return {k: v for k, v in state.items() if k not in extra}
 
 
 def _as_encoder_keys(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
