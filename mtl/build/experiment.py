@@ -60,9 +60,12 @@ def build_experiment(cfg: Config) -> Experiment:
     """Data sets, tasks (class counts checked against the data), model with weights and freezing, loaders."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = select_device(cfg.train.device)
+    # The encoder first: a weights file that is missing, unreadable or does not fit is refused before any image is
+    # decoded or cached. Building the data draws nothing from the global random generators, so the encoder and the
+    # heads start from the same draws in either order.
+    encoder = config_encoder(cfg)
     tasks, datasets, loaders, generator, info = build_data(cfg, device)
 
-    encoder = config_encoder(cfg)
     input_size = model_input_size(loaders.get("val", loaders["train"]))
     if cfg.multi_input:  # the encoder takes every task's images
         sizes = {}
