@@ -82,12 +82,15 @@ def build_hooks(
     keys; ``n_images`` grid images, by default ``train.log_images``; ``graph_model``'s graph when
     ``train.log_graph``) and ``CheckpointHook`` (with ``meta`` in every checkpoint); then ``ConsoleHook`` on process
     0 unless ``quiet``, and ``ChanceWarningHook`` on process 0; ``BatchNormRecomputeHook`` on every process with
-    ``train.bn_recompute``. The named hooks run on every process: ``named`` when they were built already
-    (``config_hooks``), else built here.
+    ``train.bn_recompute``, after ``UnfreezeHook`` (at the end of training, before TensorBoard draws the delivered
+    weights' confusion matrices and ``CheckpointHook`` loads best.pt). The named hooks run on every process:
+    ``named`` when they were built already (``config_hooks``), else built here.
     """
     hooks: List[Hook] = []
     if encoder is not None:
         hooks.append(UnfreezeHook(encoder, cfg.train.unfreeze, cfg.optim))
+    if cfg.train.bn_recompute:  # before TensorBoardHook: the confusion matrices it draws are the delivered weights'
+        hooks.append(BatchNormRecomputeHook(run_dir, meta))
     if dist.is_main():
         hooks += [
             MetricsFileHook(run_dir),
@@ -107,8 +110,6 @@ def build_hooks(
         if not quiet:
             hooks.append(ConsoleHook())
         hooks.append(ChanceWarningHook())
-    if cfg.train.bn_recompute:
-        hooks.append(BatchNormRecomputeHook(run_dir, meta))
     hooks += config_hooks(cfg) if named is None else named
     return hooks
 

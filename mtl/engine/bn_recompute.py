@@ -34,7 +34,9 @@ class BatchNormRecomputeHook(Hook):
     test split's ``best`` use) when its score is higher than the best epoch's. Without a validation split, best.pt's
     weights are recomputed and delivered. ``result``: the metrics before and after, for summary.json.
 
-    Runs on every process after ``CheckpointHook`` (process 0 writes). The pass depends on the weights, the data and
+    Runs on every process, before ``TensorBoardHook`` and ``CheckpointHook`` (best.pt and last.pt of the last epoch are
+    written by then; process 0 writes); when the recomputed weights are delivered, their validation pass's confusion
+    matrices replace ``trainer.best_confusion``. The pass depends on the weights, the data and
     the seed only (never on the statistics it replaces), so a run interrupted here and resumed computes the same
     statistics again, also from a best.pt already replaced.
     """
@@ -68,6 +70,7 @@ class BatchNormRecomputeHook(Hook):
         )
         with waiting:
             tried = [_recomputed(trainer, epoch, weights) for epoch, weights in candidates]
+        confusions = [entry.pop("confusion") for entry, _ in tried]
         chosen, recomputed = tried[0]
         for entry, statistics in tried[1:]:
             if entry["score"] > chosen["score"]:  # a tie keeps best.pt's
@@ -80,6 +83,9 @@ class BatchNormRecomputeHook(Hook):
             "candidates": [entry for entry, _ in tried],
         }
         result["delivered"] = chosen["score"] is None or chosen["score"] > result["score_before"]
+        if result["delivered"] and "val" in trainer.loaders:
+            trainer.best_confusion = confusions[next(i for i, (entry, _) in enumerate(tried) if entry is chosen)]
+        trainer.bn_recompute_result = result
         trainer.model.load_state_dict(recomputed if result["delivered"] else state["model"])
         if dist.is_main():
             metrics = {"epoch": chosen["epoch"], "val": chosen["val"], "score": chosen["score"], "bn_recompute": True}
@@ -100,6 +106,7 @@ def _recomputed(trainer: Trainer, epoch: int, weights: Mapping[str, Any]) -> Tup
     batches = recompute_bn_on_train(trainer.model, trainer)
     val = trainer.run_phase("val") if "val" in trainer.loaders else None
     entry = {"epoch": epoch, "batches": batches, "val": val, "score": None if val is None else trainer.monitor(val)}
+    entry["confusion"] = trainer._val_confusion()
     return entry, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 

@@ -451,6 +451,8 @@ class TensorBoardHook(Hook):
         swa = getattr(trainer, "swa_result", None) or {}
         if swa.get("delivered"):
             which = f"SWA of epochs {swa['epochs'][0]}-{swa['epochs'][-1]}"
+        elif (getattr(trainer, "bn_recompute_result", None) or {}).get("delivered"):
+            which = f"epoch {trainer.bn_recompute_result['epoch']} with recomputed BatchNorm statistics"
         else:
             which = f"best epoch {trainer.best['epoch']}"
         if not trainer.best_confusion:

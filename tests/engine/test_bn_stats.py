@@ -20,6 +20,7 @@ from mtl.config.load import build_config
 from mtl.core.checkpoint import load_checkpoint
 from mtl.core.errors import UserError
 from mtl.data.loaders import in_order
+from mtl.engine import hooks as engine_hooks
 from mtl.engine.averaging import training_pass
 from mtl.engine.chance import ChanceWarningHook, at_chance
 from mtl.models.batchnorm import set_bn_momentum
@@ -122,7 +123,7 @@ def _channel_mean_var(x):
 
 
 def test_bn_recompute_rescues_lagging_statistics_and_equals_the_statistics_of_the_training_images(
-    folder, tmp_path, capsys
+    folder, tmp_path, capsys, monkeypatch
 ):
     # momentum 0.001: the running statistics barely leave their start (0, 1) while inputs in [0, 1] give every
     # channel a large mean, so each epoch validates at chance while the training batches (batch statistics) learn.
@@ -133,6 +134,13 @@ def test_bn_recompute_rescues_lagging_statistics_and_equals_the_statistics_of_th
         **{"model.bn_momentum": 0.001, "train.bn_recompute": True, "data.batch_size": 24, "data.cache_size": 16},
         **{"data.augment": "none", "data.mean": [0, 0, 0], "data.std": [1, 1, 1], "model.freeze": {"until": "stage1"}},
     )
+    drawn = []
+    original = engine_hooks.confusion_image
+    monkeypatch.setattr(
+        engine_hooks,
+        "confusion_image",
+        lambda m, c, title="": drawn.append((title, m.clone())) or original(m, c, title),
+    )
     summary = run(cfg, quiet=True)
     out = capsys.readouterr().out.splitlines()
     warnings = [line for line in out if line.startswith("warning: ")]
@@ -142,6 +150,10 @@ def test_bn_recompute_rescues_lagging_statistics_and_equals_the_statistics_of_th
     assert summary["best"]["epoch"] == 1 and bn["val_before"]["acc"] == pytest.approx(1 / 3)  # every epoch at chance
     assert [c["epoch"] for c in bn["candidates"]] == [1, 3] and bn["epoch"] == 3  # the final weights validate best
     assert bn["delivered"] and bn["val"]["acc"] > 0.9 and bn["score"] > bn["score_before"] and bn["batches"] == 1
+    # TensorBoard draws the delivered weights' validation matrix (taken from their validation pass), not epoch 1's
+    ((title, matrix),) = drawn
+    assert "epoch 3 with recomputed BatchNorm statistics" in title and int(matrix.sum()) == 12  # 4 images a class
+    assert int(matrix.trace()) / 12 == pytest.approx(bn["val"]["acc"])
 
     checkpoints = Path(summary["run_dir"]) / "checkpoints"
     best, recomputed = load_checkpoint(checkpoints / "best.pt"), load_checkpoint(checkpoints / "best_bn.pt")

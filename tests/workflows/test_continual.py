@@ -381,7 +381,8 @@ def test_hooks_named_in_the_config_run_for_every_method_and_task(tmp_path, monke
             "train.monitor=loss",
         ),
     )
-    hooks = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "RecordEpochs", "RecordOptions"]
+    own = ["MetricsFileHook", "TensorBoardHook", "CheckpointHook", "ConsoleHook", "ChanceWarningHook"]
+    hooks = own + ["RecordEpochs", "RecordOptions"]
     assert RecordEpochs.seen == [("x", 1, hooks)] * 6  # 2 methods x 3 tasks
     names = ["letters_a_j", "letters_k_t", "digits"] * 2
     assert RecordOptions.seen == [(False, "skip", -9.0) for _ in names]
