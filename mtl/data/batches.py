@@ -169,7 +169,9 @@ def _view_store(
 def _views(images: Tensor, transform: Callable[[Tensor], Tensor], size: int, progress: bool = False) -> Tensor:
     """uint8 (B, C, H, W) -> their evaluation views (B, C, size, size), ``_VIEW_CHUNK`` images at a time."""
     chunks = range(0, len(images), _VIEW_CHUNK)
-    bar = tqdm(chunks, desc=f"evaluation views of {len(images)} images", disable=not progress or len(chunks) < 2)
+    bar = tqdm(
+        chunks, desc=f"evaluation views of {len(images)} images", disable=not progress or len(chunks) < 2, leave=False
+    )
     out = [transform(images[i : i + _VIEW_CHUNK]).as_subclass(Tensor) for i in bar]
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
