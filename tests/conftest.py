@@ -3,6 +3,7 @@
 import os
 import signal
 import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,16 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(UnfreezeHook, "after_step", stop)
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torchvision cache, and a downloader that fails as if offline."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("offline in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return home

