@@ -102,3 +102,16 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     return home
+
+
+def one_line_error(call: object, *fragments: str) -> str:
+    """The message of the UserError that ``call()`` raises: one line, holding every fragment."""
+    from mtl.core.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message

