@@ -82,7 +82,8 @@ def encode_all(
     feats: List[Tensor] = []
     targets: Dict[str, List[Tensor]] = {}
     with evaluating(model):
-        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for batch in tqdm(iter(loader), total=total, desc=desc, leave=False, disable=None):  # one iter(): see evaluate
             x = batch["image"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 feats.append(model.encode(x)["out"].float())
