@@ -19,9 +19,15 @@ ANNOUNCE_AFTER_S = 2.0  # a wait that lasts this long says so
 
 
 @contextlib.contextmanager
-def announced(started_text: str, done_text: Callable[[float], str], after: float = ANNOUNCE_AFTER_S) -> Iterator[None]:
+def announced(
+    started_text: str, done_text: Callable[[float], str], after: float = ANNOUNCE_AFTER_S, enabled: bool = True
+) -> Iterator[None]:
     """Around a wait: ``started_text`` on stderr once it has lasted ``after`` seconds (at once when ``after`` <= 0),
-    then, only if that line was printed, ``done_text(seconds)`` when it ends without an error."""
+    then, only if that line was printed, ``done_text(seconds)`` when it ends without an error. ``enabled`` False
+    (e.g. torchrun's other processes, which wait alike) prints nothing."""
+    if not enabled:
+        yield
+        return
     started, said = time.perf_counter(), threading.Lock()
 
     def say() -> None:

@@ -3,7 +3,6 @@ training split, validated, and delivered when they validate better."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -58,15 +57,12 @@ class BatchNormRecomputeHook(Hook):
         if "val" in trainer.loaders and trainer.epoch != candidates[0][0]:
             last = load_checkpoint(self.dir / "last.pt")
             candidates.append((trainer.epoch, last["ema"]["model"] if "ema" in last else last["model"]))
-        waiting = (
-            announced(
-                f"recomputing the BatchNorm statistics of epoch {' and '.join(str(e) for e, _ in candidates)} over "
-                f"the training split (train.bn_recompute)",
-                lambda seconds: f"recomputed the BatchNorm statistics in {seconds:.1f} s",
-                ANNOUNCE_AFTER_S,
-            )
-            if dist.is_main()
-            else contextlib.nullcontext()
+        waiting = announced(
+            f"recomputing the BatchNorm statistics of epoch {' and '.join(str(e) for e, _ in candidates)} over "
+            f"the training split (train.bn_recompute)",
+            lambda seconds: f"recomputed the BatchNorm statistics in {seconds:.1f} s",
+            ANNOUNCE_AFTER_S,
+            enabled=dist.is_main(),
         )
         with waiting:
             tried = [_recomputed(trainer, epoch, weights) for epoch, weights in candidates]

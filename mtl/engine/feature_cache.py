@@ -9,7 +9,6 @@ uses view ``e % feature_views``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -171,17 +170,36 @@ def cache_features(
     shown = ", ".join(
         f"{n} {split}" + (f" x {views} views" if split == "train" and views > 1 else "") for split, n in images.items()
     )
-    waiting = (
-        announced(
-            f"caching encoder features of {shown} images (once; the heads then train on them)",
-            lambda seconds: f"cached encoder features in {seconds:.1f} s",
-            ANNOUNCE_AFTER_S,
-        )
-        if dist.is_main()  # under torchrun every process caches its features; one says so
-        else contextlib.nullcontext()
-    )
-    with waiting:
-        out = _cache(model, loaders, extraction, views, device, amp, generator, seed)
+    with announced(
+        f"caching encoder features of {shown} images (once; the heads then train on them)",
+        lambda seconds: f"cached encoder features in {seconds:.1f} s",
+        ANNOUNCE_AFTER_S,
+        enabled=dist.is_main(),  # under torchrun every process caches its features; one says so
+    ):
+        out: Dict[str, FeatureBatches] = {}
+        for split, loader in loaders.items():
+            n_views = views if split == "train" else 1
+            stacked, targets = [], {}
+            for v in range(n_views):
+                torch.manual_seed(seed * 1000 + v)
+                rng = getattr(extraction[split], "generator", None)
+                if rng is not None:
+                    rng.manual_seed(seed * 1000 + v)
+                feats, targets = encode_all(
+                    model, extraction[split], device, amp, desc=f"{split} features {v + 1}/{n_views}"
+                )
+                stacked.append(feats)
+            out[split] = FeatureBatches(
+                torch.stack(stacked),
+                targets,
+                batch_size=loader_batch_size(loader),
+                shuffle=split == "train",
+                generator=generator if split == "train" else None,
+                dataset=getattr(loader, "dataset", None),
+                collate_fn=getattr(loader, "collate_fn", None),
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return out, time.perf_counter() - started
 
 
@@ -193,40 +211,3 @@ def _size(loader: Any) -> str:
         except TypeError:
             continue
     return "?"
-
-
-def _cache(
-    model: TransferModel,
-    loaders: Mapping[str, Any],
-    extraction: Mapping[str, Any],
-    views: int,
-    device: torch.device,
-    amp: bool,
-    generator: torch.Generator,
-    seed: int,
-) -> Dict[str, FeatureBatches]:
-    out: Dict[str, FeatureBatches] = {}
-    for split, loader in loaders.items():
-        n_views = views if split == "train" else 1
-        stacked, targets = [], {}
-        for v in range(n_views):
-            torch.manual_seed(seed * 1000 + v)
-            rng = getattr(extraction[split], "generator", None)
-            if rng is not None:
-                rng.manual_seed(seed * 1000 + v)
-            feats, targets = encode_all(
-                model, extraction[split], device, amp, desc=f"{split} features {v + 1}/{n_views}"
-            )
-            stacked.append(feats)
-        out[split] = FeatureBatches(
-            torch.stack(stacked),
-            targets,
-            batch_size=loader_batch_size(loader),
-            shuffle=split == "train",
-            generator=generator if split == "train" else None,
-            dataset=getattr(loader, "dataset", None),
-            collate_fn=getattr(loader, "collate_fn", None),
-        )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out
